@@ -1,0 +1,286 @@
+"""Typed configuration of a distillation run.
+
+One dataclass per section; a YAML file is a thin override of these defaults, and the command line
+overrides the YAML (``--objective.temperature 0.05``). Every value is validated on load, with an
+error that names the field and the allowed values. The resolved config is saved in every
+checkpoint (``config.yaml``).
+
+Defaults marked *assumption* are not given by the CoLLD paper; they come from the wav2vec 2.0 /
+data2vec recipes (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    path: str = ""
+    """Local Hugging Face directory of the frozen teacher (config.json + weights)."""
+    target_kind: Literal["layer_output", "ffn"] = "layer_output"
+    """``layer_output``: hidden state after transformer layer i; ``ffn``: that layer's FFN output
+    before the residual add (data2vec-style, what USAD says CoLLD uses)."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """``auto``: fp16 on CUDA, fp32 on CPU."""
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    num_layers: int = 2
+    """Transformer layers of the student."""
+    hidden_size: int | None = None
+    """Student width; ``None`` keeps the teacher's width (needed to copy teacher layers)."""
+    num_attention_heads: int | None = None
+    """``None`` keeps the teacher's."""
+    intermediate_size: int | None = None
+    """FFN width; ``None`` keeps the teacher's."""
+    init_from_teacher_layers: list[int] | None = None
+    """Teacher layer copied into each student layer (1-based, one per student layer). ``None``:
+    the first ``num_layers`` teacher layers when the widths match (DistilHuBERT's choice), else
+    random init. ``[]``: random init."""
+
+
+@dataclass(kw_only=True)
+class LayerMapConfig:
+    teacher_layers: list[list[int]] | None = None
+    """For each student layer (1..K), the teacher layers (1..L) it predicts. ``None``: uniform,
+    student layer k -> teacher layer round(k * L / K). For ``distilhubert`` all pairs use the last
+    student layer and this lists the predicted teacher layers per head instead (flattened)."""
+    weights: list[float] | None = None
+    """Weight of each (student, teacher) pair in the total loss, in map order; ``None``: equal."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: Literal["colld", "l2l", "distilhubert"] = "colld"
+    """``colld``: masked contrastive layer-to-layer; ``l2l``: regression (L1/MSE + cosine);
+    ``distilhubert``: prediction heads on the last layer (L1 - log sigmoid(cos))."""
+    temperature: float = 0.1
+    """InfoNCE temperature on cosine similarity (CoLLD)."""
+    num_negatives: int = 100
+    """Negatives per masked frame, sampled from the same utterance's valid frames (CoLLD)."""
+    head: Literal["linear", "mlp"] = "linear"
+    """Projection head per pair, student width -> teacher width."""
+    distance: Literal["l1", "mse"] = "l1"
+    """Regression distance of ``l2l``."""
+    cosine_weight: float = 1.0
+    """Weight of the cosine term of ``l2l`` / ``distilhubert``."""
+
+
+@dataclass(kw_only=True)
+class MaskingConfig:
+    mask_prob: float = 0.65
+    """wav2vec 2.0 span masking: spans started per frame x span length (overlaps allowed).
+    0 disables masking (the default choice for ``l2l`` and ``distilhubert`` runs is yours)."""
+    span_length: int = 10
+    min_masks: int = 1
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_shards: str = ""
+    """Audio shards: a brace pattern (``train-{000000..000127}.tar``), a directory, or a list."""
+    batch_size: int = 8
+    """Utterances per micro-batch per rank."""
+    max_seconds: float = 4.0
+    """Random crop of longer utterances (assumption: short crops as in DistilHuBERT/wav2vec 2.0)."""
+    num_workers: int = 1
+    shuffle_buffer: int = 64
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    """Optimiser steps of the run."""
+    decay: Literal["linear", "cosine"] = "linear"
+    grad_clip: float = 10.0
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    out_dir: str = "runs/colld"
+    """Checkpoints (``out_dir/checkpoints``), TensorBoard logs (``out_dir/tb``), resolved config."""
+    seed: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+    """ZeRO-2/3 optimizer state in CPU memory (DeepSpeed offload)."""
+    save_every: int = 500
+    """Checkpoint every N optimiser steps (and always at the end)."""
+    log_every: int = 10
+    keep_checkpoints: int = 3
+    ds_config: str | None = None
+    """DeepSpeed JSON template; ``None``: ``ds_configs/zero{stage}[_offload].json``. Values the
+    training config owns (batch size, accumulation, lr, clipping, precision, stage, scheduler)
+    must be ``"auto"`` in it: they are filled from this config so the two never disagree."""
+    resume: str = "none"
+    """``none``, ``auto`` (latest complete checkpoint in out_dir, if any) or a checkpoint dir."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a type annotation (as written in this module), converting ints
+    to floats and tuples to lists; raise ConfigError naming ``where`` otherwise."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported annotation {annotation!r} for {where}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"{where}{name}: unknown field; {where.rstrip('.') or 'the config'} "
+                          f"has {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a mapping of fields, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.replace("-", "_").split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a config section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
+                ) -> TrainConfig:
+    """Defaults <- YAML file at ``path`` <- ``overrides`` (``{"objective.temperature": 0.05}``),
+    then validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        tree = loaded
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    config = _build(TrainConfig, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Range checks that types alone cannot express."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    require(config.student.num_layers >= 1, "student.num_layers: must be >= 1")
+    for name in ("hidden_size", "num_attention_heads", "intermediate_size"):
+        value = getattr(config.student, name)
+        require(value is None or value >= 1, f"student.{name}: must be >= 1 or null")
+    init = config.student.init_from_teacher_layers
+    require(init is None or init == [] or len(init) == config.student.num_layers,
+            f"student.init_from_teacher_layers: needs one teacher layer per student layer "
+            f"({config.student.num_layers}), got {init}")
+    layer_map = config.layer_map.teacher_layers
+    if layer_map is not None and config.objective.name != "distilhubert":
+        require(len(layer_map) == config.student.num_layers,
+                f"layer_map.teacher_layers: needs one list per student layer "
+                f"({config.student.num_layers}), got {layer_map}")
+    if layer_map is not None:
+        require(all(len(group) >= 1 for group in layer_map),
+                "layer_map.teacher_layers: every student layer needs at least one teacher layer")
+    require(config.objective.temperature > 0, "objective.temperature: must be > 0")
+    require(config.objective.num_negatives >= 1, "objective.num_negatives: must be >= 1")
+    require(0.0 <= config.masking.mask_prob <= 1.0, "masking.mask_prob: must be in [0, 1]")
+    require(config.masking.span_length >= 1, "masking.span_length: must be >= 1")
+    require(config.objective.name != "colld" or config.masking.mask_prob > 0,
+            "masking.mask_prob: the colld objective predicts masked frames; it needs > 0")
+    require(config.data.batch_size >= 1, "data.batch_size: must be >= 1")
+    require(config.data.max_seconds > 0, "data.max_seconds: must be > 0")
+    require(config.data.num_workers >= 0, "data.num_workers: must be >= 0")
+    require(config.optim.lr > 0, "optim.lr: must be > 0")
+    require(config.optim.max_steps >= 1, "optim.max_steps: must be >= 1")
+    require(0 <= config.optim.warmup_steps <= config.optim.max_steps,
+            "optim.warmup_steps: must be between 0 and optim.max_steps")
+    require(len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas),
+            "optim.betas: two numbers in [0, 1)")
+    require(config.optim.gradient_accumulation_steps >= 1,
+            "optim.gradient_accumulation_steps: must be >= 1")
+    require(config.run.save_every >= 1, "run.save_every: must be >= 1")
+    require(config.run.log_every >= 1, "run.log_every: must be >= 1")
+    require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
+    require(not (config.run.offload_optimizer and config.run.zero_stage < 2),
+            "run.offload_optimizer: needs run.zero_stage 2 or 3")
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

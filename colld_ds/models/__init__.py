@@ -1,0 +1,30 @@
+"""Teachers, students and span masking for CoLLD (see families.py for per-family knowledge)."""
+
+from colld_ds.models.families import FAMILIES, SAMPLE_RATE, Family, family_of, frame_mask
+from colld_ds.models.masking import compute_span_mask, expected_masked_fraction
+from colld_ds.models.student import Student, StudentOutput, build_student
+from colld_ds.models.teacher import (
+    Teacher,
+    TeacherOutput,
+    config_hash,
+    load_teacher,
+    read_num_layers,
+)
+
+__all__ = [
+    "FAMILIES",
+    "SAMPLE_RATE",
+    "Family",
+    "Student",
+    "StudentOutput",
+    "Teacher",
+    "TeacherOutput",
+    "build_student",
+    "compute_span_mask",
+    "config_hash",
+    "expected_masked_fraction",
+    "family_of",
+    "frame_mask",
+    "load_teacher",
+    "read_num_layers",
+]

@@ -1,0 +1,236 @@
+"""The student: the teacher's own HF architecture with a smaller config.
+
+Export is ``student.model.save_pretrained(dir)``; the result loads wherever the teacher does.
+Initialisation copies, where shapes match, the teacher's front end (conv feature encoder,
+feature projection, positional conv embedding, encoder LayerNorm, mask embedding; w2v-BERT's
+fbank projection) and the chosen teacher layers; everything else keeps the random init.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from colld_ds.models.families import (
+    Family,
+    build_front_end,
+    frame_mask,
+    layer_config,
+    record_outputs,
+)
+from colld_ds.models.teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+# Only used when the teacher's config has no time masking: it makes HF create the learned mask
+# embedding. The masks themselves come from masking.compute_span_mask (HF's default value).
+_FALLBACK_MASK_TIME_PROB = 0.05
+
+
+@dataclass
+class StudentOutput:
+    hidden: list[Tensor]
+    """(B, T, D_s) outputs of student layers 1..K, zero at padded frames."""
+    frame_lengths: Tensor
+    """(B,) int64 valid frames per utterance."""
+
+
+class Student(nn.Module):
+    """Trainable student (a plain ``nn.Module``, so DeepSpeed can wrap it)."""
+
+    def __init__(self, model: PreTrainedModel, family: Family, teacher_dir: str):
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.front_end = build_front_end(family, model, teacher_dir)
+
+    @property
+    def hidden_size(self) -> int:
+        """D_s."""
+        return getattr(self.model.config, self.family.width_field)
+
+    @property
+    def num_layers(self) -> int:
+        """K."""
+        return getattr(self.model.config, self.family.layers_field)
+
+    def num_frames(self, wave_lengths: Tensor) -> Tensor:
+        """(B,) sample counts -> (B,) valid frames; the same values as the teacher's.
+
+        For a padded length S, T = ``num_frames(torch.tensor(S))``: lets a caller draw a time
+        mask before the forward.
+        """
+        return self.front_end.num_frames(wave_lengths)
+
+    def forward(
+        self, wave: Tensor, wave_lengths: Tensor, mask_time: Tensor | None = None
+    ) -> StudentOutput:
+        """wave (B, S) 16 kHz, wave_lengths (B,), mask_time (B, T) bool or None -> K x (B, T, D_s).
+
+        Frames where ``mask_time`` is True are replaced by the learned ``masked_spec_embed``
+        after the feature projection (HF's ``mask_time_indices``). ``None`` masks nothing, also
+        in training mode (HF would otherwise draw its own SpecAugment masks).
+        """
+        inputs, frame_lengths = self.front_end(wave, wave_lengths)
+        dtype = self.model.masked_spec_embed.dtype
+        inputs = {
+            k: v.to(dtype) if v is not None and v.is_floating_point() else v
+            for k, v in inputs.items()
+        }
+        num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
+        if mask_time is None:
+            mask_time = torch.zeros(wave.shape[0], num_frames, dtype=torch.bool, device=wave.device)
+        if mask_time.shape != (wave.shape[0], num_frames):
+            raise ValueError(
+                f"mask_time has shape {tuple(mask_time.shape)}, expected (B, T) = "
+                f"{(wave.shape[0], num_frames)} (T from Student.num_frames)"
+            )
+        with record_outputs(list(self.family.layers(self.model))) as hidden:
+            self.model(**inputs, mask_time_indices=mask_time.bool())
+        valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
+        return StudentOutput([h * valid for h in hidden], frame_lengths)
+
+
+def _student_config(teacher: Teacher, sizes: dict[str, int]) -> PretrainedConfig:
+    family = teacher.family
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    setattr(config, family.layers_field, sizes["num_layers"])
+    setattr(config, family.width_field, sizes["hidden_size"])
+    setattr(config, family.heads_field, sizes["num_attention_heads"])
+    setattr(config, family.ffn_field, sizes["intermediate_size"])
+    config.layerdrop = 0.0
+    config.apply_spec_augment = True
+    config.mask_feature_prob = 0.0
+    if not config.mask_time_prob > 0:
+        config.mask_time_prob = _FALLBACK_MASK_TIME_PROB
+    # Fine-tuning leftovers sized by the teacher (where the family has them): no adapter.
+    for name, value in (
+        ("add_adapter", False),
+        ("use_intermediate_ffn_before_adapter", False),
+        ("output_hidden_size", sizes["hidden_size"]),
+    ):
+        if hasattr(config, name):
+            setattr(config, name, value)
+    return config
+
+
+def _resolve_sizes(
+    teacher: Teacher,
+    num_layers: int,
+    hidden_size: int | None,
+    num_attention_heads: int | None,
+    intermediate_size: int | None,
+    init: list[int] | None,
+) -> dict[str, int]:
+    """Student sizes with defaults (teacher's head size and FFN ratio), validated."""
+    t = layer_config(teacher.family, teacher.config)
+    width = hidden_size or t["hidden_size"]
+    if num_layers < 1:
+        raise ValueError(f"student.num_layers: must be >= 1, got {num_layers}")
+    if width > t["hidden_size"]:
+        raise ValueError(
+            f"student.hidden_size {width} is wider than the teacher ({t['hidden_size']}): "
+            f"a student must not be wider than its teacher"
+        )
+    if init is not None:
+        if width != t["hidden_size"]:
+            raise ValueError(
+                f"student.init_from_teacher_layers copies teacher layers, which needs "
+                f"student.hidden_size == teacher width {t['hidden_size']} (got {width}); set "
+                f"student.hidden_size to {t['hidden_size']} or drop "
+                f"student.init_from_teacher_layers"
+            )
+        if len(init) != num_layers:
+            raise ValueError(
+                f"student.init_from_teacher_layers: needs one teacher layer per student layer "
+                f"({num_layers}), got {init}"
+            )
+        for layer in init:
+            if not 1 <= layer <= t["num_layers"]:
+                raise ValueError(
+                    f"student.init_from_teacher_layers: teacher layer {layer} is out of range "
+                    f"1..{t['num_layers']}"
+                )
+    head_size = t["hidden_size"] // t["num_attention_heads"]
+    heads = num_attention_heads or max(1, width // head_size)
+    if width % heads:
+        raise ValueError(
+            f"student.num_attention_heads {heads} does not divide student.hidden_size {width}"
+        )
+    groups = getattr(teacher.config, "num_conv_pos_embedding_groups", 1)
+    if width % groups:
+        raise ValueError(
+            f"student.hidden_size {width} must be a multiple of the teacher's "
+            f"num_conv_pos_embedding_groups ({groups}) to keep its positional conv"
+        )
+    ffn = intermediate_size or width * t["intermediate_size"] // t["hidden_size"]
+    return {
+        "num_layers": num_layers,
+        "hidden_size": width,
+        "num_attention_heads": heads,
+        "intermediate_size": ffn,
+    }
+
+
+def _teacher_state_fp32(teacher: Teacher) -> dict[str, Tensor]:
+    """The teacher's weights in fp32: from memory, or re-read from disk when the teacher runs
+    in fp16/bf16 (so the student's init is not rounded)."""
+    if teacher.dtype == torch.float32:
+        return teacher.model.state_dict()
+    fp32 = teacher.family.model_class.from_pretrained(teacher.path, config=teacher.config)
+    return fp32.float().state_dict()
+
+
+def _copy_from_teacher(student: PreTrainedModel, teacher: Teacher, init: list[int] | None) -> None:
+    """Copy the front end and teacher layer ``init[k]`` -> student layer k + 1, where shapes
+    match."""
+    layers = teacher.family.layers(student)
+    prefix = next(name for name, module in student.named_modules() if module is layers) + "."
+    source = _teacher_state_fp32(teacher)
+    copied, random = 0, []
+    with torch.no_grad():
+        for key, value in student.state_dict().items():
+            src = key
+            if key.startswith(prefix):
+                index, rest = key[len(prefix) :].split(".", 1)
+                src = f"{prefix}{init[int(index)] - 1}.{rest}" if init else None
+            if src in source and source[src].shape == value.shape:
+                value.copy_(source[src])
+                copied += 1
+            elif not key.startswith(prefix):
+                random.append(key)
+    logger.info(
+        "student init: %d tensors copied from the teacher; layers from teacher layers %s; "
+        "front-end tensors left random (shape mismatch): %s",
+        copied,
+        init or "none (random)",
+        random,
+    )
+
+
+def build_student(
+    teacher: Teacher,
+    num_layers: int,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    intermediate_size: int | None = None,
+    init_from_teacher_layers: list[int] | None = None,
+) -> Student:
+    """A ``num_layers``-layer student of ``teacher``'s architecture, in fp32.
+
+    Unset sizes keep the teacher's width, its head size (so heads = width / head size) and its
+    FFN/width ratio. ``init_from_teacher_layers[k]`` (1-based) initialises student layer k + 1;
+    it needs the teacher's width. Random parts use torch's global RNG (seed it first).
+    """
+    init = init_from_teacher_layers
+    sizes = _resolve_sizes(
+        teacher, num_layers, hidden_size, num_attention_heads, intermediate_size, init
+    )
+    model = teacher.family.model_class(_student_config(teacher, sizes)).float()
+    model.to(next(teacher.model.parameters()).device)
+    _copy_from_teacher(model, teacher, init)
+    return Student(model.train(), teacher.family, teacher.path)

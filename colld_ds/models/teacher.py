@@ -1,0 +1,197 @@
+"""The frozen teacher: a local Hugging Face speech encoder returning its mapped layers' features.
+
+Layer numbering is 1-based: layer i is transformer layer i (``model.encoder.layers[i - 1]``).
+
+- ``layer_output``: the output of layer i as the layer returns it, read with a forward hook.
+  This equals transformers 5's ``output_hidden_states=True`` entry ``hidden_states[i]`` for every
+  i. Stable-layer-norm models (XLS-R, MMS, HuBERT-large) apply the encoder's final LayerNorm
+  after the last layer; we do NOT apply it to layer L either, so all layers are alike
+  (transformers 4.x put the normalised state in ``hidden_states[-1]``).
+- ``ffn``: the output of layer i's FFN module before the residual add (data2vec-style targets;
+  w2v-BERT: ``ffn2``, before its 0.5 half-step scaling).
+
+Hooks keep only the requested layers, not all L + 1 hidden states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from colld_ds.models.families import (
+    SAMPLE_RATE,
+    Family,
+    FrontEnd,
+    build_front_end,
+    family_of,
+    frame_mask,
+    record_outputs,
+)
+
+TARGET_KINDS = ("layer_output", "ffn")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Written by save_pretrained but not part of the architecture: excluded from the config hash.
+_VOLATILE_CONFIG_KEYS = (
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+)
+
+
+@dataclass
+class TeacherOutput:
+    features: list[Tensor]
+    """One (B, T, D_t) tensor per requested layer, in the requested order; zero at padded frames."""
+    frame_lengths: Tensor
+    """(B,) int64 valid frames per utterance; T = frame count of the padded length S."""
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"teacher path {path!r} is not a local Hugging Face model directory: expected "
+            f"{config_file} (config.json + weights, as written by save_pretrained)"
+        )
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def _config_and_family(path: str) -> tuple[dict[str, Any], Family]:
+    raw = _read_config_json(path)
+    return raw, family_of(str(raw.get("model_type")))
+
+
+def read_num_layers(path: str) -> int:
+    """Number of transformer layers of the teacher at ``path``, without loading its weights."""
+    raw, family = _config_and_family(path)
+    return int(raw[family.layers_field])
+
+
+def config_hash(raw_config: dict[str, Any]) -> str:
+    """Short sha256 of the canonical (sorted-key) config json, library-version independent."""
+    canonical = {k: v for k, v in raw_config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Teacher:
+    """Frozen, ``eval()`` teacher. Call it: ``teacher(wave, wave_lengths) -> TeacherOutput``.
+
+    Not an ``nn.Module`` on purpose: it must never be handed to DeepSpeed or an optimiser.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        family: Family,
+        front_end: FrontEnd,
+        path: str,
+        layers: list[int],
+        target_kind: str,
+        identity: dict[str, Any],
+    ):
+        self.model = model
+        self.family = family
+        self.front_end = front_end
+        self.path = path
+        self.layers = list(layers)
+        self.target_kind = target_kind
+        self.identity = identity
+        transformer_layers = family.layers(model)
+        modules = [transformer_layers[i - 1] for i in self.layers]
+        self._modules = (
+            modules if target_kind == "layer_output" else [family.ffn(m) for m in modules]
+        )
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        """D_t."""
+        return getattr(self.config, self.family.width_field)
+
+    @property
+    def num_layers(self) -> int:
+        """L, the teacher's transformer layers."""
+        return getattr(self.config, self.family.layers_field)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def num_frames(self, wave_lengths: Tensor) -> Tensor:
+        """(B,) sample counts -> (B,) valid frame counts (also T for the padded length S)."""
+        return self.front_end.num_frames(wave_lengths)
+
+    def __call__(self, wave: Tensor, wave_lengths: Tensor) -> TeacherOutput:
+        """wave (B, S) float 16 kHz, wave_lengths (B,) int64 -> features L_req x (B, T, D_t)."""
+        with torch.inference_mode():
+            inputs, frame_lengths = self.front_end(wave, wave_lengths)
+            inputs = {
+                k: v.to(self.dtype) if v is not None and v.is_floating_point() else v
+                for k, v in inputs.items()
+            }
+            with record_outputs(self._modules) as outputs:
+                self.model(**inputs)
+        # Outside inference mode, so the results are ordinary tensors that a loss may save for
+        # backward (inference tensors cannot be).
+        valid = frame_mask(frame_lengths, outputs[0].shape[1]).unsqueeze(-1)  # (B, T, 1)
+        return TeacherOutput([h * valid for h in outputs], frame_lengths)
+
+
+def load_teacher(
+    path: str,
+    layers: list[int],
+    target_kind: str = "layer_output",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Teacher:
+    """Load a frozen teacher from a local HF directory, returning ``layers`` (1-based) as targets.
+
+    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere; bf16 is allowed. Everything is
+    validated before the weights are read.
+    """
+    raw, family = _config_and_family(path)
+    num_layers = int(raw[family.layers_field])
+    if target_kind not in TARGET_KINDS:
+        raise ValueError(
+            f"teacher.target_kind {target_kind!r}: choose one of {', '.join(TARGET_KINDS)}"
+        )
+    if not layers:
+        raise ValueError("layer_map: no teacher layers requested")
+    for layer in layers:
+        if not 1 <= layer <= num_layers:
+            raise ValueError(
+                f"layer_map: teacher layer {layer} is out of range; the teacher at {path!r} has "
+                f"{num_layers} layers ({family.layers_field}), so use layers 1..{num_layers}"
+            )
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if dtype not in _DTYPES:
+        raise ValueError(f"teacher dtype {dtype}: choose one of {_DTYPES}")
+
+    config = AutoConfig.from_pretrained(path)
+    model = family.model_class.from_pretrained(path, config=config).to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    front_end = build_front_end(family, model, path)
+    identity = {
+        "name": os.path.basename(os.path.normpath(path)),
+        "model_type": family.model_type,
+        "config_hash": config_hash(raw),
+        "layers": list(layers),
+        "target_kind": target_kind,
+        "frame_rate": SAMPLE_RATE / front_end.frame_stride,
+    }
+    return Teacher(model, family, front_end, path, layers, target_kind, identity)

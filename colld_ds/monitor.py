@@ -1,0 +1,73 @@
+"""Training metrics: averaged over ranks every ``log_every`` steps, written by rank 0 to
+TensorBoard (``out_dir/tb``) and to ``out_dir/metrics.jsonl`` (one JSON object per logged step).
+
+Metrics accumulate on the device between logs, so the hot path has no host sync.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class MetricsMonitor:
+    def __init__(self, out_dir: Path, rank: int, world_size: int, sample_rate: int = 16000):
+        self.rank = rank
+        self.world_size = world_size
+        self.sample_rate = sample_rate
+        self.writer = None
+        self.jsonl = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_steps = 0
+        self.samples = 0
+        self.audio_samples: torch.Tensor | int = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], wave_lengths: torch.Tensor) -> None:
+        """One micro-batch: 0-d metric tensors and its (B,) wave lengths."""
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.micro_steps += 1
+        self.samples += wave_lengths.shape[0]
+        self.audio_samples = self.audio_samples + wave_lengths.sum()
+
+    def log(self, step: int, lr: float, grad_norm: float | None) -> dict[str, float]:
+        """Collective: average metrics over micro-steps and ranks; rank 0 writes them."""
+        keys = sorted(self.sums)
+        device = self.sums[keys[0]].device
+        packed = torch.stack([self.sums[k] / self.micro_steps for k in keys]
+                             + [torch.as_tensor(self.audio_samples, device=device).float()])
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+            packed[:-1] /= self.world_size
+        values = packed.tolist()
+        elapsed = time.perf_counter() - self.started
+        row = {"step": step, **dict(zip(keys, values[:-1])), "lr": lr,
+               "samples_per_s": self.samples * self.world_size / elapsed,
+               "audio_seconds_per_s": values[-1] / self.sample_rate / elapsed}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+        self._reset()
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,85 @@
+"""What every objective takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from colld_ds.layer_map import LayerPair
+from colld_ds.objectives.heads import make_head
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    """Scalar fp32: weighted mean over pairs of each pair's mean loss."""
+    metrics: dict[str, torch.Tensor]
+    """0-d detached tensors: ``loss/<pair>``, and e.g. ``acc/<pair>`` or ``cos/<pair>``."""
+
+
+@dataclass
+class FrameSelection:
+    """The frames an objective scores in a batch, shared by all pairs.
+
+    batch_index, frame_index: (N,) the selected frames; rows: (N,) their row in the (B * T, D)
+    flattened targets; negatives: (N, K) rows of negative frames (contrastive objectives only).
+    """
+    batch_index: torch.Tensor
+    frame_index: torch.Tensor
+    rows: torch.Tensor
+    negatives: torch.Tensor | None = None
+
+
+class PairwiseObjective(nn.Module):
+    """One projection head per (student layer, teacher layer) pair, and the pair weights.
+
+    Subclasses choose the frames (``select_frames``) and score one pair (``pair_loss``);
+    ``forward`` runs the heads on the selected frames only and averages over pairs.
+    """
+
+    def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int,
+                 head: str, weights: list[float] | None = None):
+        super().__init__()
+        self.pairs = pairs
+        self.heads = nn.ModuleDict({p.name: make_head(head, student_dim, teacher_dim)
+                                    for p in pairs})
+        weights = weights if weights is not None else [1.0] * len(pairs)
+        self.weights = [w / sum(weights) for w in weights]
+
+    def select_frames(self, frame_mask: torch.Tensor, mask_time: torch.Tensor) -> FrameSelection:
+        raise NotImplementedError
+
+    def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
+                  selection: FrameSelection) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """predictions (N, D_t) fp32 at the selected frames, targets (B * T, D_t) fp32 ->
+        (scalar loss, metrics by short name)."""
+        raise NotImplementedError
+
+    def forward(self, student_hidden: list[torch.Tensor], teacher_features: dict[int, torch.Tensor],
+                frame_mask: torch.Tensor, mask_time: torch.Tensor) -> ObjectiveOutput:
+        """student_hidden: one (B, T, D_s) per student layer (index 0 = layer 1);
+        teacher_features: teacher layer -> (B, T, D_t); frame_mask (B, T) bool, True at valid
+        (unpadded) frames; mask_time (B, T) bool, True where the student's input was masked."""
+        selection = self.select_frames(frame_mask, mask_time)
+        total = torch.zeros((), dtype=torch.float32, device=frame_mask.device)
+        metrics: dict[str, torch.Tensor] = {}
+        for pair, weight in zip(self.pairs, self.weights):
+            states = student_hidden[pair.student_layer - 1][selection.batch_index,
+                                                            selection.frame_index]
+            predictions = self.heads[pair.name](states).float()        # (N, D_t)
+            targets = teacher_features[pair.teacher_layer]
+            loss, pair_metrics = self.pair_loss(
+                predictions, targets.reshape(-1, targets.shape[-1]).float(), selection)
+            total = total + weight * loss
+            metrics[f"loss/{pair.name}"] = loss.detach()
+            for key, value in pair_metrics.items():
+                metrics[f"{key}/{pair.name}"] = value.detach()
+        return ObjectiveOutput(loss=total, metrics=metrics)
+
+
+def select_rows(anchors: torch.Tensor) -> FrameSelection:
+    """anchors (B, T) bool -> the selection of its True frames, in row-major order."""
+    batch_index, frame_index = anchors.nonzero(as_tuple=True)
+    return FrameSelection(batch_index, frame_index, batch_index * anchors.shape[1] + frame_index)

@@ -1,0 +1,57 @@
+"""CoLLD: masked contrastive layer-to-layer distillation (Chang et al., ICASSP 2024).
+
+For each pair, the projected student state at a masked frame must pick out the teacher's feature
+of the same frame (computed on the unmasked input) among K teacher features of other frames of the
+same utterance, at the same layer: InfoNCE on cosine similarity / temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from colld_ds.layer_map import LayerPair
+from colld_ds.objectives.base import FrameSelection, PairwiseObjective, select_rows
+from kernels import contrastive_loss
+
+
+def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
+                     frame_index: torch.Tensor, num_frames: int, num_negatives: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """K negatives per anchor frame, uniform over the other valid frames of its utterance.
+
+    frame_lengths (B,) valid frames per utterance; batch_index, frame_index (N,) the anchors;
+    num_frames T of the padded batch. Returns (N, K) int64 rows of the (B * T, D) flattened
+    targets. Draws r uniform in {0 .. L - 2} and shifts r >= t up by one, so the positive is
+    never drawn and neither is padding (t >= L).
+    """
+    lengths = frame_lengths[batch_index]
+    if bool((lengths < 2).any()):
+        raise ValueError("CoLLD needs at least 2 valid frames per utterance to draw negatives; "
+                         "raise data.max_seconds or filter out very short utterances")
+    uniform = torch.rand(batch_index.shape[0], num_negatives, generator=generator,
+                         device=frame_lengths.device)
+    others = (lengths - 1).unsqueeze(1)
+    drawn = (uniform * others).long().minimum(others - 1)
+    drawn = drawn + (drawn >= frame_index.unsqueeze(1)).long()
+    return batch_index.unsqueeze(1) * num_frames + drawn
+
+
+class ColldObjective(PairwiseObjective):
+    def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
+                 temperature: float, num_negatives: int, weights: list[float] | None = None):
+        super().__init__(pairs, student_dim, teacher_dim, head, weights)
+        self.temperature = temperature
+        self.num_negatives = num_negatives
+
+    def select_frames(self, frame_mask, mask_time):
+        """Masked valid frames; one draw of negatives serves every pair of the batch."""
+        selection = select_rows(mask_time & frame_mask)
+        selection.negatives = sample_negatives(frame_mask.sum(1), selection.batch_index,
+                                               selection.frame_index, frame_mask.shape[1],
+                                               self.num_negatives)
+        return selection
+
+    def pair_loss(self, predictions, targets, selection: FrameSelection):
+        loss, correct = contrastive_loss(predictions, targets, selection.rows,
+                                         selection.negatives, self.temperature)
+        return loss.mean(), {"acc": correct.float().mean()}

@@ -1,0 +1,40 @@
+"""Regression baselines: layer-to-layer (``l2l``) and DistilHuBERT prediction heads.
+
+Both regress the teacher features on every valid frame (masked or not):
+- ``l2l`` (FitHuBERT/DPHuBERT style): distance (L1 or MSE) + cosine_weight * (1 - cos);
+- ``distilhubert`` (s3prl): L1 - cosine_weight * log sigmoid(cos); heads on the last layer.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from colld_ds.layer_map import LayerPair
+from colld_ds.objectives.base import FrameSelection, PairwiseObjective, select_rows
+
+
+class RegressionObjective(PairwiseObjective):
+    def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
+                 distance: str, cosine_weight: float, cosine_term: str,
+                 weights: list[float] | None = None):
+        """cosine_term: ``one_minus`` (1 - cos) or ``log_sigmoid`` (-log sigmoid(cos))."""
+        super().__init__(pairs, student_dim, teacher_dim, head, weights)
+        self.distance = distance
+        self.cosine_weight = cosine_weight
+        self.cosine_term = cosine_term
+
+    def select_frames(self, frame_mask, mask_time):
+        return select_rows(frame_mask)
+
+    def pair_loss(self, predictions, targets, selection: FrameSelection):
+        targets = targets[selection.rows]                                   # (N, D_t)
+        if self.distance == "l1":
+            distance = F.l1_loss(predictions, targets)
+        else:
+            distance = F.mse_loss(predictions, targets)
+        cosine = F.cosine_similarity(predictions, targets, dim=-1)
+        if self.cosine_term == "one_minus":
+            cosine_loss = (1 - cosine).mean()
+        else:
+            cosine_loss = -F.logsigmoid(cosine).mean()
+        return distance + self.cosine_weight * cosine_loss, {"cos": cosine.mean()}

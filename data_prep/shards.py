@@ -1,0 +1,179 @@
+"""Audio tar shards: the format, an atomic resumable writer, and audio file I/O.
+
+Shard format (webdataset tar, read by `colld_ds.data`):
+
+- Files are named `{prefix}-{index:06d}.tar` (`train-000000.tar`, ...), indices from 0.
+- One sample per utterance, key `<utt_id>` (no `.` or `/` in it: webdataset splits member
+  names at the first dot), with two members:
+  - `<utt_id>.flac`: the waveform, 16 kHz, mono, 16-bit FLAC (written with soundfile);
+  - `<utt_id>.json`: `{"utt_id", "lang", "text", "phones" (only if given), "duration"
+    (seconds, float), "sample_rate" (16000)}`.
+- A shard is written to `<name>.tar.tmp` and renamed to `<name>.tar` only when complete, so a
+  file named `*.tar` is always a whole shard. A re-run skips shards whose final file exists:
+  the samples of a skipped shard are counted from the shard itself and consumed from the input
+  without encoding, so a killed prep job resumes with exactly the same sample-to-shard
+  assignment (given the same input order and limits). A stray `*.tar.tmp` is never read as a
+  shard and is overwritten by the next run.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import itertools
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext
+
+SAMPLE_RATE = 16000
+AUDIO_EXTS = ("flac", "wav")  # members holding audio; we write flac, readers accept both
+
+
+def shard_path(out_dir: str, prefix: str, index: int) -> str:
+    """The final path of shard `index`: `{out_dir}/{prefix}-{index:06d}.tar`."""
+    return os.path.join(out_dir, f"{prefix}-{index:06d}.tar")
+
+
+def _checked_members(path: str) -> list[tarfile.TarInfo]:
+    """Regular-file members of a local tar; raises ValueError naming a corrupt/truncated shard."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            # a complete tar ends with two zero blocks; tarfile silently stops without them
+            end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
+            tar.fileobj.seek(end)
+            if tar.fileobj.read(1024) != bytes(1024):
+                raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
+    except (tarfile.TarError, OSError) as exc:
+        raise ValueError(f"corrupt or truncated shard {path}: {exc}") from exc
+    return [m for m in members if m.isreg()]
+
+
+def count_samples(path: str) -> int:
+    """Number of samples (distinct keys) in the local tar shard `path`, from its headers only."""
+    keys = {base_plus_ext(m.name)[0] for m in _checked_members(path)}
+    keys.discard(None)
+    return len(keys)
+
+
+def shard_stats(paths: Iterable[str]) -> dict:
+    """`{"shards", "utterances", "hours"}` of audio shards, reading only their json members."""
+    paths = list(paths)
+    utterances, seconds = 0, 0.0
+    for path in paths:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar.getmembers():
+                if member.isreg() and member.name.endswith(".json"):
+                    utterances += 1
+                    seconds += json.loads(tar.extractfile(member).read())["duration"]
+    return {"shards": len(paths), "utterances": utterances, "hours": seconds / 3600}
+
+
+def write_shards(
+    samples: Iterable[Any],
+    encode: Callable[[Any], dict],
+    out_dir: str,
+    prefix: str = "train",
+    max_count: int = 1000,
+    max_bytes: int = 1 << 30,
+    progress: bool = True,
+) -> list[str]:
+    """Write `samples` into atomic tar shards; return all shard paths (written or skipped).
+
+    `encode(sample)` returns a webdataset dict `{"__key__": str, "<ext>": bytes, ...}`. A shard
+    is closed after `max_count` samples or once its payload reaches `max_bytes`. Shards whose
+    final file exists are skipped (see module docstring); their samples are not encoded.
+    """
+    if max_count < 1 or max_bytes < 1:
+        raise ValueError(f"max_count and max_bytes must be >= 1, got {max_count}, {max_bytes}")
+    os.makedirs(out_dir, exist_ok=True)
+    it, end = iter(samples), object()
+    paths = []
+    bar = tqdm(desc=f"shards {prefix}", unit="utt", disable=not progress)
+    for index in itertools.count():
+        sample = next(it, end)
+        if sample is end:
+            break
+        path = shard_path(out_dir, prefix, index)
+        paths.append(path)
+        if os.path.exists(path):  # complete shard from an earlier run
+            n = count_samples(path)
+            if n == 0:
+                raise ValueError(f"existing shard {path} has no samples; delete it and re-run")
+            collections.deque(itertools.islice(it, n - 1), maxlen=0)
+            bar.update(n)
+            continue
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f, TarWriter(f) as writer:
+            count, size = 0, 0
+            while sample is not end:
+                size += writer.write(encode(sample))
+                count += 1
+                bar.update(1)
+                if count >= max_count or size >= max_bytes:
+                    break
+                sample = next(it, end)
+        os.replace(tmp, path)
+    bar.close()
+    return paths
+
+
+def encode_audio_sample(sample: dict) -> dict:
+    """Audio sample dict -> webdataset dict with `flac` and `json` members (format above).
+
+    `sample`: `{"utt_id": str, "wave": (S,) float32 at 16 kHz or a zero-argument callable
+    returning it, "lang": str, "text": str, "phones": str (optional)}`. Samples beyond
+    [-1, 1] are clipped. Raises ValueError naming the utt_id for a bad id or waveform.
+    """
+    utt_id = sample["utt_id"]
+    if not utt_id or "." in utt_id or "/" in utt_id:
+        raise ValueError(f"utt_id {utt_id!r} must be non-empty without '.' or '/'")
+    wave = sample["wave"]() if callable(sample["wave"]) else sample["wave"]
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1 or wave.size == 0:
+        raise ValueError(f"{utt_id}: waveform must be non-empty 1-D, got shape {wave.shape}")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"{utt_id}: waveform contains NaN or inf")
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    meta = {"utt_id": utt_id, "lang": sample["lang"], "text": sample["text"]}
+    if sample.get("phones") is not None:
+        meta["phones"] = sample["phones"]
+    meta.update(duration=wave.size / SAMPLE_RATE, sample_rate=SAMPLE_RATE)
+    return {"__key__": utt_id, "flac": buf.getvalue(), "json": json.dumps(meta).encode()}
+
+
+def write_audio_shards(
+    samples: Iterable[dict],
+    out_dir: str,
+    prefix: str = "train",
+    max_count: int = 1000,
+    max_bytes: int = 1 << 30,
+    progress: bool = True,
+) -> list[str]:
+    """Write audio sample dicts (see `encode_audio_sample`) as atomic shards; return their paths."""
+    return write_shards(samples, encode_audio_sample, out_dir, prefix, max_count, max_bytes, progress)
+
+
+def load_audio(path: str) -> np.ndarray:
+    """Read an audio file as a (S,) float32 mono 16 kHz waveform (channels averaged, soxr).
+
+    Raises ValueError naming the file when soundfile cannot read it.
+    """
+    try:
+        wave, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, C)
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise ValueError(f"cannot read audio file {path}: {exc}") from exc
+    wave = wave.mean(axis=1)
+    if sr != SAMPLE_RATE:
+        wave = soxr.resample(wave, sr, SAMPLE_RATE)
+    return np.ascontiguousarray(wave, dtype=np.float32)

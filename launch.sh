@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# colld launcher: wraps the DeepSpeed launcher around `colld train`.
+#
+#   ./launch.sh --config configs/X.yaml [--section.field value ...]
+#       this machine: one rank per GPU; on a machine without GPUs, 2 CPU ranks on gloo
+#       (COLLD_CPU_RANKS=N for another count).
+#   ./launch.sh --hostfile hosts --config configs/X.yaml [...]
+#       multi-node over ssh/pdsh: every host in the DeepSpeed hostfile ("node1 slots=8" per
+#       line) runs its slots; see README "Multi-node".
+#   deepspeed [--hostfile hosts] --no_python --no_local_rank launch.sh --config ...
+#       also works: run by the DeepSpeed launcher (RANK is set), this script just starts the
+#       trainer for its rank.
+#
+# Launcher options (they must come before --config): --hostfile, --num_gpus, --num_nodes,
+# --master_addr, --master_port, --launcher, --include, --exclude. The rest goes to `colld train`.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${COLLD_PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
+fi
+
+if [[ -n "${RANK:-}" && -n "${LOCAL_RANK:-}" ]]; then   # already one rank of a launched job
+  exec "$python" -m colld_ds.cli train "$@"
+fi
+
+launcher_args=()
+have_hostfile=0
+have_count=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --hostfile) have_hostfile=1; launcher_args+=("$1" "$2"); shift 2 ;;
+    --num_gpus|--num_accelerators) have_count=1; launcher_args+=("$1" "$2"); shift 2 ;;
+    --num_nodes|--master_addr|--master_port|--launcher|--include|--exclude)
+      launcher_args+=("$1" "$2"); shift 2 ;;
+    *) break ;;
+  esac
+done
+
+if [[ $have_hostfile == 0 ]] && ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export DS_ACCELERATOR=cpu
+  [[ $have_count == 1 ]] || launcher_args+=(--num_accelerators "${COLLD_CPU_RANKS:-2}")
+fi
+if [[ " ${launcher_args[*]-} " != *" --master_port "* ]]; then   # a free port: parallel jobs coexist
+  launcher_args+=(--master_port "$("$python" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')")
+fi
+cd "$here"
+exec "$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank --module colld_ds.cli train "$@"
