@@ -130,6 +130,9 @@ class RunConfig:
     """DeepSpeed JSON template; ``None``: ``ds_configs/zero{stage}[_offload].json``. Values the
     training config owns (batch size, accumulation, lr, clipping, precision, stage, scheduler)
     must be ``"auto"`` in it: they are filled from this config so the two never disagree."""
+    stop_at_step: int | None = None
+    """End this invocation at this step (with a checkpoint) although the schedule runs to
+    optim.max_steps: for jobs in time-limited allocations; go on with ``--run.resume auto``."""
     resume: str = "none"
     """``none``, ``auto`` (latest complete checkpoint in out_dir, if any) or a checkpoint dir."""
 
@@ -275,6 +278,9 @@ def validate(config: TrainConfig) -> None:
             "optim.betas: two numbers in [0, 1)")
     require(config.optim.gradient_accumulation_steps >= 1,
             "optim.gradient_accumulation_steps: must be >= 1")
+    stop = config.run.stop_at_step
+    require(stop is None or 1 <= stop <= config.optim.max_steps,
+            "run.stop_at_step: must be between 1 and optim.max_steps, or null")
     require(config.run.save_every >= 1, "run.save_every: must be >= 1")
     require(config.run.log_every >= 1, "run.log_every: must be >= 1")
     require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")

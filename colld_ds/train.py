@@ -164,8 +164,9 @@ def train(config: TrainConfig) -> TrainResult:
     batches = iter(stream)
     row: dict[str, float] = {}
     checkpoint = resume_from
+    last_step = config.run.stop_at_step or config.optim.max_steps
     try:
-        while step < config.optim.max_steps:
+        while step < last_step:
             for micro in range(accumulation):
                 batch = next(batches).to(device)
                 output = train_step(engine, teacher, batch, config, teacher_layers,
@@ -173,10 +174,10 @@ def train(config: TrainConfig) -> TrainResult:
                 monitor.add(output.metrics, batch.wave_lengths)
             step += 1
             progress.update(1)
-            if step % config.run.log_every == 0 or step == config.optim.max_steps:
+            if step % config.run.log_every == 0 or step == last_step:
                 row = monitor.log(step, engine.get_lr()[0], engine.get_global_grad_norm())
                 progress.set_postfix(loss=f"{row['loss/total']:.4f}")
-            if step % config.run.save_every == 0 or step == config.optim.max_steps:
+            if step % config.run.save_every == 0 or step == last_step:
                 client_state = {"step": step, "data": stream.state_dict(),
                                 "config": config.to_dict()}
                 checkpoint = save_checkpoint(engine, checkpoint_dir, step, client_state,

@@ -9,7 +9,7 @@ fbank projection) and the chosen teacher layers; everything else keeps the rando
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 _FALLBACK_MASK_TIME_PROB = 0.05
 
 
-@dataclass
-class StudentOutput:
+class StudentOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 must find the tensors a module returns to hook
+    its backward."""
+
     hidden: list[Tensor]
     """(B, T, D_s) outputs of student layers 1..K, zero at padded frames."""
     frame_lengths: Tensor

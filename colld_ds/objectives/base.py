@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -11,8 +12,10 @@ from colld_ds.layer_map import LayerPair
 from colld_ds.objectives.heads import make_head
 
 
-@dataclass
-class ObjectiveOutput:
+class ObjectiveOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 must find the tensors a module returns to hook
+    its backward."""
+
     loss: torch.Tensor
     """Scalar fp32: weighted mean over pairs of each pair's mean loss."""
     metrics: dict[str, torch.Tensor]

@@ -1,0 +1,86 @@
+"""Config loading, overrides, validation messages and the DeepSpeed config filling."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from colld_ds.config import ConfigError, load_config
+from colld_ds.ds_config import build_ds_config
+from colld_ds.layer_map import resolve_layer_map, uniform_teacher_layers
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
+
+
+def test_yaml_then_overrides():
+    config = load_config(EXAMPLE, {"objective.temperature": 0.05, "run.zero-stage": 3,
+                                   "layer_map.teacher_layers": [[1], [3]]})
+    assert config.objective.temperature == 0.05
+    assert config.run.zero_stage == 3
+    assert config.layer_map.teacher_layers == [[1], [3]]
+    assert config.data.batch_size == 4                       # from the YAML
+    assert config.optim.decay == "linear"                    # default
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"objective.name": "mse"}, "objective.name: 'mse' is not allowed; choose one of"),
+    ({"objective.temprature": 0.1}, "objective.temprature: unknown field"),
+    ({"data.batch_size": "eight"}, "data.batch_size: expected an integer"),
+    ({"run.zero_stage": 4}, "run.zero_stage: 4 is not allowed"),
+    ({"objective.temperature": 0}, "objective.temperature: must be > 0"),
+    ({"student.init_from_teacher_layers": [1]}, "student.init_from_teacher_layers"),
+    ({"layer_map.teacher_layers": [[1]]}, "layer_map.teacher_layers: needs one list per"),
+    ({"masking.mask_prob": 0.0}, "the colld objective predicts masked frames"),
+    ({"run.offload_optimizer": True, "run.zero_stage": 1}, "run.offload_optimizer"),
+])
+def test_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(EXAMPLE, overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_uniform_layer_map_and_out_of_range_layer():
+    assert uniform_teacher_layers(2, 12) == [6, 12]
+    assert uniform_teacher_layers(3, 24) == [8, 16, 24]
+    assert uniform_teacher_layers(4, 6) == [2, 3, 5, 6]      # 1.5 -> 2, 4.5 -> 5: halves go up
+    config = load_config(EXAMPLE, {"layer_map.teacher_layers": [[2], [5]]})
+    with pytest.raises(ConfigError, match="teacher layer 5 does not exist; the teacher has "
+                                          r"layers 1\.\.4"):
+        resolve_layer_map(config, num_teacher_layers=4)
+    distil = load_config(EXAMPLE, {"objective.name": "distilhubert",
+                                   "layer_map.teacher_layers": None, "masking.mask_prob": 0.0})
+    assert [(p.student_layer, p.teacher_layer) for p in resolve_layer_map(distil, 12)] == [
+        (2, 4), (2, 8), (2, 12)]
+
+
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True), (3, False)])
+def test_ds_config_takes_owned_values_from_the_training_config(stage, offload):
+    config = load_config(EXAMPLE, {"run.zero_stage": stage, "run.offload_optimizer": offload,
+                                   "run.precision": "bf16", "optim.lr": 3e-4,
+                                   "optim.gradient_accumulation_steps": 4})
+    ds = build_ds_config(config)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+    assert ds["train_micro_batch_size_per_gpu"] == config.data.batch_size
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["scheduler"]["params"]["total_num_steps"] == config.optim.max_steps
+    assert ds["gradient_clipping"] == config.optim.grad_clip
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert "auto" not in json.dumps(ds)
+
+
+def test_ds_template_with_a_concrete_owned_value_is_refused(tmp_path):
+    template = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    template["train_micro_batch_size_per_gpu"] = 16
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(template))
+    config = load_config(EXAMPLE, {"run.ds_config": str(path)})
+    with pytest.raises(ConfigError, match="'train_micro_batch_size_per_gpu' is 16; the training "
+                                          "config owns it"):
+        build_ds_config(config)

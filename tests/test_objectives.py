@@ -1,0 +1,117 @@
+"""Objectives against hand computations and statistical expectations."""
+
+import math
+
+import pytest
+import torch
+
+from colld_ds.config import ObjectiveConfig
+from colld_ds.layer_map import LayerPair
+from colld_ds.objectives import build_objective, sample_negatives
+
+
+def identity_objective(name: str, dim: int, **kwargs):
+    """An objective over the single pair s1 -> t1 whose head is the identity map."""
+    objective = build_objective(ObjectiveConfig(name=name, **kwargs), [LayerPair(1, 1)], dim, dim)
+    head = objective.heads["s1_t1"]
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(dim))
+        head.bias.zero_()
+    return objective
+
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (math.hypot(*a) * math.hypot(*b))
+
+
+def test_colld_loss_equals_hand_computation():
+    student = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.5]]])   # (1, 4, 2)
+    teacher = torch.tensor([[[0.5, 0.5], [1.0, 1.0], [0.0, -2.0], [3.0, 1.0]]])
+    frame_mask = torch.ones(1, 4, dtype=torch.bool)
+    mask_time = torch.tensor([[False, True, False, True]])
+    objective = identity_objective("colld", 2, temperature=0.5, num_negatives=2)
+
+    torch.manual_seed(3)
+    negatives = objective.select_frames(frame_mask, mask_time).negatives     # rows of (4, 2)
+    torch.manual_seed(3)
+    output = objective([student], {1: teacher}, frame_mask, mask_time)
+
+    losses, hits = [], []
+    for anchor, negative_rows in zip([1, 3], negatives.tolist()):
+        s = student[0, anchor].tolist()
+        logits = [cosine(s, teacher[0, anchor].tolist()) / 0.5]
+        logits += [cosine(s, teacher[0, row].tolist()) / 0.5 for row in negative_rows]
+        losses.append(math.log(sum(math.exp(x) for x in logits)) - logits[0])
+        hits.append(all(logits[0] > x for x in logits[1:]))
+    assert output.loss.item() == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert output.metrics["acc/s1_t1"].item() == pytest.approx(sum(hits) / 2)
+
+
+def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
+    frame_lengths = torch.tensor([7, 3])
+    batch_index = torch.tensor([0, 0, 1, 1])
+    frame_index = torch.tensor([0, 6, 1, 2])
+    negatives = sample_negatives(frame_lengths, batch_index, frame_index, num_frames=9,
+                                 num_negatives=4000,
+                                 generator=torch.Generator().manual_seed(0))
+    for row, (b, t) in enumerate(zip(batch_index.tolist(), frame_index.tolist())):
+        drawn = negatives[row] - b * 9                # frame index within utterance b
+        allowed = set(range(frame_lengths[b].item())) - {t}
+        assert set(drawn.tolist()) == allowed         # never t, never padding, every other frame
+        counts = torch.bincount(drawn, minlength=9)[sorted(allowed)].float()
+        assert (counts / counts.mean() - 1).abs().max() < 0.15   # uniform
+
+
+def test_padding_never_enters_the_loss():
+    torch.manual_seed(0)
+    student = torch.randn(2, 12, 8)
+    teacher = torch.randn(2, 12, 8)
+    frame_mask = torch.arange(12) < torch.tensor([[12], [5]])
+    teacher[~frame_mask] = float("nan")              # any use of a padded frame poisons the loss
+    mask_time = torch.ones(2, 12, dtype=torch.bool)  # also asks to mask padding: must be ignored
+    for name in ("colld", "l2l", "distilhubert"):
+        output = identity_objective(name, 8, num_negatives=30)([student], {1: teacher},
+                                                                frame_mask, mask_time)
+        assert torch.isfinite(output.loss), name
+
+
+def test_infonce_is_log_k_plus_one_for_independent_student_and_teacher():
+    """Independent random directions in D=2048: cosines ~ N(0, 1/D), so with temperature 0.1 the
+    logits have variance 1/(0.01 D) ~ 0.05 and E[loss] = ln(K+1) + O(variance/2) ~ +0.5%."""
+    torch.manual_seed(0)
+    num_negatives, dim = 50, 2048
+    student, teacher = torch.randn(4, 100, dim), torch.randn(4, 100, dim)
+    frame_mask = torch.ones(4, 100, dtype=torch.bool)
+    mask_time = torch.rand(4, 100) < 0.5
+    output = identity_objective("colld", dim, temperature=0.1, num_negatives=num_negatives)(
+        [student], {1: teacher}, frame_mask, mask_time)
+    assert output.loss.item() == pytest.approx(math.log(num_negatives + 1), rel=0.02)
+    assert output.metrics["acc/s1_t1"].item() < 0.1
+
+
+def test_colld_loss_falls_when_student_copies_teacher():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 50, 16)
+    frame_mask = torch.ones(2, 50, dtype=torch.bool)
+    mask_time = torch.rand(2, 50) < 0.5
+    objective = identity_objective("colld", 16, temperature=0.1, num_negatives=20)
+    output = objective([teacher.clone()], {1: teacher}, frame_mask, mask_time)
+    assert output.loss.item() < 0.05 and output.metrics["acc/s1_t1"].item() == 1.0
+
+
+@pytest.mark.parametrize("name,distance", [("l2l", "l1"), ("l2l", "mse"), ("distilhubert", "l1")])
+def test_regression_losses_equal_hand_computation(name, distance):
+    student = torch.tensor([[[1.0, 2.0], [0.0, 1.0], [9.0, 9.0]]])
+    teacher = torch.tensor([[[2.0, 2.0], [1.0, -1.0], [0.0, 0.0]]])
+    frame_mask = torch.tensor([[True, True, False]])
+    objective = identity_objective(name, 2, distance=distance, cosine_weight=0.5)
+    output = objective([student], {1: teacher}, frame_mask, frame_mask)
+    pairs = [([1.0, 2.0], [2.0, 2.0]), ([0.0, 1.0], [1.0, -1.0])]
+    diffs = [a - b for s, t in pairs for a, b in zip(s, t)]
+    dist = (sum(map(abs, diffs)) if distance == "l1" else sum(d * d for d in diffs)) / len(diffs)
+    cosines = [cosine(s, t) for s, t in pairs]
+    if name == "l2l":
+        cos_term = sum(1 - c for c in cosines) / 2
+    else:
+        cos_term = sum(-math.log(1 / (1 + math.exp(-c))) for c in cosines) / 2
+    assert output.loss.item() == pytest.approx(dist + 0.5 * cos_term, rel=1e-6)

@@ -1,0 +1,109 @@
+"""The real CLI on 2 CPU ranks (DeepSpeed over gloo, through launch.sh) on a tiny teacher.
+
+Each launch costs ~15 s (process start, DeepSpeed init); the runs are shared where they can be.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from colld_ds.config import ConfigError, load_config
+from colld_ds.train import build_run
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import write_audio_shards
+from data_prep.tiny_teacher import make_tiny_teacher
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
+MAX_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    teacher = make_tiny_teacher("wav2vec2", str(root / "teacher"), seed=0, num_layers=4,
+                                hidden_size=32)
+    write_audio_shards(generate_utterances(32, seed=1), str(root / "shards"), max_count=8,
+                       progress=False)
+    return {"root": root, "teacher": teacher, "shards": str(root / "shards")}
+
+
+def overrides(assets, out_dir, **extra):
+    values = {"teacher.path": assets["teacher"], "data.train_shards": assets["shards"],
+              "run.out_dir": str(out_dir), "optim.max_steps": MAX_STEPS, "run.log_every": 1,
+              "run.save_every": 8, "optim.warmup_steps": 2, "optim.lr": 1e-3}
+    values.update(extra)
+    return values
+
+
+def launch(assets, out_dir, **extra) -> list[dict]:
+    """Run ./launch.sh on 2 CPU ranks; return the metrics.jsonl rows of out_dir."""
+    command = [str(REPO / "launch.sh"), "--config", str(CONFIG)]
+    for key, value in overrides(assets, out_dir, **extra).items():
+        command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    env = dict(os.environ, COLLD_CPU_RANKS="2", COLLD_PYTHON=sys.executable)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets):
+    return launch(assets, assets["root"] / "full")
+
+
+def test_zero2_two_ranks_lower_the_colld_loss(uninterrupted):
+    losses = [row["loss/total"] for row in uninterrupted]
+    assert [row["step"] for row in uninterrupted] == list(range(1, MAX_STEPS + 1))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
+    assert all("acc/s1_t2" in row and "grad_norm" in row and "audio_seconds_per_s" in row
+               for row in uninterrupted)
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(assets, uninterrupted):
+    out_dir = assets["root"] / "resumed"
+    first = launch(assets, out_dir, **{"run.stop_at_step": 8})
+    assert [row["step"] for row in first] == list(range(1, 9))
+    checkpoints = sorted(p.name for p in (out_dir / "checkpoints").iterdir()
+                         if p.name.startswith(("step", ".partial")))
+    assert checkpoints == ["step00000008"]
+    rows = launch(assets, out_dir, **{"run.resume": "auto"})
+    resumed = {row["step"]: row["loss/total"] for row in rows[8:]}
+    reference = {row["step"]: row["loss/total"] for row in uninterrupted}
+    assert sorted(resumed) == list(range(9, MAX_STEPS + 1))
+    for step in range(9, MAX_STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("extra", [{"run.zero_stage": 1}, {"run.zero_stage": 3},
+                                   {"run.zero_stage": 2, "run.offload_optimizer": True}],
+                         ids=["zero1", "zero3", "zero2-offload"])
+def test_other_zero_stages_complete(assets, tmp_path, extra):
+    rows = launch(assets, tmp_path, **{"optim.max_steps": 3, **extra})
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(row["loss/total"])) for row in rows)
+    assert (tmp_path / "checkpoints" / "step00000003" / "complete.json").is_file()
+
+
+def test_bad_input_is_refused_before_training(assets, tmp_path):
+    def build(**extra):
+        build_run(load_config(CONFIG, overrides(assets, tmp_path, **extra)), torch.device("cpu"))
+
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        build(**{"teacher.path": str(tmp_path / "does-not-exist")})
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="bert"):
+        build(**{"teacher.path": str(tmp_path / "bert")})
+    with pytest.raises(ConfigError, match="teacher layer 7 does not exist"):
+        build(**{"layer_map.teacher_layers": [[2], [7]]})
+    with pytest.raises(ValueError, match="wider"):
+        build(**{"student.hidden_size": 64})
+    with pytest.raises(ValueError, match="student.init_from_teacher_layers"):
+        build(**{"student.hidden_size": 16, "student.init_from_teacher_layers": [1, 2]})
