@@ -1,71 +1,53 @@
-"""`fire` CLI for data preparation: generated-audio shards and manifest -> audio shards.
+"""`fire` CLI for data preparation (also `colld prep ...`).
 
     python -m data_prep.cli generate out/shards --num_utterances 64 --shard_size 16
-    python -m data_prep.cli make_shards manifest.tsv out/shards --shard_size 1000
+    python -m data_prep.cli make_shards manifest.tsv out/shards --workers 8 --max_seconds 30
+    python -m data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
+    python -m data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
+    python -m data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
 
-Shard format: see `data_prep.shards`. Both commands are resumable: re-running skips complete
-shards (see `write_shards`).
+Shard formats: `data_prep.shards` (audio) and `data_prep.cache` (teacher cache). Writing
+commands are resumable: a re-run skips complete shards.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import json
+import collections
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import fire
 
 from data_prep.generated_audio import generate_utterances
-from data_prep.shards import load_audio, shard_stats, write_audio_shards
-
-
-def read_manifest(manifest: str, lang: str = "xx") -> list[dict]:
-    """Rows of a TSV (header with `path`, optional `text`, `lang`, `utt_id`, `phones`) or JSONL
-    manifest (`.jsonl`, one object per line with the same keys).
-
-    Relative paths are taken relative to the manifest's directory; `utt_id` defaults to the
-    file name without extension (dots replaced by `_`); `lang` defaults to `lang`.
-    """
-    with open(manifest, encoding="utf-8") as f:
-        if manifest.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    base, seen = os.path.dirname(os.path.abspath(manifest)), set()
-    for i, row in enumerate(rows):
-        if not row.get("path"):
-            raise ValueError(f"{manifest}: row {i + 1} has no 'path'")
-        row["path"] = os.path.join(base, row["path"])
-        stem = os.path.splitext(os.path.basename(row["path"]))[0]
-        row["utt_id"] = row.get("utt_id") or stem.replace(".", "_")
-        row.setdefault("text", "")
-        row["lang"] = row.get("lang") or lang
-        if row["utt_id"] in seen:
-            raise ValueError(f"{manifest}: duplicate utt_id {row['utt_id']!r} (row {i + 1})")
-        seen.add(row["utt_id"])
-    return rows
-
-
-def _manifest_samples(rows: list[dict]) -> Iterator[dict]:
-    """Sample dicts whose `wave` loads lazily, so shards skipped on resume are never decoded."""
-    for row in rows:
-        yield {
-            "utt_id": row["utt_id"],
-            "wave": functools.partial(load_audio, row["path"]),
-            "lang": row["lang"],
-            "text": row["text"],
-            "phones": row.get("phones"),
-        }
+from data_prep.manifest import Done, prepared_samples, read_inputs, write_skip_report
+from data_prep.shards import finished_keys, shard_stats, write_audio_shards, write_shards
 
 
 def _print_summary(out_dir: str, paths: list[str]) -> None:
     stats = shard_stats(paths)
+    per_lang = ", ".join(f"{lang} {hours:.4f}" for lang, hours in stats["hours_per_lang"].items())
     print(
         f"{out_dir}: {stats['shards']} shards, {stats['utterances']} utterances, "
-        f"{stats['hours']:.4f} hours"
+        f"{stats['hours']:.4f} hours ({per_lang or 'none'})"
     )
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    """fire passes `a,b` as a string and `[a,b]` as a list."""
+    return value.split(",") if isinstance(value, str) else list(value)
+
+
+def _key(sample: dict | Done) -> str:
+    return sample.utt_id if isinstance(sample, Done) else sample["__key__"]
+
+
+def _encoded(sample: dict | Done) -> dict:
+    if isinstance(sample, Done):  # only samples of finished shards may be placeholders
+        raise ValueError(
+            f"input {sample.utt_id} is in a finished shard but this run puts it in a new one: the "
+            "inputs, their order or the shard size changed; delete the shards and re-run"
+        )
+    return sample
 
 
 class DataPrep:
@@ -87,23 +69,91 @@ class DataPrep:
         `langs`: a sequence or a comma-separated string (`--langs en,de`); utterance i gets
         `langs[i % len(langs)]`.
         """
-        langs = tuple(langs.split(",")) if isinstance(langs, str) else tuple(langs)
-        samples = generate_utterances(num_utterances, seed, min_seconds, max_seconds, langs)
+        samples = generate_utterances(num_utterances, seed, min_seconds, max_seconds, tuple(_as_list(langs)))
         paths = write_audio_shards(samples, out_dir, prefix, max_count=shard_size)
         _print_summary(out_dir, paths)
 
     def make_shards(
         self,
-        manifest: str,
+        source: str,
         out_dir: str,
         shard_size: int = 1000,
+        shard_mb: float = 1024,
         prefix: str = "train",
         lang: str = "xx",
+        workers: int = 1,
+        min_seconds: float = 0.5,
+        max_seconds: float | None = 60.0,
+        split_long: bool = False,
+        strict: bool = False,
+        progress: bool = True,
     ) -> None:
-        """Write shards from a TSV/JSONL manifest of audio files (see `read_manifest`)."""
-        rows = read_manifest(manifest, lang)
-        paths = write_audio_shards(_manifest_samples(rows), out_dir, prefix, max_count=shard_size)
+        """Audio shards from a TSV/JSONL manifest or a directory tree (`data_prep.manifest`).
+
+        Bad inputs are skipped and listed with their reason in `<out_dir>/<prefix>.skipped.tsv`
+        (missing, unreadable, empty, NaN/inf, shorter than `min_seconds`, longer than
+        `max_seconds` unless `split_long`). Shards close after `shard_size` utterances or
+        `shard_mb` MB. `workers` processes decode and encode; the output depends only on the
+        inputs and limits, never on `workers`. `strict`: exit 1 when anything was skipped.
+        """
+        rows = read_inputs(source, lang)
+        skipped: list[tuple[dict, str]] = []
+        samples = prepared_samples(
+            rows, skipped, finished_keys(out_dir, prefix), workers, min_seconds, max_seconds, split_long
+        )
+        paths = write_shards(
+            samples, _encoded, out_dir, prefix, shard_size, int(shard_mb * 2**20), progress, key=_key
+        )
+        report = os.path.join(out_dir, f"{prefix}.skipped.tsv")
+        write_skip_report(report, skipped)
         _print_summary(out_dir, paths)
+        reasons = collections.Counter(reason.split(":")[0] for _, reason in skipped)
+        print(f"skipped {len(skipped)} of {len(rows)} inputs {dict(reasons)}: see {report}")
+        if strict and skipped:
+            raise SystemExit(f"--strict: {len(skipped)} inputs were skipped, see {report}")
+
+    def cache_teacher(
+        self,
+        shards: str,
+        teacher: str,
+        layers: int | str | Sequence[int],
+        out_dir: str,
+        target_kind: str = "layer_output",
+        dtype: str = "auto",
+        batch_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Teacher-cache shards of audio `shards` (see `data_prep.cache.cache_teacher`)."""
+        from data_prep.cache import cache_teacher
+
+        cache_teacher(
+            shards, teacher, layers, out_dir, target_kind, dtype, batch_size, rank, world_size, progress
+        )
+
+    def inspect(self, shards: str, max_problems: int = 20) -> None:
+        """Schema, counts, hours, languages and teacher identity of shards; validates every
+        member and exits 1 naming shard and member of each invalid one."""
+        from data_prep.inspect_shards import inspect_shards
+
+        problems = inspect_shards(shards)
+        if problems:
+            shown = "\n  ".join(problems[:max_problems])
+            raise SystemExit(f"{len(problems)} invalid members:\n  {shown}")
+
+    def spm(
+        self,
+        sources: str | Sequence[str],
+        out_prefix: str,
+        vocab_size: int = 1000,
+        model_type: str = "unigram",
+        character_coverage: float = 1.0,
+    ) -> str:
+        """Sentencepiece model `<out_prefix>.model` on the transcripts of manifests or shards."""
+        from data_prep.spm import train_spm
+
+        return train_spm(_as_list(sources), out_prefix, vocab_size, model_type, character_coverage)
 
 
 def main() -> None:

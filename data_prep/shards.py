@@ -58,24 +58,41 @@ def _checked_members(path: str) -> list[tarfile.TarInfo]:
     return [m for m in members if m.isreg()]
 
 
+def shard_keys(path: str) -> list[str]:
+    """Sample keys of the local tar shard `path` in file order, from its headers only."""
+    keys = dict.fromkeys(base_plus_ext(m.name)[0] for m in _checked_members(path))
+    keys.pop(None, None)
+    return list(keys)
+
+
 def count_samples(path: str) -> int:
     """Number of samples (distinct keys) in the local tar shard `path`, from its headers only."""
-    keys = {base_plus_ext(m.name)[0] for m in _checked_members(path)}
-    keys.discard(None)
-    return len(keys)
+    return len(shard_keys(path))
+
+
+def finished_keys(out_dir: str, prefix: str) -> frozenset[str]:
+    """Keys of all complete shards `{out_dir}/{prefix}-*.tar` (what a resumed run need not redo)."""
+    if not os.path.isdir(out_dir):
+        return frozenset()
+    names = [n for n in os.listdir(out_dir) if n.startswith(f"{prefix}-") and n.endswith(".tar")]
+    return frozenset(k for n in names for k in shard_keys(os.path.join(out_dir, n)))
 
 
 def shard_stats(paths: Iterable[str]) -> dict:
-    """`{"shards", "utterances", "hours"}` of audio shards, reading only their json members."""
+    """`{"shards", "utterances", "hours", "hours_per_lang": {lang: hours}}` of audio shards,
+    reading only their json members."""
     paths = list(paths)
-    utterances, seconds = 0, 0.0
+    utterances, seconds = 0, collections.Counter()
     for path in paths:
         with tarfile.open(path, "r:") as tar:
             for member in tar.getmembers():
                 if member.isreg() and member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
                     utterances += 1
-                    seconds += json.loads(tar.extractfile(member).read())["duration"]
-    return {"shards": len(paths), "utterances": utterances, "hours": seconds / 3600}
+                    seconds[meta.get("lang", "?")] += meta["duration"]
+    per_lang = {lang: s / 3600 for lang, s in sorted(seconds.items())}
+    return {"shards": len(paths), "utterances": utterances, "hours": sum(per_lang.values()),
+            "hours_per_lang": per_lang}
 
 
 def write_shards(
@@ -86,12 +103,15 @@ def write_shards(
     max_count: int = 1000,
     max_bytes: int = 1 << 30,
     progress: bool = True,
+    key: Callable[[Any], str] | None = None,
 ) -> list[str]:
     """Write `samples` into atomic tar shards; return all shard paths (written or skipped).
 
     `encode(sample)` returns a webdataset dict `{"__key__": str, "<ext>": bytes, ...}`. A shard
     is closed after `max_count` samples or once its payload reaches `max_bytes`. Shards whose
-    final file exists are skipped (see module docstring); their samples are not encoded.
+    final file exists are skipped (see module docstring); their samples are not encoded. With
+    `key(sample)`, the skipped samples' keys must equal the existing shard's keys (in order),
+    else ValueError: the inputs or limits changed since the run that wrote it.
     """
     if max_count < 1 or max_bytes < 1:
         raise ValueError(f"max_count and max_bytes must be >= 1, got {max_count}, {max_bytes}")
@@ -106,11 +126,18 @@ def write_shards(
         path = shard_path(out_dir, prefix, index)
         paths.append(path)
         if os.path.exists(path):  # complete shard from an earlier run
-            n = count_samples(path)
-            if n == 0:
+            keys = shard_keys(path)
+            if not keys:
                 raise ValueError(f"existing shard {path} has no samples; delete it and re-run")
-            collections.deque(itertools.islice(it, n - 1), maxlen=0)
-            bar.update(n)
+            consumed = itertools.chain([sample], itertools.islice(it, len(keys) - 1))
+            if key is None:
+                collections.deque(consumed, maxlen=0)
+            elif [key(s) for s in consumed] != keys:
+                raise ValueError(
+                    f"existing shard {path} holds other samples than this run puts there: the "
+                    "inputs, their order or the shard size changed; delete the shards and re-run"
+                )
+            bar.update(len(keys))
             continue
         tmp = path + ".tmp"
         with open(tmp, "wb") as f, TarWriter(f) as writer:

@@ -1,0 +1,109 @@
+"""`inspect`: what audio or teacher-cache shards hold, with every member validated.
+
+Prints the shard and sample counts, hours and utterances per language, the schema of the first
+sample (each member's kind, shape and dtype), the teacher identity of cache shards, and one
+line per invalid member `<shard>: <key>.<member>: <problem>`: audio that does not decode to
+finite 16 kHz mono, an array that is not a finite float16 (T, D) with T = the json's
+`num_frames`, bad json, a missing audio/json/layer member, a truncated or corrupt tar.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import tarfile
+
+import numpy as np
+import soundfile as sf
+from webdataset.tariterators import base_plus_ext
+
+from colld_ds.data import expand_urls, feature_member
+from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, _checked_members
+
+
+def describe_member(ext: str, data: bytes) -> str:
+    """A schema line for member `ext` of a sample; ValueError saying what is wrong with it."""
+    kind = ext.rsplit(".", 1)[-1]
+    if kind in AUDIO_EXTS:
+        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, C)
+        if sr != SAMPLE_RATE or wave.shape[1] != 1 or not wave.size or not np.isfinite(wave).all():
+            raise ValueError(f"audio must be finite non-empty 16 kHz mono: {sr} Hz, shape {wave.shape}")
+        return f"{kind} audio, {sr} Hz mono"
+    if kind == "npy":
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.ndim != 2 or array.dtype != np.float16 or not np.isfinite(array).all():
+            raise ValueError(f"expected a finite float16 (T, D) array, got {array.dtype} {array.shape}")
+        return f"float16 (T, {array.shape[1]})"
+    if kind == "json":
+        return f"json {sorted(json.loads(data))}"
+    return f"{len(data)} bytes"
+
+
+def _check_sample(key: str, members: dict[str, bytes], problems: list[str], where: str) -> dict:
+    """Validate one sample's members (appending problems); return its parsed json ({} if bad)."""
+    valid = {}
+    for ext, data in members.items():
+        try:
+            describe_member(ext, data)
+            valid[ext] = data
+        except Exception as exc:  # any decoding error is the member's problem
+            problems.append(f"{where}: {key}.{ext}: {exc}")
+    meta = json.loads(valid["json"]) if "json" in valid else {}
+    if not meta or not any(ext in members for ext in AUDIO_EXTS):
+        problems.append(f"{where}: {key}: needs an audio and a json member, has {sorted(members)}")
+    teacher = meta.get("teacher")
+    for layer in teacher["layers"] if teacher else ():
+        ext = feature_member(layer, teacher["target_kind"])
+        if ext not in members:
+            problems.append(f"{where}: {key}.{ext}: missing (teacher layer {layer})")
+        elif ext in valid and np.load(io.BytesIO(valid[ext])).shape[0] != teacher["num_frames"]:
+            problems.append(f"{where}: {key}.{ext}: frames differ from num_frames {teacher['num_frames']}")
+    return meta
+
+
+def _samples(path: str) -> dict[str, dict[str, bytes]]:
+    """key -> {member extension: bytes} of a local tar, in file order (ValueError if corrupt)."""
+    members = _checked_members(path)
+    samples: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
+    with tarfile.open(path, "r:") as tar:
+        for member in members:
+            key, ext = base_plus_ext(member.name)
+            samples[key][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def inspect_shards(shards: str) -> list[str]:
+    """Print the report (module docstring) of `shards` (a path, directory or brace pattern);
+    return the problems found, one line each (empty: all valid)."""
+    paths = expand_urls(shards)
+    problems: list[str] = []
+    seconds: collections.Counter = collections.Counter()
+    utterances: collections.Counter = collections.Counter()
+    schema, identities = None, {}
+    for path in paths:
+        try:
+            samples = _samples(path)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        for key, members in samples.items():
+            meta = _check_sample(key, members, problems, path)
+            if schema is None and meta:
+                schema = {ext: describe_member(ext, data) for ext, data in members.items()}
+            utterances[meta.get("lang", "?")] += 1
+            seconds[meta.get("lang", "?")] += meta.get("duration", 0.0)
+            if "teacher" in meta:
+                identity = {k: v for k, v in meta["teacher"].items() if k != "num_frames"}
+                identities.setdefault(json.dumps(identity, sort_keys=True), f"{path}: {key}")
+    print(f"{len(paths)} shards, {sum(utterances.values())} samples, {sum(seconds.values()) / 3600:.4f} hours")
+    for lang in sorted(utterances):
+        print(f"  {lang}: {utterances[lang]} samples, {seconds[lang] / 3600:.4f} hours")
+    for ext, line in (schema or {}).items():
+        print(f"  .{ext}: {line}")
+    for identity, first in identities.items():
+        print(f"teacher: {identity} (first in {first})")
+    if len(identities) > 1:
+        problems.append(f"{len(identities)} different teacher identities (listed above)")
+    print("\n".join(problems) or "all members valid")
+    return problems
