@@ -92,6 +92,9 @@ class MaskingConfig:
 class DataConfig:
     train_shards: str = ""
     """Audio shards: a brace pattern (``train-{000000..000127}.tar``), a directory, or a list."""
+    teacher_cache: str = ""
+    """Teacher-cache shards (``colld prep cache-teacher``) to train from instead of
+    ``train_shards``: cached mode, the teacher is never run. Empty: online mode."""
     batch_size: int = 8
     """Utterances per micro-batch per rank."""
     max_seconds: float = 4.0

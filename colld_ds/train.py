@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from colld_ds.checkpoint import resolve_resume, save_checkpoint
-from colld_ds.config import TrainConfig, save_config
+from colld_ds.config import ConfigError, TrainConfig, save_config
 from colld_ds.data import AudioBatchStream, Batch
 from colld_ds.ds_config import build_ds_config
 from colld_ds.layer_map import LayerPair, resolve_layer_map
@@ -60,20 +60,32 @@ def step_seed(config: TrainConfig, rank: int, micro_step: int) -> int:
     return (config.run.seed * 1_000_003 + rank * 7_919 + micro_step * 104_729) % (2**63)
 
 
-def train_step(engine, teacher: Teacher, batch: Batch, config: TrainConfig,
-               teacher_layers: list[int], seed: int) -> ObjectiveOutput:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        targets = teacher(batch.wave, batch.wave_lengths)
-    teacher_features = {layer: features.float() for layer, features
-                        in zip(teacher_layers, targets.features)}        # layer -> (B, T, D_t)
-    num_frames = targets.features[0].shape[1]
-    frame_mask = frames_mask(targets.frame_lengths, num_frames)           # (B, T)
-    mask_time = compute_span_mask(targets.frame_lengths, num_frames, config.masking.mask_prob,
+def distillation_loss(model, teacher: Teacher | None, batch: Batch, config: TrainConfig,
+                      teacher_layers: list[int]) -> ObjectiveOutput:
+    """Forward of one micro-batch. ``model``: the DeepSpeed engine or the DistillationModel.
+
+    Teacher targets come from the batch in cached mode, else from the teacher run on the
+    unmasked audio without grad."""
+    if batch.teacher_features is not None:           # cached mode: fp16 frames from the shards
+        features, frame_lengths = batch.teacher_features, batch.frame_lengths
+    else:
+        with torch.no_grad():
+            targets = teacher(batch.wave, batch.wave_lengths)
+        features, frame_lengths = targets.features, targets.frame_lengths
+    teacher_features = {layer: f.float() for layer, f in zip(teacher_layers, features)}
+    num_frames = features[0].shape[1]                                     # layer -> (B, T, D_t)
+    frame_mask = frames_mask(frame_lengths, num_frames)                   # (B, T)
+    mask_time = compute_span_mask(frame_lengths.cpu(), num_frames, config.masking.mask_prob,
                                   config.masking.span_length, min_masks=config.masking.min_masks)
     wave = batch.wave.to(_DTYPES[config.run.precision])
-    output = engine(wave, batch.wave_lengths, mask_time.to(frame_mask.device), teacher_features,
-                    frame_mask)
+    return model(wave, batch.wave_lengths, mask_time.to(frame_mask.device), teacher_features,
+                 frame_mask)
+
+
+def train_step(engine, teacher: Teacher | None, batch: Batch, config: TrainConfig,
+               teacher_layers: list[int], seed: int) -> ObjectiveOutput:
+    torch.manual_seed(seed)
+    output = distillation_loss(engine, teacher, batch, config, teacher_layers)
     engine.backward(output.loss)
     engine.step()
     output.metrics["loss/total"] = output.loss.detach()
@@ -104,6 +116,9 @@ def _teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 def build_run(config: TrainConfig, device: torch.device
               ) -> tuple[Teacher, list[LayerPair], DistillationModel]:
     """Teacher, layer pairs and the trainable model, all validated before any long work."""
+    if not (config.data.train_shards or config.data.teacher_cache):
+        raise ConfigError("data.train_shards: set it to audio shards (or data.teacher_cache to "
+                          "teacher-cache shards)")
     pairs = resolve_layer_map(config, read_num_layers(config.teacher.path))
     teacher_layers = sorted({pair.teacher_layer for pair in pairs})
     teacher = load_teacher(config.teacher.path, teacher_layers, config.teacher.target_kind,
@@ -133,11 +148,16 @@ def train(config: TrainConfig) -> TrainResult:
 
     teacher, pairs, model = build_run(config, device)
     teacher_layers = sorted({pair.teacher_layer for pair in pairs})
-    stream = AudioBatchStream(config.data.train_shards, batch_size=config.data.batch_size,
+    cached = bool(config.data.teacher_cache)
+    stream = AudioBatchStream(config.data.teacher_cache or config.data.train_shards,
+                              batch_size=config.data.batch_size,
                               max_seconds=config.data.max_seconds, seed=config.run.seed,
                               rank=rank, world_size=world_size,
                               num_workers=config.data.num_workers,
-                              shuffle_buffer=config.data.shuffle_buffer)
+                              shuffle_buffer=config.data.shuffle_buffer,
+                              expect_teacher=teacher.identity if cached else None)
+    if cached:
+        teacher = None    # it built the student; the cache holds its targets, free its memory
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=build_ds_config(config))
