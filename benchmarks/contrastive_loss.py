@@ -18,13 +18,10 @@ Peak memory is the allocator peak above what existed before the call: CUDA
 """
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
 from kernels.chunked import EPS, contrastive_loss_chunked  # noqa: E402
 from kernels.reference import contrastive_loss_reference  # noqa: E402
 
@@ -119,25 +117,6 @@ def methods(device):
     return out
 
 
-def machine_info(device):
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    if device.type == "cuda":
-        machine = torch.cuda.get_device_name(device)
-    else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {
-        "machine": machine,
-        "torch": torch.__version__,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def run(shapes, device, dtype, repeats, temperature=0.1):
     """One row per (shape, method): fwd and fwd+bwd ms, peak MiB and ratios to naive."""
     info = machine_info(device)
@@ -166,15 +145,6 @@ def run(shapes, device, dtype, repeats, temperature=0.1):
     return rows
 
 
-def print_table(rows):
-    cols = ["method", "N", "K", "D", "fwd_ms", "fwd_bwd_ms", "peak_mib"]
-    cols += ["time_vs_naive", "mem_vs_naive"]
-    print(" | ".join(f"{c:>13}" for c in cols))
-    for row in rows:
-        cells = [row.get(c, row.get("error", "")) for c in cols]
-        print(" | ".join(f"{v:>13.2f}" if isinstance(v, float) else f"{v!s:>13}" for v in cells))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a CPU-sized subset of the shapes")
@@ -192,11 +162,9 @@ def main():
     else:
         shapes = list(itertools.product([1024, 4096, 16384], [50, 100], [768, 1024]))
     rows = run(shapes, device, dtype, args.repeats or (3 if args.quick else 10))
-    print_table(rows)
-    out = Path(args.out or f"benchmarks/results/contrastive_loss_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {len(rows)} rows to {out}")
+    print_table(rows, ["method", "N", "K", "D", "fwd_ms", "fwd_bwd_ms", "peak_mib",
+                       "time_vs_naive", "mem_vs_naive"])
+    write_rows(rows, args.out or f"benchmarks/results/contrastive_loss_{device.type}.json")
 
 
 if __name__ == "__main__":
