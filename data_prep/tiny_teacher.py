@@ -7,7 +7,10 @@ feature extractor config, so it loads back through exactly the code path users t
 
 Wav2vec2-like families keep the real 7-layer conv front end (kernels 10,3,3,3,3,2,2; strides
 5,2,2,2,2,2,2 = 320 samples = 20 ms per frame) with only 16 channels; w2v-BERT keeps the real
-160-dim stacked fbank input (also 20 ms per frame).
+160-dim stacked fbank input (also 20 ms per frame). Whisper keeps the real front end (80-bin
+log-mel over a 30 s window, conv1 + stride-2 conv2, 1500 positions) and saves a full
+``WhisperForConditionalGeneration`` (one tiny decoder layer, 64-token vocabulary), as the
+converted checkpoints are, so the teacher loads its encoder out of it.
 
 CLI: ``python -m data_prep.tiny_teacher --family xlsr --out_dir /tmp/tiny_xlsr``.
 """
@@ -30,9 +33,15 @@ from transformers import (
     Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
     Wav2Vec2Model,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
 )
 
 TINY_FAMILIES = ("wav2vec2", "xlsr", "hubert", "data2vec", "w2v-bert")
+"""The wav2vec2-like families (waveform / fbank input, ``num_hidden_layers`` configs)."""
+TINY_TEACHERS = (*TINY_FAMILIES, "whisper")
+"""Everything :func:`make_tiny_teacher` builds."""
 
 # The real wav2vec 2.0 conv front end: 400-sample receptive field, 320-sample stride.
 _CONV = dict(
@@ -91,8 +100,27 @@ def _config(
             left_max_position_embeddings=8,
             right_max_position_embeddings=4,
         )
+    if family == "whisper":
+        return WhisperForConditionalGeneration, WhisperConfig(
+            d_model=hidden_size,
+            encoder_layers=num_layers,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=2 * hidden_size,
+            decoder_layers=1,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=2 * hidden_size,
+            num_mel_bins=80,
+            max_source_positions=1500,
+            max_target_positions=16,
+            vocab_size=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=3,
+            begin_suppress_tokens=None,
+        )
     raise ValueError(
-        f"unknown tiny teacher family {family!r}; choose one of {', '.join(TINY_FAMILIES)}"
+        f"unknown tiny teacher family {family!r}; choose one of {', '.join(TINY_TEACHERS)}"
     )
 
 
@@ -109,6 +137,8 @@ def make_tiny_teacher(
     model.save_pretrained(out_dir)
     if family == "w2v-bert":
         extractor = SeamlessM4TFeatureExtractor()
+    elif family == "whisper":
+        extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     else:
         # As on the hub: "layer"-norm conv models (XLS-R, data2vec) take an attention mask,
         # "group" ones don't.

@@ -326,7 +326,7 @@ def test_tiny_teacher_is_deterministic(tmp_path):
     a, b = load_teacher(first, [1]).model.state_dict(), load_teacher(second, [1]).model.state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     with pytest.raises(ValueError, match="choose one of"):
-        make_tiny_teacher("whisper", str(tmp_path / "c"))
+        make_tiny_teacher("bert", str(tmp_path / "c"))
 
 
 def test_student_of_half_precision_teacher_gets_exact_fp32_weights(tiny):
@@ -340,3 +340,20 @@ def test_student_of_half_precision_teacher_gets_exact_fp32_weights(tiny):
         fp32_state["encoder.layers.1.attention.q_proj.weight"],
     )
     assert torch.equal(s_state["encoder.layer_norm.weight"], fp32_state["encoder.layer_norm.weight"])
+
+
+def test_whisper_is_a_registered_family(tmp_path):
+    from colld_ds.models import family_of
+
+    family = family_of("whisper")
+    assert (family.layers_field, family.width_field, family.ffn_attr) == (
+        "encoder_layers",
+        "d_model",
+        "fc2",
+    )
+    assert not family.hf_time_masking and family.input_kind == "logmel"
+    path = make_tiny_teacher("whisper", str(tmp_path / "whisper"))
+    teacher = load_teacher(path, [2], target_kind="ffn")
+    assert teacher.family is family and read_num_layers(path) == 4
+    wave, lengths = _batch()
+    assert teacher(wave, lengths).features[0].shape == (3, 50, 32)

@@ -10,8 +10,18 @@ inputs, and the config field names for depth / width / heads / FFN width.
 | hubert          | HubertModel        | waveform (conv, 320 samples)   | ``layer.feed_forward``|
 | data2vec-audio  | Data2VecAudioModel | waveform (conv, 320 samples)   | ``layer.feed_forward``|
 | wav2vec2-bert   | Wav2Vec2BertModel  | 160-dim stacked fbank (2x10 ms) | ``layer.ffn2``       |
+| whisper         | WhisperEncoder     | 80/128-bin log-mel, 30 s window | ``layer.fc2``         |
 
 XLS-R / MMS are ``wav2vec2`` with ``do_stable_layer_norm=True``. All families run at 50 Hz.
+
+Whisper: only the encoder of a ``WhisperModel`` / ``WhisperForConditionalGeneration`` (or an
+exported ``WhisperEncoder``) directory is loaded (decoder weights are never built). Its input is
+always one 30 s window (3000 log-mel frames at 10 ms; the HF encoder refuses anything else), so
+every utterance is zero-padded to 30 s before the log-mel (the padding is the log-mel of
+silence, exactly as ``WhisperFeatureExtractor`` does) and longer utterances are an error.
+conv1 (stride 1) and conv2 (stride 2) give 1500 frames at 50 Hz; of those, the first
+``num_frames(S)`` (= ceil(ceil(S / 160) / 2)) are returned and the ones past an utterance's
+length are padding, excluded through ``frame_lengths`` like the other families.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -35,7 +47,10 @@ from transformers import (
     Wav2Vec2BertModel,
     Wav2Vec2FeatureExtractor,
     Wav2Vec2Model,
+    WhisperFeatureExtractor,
 )
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import logging as hf_logging
 
 SAMPLE_RATE = 16000
 # SeamlessM4TFeatureExtractor: 25 ms Povey window, 10 ms hop (fixed in its code).
@@ -51,16 +66,47 @@ class Family:
 
     model_type: str
     model_class: type[PreTrainedModel]
-    input_kind: Literal["waveform", "fbank"]
+    input_kind: Literal["waveform", "fbank", "logmel"]
     ffn_attr: str
     layers_field: str = "num_hidden_layers"
     width_field: str = "hidden_size"
     heads_field: str = "num_attention_heads"
     ffn_field: str = "intermediate_size"
+    layers_attr: str = "encoder.layers"
+    """Dotted path of the transformer layers (a ModuleList) inside the model."""
+    weight_prefixes: tuple[str, ...] = ()
+    """State-dict prefixes stripped when loading ``model_class`` from a checkpoint of a larger
+    model (Whisper: the encoder out of ``WhisperForConditionalGeneration`` / ``WhisperModel``).
+    Non-empty: every weight of ``model_class`` must be found, or loading fails."""
+    hf_time_masking: bool = True
+    """The HF model takes ``mask_time_indices`` and owns ``masked_spec_embed``. False
+    (Whisper): the :class:`~colld_ds.models.student.Student` owns the mask embedding."""
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         """The transformer layers, in order (layer i, 1-based, is ``layers(model)[i - 1]``)."""
-        return model.encoder.layers
+        return operator.attrgetter(self.layers_attr)(model)
+
+    def load(self, path: str, config: PretrainedConfig) -> PreTrainedModel:
+        """``model_class`` with the weights at ``path`` (in the checkpoint's stored dtype)."""
+        if not self.weight_prefixes:
+            return self.model_class.from_pretrained(path, config=config)
+        mapping = {f"^{re.escape(prefix)}": "" for prefix in self.weight_prefixes}
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the (expected) unused decoder weights: a huge table
+        try:
+            model, info = self.model_class.from_pretrained(
+                path, config=config, key_mapping=mapping, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info["missing_keys"] or info["mismatched_keys"]:
+            raise ValueError(
+                f"{path!r}: the {self.model_class.__name__} weights are not all in the checkpoint "
+                f"(looked for them with the prefixes {self.weight_prefixes} or none); missing: "
+                f"{sorted(info['missing_keys'])[:8]}, shape mismatch: "
+                f"{list(info['mismatched_keys'])[:8]}"
+            )
+        return model
 
     def ffn(self, layer: nn.Module) -> nn.Module:
         """The FFN whose output (before the residual add) is the "ffn" target of ``layer``."""
@@ -76,6 +122,20 @@ FAMILIES: dict[str, Family] = {
         # Conformer layer: ffn1 -> attention -> conv -> ffn2 (half-step residuals); the
         # layer's last FFN, like a transformer layer's only one.
         Family("wav2vec2-bert", Wav2Vec2BertModel, "fbank", "ffn2"),
+        # Pre-LN transformer layer: x + attn(ln(x)), then x + fc2(gelu(fc1(ln(x)))).
+        Family(
+            "whisper",
+            WhisperEncoder,
+            "logmel",
+            "fc2",
+            layers_field="encoder_layers",
+            width_field="d_model",
+            heads_field="encoder_attention_heads",
+            ffn_field="encoder_ffn_dim",
+            layers_attr="layers",
+            weight_prefixes=("model.encoder.", "encoder."),
+            hf_time_masking=False,
+        ),
     )
 }
 
@@ -169,13 +229,117 @@ class FbankFrontEnd:
         return inputs, mask.sum(1).to(wave.device)
 
 
-FrontEnd = WaveformFrontEnd | FbankFrontEnd
+def _conv_output_lengths(lengths: Tensor, convs: list[nn.Conv1d]) -> Tensor:
+    """Output lengths of a stack of 1-d convolutions (PyTorch's formula, floor division)."""
+    for conv in convs:
+        (kernel,), (stride,), (padding,), (dilation,) = (
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )
+        lengths = (lengths + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return lengths.clamp(min=0)
+
+
+class LogMelFrontEnd:
+    """Whisper: waveform -> ``input_features`` (B, n_mels, 3000), the log-mel of one 30 s window.
+
+    A torch re-implementation of ``WhisperFeatureExtractor`` (its torch path, ``dither=0``)
+    that runs on the wave's device: each utterance's valid samples, zero-padded to 30 s
+    (n_samples), Hann-window STFT (n_fft 400, hop 160, centred), the last STFT frame dropped,
+    mel filters of the extractor, log10 clamped at 1e-10, floor at (utterance max - 8), then
+    (x + 4) / 4. The padding therefore is the log-mel of silence of *that* utterance, so features
+    do not depend on the batch's padding.
+
+    Valid mel frames of an utterance of n samples: ceil(n / hop) (the extractor's attention
+    mask); encoder frames: the conv1 / conv2 length formula on those (ceil(mel / 2) for Whisper's
+    k=3, s=2, p=1 conv2). Utterances or padded batches over 30 s raise ValueError.
+    """
+
+    def __init__(self, extractor: WhisperFeatureExtractor, model: PreTrainedModel):
+        self.feature_extractor = extractor
+        self.hop_length = int(extractor.hop_length)
+        self.n_fft = int(extractor.n_fft)
+        self.max_samples = int(extractor.n_samples)
+        self.num_mel_frames = int(extractor.nb_max_frames)
+        self._convs = [model.conv1, model.conv2]
+        self.frame_stride = self.hop_length * int(
+            torch.tensor([c.stride[0] for c in self._convs]).prod()
+        )
+        config = model.config
+        expected = config.max_source_positions * self.frame_stride // self.hop_length
+        if extractor.feature_size != config.num_mel_bins or expected != self.num_mel_frames:
+            raise ValueError(
+                f"WhisperFeatureExtractor ({extractor.feature_size} mel bins, "
+                f"{self.num_mel_frames} frames per window) does not fit the encoder "
+                f"({config.num_mel_bins} mel bins, {expected} frames per window)"
+            )
+        self._mel_filters = torch.from_numpy(extractor.mel_filters).float()  # (n_freq, n_mels)
+
+    @property
+    def max_seconds(self) -> float:
+        return self.max_samples / SAMPLE_RATE
+
+    def num_mel_frames_valid(self, wave_lengths: Tensor) -> Tensor:
+        """(B,) sample counts -> (B,) valid log-mel frames, ceil(n / hop)."""
+        return (wave_lengths + self.hop_length - 1) // self.hop_length
+
+    def num_frames(self, wave_lengths: Tensor) -> Tensor:
+        """(B,) sample counts -> (B,) int64 encoder frame counts (50 Hz)."""
+        return _conv_output_lengths(self.num_mel_frames_valid(wave_lengths), self._convs).long()
+
+    @property
+    def num_encoder_frames(self) -> int:
+        """Frames of the whole 30 s window (1500): what the encoder always computes."""
+        return int(self.num_frames(torch.tensor(self.max_samples)))
+
+    def __call__(self, wave: Tensor, wave_lengths: Tensor) -> tuple[ModelInputs, Tensor]:
+        """wave (B, S) float, wave_lengths (B,) -> ({input_features (B, n_mels, 3000)},
+        frame_lengths (B,))."""
+        batch, num_samples = wave.shape
+        longest = int(wave_lengths.max()) if batch else 0
+        if longest > self.max_samples:
+            raise ValueError(
+                f"an utterance is {longest / SAMPLE_RATE:.2f} s long ({longest} samples); "
+                f"Whisper's encoder takes at most one {self.max_seconds:g} s window ({self.max_samples} "
+                f"samples at {SAMPLE_RATE} Hz): crop or split utterances to <= "
+                f"{self.max_seconds:g} s"
+            )
+        if num_samples > self.max_samples:
+            raise ValueError(
+                f"padded batch length {num_samples} samples ({num_samples / SAMPLE_RATE:.2f} s) is "
+                f"over Whisper's {self.max_seconds:g} s window ({self.max_samples} samples): pad "
+                f"batches to at most {self.max_seconds:g} s"
+            )
+        samples = torch.arange(num_samples, device=wave.device)
+        valid = samples < wave_lengths.unsqueeze(1)  # (B, S)
+        audio = wave.float().masked_fill(~valid, 0.0)
+        audio = nn.functional.pad(audio, (0, self.max_samples - num_samples))  # (B, 480000)
+        window = torch.hann_window(self.n_fft, device=wave.device)
+        stft = torch.stft(audio, self.n_fft, self.hop_length, window=window, return_complex=True)
+        magnitudes = (stft[..., :-1].abs() ** 2).contiguous()  # (B, n_freq, 3000)
+        mel = self._mel_filters.to(wave.device).T @ magnitudes  # (B, n_mels, 3000)
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)  # per utterance
+        log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+        return {"input_features": log_spec}, self.num_frames(wave_lengths)
+
+
+FrontEnd = WaveformFrontEnd | FbankFrontEnd | LogMelFrontEnd
 
 
 def build_front_end(family: Family, model: PreTrainedModel, model_dir: str) -> FrontEnd:
     """The front end of ``model``, with the feature-extractor settings saved in ``model_dir``
     (``preprocessor_config.json``) or the family's defaults when there are none."""
     has_extractor = os.path.isfile(os.path.join(model_dir, "preprocessor_config.json"))
+    if family.input_kind == "logmel":
+        extractor = (
+            WhisperFeatureExtractor.from_pretrained(model_dir)
+            if has_extractor
+            else WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+        )
+        return LogMelFrontEnd(extractor, model)
     if family.input_kind == "fbank":
         extractor = (
             SeamlessM4TFeatureExtractor.from_pretrained(model_dir)

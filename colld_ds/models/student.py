@@ -4,6 +4,12 @@ Export is ``student.model.save_pretrained(dir)``; the result loads wherever the 
 Initialisation copies, where shapes match, the teacher's front end (conv feature encoder,
 feature projection, positional conv embedding, encoder LayerNorm, mask embedding; w2v-BERT's
 fbank projection) and the chosen teacher layers; everything else keeps the random init.
+
+Whisper: the student is a smaller ``WhisperEncoder`` (same ``WhisperConfig`` class; conv1 / conv2,
+``embed_positions`` and the final LayerNorm copied where shapes match). HF Whisper has no mask
+embedding, so the :class:`Student` owns one, ``Student.mask_embed`` (d_model, uniform init like
+HF's ``masked_spec_embed``). It is training-only: export stays ``student.model.save_pretrained``
+(the encoder alone), and the exported encoder loads as a Whisper teacher.
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ class Student(nn.Module):
         self.model = model
         self.family = family
         self.front_end = build_front_end(family, model, teacher_dir)
+        if not family.hf_time_masking:
+            # Whisper: HF has no mask embedding; ours is not part of the exported model.
+            width = getattr(model.config, family.width_field)
+            param = next(model.parameters())
+            self.mask_embed = nn.Parameter(
+                torch.empty(width, device=param.device, dtype=param.dtype).uniform_()
+            )
 
     @property
     def hidden_size(self) -> int:
@@ -76,8 +89,14 @@ class Student(nn.Module):
         Frames where ``mask_time`` is True are replaced by the learned ``masked_spec_embed``
         after the feature projection (HF's ``mask_time_indices``). ``None`` masks nothing, also
         in training mode (HF would otherwise draw its own SpecAugment masks).
+
+        Whisper: masked frames of the conv front end's output (after conv2's GELU) are replaced
+        by ``mask_embed`` *before* the sinusoidal positions are added, so a masked frame still
+        carries its position; see :meth:`_whisper_layers`.
         """
         inputs, frame_lengths = self.front_end(wave, wave_lengths)
+        if not self.family.hf_time_masking:
+            return self._whisper_forward(inputs, frame_lengths, wave, mask_time)
         dtype = self.model.masked_spec_embed.dtype
         inputs = {
             k: v.to(dtype) if v is not None and v.is_floating_point() else v
@@ -96,6 +115,52 @@ class Student(nn.Module):
         valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
         return StudentOutput([h * valid for h in hidden], frame_lengths)
 
+    def _check_mask(self, mask_time: Tensor | None, wave: Tensor, num_frames: int) -> Tensor:
+        if mask_time is None:
+            return torch.zeros(wave.shape[0], num_frames, dtype=torch.bool, device=wave.device)
+        if mask_time.shape != (wave.shape[0], num_frames):
+            raise ValueError(
+                f"mask_time has shape {tuple(mask_time.shape)}, expected (B, T) = "
+                f"{(wave.shape[0], num_frames)} (T from Student.num_frames)"
+            )
+        return mask_time.bool()
+
+    def _whisper_forward(
+        self, inputs: dict, frame_lengths: Tensor, wave: Tensor, mask_time: Tensor | None
+    ) -> StudentOutput:
+        num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
+        mask_time = self._check_mask(mask_time, wave, num_frames)
+        features = inputs["input_features"].to(self.mask_embed.dtype)
+        # The encoder always runs on the whole 30 s window (as when the export is a teacher).
+        window = self.front_end.num_encoder_frames
+        mask_window = nn.functional.pad(mask_time, (0, window - num_frames))  # (B, 1500)
+        hidden = self._whisper_layers(features, mask_window)
+        valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
+        return StudentOutput([h[:, :num_frames] * valid for h in hidden], frame_lengths)
+
+    def _whisper_layers(self, features: Tensor, mask: Tensor) -> list[Tensor]:
+        """``WhisperEncoder.forward`` run piece by piece, with the mask embedding inserted:
+        features (B, n_mels, 3000), mask (B, 1500) bool -> the K layer outputs (B, 1500, D).
+
+        Same operations as HF's forward (checked by the tests against ``output_hidden_states``
+        with no mask), minus the final LayerNorm (no layer output needs it) and layerdrop (the
+        student has none). Submodules are called, never their weights read directly, so
+        DeepSpeed ZeRO-3's gather hooks fire.
+        """
+        encoder = self.model
+        x = nn.functional.gelu(encoder.conv1(features))
+        x = nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)  # (B, P, D)
+        x = torch.where(mask.unsqueeze(-1), self.mask_embed.to(x.dtype), x)
+        positions = torch.arange(encoder.embed_positions.num_embeddings, device=x.device)
+        x = x + encoder.embed_positions(positions)
+        x = nn.functional.dropout(x, p=encoder.dropout, training=encoder.training)
+        hidden = []
+        for layer in self.family.layers(encoder):
+            x = layer(x, None)
+            x = x[0] if isinstance(x, tuple) else x  # transformers 4.x: tuple
+            hidden.append(x)
+        return hidden
+
 
 def _student_config(teacher: Teacher, sizes: dict[str, int]) -> PretrainedConfig:
     family = teacher.family
@@ -104,6 +169,10 @@ def _student_config(teacher: Teacher, sizes: dict[str, int]) -> PretrainedConfig
     setattr(config, family.width_field, sizes["hidden_size"])
     setattr(config, family.heads_field, sizes["num_attention_heads"])
     setattr(config, family.ffn_field, sizes["intermediate_size"])
+    if not family.hf_time_masking:  # Whisper: the Student masks; HF's SpecAugment stays off
+        config.encoder_layerdrop = 0.0
+        config.apply_spec_augment = False
+        return config
     config.layerdrop = 0.0
     config.apply_spec_augment = True
     config.mask_feature_prob = 0.0
@@ -183,7 +252,7 @@ def _teacher_state_fp32(teacher: Teacher) -> dict[str, Tensor]:
     in fp16/bf16 (so the student's init is not rounded)."""
     if teacher.dtype == torch.float32:
         return teacher.model.state_dict()
-    fp32 = teacher.family.model_class.from_pretrained(teacher.path, config=teacher.config)
+    fp32 = teacher.family.load(teacher.path, teacher.config)
     return fp32.float().state_dict()
 
 

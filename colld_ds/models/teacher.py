@@ -8,7 +8,14 @@ Layer numbering is 1-based: layer i is transformer layer i (``model.encoder.laye
   after the last layer; we do NOT apply it to layer L either, so all layers are alike
   (transformers 4.x put the normalised state in ``hidden_states[-1]``).
 - ``ffn``: the output of layer i's FFN module before the residual add (data2vec-style targets;
-  w2v-BERT: ``ffn2``, before its 0.5 half-step scaling).
+  w2v-BERT: ``ffn2``, before its 0.5 half-step scaling; Whisper: ``fc2``).
+
+Whisper: as for stable-layer-norm models, HF's ``hidden_states[L]`` is the encoder's final
+LayerNorm applied to layer L's output (the ``last_hidden_state`` the decoder sees); our layer L
+is the un-normalised output, like every other layer (``hidden_states[i]`` for i < L).
+The encoder always runs on the full 30 s window (its attention spans all 1500 frames,
+padding included, as in Whisper's training); the features of its first T = ``num_frames(S)``
+frames are returned, zero past each utterance's ``frame_lengths``.
 
 Hooks keep only the requested layers, not all L + 1 hidden states.
 """
@@ -74,6 +81,12 @@ def _config_and_family(path: str) -> tuple[dict[str, Any], Family]:
 def read_num_layers(path: str) -> int:
     """Number of transformer layers of the teacher at ``path``, without loading its weights."""
     raw, family = _config_and_family(path)
+    if family.layers_field not in raw:
+        raise ValueError(
+            f"teacher config {os.path.join(path, 'config.json')} (model_type "
+            f"{family.model_type!r}) has no {family.layers_field!r}: not a complete "
+            f"{family.model_class.__name__} config"
+        )
     return int(raw[family.layers_field])
 
 
@@ -147,8 +160,11 @@ class Teacher:
                 self.model(**inputs)
         # Outside inference mode, so the results are ordinary tensors that a loss may save for
         # backward (inference tensors cannot be).
-        valid = frame_mask(frame_lengths, outputs[0].shape[1]).unsqueeze(-1)  # (B, T, 1)
-        return TeacherOutput([h * valid for h in outputs], frame_lengths)
+        # T = frames of the padded length S. Whisper computes its whole 30 s window (1500
+        # frames); only the first T are returned, the rest being padding for every utterance.
+        num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
+        valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1)  # (B, T, 1)
+        return TeacherOutput([h[:, :num_frames] * valid for h in outputs], frame_lengths)
 
 
 def load_teacher(
@@ -164,7 +180,7 @@ def load_teacher(
     validated before the weights are read.
     """
     raw, family = _config_and_family(path)
-    num_layers = int(raw[family.layers_field])
+    num_layers = read_num_layers(path)
     if target_kind not in TARGET_KINDS:
         raise ValueError(
             f"teacher.target_kind {target_kind!r}: choose one of {', '.join(TARGET_KINDS)}"
@@ -183,7 +199,7 @@ def load_teacher(
         raise ValueError(f"teacher dtype {dtype}: choose one of {_DTYPES}")
 
     config = AutoConfig.from_pretrained(path)
-    model = family.model_class.from_pretrained(path, config=config).to(device=device, dtype=dtype)
+    model = family.load(path, config).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     front_end = build_front_end(family, model, path)
     identity = {
