@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from colld_ds.checkpoint import resolve_resume, save_checkpoint
+from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpoint
 from colld_ds.config import ConfigError, TrainConfig, save_config
 from colld_ds.data import AudioBatchStream, Batch
 from colld_ds.ds_config import build_ds_config
@@ -144,10 +144,10 @@ def train(config: TrainConfig) -> TrainResult:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     out_dir = Path(config.run.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
-    resume_from = resolve_resume(config.run.resume, checkpoint_dir)
+    candidates = resume_candidates(config.run.resume, checkpoint_dir)   # checked before long work
 
     teacher, pairs, model = build_run(config, device)
-    teacher_layers = sorted({pair.teacher_layer for pair in pairs})
+    teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)
     stream = AudioBatchStream(config.data.teacher_cache or config.data.train_shards,
                               batch_size=config.data.batch_size,
@@ -166,8 +166,10 @@ def train(config: TrainConfig) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
     step = 0
-    if resume_from is not None:
-        _, client_state = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
+    resume_from = None
+    loaded = load_checkpoint(engine, candidates)    # newest first, past unloadable ones
+    if loaded is not None:
+        resume_from, client_state = loaded
         step = client_state["step"]
         stream.load_state_dict(client_state["data"])
     accumulation = config.optim.gradient_accumulation_steps
