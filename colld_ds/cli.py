@@ -1,9 +1,12 @@
-"""``colld`` command line (fire): ``colld train``, ``colld demo``, ``colld prep ...``.
+"""``colld`` command line (fire): ``colld train``, ``colld demo``, ``colld eval``,
+``colld export``, ``colld prep ...``.
 
 Any config field can be overridden with a dotted flag: ``--objective.temperature 0.05``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import fire
 
@@ -29,9 +32,43 @@ def demo(out_dir: str = "demo_out", num_utterances: int = 64, max_steps: int = 3
              overrides=overrides)
 
 
+def eval(checkpoint: str, shards: str, out_dir: str | None = None, batch_size: int = 4,
+         max_seconds: float | None = None, max_utterances: int | None = None,
+         teacher_path: str | None = None, threads: int | None = None):
+    """Fidelity of a trained student to its teacher on held-out ``shards`` (pattern, directory
+    or list): cosine per layer pair, linear CKA for every (student layer, teacher layer), size
+    and CPU real-time factor; a random-init student of the same shape is the floor.
+
+    ``checkpoint``: a checkpoint directory or a run's out_dir (its newest complete checkpoint).
+    Writes fidelity.json, fidelity.md and fidelity_cka.png to ``out_dir`` (default:
+    ``<run out_dir>/eval/<checkpoint tag>``) and prints the Markdown table.
+    """
+    from colld_ds.evaluate import evaluate
+
+    report = evaluate(checkpoint, shards, out_dir, batch_size=batch_size,
+                      max_seconds=max_seconds, max_utterances=max_utterances,
+                      teacher_path=teacher_path, threads=threads)
+    print((Path(report["out_dir"]) / "fidelity.md").read_text())
+    print(f"[colld] fidelity report written to {report['out_dir']}")
+
+
+def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = False,
+           teacher_path: str | None = None, threads: int | None = None):
+    """Export a checkpoint's student: ``out_dir/hf`` (save_pretrained + feature extractor
+    config; loads with the teacher's model class, checked to 1e-5), with ``--onnx``
+    ``out_dir/onnx/model.onnx`` (checked with onnxruntime to 1e-4), with ``--quantize`` also a
+    dynamic int8 ``model.int8.onnx`` (size and CPU latency reported)."""
+    from colld_ds.export import export as run_export
+    from colld_ds.export import format_export_report
+
+    print(format_export_report(run_export(checkpoint, out_dir, onnx=onnx, quantize=quantize,
+                                          teacher_path=teacher_path, threads=threads)))
+
+
 def main() -> None:
     from data_prep.cli import DataPrep
-    fire.Fire({"train": train, "demo": demo, "prep": DataPrep})
+    fire.Fire({"train": train, "demo": demo, "eval": eval, "export": export,
+               "prep": DataPrep})
 
 
 if __name__ == "__main__":

@@ -275,8 +275,9 @@ def validate(config: TrainConfig) -> None:
     require(config.data.num_workers >= 0, "data.num_workers: must be >= 0")
     require(config.optim.lr > 0, "optim.lr: must be > 0")
     require(config.optim.max_steps >= 1, "optim.max_steps: must be >= 1")
-    require(0 <= config.optim.warmup_steps <= config.optim.max_steps,
-            "optim.warmup_steps: must be between 0 and optim.max_steps")
+    require(1 <= config.optim.warmup_steps <= config.optim.max_steps,
+            "optim.warmup_steps: must be between 1 and optim.max_steps (DeepSpeed's schedulers "
+            "need at least one warm-up step)")
     require(len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas),
             "optim.betas: two numbers in [0, 1)")
     require(config.optim.gradient_accumulation_steps >= 1,

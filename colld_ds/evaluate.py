@@ -1,0 +1,390 @@
+"""Fidelity of a distilled student to its teacher on held-out audio (``colld eval``).
+
+For every utterance of the held-out shards (whole utterances, or their first ``max_seconds``),
+on valid (unpadded) frames only:
+
+- cosine similarity per layer pair of the run: mean over frames of
+  cos(head(student layer k state), teacher layer t feature), the pair's projection head being
+  the one trained with the student;
+- linear CKA (Kornblith et al. 2019) between the raw states of every student layer and the
+  features of every teacher layer (all K x L combinations, no heads). CKA is computed exactly
+  over all frames from streamed sufficient statistics (sums, X^T X, Y^T Y, X^T Y in float64),
+  so memory is O(K L D_s D_t), not O(frames);
+- parameters, fp32 size and the CPU real-time factor (forward seconds / audio seconds, front
+  end included) of the teacher and the student.
+
+Rows: ``trained`` (the checkpoint); ``random``, the floor: the same architecture, config and
+seed, every weight randomly initialised (front end included, nothing copied from the teacher),
+random heads; ``init``: the run's student at step 0 (front end, and teacher layers where the run
+copies them, from the teacher; heads untrained).
+
+Outputs (``out_dir``, default ``<run out_dir>/eval/<checkpoint tag>``): ``fidelity.json``,
+``fidelity.md`` (also printed) and ``fidelity_cka.png`` (one heatmap per row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from colld_ds.data import decode_audio, expand_urls, read_samples
+from colld_ds.layer_map import LayerPair
+from colld_ds.models import SAMPLE_RATE, Student, Teacher, build_student
+from colld_ds.objectives import build_objective
+
+# --- linear CKA ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Moments:
+    """Streamed first and second moments of one representation: n frames, sum (D,), X^T X."""
+
+    n: int = 0
+    total: Tensor | None = None
+    gram: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        x = x.double()
+        if self.total is None:
+            self.total = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self.n += x.shape[0]
+        self.total += x.sum(0)
+        self.gram += x.T @ x
+
+    def centered(self) -> Tensor:
+        return self.gram - torch.outer(self.total, self.total) / self.n
+
+
+def cka_from_moments(x: Moments, y: Moments, cross: Tensor) -> float:
+    """Linear CKA from the moments of X (n, D_x), Y (n, D_y) and cross = X^T Y:
+    ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), Xc, Yc column-centred."""
+    if x.n != y.n or x.n < 2:
+        raise ValueError(f"CKA needs the same >= 2 frames on both sides, got {x.n} and {y.n}")
+    cross_c = cross - torch.outer(x.total, y.total) / x.n
+    denominator = torch.linalg.matrix_norm(x.centered()) * torch.linalg.matrix_norm(y.centered())
+    if denominator == 0:
+        return float("nan")                  # a constant representation: CKA is undefined
+    return float((cross_c**2).sum() / denominator)
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA of two representations of the same n examples: x (n, D_x), y (n, D_y)."""
+    mx, my = Moments(), Moments()
+    mx.add(x)
+    my.add(y)
+    return cka_from_moments(mx, my, x.double().T @ y.double())
+
+
+# --- fidelity accumulation --------------------------------------------------------------------
+
+
+@dataclass
+class FidelityAccumulator:
+    """Streams frames of one student (K layers) against the teacher's L layers."""
+
+    pairs: list[LayerPair]
+    student: list[Moments] = field(default_factory=list)
+    cross: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    cos_sum: dict[str, float] = field(default_factory=dict)
+    frames: int = 0
+
+    def add(self, student_frames: list[Tensor], projected: dict[str, Tensor],
+            teacher_frames: list[Tensor]) -> None:
+        """student_frames K x (N, D_s), projected pair name -> (N, D_t) (head outputs),
+        teacher_frames L x (N, D_t): the N valid frames of a batch."""
+        if not self.student:
+            self.student = [Moments() for _ in student_frames]
+        for k, x in enumerate(student_frames):
+            self.student[k].add(x)
+            xd = x.double()
+            for t, y in enumerate(teacher_frames):
+                product = xd.T @ y.double()
+                key = (k + 1, t + 1)
+                self.cross[key] = self.cross[key] + product if key in self.cross else product
+        for pair in self.pairs:
+            target = teacher_frames[pair.teacher_layer - 1].float()
+            cos = torch.nn.functional.cosine_similarity(projected[pair.name].float(), target,
+                                                        dim=-1, eps=1e-8)
+            self.cos_sum[pair.name] = self.cos_sum.get(pair.name, 0.0) + float(cos.double().sum())
+        self.frames += student_frames[0].shape[0]
+
+    def result(self, teacher: list[Moments]) -> dict[str, Any]:
+        cka = [[cka_from_moments(self.student[k], teacher[t], self.cross[(k + 1, t + 1)])
+                for t in range(len(teacher))] for k in range(len(self.student))]
+        return {
+            "cosine": {p.name: self.cos_sum[p.name] / self.frames for p in self.pairs},
+            "cka_pairs": {p.name: cka[p.student_layer - 1][p.teacher_layer - 1]
+                          for p in self.pairs},
+            "cka": cka,
+        }
+
+
+def _valid_frames(tensors: list[Tensor], mask: Tensor) -> list[Tensor]:
+    return [t[mask] for t in tensors]
+
+
+@dataclass
+class EvalBatch:
+    wave: Tensor          # (B, S)
+    wave_lengths: Tensor  # (B,)
+
+
+def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
+             batches: Iterable[EvalBatch], timed: str | None = None) -> dict[str, Any]:
+    """Cosine per pair and the K x L CKA matrix of each model (a DistillationModel: ``.student``
+    and ``.objective.heads``) against ``teacher``, which must return all L layers in order.
+
+    Also the forward seconds of the teacher and of ``models[timed]`` and the audio seconds."""
+    if teacher.layers != list(range(1, teacher.num_layers + 1)):
+        raise ValueError("fidelity needs a teacher returning all its layers, 1..L in order")
+    teacher_moments = [Moments() for _ in teacher.layers]
+    accumulators = {name: FidelityAccumulator(pairs) for name in models}
+    seconds = {"teacher": 0.0, "student": 0.0, "audio": 0.0}
+    utterances = 0
+    for batch in batches:
+        start = time.perf_counter()
+        target = teacher(batch.wave, batch.wave_lengths)
+        seconds["teacher"] += time.perf_counter() - start
+        seconds["audio"] += float(batch.wave_lengths.sum()) / SAMPLE_RATE
+        utterances += batch.wave.shape[0]
+        num_frames = target.features[0].shape[1]
+        mask = torch.arange(num_frames) < target.frame_lengths.unsqueeze(1)   # (B, T)
+        teacher_frames = _valid_frames([f.float() for f in target.features], mask)
+        for moments, y in zip(teacher_moments, teacher_frames):
+            moments.add(y)
+        for name, model in models.items():
+            with torch.inference_mode():
+                start = time.perf_counter()
+                hidden = model.student(batch.wave, batch.wave_lengths).hidden
+                if name == timed:
+                    seconds["student"] += time.perf_counter() - start
+                student_frames = _valid_frames(hidden, mask)
+                projected = {p.name: model.objective.heads[p.name](
+                    student_frames[p.student_layer - 1]) for p in pairs}
+            accumulators[name].add(student_frames, projected, teacher_frames)
+    if not utterances:
+        raise ValueError("no utterances to evaluate")
+    return {"models": {name: acc.result(teacher_moments) for name, acc in accumulators.items()},
+            "seconds": seconds, "utterances": utterances,
+            "frames": teacher_moments[0].n}
+
+
+# --- held-out audio ----------------------------------------------------------------------------
+
+
+def eval_batches(shards: str, batch_size: int = 4, max_seconds: float | None = None,
+                 max_utterances: int | None = None) -> Iterator[EvalBatch]:
+    """Held-out shards in order, every utterance once (its first ``max_seconds`` if set),
+    batched by ``batch_size`` (the last batch may be smaller)."""
+    limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+    chunk: list[np.ndarray] = []
+    count = 0
+
+    def flush() -> EvalBatch:
+        lengths = torch.tensor([w.shape[0] for w in chunk], dtype=torch.int64)
+        wave = torch.zeros(len(chunk), int(lengths.max()))
+        for row, w in zip(wave, chunk):
+            row[: w.shape[0]] = torch.from_numpy(np.ascontiguousarray(w))
+        return EvalBatch(wave, lengths)
+
+    for sample in decode_audio(read_samples(expand_urls(shards))):
+        if max_utterances is not None and count >= max_utterances:
+            break
+        chunk.append(sample["wave"][:limit] if limit else sample["wave"])
+        count += 1
+        if len(chunk) == batch_size:
+            yield flush()
+            chunk = []
+    if chunk:
+        yield flush()
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def fresh_model(config, teacher: Teacher, pairs: list[LayerPair], init: list[int] | None,
+                random_front_end: bool = False):
+    """The run's DistillationModel as ``build_run`` makes it at step 0 (same seed), with the
+    student's transformer layers copied from teacher layers ``init`` (None: random layers).
+    ``random_front_end``: nothing at all copied from the teacher (the fully random floor)."""
+    from colld_ds.train import DistillationModel
+
+    torch.manual_seed(config.run.seed)
+    student = build_student(teacher, config.student.num_layers, config.student.hidden_size,
+                            config.student.num_attention_heads,
+                            config.student.intermediate_size, init_from_teacher_layers=init)
+    if random_front_end:
+        torch.manual_seed(config.run.seed)
+        hf_config = student.model.config.__class__.from_dict(student.model.config.to_dict())
+        student = Student(teacher.family.model_class(hf_config).float(), teacher.family,
+                          teacher.path)
+    objective = build_objective(config.objective, pairs, student.hidden_size,
+                                teacher.hidden_size, config.layer_map.weights)
+    return DistillationModel(student, objective).eval()
+
+
+def _step0_init(config, teacher: Teacher) -> list[int]:
+    """The teacher layers build_run copies into the student at step 0 ([] = random)."""
+    init = config.student.init_from_teacher_layers
+    if init is None:
+        width = config.student.hidden_size
+        same_width = width is None or width == teacher.hidden_size
+        init = list(range(1, config.student.num_layers + 1)) if same_width else []
+    return init
+
+
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = None,
+             batch_size: int = 4, max_seconds: float | None = None,
+             max_utterances: int | None = None, teacher_path: str | None = None,
+             threads: int | None = None, plot: bool = True) -> dict[str, Any]:
+    """Fidelity, size and speed of the checkpoint's student vs its teacher on ``shards``; writes
+    fidelity.json / .md / _cka.png to ``out_dir`` and returns the report."""
+    from colld_ds.export import load_student, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    config, teacher, pairs, trained = load_student(checkpoint, teacher_path)
+    all_layers = list(range(1, teacher.num_layers + 1))
+    full_teacher = Teacher(teacher.model, teacher.family, teacher.front_end, teacher.path,
+                           all_layers, teacher.target_kind, dict(teacher.identity,
+                                                                 layers=all_layers))
+    models = {"trained": trained,
+              "random": fresh_model(config, teacher, pairs, None, random_front_end=True)}
+    models["init"] = fresh_model(config, teacher, pairs, _step0_init(config, teacher) or None)
+    with torch_threads(threads) as used_threads:
+        result = fidelity(models, full_teacher, pairs,
+                          eval_batches(shards, batch_size, max_seconds, max_utterances),
+                          timed="trained")
+    seconds = result["seconds"]
+    report = {
+        "checkpoint": str(checkpoint),
+        "shards": shards,
+        "utterances": result["utterances"],
+        "audio_seconds": seconds["audio"],
+        "frames": result["frames"],
+        "target_kind": teacher.target_kind,
+        "pairs": [{"name": p.name, "student_layer": p.student_layer,
+                   "teacher_layer": p.teacher_layer} for p in pairs],
+        "teacher": {"path": teacher.path, "layers": teacher.num_layers,
+                    "parameters": _parameters(teacher.model),
+                    "fp32_mib": _parameters(teacher.model) * 4 / 2**20,
+                    "rtf": seconds["teacher"] / seconds["audio"]},
+        "student": {"layers": trained.student.num_layers,
+                    "parameters": _parameters(trained.student.model),
+                    "fp32_mib": _parameters(trained.student.model) * 4 / 2**20,
+                    "rtf": seconds["student"] / seconds["audio"]},
+        "cpu_threads": used_threads,
+        "models": result["models"],
+    }
+    out = Path(out_dir) if out_dir else checkpoint.parent.parent / "eval" / checkpoint.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2))
+    markdown = format_markdown(report, plot)
+    (out / "fidelity.md").write_text(markdown)
+    if plot:
+        plot_cka(report, out / "fidelity_cka.png")
+        report["heatmap"] = str(out / "fidelity_cka.png")
+    report["out_dir"] = str(out)
+    return report
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.3f}"
+
+
+def format_markdown(report: dict[str, Any], plot: bool = True) -> str:
+    t, s = report["teacher"], report["student"]
+    names = [p["name"] for p in report["pairs"]]
+    lines = [
+        "# Fidelity of the student to its teacher", "",
+        f"Checkpoint `{report['checkpoint']}`, held-out shards `{report['shards']}`: "
+        f"{report['utterances']} utterances, {report['audio_seconds']:.1f} s of audio, "
+        f"{report['frames']} valid frames; teacher targets `{report['target_kind']}`.", "",
+        "## Size and speed (CPU, "
+        f"{report['cpu_threads']} thread(s); real-time factor = forward s / audio s)", "",
+        "| model | layers | parameters | fp32 MiB | RTF |", "|---|---|---|---|---|",
+        f"| teacher | {t['layers']} | {t['parameters']:,} | {t['fp32_mib']:.2f} | "
+        f"{t['rtf']:.4f} |",
+        f"| student | {s['layers']} | {s['parameters']:,} | {s['fp32_mib']:.2f} | "
+        f"{s['rtf']:.4f} |", "",
+        "## Per layer pair (student layer -> teacher layer)", "",
+        "Cosine: the pair's projection head on the student state vs the teacher feature, mean "
+        "over frames. CKA: linear CKA of the raw student state vs the teacher feature. "
+        "`random`: same shape and seed, every weight random (the floor); `init`: the run's "
+        "student at step 0 (teacher front end, teacher layers where the run copies them).", "",
+        "| model | " + " | ".join(f"cos {n}" for n in names) + " | "
+        + " | ".join(f"CKA {n}" for n in names) + " |",
+        "|---|" + "---|" * (2 * len(names)),
+    ]
+    for name, values in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(values["cosine"][n]) for n in names)
+                     + " | " + " | ".join(_fmt(values["cka_pairs"][n]) for n in names) + " |")
+    lines += ["", "## Linear CKA, every student layer x teacher layer", ""]
+    for name, values in report["models"].items():
+        cka = values["cka"]
+        lines += [f"**{name}**", "",
+                  "| student \\ teacher | " + " | ".join(f"t{j + 1}" for j in range(len(cka[0])))
+                  + " |", "|---|" + "---|" * len(cka[0])]
+        lines += [f"| s{k + 1} | " + " | ".join(_fmt(v) for v in row) + " |"
+                  for k, row in enumerate(cka)]
+        lines.append("")
+    if plot:
+        lines.append("![CKA heatmaps](fidelity_cka.png)")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cka(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), squeeze=False,
+                             figsize=(1.5 + 2.2 * len(models) * max(1, report["teacher"]["layers"]
+                                                                   / 6), 2.5))
+    image = None
+    for ax, (name, values) in zip(axes[0], models.items()):
+        cka = np.array(values["cka"], dtype=float)
+        image = ax.imshow(cka, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_title(name)
+        ax.set_xlabel("teacher layer")
+        ax.set_ylabel("student layer")
+        ax.set_xticks(range(cka.shape[1]), [str(j + 1) for j in range(cka.shape[1])])
+        ax.set_yticks(range(cka.shape[0]), [str(k + 1) for k in range(cka.shape[0])])
+        if cka.size <= 64:
+            for (k, j), v in np.ndenumerate(cka):
+                ax.text(j, k, _fmt(v), ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 else "black")
+    fig.colorbar(image, ax=axes[0].tolist(), label="linear CKA")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+__all__ = ["EvalBatch", "Moments", "cka_from_moments", "eval_batches", "evaluate", "fidelity",
+           "format_markdown", "fresh_model", "linear_cka", "plot_cka"]

@@ -1,0 +1,341 @@
+"""A trained student out of a DeepSpeed checkpoint: loading, Hugging Face export, ONNX, int8.
+
+``load_student(checkpoint)`` consolidates the checkpoint's fp32 weights with DeepSpeed's own
+``zero_to_fp32`` (ZeRO 1/2/3, the shards of every rank merged; stage 0 reads the module
+states), rebuilds the run with ``build_run`` from the config saved in the checkpoint (its
+client state; ``out_dir/config.yaml`` as a fallback) and loads the weights strictly.
+
+``export(checkpoint, out_dir)`` writes:
+
+- ``out_dir/hf``: ``student.model.save_pretrained`` + the teacher's ``preprocessor_config.json``;
+  it loads with the teacher's model class (``load_teacher`` / ``AutoModel``), and every layer's
+  output is checked against the checkpoint's student (max abs difference <= 1e-5);
+- ``out_dir/onnx/model.onnx`` (``--onnx``): the HF model with dynamic batch (and time) axes,
+  inputs as the front end makes them (``input_values`` [+ ``attention_mask``], or
+  ``input_features``), outputs ``last_hidden_state`` and ``hidden_states`` (K + 1, B, T, D: the
+  embeddings then each layer, HF's ``output_hidden_states``); checked with onnxruntime against
+  torch (max abs difference <= 1e-4);
+- ``out_dir/onnx/model.int8.onnx`` (``--quantize``): onnxruntime dynamic int8 quantisation;
+  sizes, CPU latencies and its difference to fp32 are reported (not checked: int8 is lossy).
+
+``out_dir/export.json`` records what was written and every number checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from colld_ds.checkpoint import COMPLETE_MARKER, complete_checkpoints, verify_checkpoint
+from colld_ds.config import TrainConfig, load_config
+
+HF_TOLERANCE = 1e-5
+ONNX_TOLERANCE = 1e-4
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The path is not a complete colld checkpoint (and holds none)."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint directory from ``path``: the checkpoint itself
+    (``out_dir/checkpoints/stepNNNNNNNN``), or a run's ``out_dir`` / ``checkpoints`` directory
+    (its newest complete checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    for directory in (path / "checkpoints", path):
+        found = complete_checkpoints(directory)
+        if found:
+            return found[-1]
+    complete = complete_checkpoints(path.parent)
+    raise CheckpointNotFoundError(
+        f"checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER}: it was not "
+        f"finished, or it is not a colld checkpoint directory); complete ones next to it: "
+        f"{[str(p) for p in complete] or 'none'}")
+
+
+def _model_states_file(checkpoint: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    raise CheckpointNotFoundError(f"checkpoint {checkpoint} has no DeepSpeed model states file "
+                                  "(mp_rank_00_model_states.pt)")
+
+
+def checkpoint_config(checkpoint: Path) -> TrainConfig:
+    """The run config saved with ``checkpoint`` (client state), else ``out_dir/config.yaml``."""
+    states = torch.load(_model_states_file(checkpoint), map_location="cpu", weights_only=False,
+                        mmap=True)
+    if isinstance(states.get("config"), dict):
+        return load_config(None, states["config"])
+    yaml_file = checkpoint.parent.parent / "config.yaml"
+    if yaml_file.is_file():
+        return load_config(yaml_file)
+    raise CheckpointNotFoundError(f"checkpoint {checkpoint} has no config in its client state "
+                                  f"and there is no {yaml_file}")
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole DistillationModel, merged from every rank's ZeRO shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not list(checkpoint.glob("*_optim_states.pt")):       # ZeRO stage 0: the module itself
+        states = torch.load(_model_states_file(checkpoint), map_location="cpu",
+                            weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    with contextlib.redirect_stdout(io.StringIO()):           # DeepSpeed prints its progress
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent),
+                                                        tag=checkpoint.name)
+
+
+def load_student(checkpoint_path: str | Path, teacher_path: str | None = None):
+    """-> (config, teacher, pairs, model): ``model`` is the run's ``DistillationModel`` (student
+    + projection heads) with the checkpoint's fp32 weights, on CPU, in eval mode.
+
+    ``teacher_path`` replaces the config's ``teacher.path`` (a teacher moved since training).
+    Raises CheckpointNotFoundError naming the path when it is not a complete checkpoint."""
+    from colld_ds.train import build_run
+
+    checkpoint = resolve_checkpoint(checkpoint_path)
+    try:
+        verify_checkpoint(checkpoint)
+    except OSError as err:
+        raise CheckpointNotFoundError(f"checkpoint {checkpoint} is damaged: {err}") from err
+    config = checkpoint_config(checkpoint)
+    if teacher_path is not None:
+        config.teacher.path = str(teacher_path)
+    config.teacher.dtype = "fp32"
+    if not (config.data.train_shards or config.data.teacher_cache):
+        config.data.train_shards = "unused"        # build_run insists; nothing is read here
+    teacher, pairs, model = build_run(config, torch.device("cpu"))
+    state = consolidated_state_dict(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not fit the model its config builds: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    model.eval()
+    return config, teacher, pairs, model
+
+
+# --- Hugging Face export ------------------------------------------------------------------------
+
+
+def _probe_wave(num_utterances: int = 2, seconds: float = 1.5, seed: int = 0):
+    """Deterministic test audio of two lengths: (B, S) wave and (B,) lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    num_samples = int(seconds * 16000)
+    wave = 0.1 * torch.randn(num_utterances, num_samples, generator=generator)
+    lengths = torch.tensor([num_samples - i * num_samples // 4 for i in range(num_utterances)])
+    return wave, lengths
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def export_hf(student, teacher, out_dir: Path) -> dict[str, Any]:
+    """``student.model.save_pretrained(out_dir)`` + the teacher's feature extractor config;
+    reloaded as a teacher (the teacher's model class) and checked layer by layer."""
+    from colld_ds.models import load_teacher
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.model.save_pretrained(out_dir)
+    extractor = Path(teacher.path) / "preprocessor_config.json"
+    if extractor.is_file():
+        shutil.copy(extractor, out_dir / "preprocessor_config.json")
+    reloaded = load_teacher(str(out_dir), list(range(1, student.num_layers + 1)),
+                            dtype=torch.float32)
+    wave, lengths = _probe_wave()
+    with torch.inference_mode():
+        expected = student(wave, lengths).hidden
+    got = reloaded(wave, lengths).features
+    diffs = [_max_diff(e, g) for e, g in zip(expected, got)]
+    result = {"dir": str(out_dir), "model_class": type(reloaded.model).__name__,
+              "preprocessor_config": extractor.is_file(), "max_abs_diff_per_layer": diffs,
+              "tolerance": HF_TOLERANCE, "ok": max(diffs) <= HF_TOLERANCE}
+    if not result["ok"]:
+        raise RuntimeError(f"exported model in {out_dir} differs from the checkpoint's student "
+                           f"by {max(diffs):.3g} > {HF_TOLERANCE} (per layer: {diffs})")
+    return result
+
+
+# --- ONNX -----------------------------------------------------------------------------------------
+
+
+class _OnnxWrapper(nn.Module):
+    """HF model -> (last_hidden_state, hidden_states stacked (K + 1, B, T, D))."""
+
+    def __init__(self, model: nn.Module, input_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *inputs: torch.Tensor):
+        out = self.model(**dict(zip(self.input_names, inputs)), output_hidden_states=True)
+        return out.last_hidden_state, torch.stack(out.hidden_states)
+
+
+def _model_inputs(student, wave: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    inputs, _ = student.front_end(wave, lengths)
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+def _file_size(path: Path) -> int:
+    """Bytes of an ONNX model with its external data file, if any."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()   # the same threads as torch
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _latency(run, repeats: int = 5) -> float:
+    run()                                                    # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def export_onnx(student, out_dir: Path, quantize: bool = False) -> dict[str, Any]:
+    """ONNX of ``student.model`` checked with onnxruntime; optional dynamic int8 copy."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = student.model.eval()
+    wave, lengths = _probe_wave()
+    inputs = _model_inputs(student, wave, lengths)
+    names = list(inputs)
+    # Whisper's encoder takes a fixed 30 s window: only its batch axis is dynamic.
+    whisper = "input_features" in names and inputs["input_features"].shape[-1] == 3000
+    auto = torch.export.Dim.AUTO
+    dynamic = tuple({0: auto} if whisper else {0: auto, 1: auto} for _ in names)
+    path = out_dir / "model.onnx"
+    for stale in out_dir.glob("model.onnx*"):
+        stale.unlink()
+    wrapper = _OnnxWrapper(model, names)
+    with warnings_quiet(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=names,
+                          output_names=["last_hidden_state", "hidden_states"],
+                          dynamic_shapes={"inputs": dynamic}, dynamo=True, verbose=False)
+    # Checked on other shapes than the traced ones: a batch of 3, another length.
+    wave, lengths = _probe_wave(num_utterances=3, seconds=2.1, seed=1)
+    inputs = _model_inputs(student, wave, lengths)
+    with torch.inference_mode():
+        expected = wrapper(*inputs.values())
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    session = _ort_session(path)
+    got = session.run(None, feeds)
+    diffs = {name: _max_diff(e, torch.from_numpy(g))
+             for name, e, g in zip(["last_hidden_state", "hidden_states"], expected, got)}
+    result: dict[str, Any] = {
+        "path": str(path), "inputs": names, "outputs": ["last_hidden_state", "hidden_states"],
+        "max_abs_diff": diffs, "tolerance": ONNX_TOLERANCE,
+        "ok": max(diffs.values()) <= ONNX_TOLERANCE, "bytes": _file_size(path),
+        "check_input_shape": {k: list(v.shape) for k, v in inputs.items()},
+        "latency_s": {"torch": _latency(lambda: _torch_run(wrapper, inputs)),
+                      "onnxruntime_fp32": _latency(lambda: session.run(None, feeds))},
+    }
+    if not result["ok"]:
+        raise RuntimeError(f"ONNX model {path} differs from torch by {diffs} > {ONNX_TOLERANCE}")
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        int8 = out_dir / "model.int8.onnx"
+        with warnings_quiet():
+            quantize_dynamic(str(path), str(int8), weight_type=QuantType.QInt8)
+        int8_session = _ort_session(int8)
+        got8 = int8_session.run(None, feeds)
+        result["int8"] = {
+            "path": str(int8), "bytes": _file_size(int8),
+            "max_abs_diff_vs_torch": {name: _max_diff(e, torch.from_numpy(g)) for name, e, g
+                                      in zip(["last_hidden_state", "hidden_states"], expected,
+                                             got8)},
+            "relative_error_vs_torch": float((expected[0] - torch.from_numpy(got8[0])).norm()
+                                             / expected[0].norm()),
+            "latency_s": _latency(lambda: int8_session.run(None, feeds)),
+        }
+    return result
+
+
+def _torch_run(wrapper, inputs):
+    with torch.inference_mode():
+        return wrapper(*inputs.values())
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = False,
+           quantize: bool = False, teacher_path: str | None = None,
+           threads: int | None = None) -> dict[str, Any]:
+    """Export the student of ``checkpoint`` (see the module docstring); returns the report
+    also written to ``out_dir/export.json``. ``threads``: CPU threads of torch and
+    onnxruntime for the latency figures (default: torch's)."""
+    from colld_ds.evaluate import torch_threads
+
+    with torch_threads(threads):
+        return _export(checkpoint, out_dir, onnx, quantize, teacher_path)
+
+
+def _export(checkpoint, out_dir, onnx, quantize, teacher_path) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    config, teacher, pairs, model = load_student(checkpoint, teacher_path)
+    student = model.student
+    report: dict[str, Any] = {"checkpoint": str(resolve_checkpoint(checkpoint)),
+                              "parameters": sum(p.numel() for p in student.model.parameters())}
+    report["hf"] = export_hf(student, teacher, out_dir / "hf")
+    if onnx or quantize:
+        report["onnx"] = export_onnx(student, out_dir / "onnx", quantize=quantize)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_export_report(report: dict[str, Any]) -> str:
+    hf = report["hf"]
+    lines = [f"[colld] exported {report['checkpoint']} ({report['parameters']:,} parameters)",
+             f"  Hugging Face: {hf['dir']} ({hf['model_class']}); max |diff| vs checkpoint "
+             f"{max(hf['max_abs_diff_per_layer']):.2e} (<= {hf['tolerance']:g})"]
+    onnx = report.get("onnx")
+    if onnx:
+        lat = onnx["latency_s"]
+        lines.append(f"  ONNX: {onnx['path']} ({onnx['bytes'] / 2**20:.2f} MiB); max |diff| vs "
+                     f"torch {max(onnx['max_abs_diff'].values()):.2e} (<= "
+                     f"{onnx['tolerance']:g}); CPU latency torch {lat['torch'] * 1e3:.1f} ms, "
+                     f"onnxruntime {lat['onnxruntime_fp32'] * 1e3:.1f} ms "
+                     f"(input {onnx['check_input_shape']})")
+        int8 = onnx.get("int8")
+        if int8:
+            lines.append(f"  int8: {int8['path']} ({int8['bytes'] / 2**20:.2f} MiB, "
+                         f"{onnx['bytes'] / max(int8['bytes'], 1):.1f}x smaller); CPU latency "
+                         f"{int8['latency_s'] * 1e3:.1f} ms; max |diff| vs torch "
+                         f"{max(int8['max_abs_diff_vs_torch'].values()):.2e}, relative "
+                         f"{int8['relative_error_vs_torch']:.2e} (lossy, not checked)")
+    return "\n".join(lines)
+
+
+__all__ = ["CheckpointNotFoundError", "consolidated_state_dict", "export", "export_hf",
+           "export_onnx", "load_student", "resolve_checkpoint"]

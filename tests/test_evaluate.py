@@ -1,0 +1,110 @@
+"""Fidelity metrics (linear CKA, cosine per pair) and ``colld eval`` end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_export import trained_run
+
+from colld_ds.evaluate import (
+    EvalBatch,
+    Moments,
+    cka_from_moments,
+    eval_batches,
+    fidelity,
+    fresh_model,
+    linear_cka,
+    torch_threads,
+)
+
+
+def test_cka_of_itself_and_of_a_rotation_is_one_and_of_noise_is_small():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=generator) @ torch.randn(16, 16, generator=generator)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, x @ q) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, 3.0 * x + 5.0) == pytest.approx(1.0, abs=1e-9)   # scale and shift
+    assert linear_cka(x, torch.randn(2000, 8, generator=generator)) < 0.05
+    # Not 1 for a non-orthogonal, non-isotropic map of x.
+    assert linear_cka(x, x * torch.linspace(0.01, 10, 16)) < 0.99
+
+
+def test_streamed_cka_equals_the_one_shot_value():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=generator)
+    y = x[:, :4] ** 2 + 0.5 * torch.randn(300, 4, generator=generator)
+    mx, my, cross = Moments(), Moments(), torch.zeros(6, 4, dtype=torch.float64)
+    for rows in torch.split(torch.arange(300), 37):
+        mx.add(x[rows])
+        my.add(y[rows])
+        cross += x[rows].double().T @ y[rows].double()
+    assert cka_from_moments(mx, my, cross) == pytest.approx(linear_cka(x, y), abs=1e-12)
+    # The Gram-matrix form of Kornblith et al.: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)).
+    h = torch.eye(300, dtype=torch.float64) - 1.0 / 300
+    k, l_ = h @ x.double() @ x.double().T @ h, h @ y.double() @ y.double().T @ h
+    gram_form = (k * l_).sum() / torch.sqrt((k * k).sum() * (l_ * l_).sum())
+    assert linear_cka(x, y) == pytest.approx(float(gram_form), abs=1e-10)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def test_a_student_that_is_the_teacher_scores_above_random(run):
+    from colld_ds.config import load_config
+    from colld_ds.layer_map import LayerPair
+    from colld_ds.models import load_teacher
+
+    teacher = load_teacher(run["teacher"], [1, 2, 3, 4])
+    config = load_config(None, {"teacher.path": run["teacher"], "data.train_shards": "x",
+                                "student.num_layers": 2})
+    pairs = [LayerPair(1, 1), LayerPair(2, 2)]
+    copy = fresh_model(config, teacher, pairs, [1, 2])      # student layer k = teacher layer k
+    with torch.no_grad():
+        for head in copy.objective.heads.values():           # identity projection
+            head.weight.copy_(torch.eye(head.weight.shape[0]))
+            head.bias.zero_()
+    random = fresh_model(config, teacher, pairs, None, random_front_end=True)
+    batches = list(eval_batches(run["heldout"], batch_size=4))
+    assert [b.wave.shape[0] for b in batches] == [4, 2]      # every utterance, tail included
+    with torch_threads(1):
+        result = fidelity({"copy": copy, "random": random}, teacher, pairs, batches)["models"]
+    for name in ("s1_t1", "s2_t2"):
+        assert result["copy"]["cosine"][name] == pytest.approx(1.0, abs=1e-5)
+        assert result["copy"]["cka_pairs"][name] == pytest.approx(1.0, abs=1e-6)
+        assert result["random"]["cosine"][name] < 0.5
+        assert result["random"]["cka_pairs"][name] < result["copy"]["cka_pairs"][name] - 0.3
+    assert len(result["copy"]["cka"]) == 2 and len(result["copy"]["cka"][0]) == 4
+
+
+def test_eval_command_writes_table_json_and_heatmap(run, tmp_path, capsys):
+    from colld_ds import cli
+
+    cli.eval(str(run["root"] / "run"), run["heldout"], out_dir=str(tmp_path), threads=1)
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "fidelity.json").read_text())
+    assert set(report["models"]) == {"trained", "random", "init"}
+    assert report["utterances"] == 6 and report["frames"] > 100
+    for values in report["models"].values():
+        assert set(values["cosine"]) == {"s1_t2", "s2_t4"}
+        assert len(values["cka"]) == 2 and len(values["cka"][0]) == 4
+        assert all(-1e-9 <= v <= 1 + 1e-9 for row in values["cka"] for v in row
+                   if not math.isnan(v))
+    assert report["models"]["trained"]["cka_pairs"]["s2_t4"] > \
+        report["models"]["random"]["cka_pairs"]["s2_t4"]
+    assert report["student"]["parameters"] < report["teacher"]["parameters"]
+    assert report["student"]["rtf"] > 0 and report["teacher"]["rtf"] > 0
+    assert (tmp_path / "fidelity_cka.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "fidelity.md").read_text()
+    assert "| trained |" in markdown and "| random |" in markdown and markdown in printed
+
+
+def test_fidelity_refuses_a_teacher_without_all_layers(run):
+    from colld_ds.models import load_teacher
+
+    teacher = load_teacher(run["teacher"], [2, 4])
+    with pytest.raises(ValueError, match="all its layers"):
+        fidelity({}, teacher, [], [EvalBatch(torch.zeros(1, 16000), torch.tensor([16000]))])

@@ -1,0 +1,145 @@
+"""Loading a trained student out of a DeepSpeed checkpoint, and exporting it (HF, ONNX, int8).
+
+One tiny run (1 CPU process, ZeRO-3, 3 steps (DeepSpeed's linear warm-up gives lr 0 to the first two), through the real ``train``) is shared by this
+module and test_evaluate.py (``trained_run``). While it saves, the live engine's gathered
+weights are dumped next to it as ``reference.pt``: consolidation is checked against them.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from colld_ds.export import CheckpointNotFoundError, export, load_student, resolve_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
+
+_TRAIN = r"""
+import os, socket, sys
+import torch
+root, config, teacher, shards = sys.argv[1:5]
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+import deepspeed
+import colld_ds.train as train_module
+from colld_ds.config import load_config
+
+save = train_module.save_checkpoint
+def save_and_dump(engine, *args, **kwargs):
+    path = save(engine, *args, **kwargs)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    torch.save(state, os.path.join(root, "reference.pt"))
+    return path
+train_module.save_checkpoint = save_and_dump
+train_module.train(load_config(config, {
+    "teacher.path": teacher, "data.train_shards": shards, "run.out_dir": os.path.join(root, "run"),
+    "optim.max_steps": 3, "optim.warmup_steps": 1, "run.save_every": 3, "data.num_workers": 0,
+    "run.zero_stage": 3, "optim.lr": 5e-3}))
+"""
+
+
+@functools.cache
+def _trained_run(root: Path) -> dict:
+    from data_prep.generated_audio import generate_utterances
+    from data_prep.shards import write_audio_shards
+    from data_prep.tiny_teacher import make_tiny_teacher
+
+    teacher = make_tiny_teacher("wav2vec2", str(root / "teacher"), seed=0, num_layers=4,
+                                hidden_size=32)
+    write_audio_shards(generate_utterances(8, seed=1), str(root / "train"), max_count=8,
+                       progress=False)
+    write_audio_shards(generate_utterances(6, seed=2), str(root / "heldout"), prefix="test",
+                       max_count=8, progress=False)
+    done = subprocess.run([sys.executable, "-c", _TRAIN, str(root), str(CONFIG), teacher,
+                           str(root / "train")], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"root": root, "teacher": teacher, "heldout": str(root / "heldout"),
+            "checkpoint": root / "run" / "checkpoints" / "step00000003",
+            "reference": torch.load(root / "reference.pt")}
+
+
+def trained_run(tmp_path_factory) -> dict:
+    """The shared tiny ZeRO-3 run (made once per session)."""
+    return _trained_run(tmp_path_factory.getbasetemp() / "colld-trained-run")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def test_zero3_checkpoint_consolidates_to_the_trained_weights(run):
+    config, teacher, pairs, model = load_student(run["checkpoint"])
+    reference = run["reference"]
+    state = model.state_dict()
+    assert sorted(state) == sorted(reference)
+    for key, value in reference.items():
+        assert torch.equal(state[key], value), key
+    assert not model.training and config.run.zero_stage == 3
+    assert [p.name for p in pairs] == ["s1_t2", "s2_t4"]
+    # The weights moved: what was loaded is not build_run's step-0 model.
+    from colld_ds.train import build_run
+    _, _, initial = build_run(config, torch.device("cpu"))
+    moved = [k for k, v in initial.state_dict().items() if not torch.equal(v, state[k])]
+    assert any(k.startswith("student.model.encoder.layers") for k in moved)
+    assert any(k.startswith("objective.heads") for k in moved)
+    # A run directory resolves to its newest complete checkpoint.
+    assert resolve_checkpoint(run["root"] / "run") == run["checkpoint"]
+
+
+def test_missing_or_incomplete_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="nowhere"):
+        load_student(tmp_path / "nowhere")
+    partial = tmp_path / "checkpoints" / "step00000004"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointNotFoundError, match="step00000004.*complete.json"):
+        load_student(partial)
+
+
+def test_export_reloads_equal_and_onnx_matches(run, tmp_path):
+    from transformers import AutoModel
+
+    report = export(run["checkpoint"], tmp_path, onnx=True, quantize=True, threads=1)
+    assert report["hf"]["ok"] and report["onnx"]["ok"]
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    assert (tmp_path / "export.json").is_file()
+
+    # Independent checks, against the live engine's weights (reference.pt).
+    config, _, _, model = load_student(run["checkpoint"])
+    model.load_state_dict(run["reference"])
+    student = model.student
+    generator = torch.Generator().manual_seed(5)
+    wave = 0.1 * torch.randn(2, 27_000, generator=generator)
+    lengths = torch.tensor([27_000, 19_000])
+    inputs, _ = student.front_end(wave, lengths)
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    with torch.inference_mode():
+        expected = student.model(**inputs, output_hidden_states=True)
+        reloaded = AutoModel.from_pretrained(tmp_path / "hf").eval()
+        assert type(reloaded) is type(student.model)
+        got = reloaded(**inputs, output_hidden_states=True)
+    for e, g in zip(expected.hidden_states, got.hidden_states):
+        assert (e - g).abs().max() <= 1e-5
+
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(inputs)
+    last, hidden = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert np.abs(last - expected.last_hidden_state.numpy()).max() <= 1e-4
+    assert np.abs(hidden - torch.stack(expected.hidden_states).numpy()).max() <= 1e-4
+
+    int8 = report["onnx"]["int8"]
+    assert Path(int8["path"]).is_file() and int8["bytes"] < report["onnx"]["bytes"]
+    assert int8["latency_s"] > 0
