@@ -23,7 +23,7 @@ def train(config: str | None = None, **overrides):
     run_training(load_config(config, overrides))
 
 
-def demo(out_dir: str = "demo_out", num_utterances: int = 64, max_steps: int = 30,
+def demo(out_dir: str = "demo_out", num_utterances: int = 64, max_steps: int = 150,
          ranks: int = 2, **overrides):
     """The embedded default: a tiny teacher distilled with CoLLD on generated audio, end to end,
     on ``ranks`` CPU processes through launch.sh. Each stage is skipped when its output exists."""

@@ -9,6 +9,7 @@ output already exists, so a re-run resumes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,10 +62,15 @@ def run_demo(out_dir: str, num_utterances: int, max_steps: int, ranks: int,
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
-    print("\n[demo] CoLLD distillation summary (averaged over ranks)")
-    print(f"{'metric':<24}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}")
+    negatives = config["objective"]["num_negatives"]
+    chance = {"loss": math.log(negatives + 1), "acc": 1 / (negatives + 1)}
+    print("\n[demo] CoLLD distillation summary (averaged over ranks; chance = a student that "
+          "knows nothing)")
+    print(f"{'metric':<24}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"
+          f"{'chance':>12}")
     for key in sorted(k for k in last if k.startswith(("loss/", "acc/"))):
-        print(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")
+        print(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}"
+              f"{chance[key.split('/')[0]]:>12.4f}")
     print(f"\n[demo] checkpoint:      {final}")
     print(f"[demo] TensorBoard:     tensorboard --logdir {run_dir / 'tb'}")
     print(f"[demo] metrics (JSONL): {run_dir / 'metrics.jsonl'}")
