@@ -1,6 +1,7 @@
 """Negative-sampled cosine InfoNCE loss: fused Triton kernels on CUDA, chunked PyTorch elsewhere.
 
 - ``kernels/contrastive.py``: Triton forward/backward and their autograd.Function.
+- ``kernels/dense.py``: PyTorch path for utterance-local negatives (one batched matmul).
 - ``kernels/chunked.py``: PyTorch path whose memory does not grow with ``N*K*D``.
 - ``kernels/reference.py``: the naive gather, for tests and benchmarks.
 """
@@ -9,6 +10,7 @@ import importlib.util
 import os
 
 from kernels.chunked import contrastive_loss_chunked
+from kernels.dense import contrastive_loss_dense
 
 __all__ = ["contrastive_loss", "use_triton"]
 
@@ -21,8 +23,13 @@ def use_triton(predictions) -> bool:
     return predictions.is_cuda and importlib.util.find_spec("triton") is not None
 
 
-def contrastive_loss(predictions, targets, positive_index, negative_index, temperature: float):
+def contrastive_loss(predictions, targets, positive_index, negative_index, temperature: float,
+                     num_frames: int | None = None):
     """Cosine-similarity InfoNCE with sampled negatives.
+
+    Dispatch: Triton on CUDA; elsewhere the dense per-utterance path when ``num_frames`` is given
+    (candidates of a row all lie in its positive's utterance; targets utterance-major with
+    ``num_frames`` rows per utterance), else the chunked path.
 
     Args:
         predictions: (N, D) fp32/fp16/bf16, usually requires grad.
@@ -30,6 +37,7 @@ def contrastive_loss(predictions, targets, positive_index, negative_index, tempe
         positive_index: (N,) int64 row of ``targets`` that is the positive of each prediction.
         negative_index: (N, K) int64 rows of ``targets`` used as negatives (duplicates allowed).
         temperature: float > 0.
+        num_frames: T, when every candidate row lies in the utterance of its positive.
 
     Returns:
         loss: (N,) float32, ``logsumexp_j(l_j) - l_0`` with ``l_0 = cos(p, t_pos) / temperature``
@@ -43,6 +51,10 @@ def contrastive_loss(predictions, targets, positive_index, negative_index, tempe
 
         return contrastive_loss_triton(
             predictions, targets, positive_index, negative_index, temperature
+        )
+    if num_frames is not None and predictions.shape[0] > 0:
+        return contrastive_loss_dense(
+            predictions, targets, positive_index, negative_index, temperature, num_frames
         )
     return contrastive_loss_chunked(
         predictions, targets, positive_index, negative_index, temperature

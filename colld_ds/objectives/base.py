@@ -27,12 +27,14 @@ class FrameSelection:
     """The frames an objective scores in a batch, shared by all pairs.
 
     batch_index, frame_index: (N,) the selected frames; rows: (N,) their row in the (B * T, D)
-    flattened targets; negatives: (N, K) rows of negative frames (contrastive objectives only).
+    flattened targets; negatives: (N, K) rows of negative frames (contrastive objectives only),
+    num_frames: T when they lie in the utterance of their positive.
     """
     batch_index: torch.Tensor
     frame_index: torch.Tensor
     rows: torch.Tensor
     negatives: torch.Tensor | None = None
+    num_frames: int | None = None
 
 
 class PairwiseObjective(nn.Module):

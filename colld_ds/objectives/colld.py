@@ -46,6 +46,7 @@ class ColldObjective(PairwiseObjective):
     def select_frames(self, frame_mask, mask_time):
         """Masked valid frames; one draw of negatives serves every pair of the batch."""
         selection = select_rows(mask_time & frame_mask)
+        selection.num_frames = frame_mask.shape[1]      # negatives stay in their utterance
         selection.negatives = sample_negatives(frame_mask.sum(1), selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],
                                                self.num_negatives)
@@ -53,5 +54,6 @@ class ColldObjective(PairwiseObjective):
 
     def pair_loss(self, predictions, targets, selection: FrameSelection):
         loss, correct = contrastive_loss(predictions, targets, selection.rows,
-                                         selection.negatives, self.temperature)
+                                         selection.negatives, self.temperature,
+                                         num_frames=selection.num_frames)
         return loss.mean(), {"acc": correct.float().mean()}
