@@ -10,7 +10,7 @@ from pathlib import Path
 
 import fire
 
-from colld_ds.config import load_config
+from colld_ds.config import ConfigError, load_config
 
 
 def train(config: str | None = None, **overrides):
@@ -67,8 +67,11 @@ def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = F
 
 def main() -> None:
     from data_prep.cli import DataPrep
-    fire.Fire({"train": train, "demo": demo, "eval": eval, "export": export,
-               "prep": DataPrep})
+    try:
+        fire.Fire({"train": train, "demo": demo, "eval": eval, "export": export,
+                   "prep": DataPrep})
+    except ConfigError as error:          # a bad value: say which, without a traceback
+        raise SystemExit(f"colld: config error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -107,6 +107,17 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _single_process_defaults() -> None:
+    """Run without a launcher (``colld train`` directly): one rank on this machine."""
+    if "RANK" not in os.environ:
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def _teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     if config.teacher.dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -139,6 +150,7 @@ def build_run(config: TrainConfig, device: torch.device
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a distillation. Every rank calls it; rank 0 logs and reports."""
+    _single_process_defaults()
     device = _device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

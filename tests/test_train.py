@@ -107,3 +107,22 @@ def test_bad_input_is_refused_before_training(assets, tmp_path):
         build(**{"student.hidden_size": 64})
     with pytest.raises(ValueError, match="student.init_from_teacher_layers"):
         build(**{"student.hidden_size": 16, "student.init_from_teacher_layers": [1, 2]})
+
+
+def run_cli(assets, out_dir, **extra):
+    """`colld train` run directly: one process, no launcher."""
+    command = [sys.executable, "-m", "colld_ds.cli", "train", "--config", str(CONFIG)]
+    for key, value in overrides(assets, out_dir, **extra).items():
+        command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_without_launcher_and_reports_config_errors_plainly(assets, tmp_path):
+    done = run_cli(assets, tmp_path, **{"optim.max_steps": 2, "optim.warmup_steps": 1})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step00000002" / "complete.json").is_file()
+    bad = run_cli(assets, tmp_path, **{"objective.name": "mse"})
+    assert bad.returncode != 0
+    assert "colld: config error: objective.name: 'mse' is not allowed" in bad.stderr
+    assert "Traceback" not in bad.stderr
