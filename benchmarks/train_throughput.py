@@ -1,0 +1,218 @@
+"""Training throughput: teacher online vs teacher cache, and CoLLD vs l2l step time.
+
+One process, side by side on the same batches and the same student:
+
+* (a) ``online``: the real run (``colld_ds.train.build_run``) with the teacher run on each
+  batch's audio (``distillation_loss`` with the teacher), CoLLD objective;
+* (b) ``cached``: the same student and objective fed from teacher-cache shards written by the
+  real ``data_prep.cache.cache_teacher`` (``distillation_loss`` with ``teacher=None``);
+* (c) ``cached_l2l``: the same student (same initial weights, same span masks) with the ``l2l``
+  objective from the cache, so the teacher is out of the picture and only the objective differs.
+
+The teacher has the XLS-R 300M shape (``Wav2Vec2Config``: ``do_stable_layer_norm=True``,
+``feat_extract_norm="layer"``, 24 layers, hidden 1024, 16 heads, FFN 4096, conv front end 512 x 7,
+positional conv 128 / 16 groups) with random weights, built from its config and written with
+``save_pretrained`` into a temporary directory, so it loads through ``load_teacher`` like a hub
+checkpoint. ``--full`` uses exactly that shape; by default (for a CPU run of a few minutes) it is
+shrunk with ``--teacher_layers`` / ``--teacher_width`` (heads = width / 64, FFN = 4 x width; the
+512-channel conv front end is kept). The student has ``--student_layers`` (3) layers at the
+teacher's width, initialised from teacher layers 1..3 as ``build_run`` does, predicting teacher
+layers round(k * L / 3).
+
+What is timed: one optimiser step = ``distillation_loss`` (teacher forward in online mode, span
+mask, student forward, objective) + ``backward`` + grad-norm clipping + ``torch.optim.AdamW.step``
+on the ``DistillationModel``'s parameters. No DeepSpeed: this isolates the per-step compute;
+DeepSpeed's own overhead (its engine, ZeRO bookkeeping, communication) is the same in both modes
+and for both objectives. Batches are read from the shards once before timing (the loader's rate
+is ``data_throughput.py``'s business: far above what a CPU student consumes) and then replayed;
+utterances are at least ``--max_seconds`` long, so every crop, and every step, has the same shape.
+The three runs take their steps interleaved (online, cached, cached_l2l, online, ...), so load
+from other processes on the machine hits all three alike. ``--warmup`` steps per run are
+excluded; the figure is the median of ``--steps`` steps. Each run also gets the same seed per
+step (``step_seed``): identical masks and negatives across runs. The per-round ratios (median
+over rounds of the ratio of back-to-back steps) are in the JSON next to the ratios of medians.
+
+CPU threads: ``--threads 1`` by default. On the shared 2-core development machine (load ~4),
+torch's default of 2 OpenMP threads made every step ~5x slower and 3x noisier (a thread waits at
+each barrier for a core that another process holds); 1 thread gave +-5% step times.
+
+    python benchmarks/train_throughput.py            # CPU default: 24 x 256 teacher, ~1.5 min
+    python benchmarks/train_throughput.py --full     # XLS-R 300M shape (on a GPU)
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
+from colld_ds.config import load_config  # noqa: E402
+from colld_ds.data import AudioBatchStream  # noqa: E402
+from colld_ds.objectives import build_objective  # noqa: E402
+from colld_ds.train import DistillationModel, build_run, distillation_loss, step_seed  # noqa: E402
+from data_prep.cache import cache_teacher  # noqa: E402
+from data_prep.generated_audio import generate_utterances  # noqa: E402
+from data_prep.shards import write_audio_shards  # noqa: E402
+
+
+def make_xlsr_teacher(out_dir: str, num_layers: int, width: int, seed: int = 0) -> str:
+    """A random-weight teacher of the XLS-R 300M architecture (24 x 1024 at full size)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    config = Wav2Vec2Config(
+        hidden_size=width, num_hidden_layers=num_layers, num_attention_heads=max(1, width // 64),
+        intermediate_size=4 * width, do_stable_layer_norm=True, feat_extract_norm="layer",
+        conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_bias=True, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+        feat_extract_activation="gelu", hidden_act="gelu", mask_time_prob=0.075,
+    )
+    torch.manual_seed(seed)
+    Wav2Vec2Model(config).eval().save_pretrained(out_dir)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(out_dir)
+    return out_dir
+
+
+def take_batches(stream: AudioBatchStream, n: int) -> list:
+    return [batch for _, batch in zip(range(n), stream)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true",
+                        help="the XLS-R 300M shape: 24 layers x 1024 (overrides the two below)")
+    parser.add_argument("--teacher_layers", type=int, default=24)
+    parser.add_argument("--teacher_width", type=int, default=256)
+    parser.add_argument("--student_layers", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (median)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default). 1 by default: on a shared "
+                             "2-core machine 2 threads ran 5x slower and 3x noisier")
+    parser.add_argument("--out", default="benchmarks/results/train_throughput_cpu.json")
+    args = parser.parse_args()
+    if args.full:
+        args.teacher_layers, args.teacher_width = 24, 1024
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rounds = args.warmup + args.steps
+    num_utts = args.batch_size * rounds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        audio = str(root / "audio")
+        write_audio_shards(generate_utterances(num_utts, seed=0, min_seconds=args.max_seconds + 0.1,
+                                               max_seconds=args.max_seconds + 0.5),
+                           audio, max_count=num_utts, progress=False)
+        teacher_dir = make_xlsr_teacher(str(root / "xlsr"), args.teacher_layers,
+                                        args.teacher_width)
+        overrides = {"teacher.path": teacher_dir, "data.train_shards": audio,
+                     "student.num_layers": args.student_layers,
+                     "data.batch_size": args.batch_size, "data.max_seconds": args.max_seconds}
+        config = load_config(overrides=overrides)
+        config_l2l = load_config(overrides={**overrides, "objective.name": "l2l"})
+        teacher, pairs, model = build_run(config, device)
+        teacher_layers = list(teacher.layers)
+        student_init = copy.deepcopy(model.student)
+        setup_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        cache_teacher(audio, teacher_dir, teacher_layers, str(root / "cache"), progress=False)
+        cache_s = time.perf_counter() - started
+
+        common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
+                      num_workers=0, shuffle_buffer=0)
+        audio_batches = take_batches(AudioBatchStream(audio, **common), rounds)
+        cached_stream = AudioBatchStream(str(root / "cache"), expect_teacher=teacher.identity,
+                                         **common)
+        cached_batches = take_batches(cached_stream, rounds)
+        assert [b.keys for b in audio_batches] == [b.keys for b in cached_batches]
+        assert all(torch.equal(a.wave, c.wave) for a, c in zip(audio_batches, cached_batches))
+
+        torch.manual_seed(config.run.seed)
+        l2l_model = DistillationModel(
+            copy.deepcopy(student_init),
+            build_objective(config_l2l.objective, pairs, model.student.hidden_size,
+                            teacher.hidden_size, config_l2l.layer_map.weights)).to(device)
+        cached_model = DistillationModel(copy.deepcopy(student_init),
+                                         copy.deepcopy(model.objective)).to(device)
+        runs = [  # name, objective, model, teacher, batches, config
+            ("online", "colld", model, teacher, audio_batches, config),
+            ("cached", "colld", cached_model, None, cached_batches, config),
+            ("cached_l2l", "l2l", l2l_model, None, cached_batches, config_l2l),
+        ]
+        optims = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
+                                    lr=config.optim.lr, betas=tuple(config.optim.betas))
+                  for _, _, m, _, _, _ in runs]
+        times: list[list[float]] = [[] for _ in runs]
+        losses: list[float] = [0.0 for _ in runs]
+        for step in range(rounds):
+            for i, (_, _, m, t, batches, cfg) in enumerate(runs):
+                batch = batches[step].to(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                tic = time.perf_counter()
+                torch.manual_seed(step_seed(cfg, 0, step))
+                output = distillation_loss(m, t, batch, cfg, teacher_layers)
+                optims[i].zero_grad(set_to_none=True)
+                output.loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)
+                optims[i].step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step >= args.warmup:
+                    times[i].append(time.perf_counter() - tic)
+                losses[i] = float(output.loss.detach())
+
+    audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / 16000 for b in audio_batches)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    teacher_params = sum(p.numel() for p in teacher.model.parameters())
+    info = machine_info(device)
+    rows = []
+    for (name, objective, _, _, _, _), ts, loss in zip(runs, times, losses):
+        step_s = statistics.median(ts)
+        rows.append(dict(
+            mode=name, objective=objective,
+            teacher=f"{args.teacher_layers}x{args.teacher_width}",
+            teacher_params_M=teacher_params / 1e6, student_layers=args.student_layers,
+            student_trainable_M=trainable / 1e6, batch_size=args.batch_size,
+            crop_s=args.max_seconds, step_ms=1000 * step_s,
+            step_ms_min=1000 * min(ts), step_ms_max=1000 * max(ts), steps=len(ts),
+            warmup=args.warmup, samples_per_s=args.batch_size / step_s,
+            audio_s_per_s=audio_per_batch / step_s, last_loss=loss,
+            setup_s=setup_s, cache_s=cache_s, threads=torch.get_num_threads(),
+            device=device.type, **info))
+    online, cached, l2l = rows
+    online["ratio"] = "-"
+    cached["ratio"] = f"cached/online {cached['samples_per_s'] / online['samples_per_s']:.2f}"
+    l2l["ratio"] = f"colld/l2l {cached['step_ms'] / l2l['step_ms']:.2f}"
+    # Per-round ratios (the three runs of a round ran back to back): steadier under shared load.
+    round_cached = statistics.median(o / c for o, c in zip(times[0], times[1]))
+    round_colld = statistics.median(c / l for c, l in zip(times[1], times[2]))
+    for row in rows:
+        row["cached_over_online_per_round"] = round_cached
+        row["colld_over_l2l_step_per_round"] = round_colld
+        row["cached_over_online"] = cached["samples_per_s"] / online["samples_per_s"]
+        row["colld_over_l2l_step"] = cached["step_ms"] / l2l["step_ms"]
+    print(f"teacher {args.teacher_layers}x{args.teacher_width} ({teacher_params / 1e6:.1f}M "
+          f"params), student {args.student_layers} layers ({trainable / 1e6:.1f}M trainable), "
+          f"batch {args.batch_size} x {args.max_seconds} s, median of {args.steps} steps after "
+          f"{args.warmup} warm-up, {torch.get_num_threads()} threads; setup {setup_s:.0f} s, "
+          f"caching {cache_s:.0f} s; per-round medians: cached/online {round_cached:.2f}, "
+          f"colld/l2l {round_colld:.2f}")
+    print_table(rows, ["mode", "objective", "step_ms", "step_ms_min", "step_ms_max",
+                       "samples_per_s", "audio_s_per_s", "ratio"])
+    write_rows(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
