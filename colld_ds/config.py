@@ -46,6 +46,8 @@ class StudentConfig:
     """``None`` keeps the teacher's."""
     intermediate_size: int | None = None
     """FFN width; ``None`` keeps the teacher's."""
+    freeze_front_end: bool = False
+    """Do not train the convolutional front end (copied from the teacher): a cheaper step."""
     init_from_teacher_layers: list[int] | None = None
     """Teacher layer copied into each student layer (1-based, one per student layer). ``None``:
     the first ``num_layers`` teacher layers when the widths match (DistilHuBERT's choice), else

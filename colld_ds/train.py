@@ -143,6 +143,8 @@ def build_run(config: TrainConfig, device: torch.device
     student = build_student(teacher, config.student.num_layers, width,
                             config.student.num_attention_heads, config.student.intermediate_size,
                             init_from_teacher_layers=init or None)
+    if config.student.freeze_front_end:
+        student.freeze_front_end()
     objective = build_objective(config.objective, pairs, student.hidden_size,
                                 teacher.hidden_size, config.layer_map.weights)
     return teacher, pairs, DistillationModel(student, objective)

@@ -82,8 +82,9 @@ def test_stopped_and_resumed_run_matches_uninterrupted(assets, uninterrupted):
 
 
 @pytest.mark.parametrize("extra", [{"run.zero_stage": 1}, {"run.zero_stage": 3},
-                                   {"run.zero_stage": 2, "run.offload_optimizer": True}],
-                         ids=["zero1", "zero3", "zero2-offload"])
+                                   {"run.zero_stage": 2, "run.offload_optimizer": True},
+                                   {"run.zero_stage": 3, "student.freeze_front_end": True}],
+                         ids=["zero1", "zero3", "zero2-offload", "zero3-frozen-front-end"])
 def test_other_zero_stages_complete(assets, tmp_path, extra):
     rows = launch(assets, tmp_path, **{"optim.max_steps": 3, **extra})
     assert [row["step"] for row in rows] == [1, 2, 3]
@@ -126,3 +127,24 @@ def test_cli_trains_without_launcher_and_reports_config_errors_plainly(assets, t
     assert bad.returncode != 0
     assert "colld: config error: objective.name: 'mse' is not allowed" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "whisper", "w2v-bert"])
+def test_freeze_front_end(assets, tmp_path, family):
+    teacher_dir = make_tiny_teacher(family, str(tmp_path / family), seed=0, num_layers=4)
+    config = load_config(CONFIG, overrides(assets, tmp_path, **{
+        "teacher.path": teacher_dir, "student.freeze_front_end": True}))
+    if family == "w2v-bert":
+        with pytest.raises(ValueError, match="no convolutional front end to freeze"):
+            build_run(config, torch.device("cpu"))
+        return
+
+    def frozen_parameters(config):
+        _, _, model = build_run(config, torch.device("cpu"))
+        return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+    newly_frozen = frozen_parameters(config) - frozen_parameters(
+        load_config(CONFIG, overrides(assets, tmp_path, **{"teacher.path": teacher_dir})))
+    front = ("feature_extractor.",) if family == "wav2vec2" else ("conv1.", "conv2.")
+    assert newly_frozen
+    assert all(any(f".model.{prefix}" in name for prefix in front) for name in newly_frozen)

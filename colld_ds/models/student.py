@@ -73,6 +73,18 @@ class Student(nn.Module):
         """K."""
         return getattr(self.model.config, self.family.layers_field)
 
+    def freeze_front_end(self) -> None:
+        """Stop training the convolutional front end (wav2vec 2.0-style feature encoder, or
+        Whisper's conv1/conv2): its backward is a large share of a CPU step."""
+        if hasattr(self.model, "freeze_feature_encoder"):
+            self.model.freeze_feature_encoder()
+        elif self.family.model_type == "whisper":
+            for conv in (self.model.conv1, self.model.conv2):
+                conv.requires_grad_(False)
+        else:
+            raise ValueError(f"student.freeze_front_end: a {self.family.model_type} student has "
+                             "no convolutional front end to freeze; set it to false")
+
     def num_frames(self, wave_lengths: Tensor) -> Tensor:
         """(B,) sample counts -> (B,) valid frames; the same values as the teacher's.
 
