@@ -89,6 +89,8 @@ def main():
     parser.add_argument("--teacher_layers", type=int, default=24)
     parser.add_argument("--teacher_width", type=int, default=256)
     parser.add_argument("--student_layers", type=int, default=3)
+    parser.add_argument("--freeze_front_end", action="store_true",
+                        help="student.freeze_front_end: the student's conv front end does not train")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
@@ -117,7 +119,8 @@ def main():
                                         args.teacher_width)
         overrides = {"teacher.path": teacher_dir, "data.train_shards": audio,
                      "student.num_layers": args.student_layers,
-                     "data.batch_size": args.batch_size, "data.max_seconds": args.max_seconds}
+                     "data.batch_size": args.batch_size, "data.max_seconds": args.max_seconds,
+                     "student.freeze_front_end": args.freeze_front_end}
         config = load_config(overrides=overrides)
         config_l2l = load_config(overrides={**overrides, "objective.name": "l2l"})
         teacher, pairs, model = build_run(config, device)
