@@ -19,19 +19,15 @@ Peak memory is the allocator peak above what existed before the call: CUDA
 
 import argparse
 import itertools
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
+from benchmarks.harness import machine_info, peak_bytes, print_table, write_rows  # noqa: E402
 from kernels.chunked import EPS, contrastive_loss_chunked  # noqa: E402
 from kernels.reference import contrastive_loss_reference  # noqa: E402
 
@@ -68,25 +64,6 @@ def make_batch(n, k, d, dtype, device, seed=0):
     offset = 1 + (torch.rand(n, k, generator=g) * (length - 1)[:, None]).long()
     negatives = start[:, None] + (frame - start)[:, None].add(offset) % length[:, None]
     return predictions, targets, frame.to(device), negatives.to(device)
-
-
-def peak_bytes(fn, device):
-    """Peak allocator bytes above the starting point while ``fn`` runs."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 def time_ms(fn, device, repeats):

@@ -5,9 +5,11 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def machine_info(device: torch.device) -> dict:
@@ -29,6 +31,30 @@ def machine_info(device: torch.device) -> dict:
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak allocator bytes above the starting point while ``fn`` runs.
+
+    CUDA: ``max_memory_allocated`` after a reset. CPU: the profiler's ``[memory]`` events, whose
+    ``Total Allocated`` counts from the profiler start (tensors that existed before are
+    excluded); it follows the ops' allocations and frees, so it is deterministic.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

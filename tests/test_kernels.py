@@ -11,13 +11,12 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.harness import peak_bytes
 from kernels import contrastive_loss, use_triton
 from kernels.chunked import contrastive_loss_chunked
 from kernels.reference import contrastive_loss_reference
@@ -158,20 +157,6 @@ def test_chunked_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (p, t))
 
 
-def _peak_allocated_bytes(fn):
-    """Peak of the CPU allocator's bytes in use while ``fn`` runs, read from the profiler's memory
-    events: their ``Total Allocated`` counts from the profiler start, so tensors that existed
-    before are excluded. It follows the ops' allocations and frees, so it is deterministic."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
-
-
 def test_chunked_peak_memory_does_not_scale_with_n_k_d():
     """Forward + backward peak allocator bytes: the naive path holds the (N, K+1, D) gather
     (N*(K+1)*D*4 bytes); the chunked path holds one (C, K+1, D) chunk and (N, D)-sized grads."""
@@ -180,7 +165,7 @@ def test_chunked_peak_memory_does_not_scale_with_n_k_d():
     gather_bytes = n * (k + 1) * d * 4
 
     def run(fn):
-        return _peak_allocated_bytes(lambda: fn(p, t, pos, neg, 0.1)[0].sum().backward())
+        return peak_bytes(lambda: fn(p, t, pos, neg, 0.1)[0].sum().backward(), torch.device("cpu"))
 
     naive = run(contrastive_loss_reference)
     chunked = run(lambda *a: contrastive_loss_chunked(*a, chunk_size=chunk))
