@@ -41,8 +41,18 @@ if [[ $have_hostfile == 0 ]] && ! "$python" -c "import torch, sys; sys.exit(0 if
   export DS_ACCELERATOR=cpu
   [[ $have_count == 1 ]] || launcher_args+=(--num_accelerators "${COLLD_CPU_RANKS:-2}")
 fi
-if [[ " ${launcher_args[*]-} " != *" --master_port "* ]]; then   # a free port: parallel jobs coexist
-  launcher_args+=(--master_port "$("$python" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')")
+port=""
+for ((i = 0; i < ${#launcher_args[@]}; i++)); do
+  [[ ${launcher_args[i]} == --master_port ]] && port=${launcher_args[i + 1]}
+done
+if [[ -z "$port" ]]; then   # a free port: parallel jobs coexist
+  port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
+  launcher_args+=(--master_port "$port")
+fi
+if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
+  # DeepSpeed's CPU all-reduce maps one 64 MiB /dev/shm segment per rank and never unlinks
+  # it: without this, every CPU run would leave RAM behind until the next reboot.
+  trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_$(id -u)_*_"$port"_*' EXIT
 fi
 cd "$here"
-exec "$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank --module colld_ds.cli train "$@"
+"$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank --module colld_ds.cli train "$@"

@@ -28,8 +28,8 @@ is ``data_throughput.py``'s business: far above what a CPU student consumes) and
 utterances are at least ``--max_seconds`` long, so every crop, and every step, has the same shape.
 The three runs take their steps interleaved (online, cached, cached_l2l, online, ...), so load
 from other processes on the machine hits all three alike. ``--warmup`` steps per run are
-excluded; the figure is the median of ``--steps`` steps. Each run also gets the same seed per
-step (``step_seed``): identical masks and negatives across runs. The per-round ratios (median
+excluded; the figure is the median of ``--steps`` steps. Masks and negatives are drawn from
+(seed, step, utterance key) (``mask_batch``): identical across runs. The per-round ratios (median
 over rounds of the ratio of back-to-back steps) are in the JSON next to the ratios of medians.
 
 CPU threads: ``--threads 1`` by default. On the shared 2-core development machine (load ~4),
@@ -55,7 +55,13 @@ from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E4
 from colld_ds.config import load_config  # noqa: E402
 from colld_ds.data import AudioBatchStream  # noqa: E402
 from colld_ds.objectives import build_objective  # noqa: E402
-from colld_ds.train import DistillationModel, build_run, distillation_loss, step_seed  # noqa: E402
+from colld_ds.train import (  # noqa: E402
+    DistillationModel,
+    build_run,
+    distillation_loss,
+    mask_batch,
+    step_seed,
+)
 from data_prep.cache import cache_teacher  # noqa: E402
 from data_prep.generated_audio import generate_utterances  # noqa: E402
 from data_prep.shards import write_audio_shards  # noqa: E402
@@ -165,7 +171,8 @@ def main():
                     torch.cuda.synchronize()
                 tic = time.perf_counter()
                 torch.manual_seed(step_seed(cfg, 0, step))
-                output = distillation_loss(m, t, batch, cfg, teacher_layers)
+                output = distillation_loss(m, t, mask_batch(batch, teacher, cfg, step), cfg,
+                                           teacher_layers)
                 optims[i].zero_grad(set_to_none=True)
                 output.loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)

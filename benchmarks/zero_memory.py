@@ -148,7 +148,7 @@ def rank_main(rank: int, world_size: int, port: int, stage: int, args, teacher_d
     from colld_ds.config import load_config
     from colld_ds.data import Batch
     from colld_ds.ds_config import build_ds_config
-    from colld_ds.train import build_run, distillation_loss, step_seed
+    from colld_ds.train import build_run, distillation_loss, mask_batch, step_seed
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config(None, {
@@ -177,7 +177,8 @@ def rank_main(rank: int, world_size: int, port: int, stage: int, args, teacher_d
                       keys=[f"u{i}" for i in range(args.batch_size)],
                       langs=["xx"] * args.batch_size)
         torch.manual_seed(step_seed(config, rank, step))
-        output = distillation_loss(engine, teacher, batch, config, teacher_layers)
+        output = distillation_loss(engine, teacher, mask_batch(batch, teacher, config, step),
+                                   config, teacher_layers)
         engine.backward(output.loss)
         if step == args.steps - 1:      # gradients alive: between backward and step
             grad_bytes = StorageCounter().count(_grad_tensors(engine, stage))

@@ -1,4 +1,5 @@
-"""Training metrics: averaged over ranks every ``log_every`` steps, written by rank 0 to
+"""Training metrics: averaged over the frames each metric scores, across micro-batches and ranks
+(weighted by ``ObjectiveOutput.count``), every ``log_every`` steps, written by rank 0 to
 TensorBoard (``out_dir/tb``) and to ``out_dir/metrics.jsonl`` (one JSON object per logged step).
 
 Metrics accumulate on the device between logs, so the hot path has no host sync.
@@ -29,29 +30,33 @@ class MetricsMonitor:
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.micro_steps = 0
+        self.count: torch.Tensor | float = 0.0
         self.samples = 0
         self.audio_samples: torch.Tensor | int = 0
         self.started = time.perf_counter()
 
-    def add(self, metrics: dict[str, torch.Tensor], wave_lengths: torch.Tensor) -> None:
-        """One micro-batch: 0-d metric tensors and its (B,) wave lengths."""
+    def add(self, metrics: dict[str, torch.Tensor], count: torch.Tensor,
+            wave_lengths: torch.Tensor) -> None:
+        """One micro-batch: 0-d metric tensors (means over its ``count`` scored frames) and its
+        (B,) wave lengths."""
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
-        self.micro_steps += 1
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float() * count
+        self.count = self.count + count
         self.samples += wave_lengths.shape[0]
         self.audio_samples = self.audio_samples + wave_lengths.sum()
 
     def log(self, step: int, lr: float, grad_norm: float | None) -> dict[str, float]:
-        """Collective: average metrics over micro-steps and ranks; rank 0 writes them."""
+        """Collective: average metrics over the scored frames of all micro-batches and ranks;
+        rank 0 writes them."""
         keys = sorted(self.sums)
         device = self.sums[keys[0]].device
-        packed = torch.stack([self.sums[k] / self.micro_steps for k in keys]
-                             + [torch.as_tensor(self.audio_samples, device=device).float()])
+        packed = torch.stack([self.sums[k] for k in keys]
+                             + [torch.as_tensor(self.count, device=device).float(),
+                                torch.as_tensor(self.audio_samples, device=device).float()])
         if dist.is_initialized():
             dist.all_reduce(packed)
-            packed[:-1] /= self.world_size
-        values = packed.tolist()
+        packed[:-2] /= packed[-2].clamp(min=1.0)
+        values = packed[:-2].tolist() + packed[-1:].tolist()
         elapsed = time.perf_counter() - self.started
         row = {"step": step, **dict(zip(keys, values[:-1])), "lr": lr,
                "samples_per_s": self.samples * self.world_size / elapsed,

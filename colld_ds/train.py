@@ -1,14 +1,27 @@
 """The one training recipe: DeepSpeed runs it on 1 CPU or 512 GPUs alike.
 
-Per micro-batch (``train_step``): teacher targets on the unmasked audio (no grad), a span mask
-on the student's frames, the masked student forward, the objective, ``engine.backward``,
-``engine.step`` (DeepSpeed steps the optimiser at accumulation boundaries).
+Per optimiser step: the span masks of all its micro-batches are drawn first (``mask_batch``), so
+the number of frames the objective scores over the whole step, all micro-batches and ranks, is
+known before any backward (one all-reduce of a scalar). Then per micro-batch (``train_step``):
+teacher targets on the unmasked audio (no grad), the masked student forward, the objective,
+``engine.backward`` of the micro-batch's loss *sum* scaled so that the accumulated, rank-averaged
+gradient is that of the mean over all scored frames of the step, ``engine.step`` (DeepSpeed
+steps the optimiser at accumulation boundaries). Hence (micro-batch 8 x accumulation 1) and
+(2 x 4) give the same loss and gradients, and so do ranks with different frame counts.
+
+Randomness: an utterance's span mask and negatives are drawn from its own seed, a hash of
+(run seed, optimiser step, utterance key) (``utterance_seeds``): they do not depend on the
+batch split, the rank or the padding, and a resumed run draws exactly what an uninterrupted one
+would. Dropout is seeded per (seed, rank, micro-step) (``step_seed``).
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +36,8 @@ from colld_ds.config import ConfigError, TrainConfig, save_config
 from colld_ds.data import AudioBatchStream, Batch
 from colld_ds.ds_config import build_ds_config
 from colld_ds.layer_map import LayerPair, resolve_layer_map
-from colld_ds.models import Student, Teacher, build_student, compute_span_mask, load_teacher
-from colld_ds.models import read_num_layers
+from colld_ds.models import Student, Teacher, build_student, load_teacher, read_num_layers
+from colld_ds.models import utterance_span_masks
 from colld_ds.monitor import MetricsMonitor
 from colld_ds.objectives import ObjectiveOutput, PairwiseObjective, build_objective
 
@@ -41,12 +54,12 @@ class DistillationModel(nn.Module):
         self.objective = objective
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, mask_time: torch.Tensor,
-                teacher_features: dict[int, torch.Tensor], frame_mask: torch.Tensor
-                ) -> ObjectiveOutput:
+                teacher_features: dict[int, torch.Tensor], frame_mask: torch.Tensor,
+                seeds: torch.Tensor) -> ObjectiveOutput:
         """wave (B, S), wave_lengths (B,), mask_time and frame_mask (B, T) bool,
-        teacher_features: teacher layer -> (B, T, D_t)."""
+        teacher_features: teacher layer -> (B, T, D_t), seeds (B,) int64 per utterance."""
         hidden = self.student(wave, wave_lengths, mask_time).hidden      # K x (B, T, D_s)
-        return self.objective(hidden, teacher_features, frame_mask, mask_time)
+        return self.objective(hidden, teacher_features, frame_mask, mask_time, seeds)
 
 
 def frames_mask(frame_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -55,38 +68,98 @@ def frames_mask(frame_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 def step_seed(config: TrainConfig, rank: int, micro_step: int) -> int:
-    """Masking, negatives and dropout are seeded from (seed, rank, micro-step): a resumed run
-    draws exactly what an uninterrupted one would, with no RNG state to save."""
+    """Dropout is seeded from (seed, rank, micro-step): a resumed run draws exactly what an
+    uninterrupted one would, with no RNG state to save."""
     return (config.run.seed * 1_000_003 + rank * 7_919 + micro_step * 104_729) % (2**63)
 
 
-def distillation_loss(model, teacher: Teacher | None, batch: Batch, config: TrainConfig,
+def utterance_seeds(seed: int, step: int, keys: Sequence[str]) -> torch.Tensor:
+    """(B,) int64 seeds of each utterance's span mask and negatives at optimiser ``step``: a
+    hash of (run seed, step, key), independent of the batch, the rank and the padding."""
+    return torch.tensor([
+        int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest(),
+                       "little") >> 1
+        for key in keys], dtype=torch.int64)
+
+
+@dataclass
+class MaskedBatch:
+    """A batch and what the student's masking drew for it (all on the CPU but ``batch``)."""
+
+    batch: Batch
+    frame_lengths: torch.Tensor
+    """(B,) valid frames of each utterance (teacher and student frames are the same)."""
+    num_frames: int
+    """T, frames of the padded batch."""
+    mask_time: torch.Tensor
+    """(B, T) bool, True where the student's input frame is masked."""
+    seeds: torch.Tensor
+    """(B,) int64, ``utterance_seeds`` (the mask used them; the objective's negatives too)."""
+
+    def to(self, device: torch.device | str) -> MaskedBatch:
+        return MaskedBatch(self.batch.to(device), self.frame_lengths, self.num_frames,
+                           self.mask_time, self.seeds)
+
+    def frame_mask(self) -> torch.Tensor:
+        """(B, T) bool on the CPU, True at valid frames."""
+        return frames_mask(self.frame_lengths, self.num_frames)
+
+
+def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step: int
+               ) -> MaskedBatch:
+    """Draw the span mask of a (CPU) batch for optimiser ``step``. The frame layout comes from
+    the cache (cached mode) or from the teacher's front-end formula, without running it."""
+    if batch.teacher_features is not None:
+        frame_lengths = batch.frame_lengths.cpu()
+        num_frames = batch.teacher_features[0].shape[1]
+    else:
+        frame_lengths = teacher.num_frames(batch.wave_lengths.cpu())
+        num_frames = int(teacher.num_frames(torch.tensor(batch.wave.shape[1])))
+    seeds = utterance_seeds(config.run.seed, step, batch.keys)
+    mask_time = utterance_span_masks(frame_lengths, num_frames, config.masking.mask_prob,
+                                     config.masking.span_length, seeds,
+                                     min_masks=config.masking.min_masks)
+    return MaskedBatch(batch, frame_lengths, num_frames, mask_time, seeds)
+
+
+def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, config: TrainConfig,
                       teacher_layers: list[int]) -> ObjectiveOutput:
     """Forward of one micro-batch. ``model``: the DeepSpeed engine or the DistillationModel.
 
     Teacher targets come from the batch in cached mode, else from the teacher run on the
     unmasked audio without grad."""
+    batch = masked.batch
     if batch.teacher_features is not None:           # cached mode: fp16 frames from the shards
-        features, frame_lengths = batch.teacher_features, batch.frame_lengths
+        features = batch.teacher_features
     else:
         with torch.no_grad():
-            targets = teacher(batch.wave, batch.wave_lengths)
-        features, frame_lengths = targets.features, targets.frame_lengths
+            features = teacher(batch.wave, batch.wave_lengths).features
     teacher_features = {layer: f.float() for layer, f in zip(teacher_layers, features)}
-    num_frames = features[0].shape[1]                                     # layer -> (B, T, D_t)
-    frame_mask = frames_mask(frame_lengths, num_frames)                   # (B, T)
-    mask_time = compute_span_mask(frame_lengths.cpu(), num_frames, config.masking.mask_prob,
-                                  config.masking.span_length, min_masks=config.masking.min_masks)
+    device = features[0].device                                           # layer -> (B, T, D_t)
     wave = batch.wave.to(_DTYPES[config.run.precision])
-    return model(wave, batch.wave_lengths, mask_time.to(frame_mask.device), teacher_features,
-                 frame_mask)
+    return model(wave, batch.wave_lengths, masked.mask_time.to(device), teacher_features,
+                 masked.frame_mask().to(device), masked.seeds)
 
 
-def train_step(engine, teacher: Teacher | None, batch: Batch, config: TrainConfig,
-               teacher_layers: list[int], seed: int) -> ObjectiveOutput:
+def step_loss_scale(objective: PairwiseObjective, micro_batches: list[MaskedBatch],
+                    world_size: int, device: torch.device) -> float:
+    """(accumulation x world size) / frames scored by the whole step on all ranks (collective).
+
+    DeepSpeed divides each backward by the accumulation steps and averages gradients over
+    ranks; backward of ``loss * count * scale`` then yields the gradient of the mean over every
+    scored frame of the step."""
+    count = sum(int(objective.anchors(m.frame_mask(), m.mask_time).sum()) for m in micro_batches)
+    total = torch.tensor(float(count), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return len(micro_batches) * world_size / max(float(total), 1.0)
+
+
+def train_step(engine, teacher: Teacher | None, masked: MaskedBatch, config: TrainConfig,
+               teacher_layers: list[int], seed: int, loss_scale: float) -> ObjectiveOutput:
     torch.manual_seed(seed)
-    output = distillation_loss(engine, teacher, batch, config, teacher_layers)
-    engine.backward(output.loss)
+    output = distillation_loss(engine, teacher, masked, config, teacher_layers)
+    engine.backward(output.loss * output.count * loss_scale)
     engine.step()
     output.metrics["loss/total"] = output.loss.detach()
     return output
@@ -116,6 +189,9 @@ def _single_process_defaults() -> None:
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # DeepSpeed's CPU all-reduce maps a /dev/shm segment per rank and never unlinks it
+        shm = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0")
+        atexit.register(shm.unlink, missing_ok=True)
 
 
 def _teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -203,11 +279,14 @@ def train(config: TrainConfig) -> TrainResult:
     last_step = config.run.stop_at_step or config.optim.max_steps
     try:
         while step < last_step:
-            for micro in range(accumulation):
-                batch = next(batches).to(device)
-                output = train_step(engine, teacher, batch, config, teacher_layers,
-                                    step_seed(config, rank, step * accumulation + micro))
-                monitor.add(output.metrics, batch.wave_lengths)
+            micro_batches = [mask_batch(next(batches), teacher, config, step)
+                             for _ in range(accumulation)]
+            loss_scale = step_loss_scale(model.objective, micro_batches, world_size, device)
+            for micro, masked in enumerate(micro_batches):
+                output = train_step(engine, teacher, masked.to(device), config, teacher_layers,
+                                    step_seed(config, rank, step * accumulation + micro),
+                                    loss_scale)
+                monitor.add(output.metrics, output.count, masked.batch.wave_lengths)
             step += 1
             progress.update(1)
             if step % config.run.log_every == 0 or step == last_step:

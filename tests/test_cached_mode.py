@@ -6,7 +6,7 @@ import torch
 
 from colld_ds.config import load_config
 from colld_ds.data import AudioBatchStream
-from colld_ds.train import build_run, distillation_loss
+from colld_ds.train import build_run, distillation_loss, mask_batch
 from data_prep.cache import cache_teacher
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
@@ -39,16 +39,18 @@ def test_cached_loss_equals_online_loss(tmp_path):
     assert cached_batch.frame_lengths.tolist() == teacher.num_frames(
         audio_batch.wave_lengths).tolist()
 
-    def loss(batch, source):
-        torch.manual_seed(7)                                      # same mask and negatives
-        return distillation_loss(model, source, batch, config, layers)
+    def loss(batch, source):                      # masks and negatives: from (seed, step, key)
+        return distillation_loss(model, source, mask_batch(batch, teacher, config, step=3),
+                                 config, layers)
 
     online, cached = loss(audio_batch, teacher), loss(cached_batch, None)
     assert cached.loss.item() == pytest.approx(online.loss.item(), rel=2e-3)
     for key in online.metrics:
         assert cached.metrics[key].item() == pytest.approx(online.metrics[key].item(),
                                                            rel=2e-3, abs=1e-3), key
-    # the same batch against features shifted by one frame is clearly different
+    # the same batch against features shifted by one frame is clearly different: the equality
+    # above is not that of a loss insensitive to its targets
+    agreement = abs(cached.loss.item() - online.loss.item())
     shifted = [features.roll(1, dims=1) for features in cached_batch.teacher_features]
     cached_batch.teacher_features = shifted
-    assert abs(loss(cached_batch, None).loss.item() - online.loss.item()) > 1e-2
+    assert abs(loss(cached_batch, None).loss.item() - online.loss.item()) > 20 * agreement + 1e-3

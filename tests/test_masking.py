@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from colld_ds.models import compute_span_mask, expected_masked_fraction
+from colld_ds.models import compute_span_mask, expected_masked_fraction, utterance_span_masks
 
 
 def _draw(lengths, max_frames, mask_prob, span, seed=0, min_masks=1):
@@ -75,3 +75,15 @@ def test_global_rng_when_no_generator():
 def test_lengths_beyond_max_frames_fail_loudly():
     with pytest.raises(RuntimeError):
         _draw([80], 40, 0.65, 10)
+
+
+def test_utterance_masks_do_not_depend_on_the_batch_or_padding():
+    seeds = torch.tensor([11, 22, 33])
+    together = utterance_span_masks(torch.tensor([60, 45, 30]), 70, 0.65, 10, seeds)
+    alone = utterance_span_masks(torch.tensor([45]), 45, 0.65, 10, seeds[1:2])
+    assert torch.equal(together[1, :45], alone[0])
+    assert not together[1, 45:].any() and not together[2, 30:].any()
+    # each row is compute_span_mask of that utterance alone, from its own seed
+    expected = _draw([60], 60, 0.65, 10, seed=11)[0]
+    assert torch.equal(together[0, :60], expected)
+    assert together.float().mean() > 0.2                      # spans were drawn

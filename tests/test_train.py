@@ -5,6 +5,7 @@ Each launch costs ~15 s (process start, DeepSpeed init); the runs are shared whe
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,19 @@ def overrides(assets, out_dir, **extra):
 
 
 def launch(assets, out_dir, **extra) -> list[dict]:
-    """Run ./launch.sh on 2 CPU ranks; return the metrics.jsonl rows of out_dir."""
-    command = [str(REPO / "launch.sh"), "--config", str(CONFIG)]
+    """Run ./launch.sh on 2 CPU ranks; return the metrics.jsonl rows of out_dir. The run must
+    not leave DeepSpeed's per-rank shared-memory segments behind (64 MiB of RAM each)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(REPO / "launch.sh"), "--master_port", str(port), "--config", str(CONFIG)]
     for key, value in overrides(assets, out_dir, **extra).items():
         command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = dict(os.environ, COLLD_CPU_RANKS="2", COLLD_PYTHON=sys.executable)
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

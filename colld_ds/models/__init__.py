@@ -1,7 +1,11 @@
 """Teachers, students and span masking for CoLLD (see families.py for per-family knowledge)."""
 
 from colld_ds.models.families import FAMILIES, SAMPLE_RATE, Family, family_of, frame_mask
-from colld_ds.models.masking import compute_span_mask, expected_masked_fraction
+from colld_ds.models.masking import (
+    compute_span_mask,
+    expected_masked_fraction,
+    utterance_span_masks,
+)
 from colld_ds.models.student import Student, StudentOutput, build_student
 from colld_ds.models.teacher import (
     Teacher,
@@ -21,6 +25,7 @@ __all__ = [
     "TeacherOutput",
     "build_student",
     "compute_span_mask",
+    "utterance_span_masks",
     "config_hash",
     "expected_masked_fraction",
     "family_of",

@@ -53,6 +53,28 @@ def compute_span_mask(
     return (hits > 0).to(device)
 
 
+def utterance_span_masks(
+    frame_lengths: Tensor,
+    max_frames: int,
+    mask_prob: float,
+    span_length: int,
+    seeds: Tensor,
+    min_masks: int = 1,
+) -> Tensor:
+    """Like :func:`compute_span_mask`, each utterance drawn from its own seed on the CPU.
+
+    frame_lengths (B,) int, seeds (B,) int64 -> (B, T) bool on the CPU, True = masked. Row b
+    depends only on (frame_lengths[b], seeds[b]): not on the padding T, the other utterances
+    of the batch, or how the batch was split into micro-batches.
+    """
+    mask = torch.zeros(frame_lengths.shape[0], max_frames, dtype=torch.bool)
+    for row, length, seed in zip(mask, frame_lengths.tolist(), seeds.tolist(), strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        row[:length] = compute_span_mask(torch.tensor([length]), length, mask_prob, span_length,
+                                         generator, min_masks)[0]
+    return mask
+
+
 def expected_masked_fraction(
     length: int, mask_prob: float, span_length: int, min_masks: int = 1
 ) -> float:

@@ -17,9 +17,13 @@ class ObjectiveOutput(NamedTuple):
     its backward."""
 
     loss: torch.Tensor
-    """Scalar fp32: weighted mean over pairs of each pair's mean loss."""
+    """Scalar fp32: weighted mean over pairs of each pair's mean loss over the scored frames."""
     metrics: dict[str, torch.Tensor]
-    """0-d detached tensors: ``loss/<pair>``, and e.g. ``acc/<pair>`` or ``cos/<pair>``."""
+    """0-d detached tensors, means over the scored frames: ``loss/<pair>``, and e.g.
+    ``acc/<pair>`` or ``cos/<pair>``."""
+    count: torch.Tensor
+    """0-d fp32: the frames scored (the same for every pair). ``loss * count`` is the sum that
+    training normalises over a whole optimiser step (all micro-batches and ranks)."""
 
 
 @dataclass
@@ -53,21 +57,34 @@ class PairwiseObjective(nn.Module):
         weights = weights if weights is not None else [1.0] * len(pairs)
         self.weights = [w / sum(weights) for w in weights]
 
-    def select_frames(self, frame_mask: torch.Tensor, mask_time: torch.Tensor) -> FrameSelection:
+    def anchors(self, frame_mask: torch.Tensor, mask_time: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool, True at the frames this objective scores; their number is
+        ``ObjectiveOutput.count``, known before the student runs."""
         raise NotImplementedError
+
+    def select_frames(self, frame_mask: torch.Tensor, mask_time: torch.Tensor,
+                      seeds: torch.Tensor | None = None) -> FrameSelection:
+        """The anchors in row-major order (``seeds``: per-utterance seeds for objectives that
+        sample, e.g. negatives)."""
+        return select_rows(self.anchors(frame_mask, mask_time))
 
     def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
                   selection: FrameSelection) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """predictions (N, D_t) fp32 at the selected frames, targets (B * T, D_t) fp32 ->
-        (scalar loss, metrics by short name)."""
+        (scalar loss summed over the N frames, metrics summed over the N frames by short
+        name)."""
         raise NotImplementedError
 
     def forward(self, student_hidden: list[torch.Tensor], teacher_features: dict[int, torch.Tensor],
-                frame_mask: torch.Tensor, mask_time: torch.Tensor) -> ObjectiveOutput:
+                frame_mask: torch.Tensor, mask_time: torch.Tensor,
+                seeds: torch.Tensor | None = None) -> ObjectiveOutput:
         """student_hidden: one (B, T, D_s) per student layer (index 0 = layer 1);
         teacher_features: teacher layer -> (B, T, D_t); frame_mask (B, T) bool, True at valid
-        (unpadded) frames; mask_time (B, T) bool, True where the student's input was masked."""
-        selection = self.select_frames(frame_mask, mask_time)
+        (unpadded) frames; mask_time (B, T) bool, True where the student's input was masked;
+        seeds (B,) int64 per-utterance seeds (None: torch's global RNG). A batch with no
+        scored frame has loss 0 (and count 0)."""
+        selection = self.select_frames(frame_mask, mask_time, seeds)
+        count = selection.rows.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=frame_mask.device)
         metrics: dict[str, torch.Tensor] = {}
         for pair, weight in zip(self.pairs, self.weights):
@@ -75,13 +92,15 @@ class PairwiseObjective(nn.Module):
                                                             selection.frame_index]
             predictions = self.heads[pair.name](states).float()        # (N, D_t)
             targets = teacher_features[pair.teacher_layer]
-            loss, pair_metrics = self.pair_loss(
+            loss_sum, metric_sums = self.pair_loss(
                 predictions, targets.reshape(-1, targets.shape[-1]).float(), selection)
+            loss = loss_sum / max(count, 1)
             total = total + weight * loss
             metrics[f"loss/{pair.name}"] = loss.detach()
-            for key, value in pair_metrics.items():
-                metrics[f"{key}/{pair.name}"] = value.detach()
-        return ObjectiveOutput(loss=total, metrics=metrics)
+            for key, value in metric_sums.items():
+                metrics[f"{key}/{pair.name}"] = value.detach() / max(count, 1)
+        count_tensor = torch.tensor(float(count), device=frame_mask.device)
+        return ObjectiveOutput(loss=total, metrics=metrics, count=count_tensor)
 
 
 def select_rows(anchors: torch.Tensor) -> FrameSelection:

@@ -16,20 +16,32 @@ from kernels import contrastive_loss
 
 def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
                      frame_index: torch.Tensor, num_frames: int, num_negatives: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     seeds: torch.Tensor | None = None) -> torch.Tensor:
     """K negatives per anchor frame, uniform over the other valid frames of its utterance.
 
-    frame_lengths (B,) valid frames per utterance; batch_index, frame_index (N,) the anchors;
-    num_frames T of the padded batch. Returns (N, K) int64 rows of the (B * T, D) flattened
-    targets. Draws r uniform in {0 .. L - 2} and shifts r >= t up by one, so the positive is
-    never drawn and neither is padding (t >= L).
+    frame_lengths (B,) valid frames per utterance; batch_index, frame_index (N,) the anchors,
+    sorted by utterance; num_frames T of the padded batch. Returns (N, K) int64 rows of the
+    (B * T, D) flattened targets. Draws r uniform in {0 .. L - 2} and shifts r >= t up by one,
+    so the positive is never drawn and neither is padding (t >= L).
+
+    The uniforms come from ``generator`` (or torch's global RNG), or with ``seeds`` (B,) int64
+    from one CPU generator per utterance seeded ``seeds[b] + 1`` (the span mask uses
+    ``seeds[b]``), so an utterance's negatives do not depend on the rest of the batch.
     """
     lengths = frame_lengths[batch_index]
     if bool((lengths < 2).any()):
         raise ValueError("CoLLD needs at least 2 valid frames per utterance to draw negatives; "
                          "raise data.max_seconds or filter out very short utterances")
-    uniform = torch.rand(batch_index.shape[0], num_negatives, generator=generator,
-                         device=frame_lengths.device)
+    if seeds is None:
+        uniform = torch.rand(batch_index.shape[0], num_negatives, generator=generator,
+                             device=frame_lengths.device)
+    else:
+        rows = torch.bincount(batch_index.cpu(), minlength=seeds.shape[0]).tolist()
+        uniform = torch.cat([
+            torch.rand(n, num_negatives, generator=torch.Generator().manual_seed(seed + 1))
+            for n, seed in zip(rows, seeds.tolist(), strict=True)
+        ]).to(frame_lengths.device)
     others = (lengths - 1).unsqueeze(1)
     drawn = (uniform * others).long().minimum(others - 1)
     drawn = drawn + (drawn >= frame_index.unsqueeze(1)).long()
@@ -43,17 +55,20 @@ class ColldObjective(PairwiseObjective):
         self.temperature = temperature
         self.num_negatives = num_negatives
 
-    def select_frames(self, frame_mask, mask_time):
+    def anchors(self, frame_mask, mask_time):
+        return mask_time & frame_mask
+
+    def select_frames(self, frame_mask, mask_time, seeds=None):
         """Masked valid frames; one draw of negatives serves every pair of the batch."""
-        selection = select_rows(mask_time & frame_mask)
+        selection = select_rows(self.anchors(frame_mask, mask_time))
         selection.num_frames = frame_mask.shape[1]      # negatives stay in their utterance
         selection.negatives = sample_negatives(frame_mask.sum(1), selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],
-                                               self.num_negatives)
+                                               self.num_negatives, seeds=seeds)
         return selection
 
     def pair_loss(self, predictions, targets, selection: FrameSelection):
         loss, correct = contrastive_loss(predictions, targets, selection.rows,
                                          selection.negatives, self.temperature,
                                          num_frames=selection.num_frames)
-        return loss.mean(), {"acc": correct.float().mean()}
+        return loss.sum(), {"acc": correct.float().sum()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from colld_ds.layer_map import LayerPair
-from colld_ds.objectives.base import FrameSelection, PairwiseObjective, select_rows
+from colld_ds.objectives.base import FrameSelection, PairwiseObjective
 
 
 class RegressionObjective(PairwiseObjective):
@@ -23,18 +23,19 @@ class RegressionObjective(PairwiseObjective):
         self.cosine_weight = cosine_weight
         self.cosine_term = cosine_term
 
-    def select_frames(self, frame_mask, mask_time):
-        return select_rows(frame_mask)
+    def anchors(self, frame_mask, mask_time):
+        return frame_mask
 
     def pair_loss(self, predictions, targets, selection: FrameSelection):
+        """Per frame: distance averaged over D_t, plus the weighted cosine term; summed."""
         targets = targets[selection.rows]                                   # (N, D_t)
         if self.distance == "l1":
-            distance = F.l1_loss(predictions, targets)
+            distance = F.l1_loss(predictions, targets, reduction="none").mean(-1)   # (N,)
         else:
-            distance = F.mse_loss(predictions, targets)
-        cosine = F.cosine_similarity(predictions, targets, dim=-1)
+            distance = F.mse_loss(predictions, targets, reduction="none").mean(-1)
+        cosine = F.cosine_similarity(predictions, targets, dim=-1)               # (N,)
         if self.cosine_term == "one_minus":
-            cosine_loss = (1 - cosine).mean()
+            cosine_loss = 1 - cosine
         else:
-            cosine_loss = -F.logsigmoid(cosine).mean()
-        return distance + self.cosine_weight * cosine_loss, {"cos": cosine.mean()}
+            cosine_loss = -F.logsigmoid(cosine)
+        return (distance + self.cosine_weight * cosine_loss).sum(), {"cos": cosine.sum()}
