@@ -93,16 +93,36 @@ class MaskingConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train_shards: str = ""
-    """Audio shards: a brace pattern (``train-{000000..000127}.tar``), a directory, or a list."""
+    """Audio shards: a brace pattern (``train-{000000..000127}.tar``), a directory, or a list;
+    local paths or streamed URLs (``https://host/train-{000000..000127}.tar``, ``s3://...``,
+    ``pipe:cmd``), which need a shard index (``shard_index``)."""
     teacher_cache: str = ""
     """Teacher-cache shards (``colld prep cache-teacher``) to train from instead of
     ``train_shards``: cached mode, the teacher is never run. Empty: online mode."""
+    shard_index: str = ""
+    """Shard index (path or URL) of the shards read (``train_shards`` or ``teacher_cache``).
+    Empty: ``shardindex.json`` beside them (written by ``make_shards`` and ``cache-teacher``);
+    local shards without one are scanned at start-up, streamed ones need one."""
     batch_size: int = 8
-    """Utterances per micro-batch per rank."""
+    """Utterances per micro-batch per rank (unused when ``batch_seconds`` is set)."""
+    batch_seconds: float | None = None
+    """Dynamic batching: padded audio seconds per micro-batch per rank (longest cropped
+    utterance x utterances); utterances are length-bucketed and the batch size varies. An
+    utterance longer than this (only if ``max_seconds`` is) forms a batch alone. ``None``:
+    ``batch_size`` utterances per micro-batch."""
+    bucket_buffer: int = 256
+    """Dynamic batching: utterances per worker sorted by length together (more: less padding,
+    more memory, as they are held undecoded)."""
     max_seconds: float = 4.0
     """Random crop of longer utterances (assumption: short crops as in DistilHuBERT/wav2vec 2.0)."""
     num_workers: int = 1
     shuffle_buffer: int = 64
+
+    def __post_init__(self):
+        if self.batch_seconds is not None and self.batch_seconds <= 0:
+            raise ConfigError("data.batch_seconds: must be > 0 or null")
+        if self.bucket_buffer < 1:
+            raise ConfigError("data.bucket_buffer: must be >= 1")
 
 
 @dataclass(kw_only=True)

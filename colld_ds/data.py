@@ -3,6 +3,18 @@
 Shards are the audio shards of `data_prep.shards` (key `<utt_id>`, `flac` (or `wav`) 16 kHz
 mono + `json` with `lang`). `AudioBatchStream` yields `Batch`es forever, epoch after epoch.
 
+Where shards live: local files, or URLs that webdataset's `gopen` streams: `http(s)://...`
+(curl), `pipe:<command that writes the tar to stdout>`, and `s3://bucket/key.tar` (streamed as
+`pipe:aws s3 cp s3://bucket/key.tar -`). What the loader must know before reading a shard, its
+sample keys and each utterance's length, comes from the shard index (`data_prep.shards`,
+`shardindex.json`): the one given (`shard_index=`), else the one beside the first shard (its
+directory or URL directory). Index entries are matched to shards by file name
+(`train-000000.tar`), so one index serves a directory, its http mirror, an s3 copy or `pipe:`
+commands naming the files. Local shards without an index entry are scanned at construction
+(tar headers, plus the json members' durations for dynamic batching); streamed shards without
+one are refused with the fix. While streaming, every shard's keys (and decoded lengths) are checked
+against the index: a shard changed since it was indexed raises an error naming it.
+
 Cached mode (`expect_teacher=` a teacher identity): the shards are teacher-cache shards of
 `data_prep.cache` (audio + one fp16 `(T, D)` array per teacher layer, whole utterance). Each
 sample's cache identity must match (`check_teacher_identity`), and batches also carry the
@@ -18,28 +30,37 @@ How one epoch is laid out, for rank `r` of `R` with `W = max(1, num_workers)` wo
    the epoch (a warning says so once; the order changes every epoch, so none is lost for good).
 2. Explicit node split `shards[r::R]`, then worker split `[w::W]`: every (rank, worker) gets
    the same number of shards, and no shard is read by two of them.
-3. Equal step counts: shards may hold different numbers of samples, so each worker yields
-   exactly `n = min over all (rank, worker) of (its samples // batch_size)` batches. The sample
-   counts come from the tar headers, read once at construction (local files only). Every rank
-   therefore yields `epoch_length(epoch) = n * W` batches, and DeepSpeed ranks step together.
-   Samples beyond a worker's `n * batch_size` are dropped for this epoch (`drop_last` style).
-4. Per worker, a pipeline of named stages (`read_samples` -> `shuffle_samples` -> `take_range`
-   -> `decode_audio` -> `random_crop` -> `collate`); the DataLoader returns worker batches in
-   round-robin order (worker 0, 1, ..., W-1, 0, ...), so batch `i` of the epoch is batch
-   `i // W` of worker `i % W`. Sample shuffling uses `Random(seed, epoch, rank, worker)`, the
-   crop offset `default_rng(seed, epoch, crc32(key))`: nothing depends on timing.
+3. Batching (`colld_ds.batching`): each worker shuffles its samples with
+   `Random(seed, epoch, rank, worker)` and cuts them into batches of exactly `batch_size`
+   utterances, or (`batch_seconds`) into length-bucketed batches of at most `batch_seconds`
+   padded audio (longest cropped utterance x count; one utterance longer than that forms a
+   batch alone). Batching is a pure function of the index metadata (key, length), so the stream
+   plans every (rank, worker) of an epoch up front without reading audio (`plan`).
+4. Equal step counts: each worker yields exactly `n = min over all (rank, worker) of its
+   planned batches` batches; every rank yields `epoch_length(epoch) = n * W` batches, so
+   DeepSpeed ranks step together. The rest is not seen this epoch: with fixed batches the
+   samples after a worker's first `n * batch_size`, with dynamic batches whole planned batches
+   after its first `n` (their order is shuffled, so they are of all lengths). `accounting(epoch)`
+   counts them (used, dropped, sitting out), and rank 0 warns with the counts of epoch 0; orders
+   change every epoch, so no sample is lost for good.
+5. Per worker, a pipeline of named stages (`read_indexed` -> `Batching.batches` -> `take_range`
+   -> per batch `decode_audio` -> `random_crop` -> `collate`); the DataLoader returns worker
+   batches in round-robin order (worker 0, 1, ..., W-1, 0, ...), so batch `i` of the epoch is
+   batch `i // W` of worker `i % W`. The crop offset is drawn from
+   `default_rng(seed, epoch, crc32(key))`: nothing depends on timing.
 
 Exact resume: `state_dict()` is `{"epoch", "batches_in_epoch"}` of the batches handed to the
-caller. A stream loaded with it restarts epoch `e` with each worker skipping the samples of
-its batches already consumed (after the shuffle, before decoding) and with the worker roles
+caller. A stream loaded with it restarts epoch `e` with each worker skipping its batches
+already consumed (after the shuffle and batching, before decoding) and with the worker roles
 rotated so that the DataLoader's round robin starts at the worker that owns batch `k`. Cost of
 a resume: each worker re-reads (tar read + shuffle, no FLAC decode) up to `k / W` batches of
 samples of the current epoch.
 
 Each epoch starts a fresh DataLoader (workers fork again, a fraction of a second). Errors name
-their source: no shards matched (the pattern), a corrupt or truncated shard (its path, at
-construction from the header scan, or while streaming), a sample without audio/json (its key),
-a cache of another teacher (both identities), a sample missing a layer (its member name).
+their source: no shards matched (the pattern), streamed shards without an index (the fix), a
+stale index (index and shard), a corrupt or truncated shard (its path or URL, at construction
+from the header scan, or while streaming), a sample without audio/json (its key), a cache of
+another teacher (both identities), a sample missing a layer (its member name).
 """
 
 from __future__ import annotations
@@ -49,7 +70,8 @@ import io
 import itertools
 import json
 import os
-import random
+import re
+import shlex
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -62,10 +84,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, count_samples
+from colld_ds.batching import Batching, EpochPlanner, ShardInfo
+from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_index, shard_index_entry
+from data_prep.shards import shard_keys
 
 FRAME_STRIDE = 320  # samples per frame (20 ms) of every supported teacher family
 _IDENTITY_KEYS = ("config_hash", "target_kind")  # must be equal; the run's layers must be cached
+_SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
+_REFRESH = ("refresh it with `colld prep index <shard directory>` (make_shards and "
+            "cache-teacher do so when they finish)")
 
 
 @dataclass
@@ -142,10 +169,32 @@ def check_teacher_identity(found: dict, expected: dict, where: str) -> None:
         )
 
 
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard paths from a list, a directory (its `*.tar`, sorted) or a brace pattern.
+def is_remote(url: str) -> bool:
+    """Whether `url` is streamed by a command or over a network (`pipe:...`, `scheme://...`)."""
+    return url.startswith("pipe:") or "://" in url
 
-    Raises ValueError naming the pattern when nothing matches or a listed shard is missing.
+
+def opener_url(url: str) -> str:
+    """What webdataset's `gopen` opens for `url`: `s3://b/k.tar` -> `pipe:aws s3 cp s3://b/k.tar -`
+    (gopen has no s3 scheme); paths, `pipe:` and `http(s)://` (curl) as they are."""
+    return f"pipe:aws s3 cp {shlex.quote(url)} -" if url.startswith("s3://") else url
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name (the last `*.tar` name in a path, URL or `pipe:` command): the key
+    of its shard index entry. ValueError when `url` names no `*.tar` file."""
+    names = _SHARD_NAME.findall(url)
+    if not names:
+        raise ValueError(f"shard {url} names no *.tar file: shard index entries are matched by file name")
+    return names[-1]
+
+
+def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[str]:
+    """Shard paths from a list, a directory (its `*.tar`, sorted) or a brace pattern; with
+    `allow_remote`, also streamed URLs (`is_remote`), which are not checked here.
+
+    Raises ValueError naming the pattern when nothing matches or a listed local shard is
+    missing, and naming the URL when a URL is given to a reader of local files.
     """
     if isinstance(urls, str):
         pattern = urls
@@ -155,49 +204,109 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
             paths = list(braceexpand.braceexpand(urls))
     else:
         pattern, paths = repr(list(urls)), list(urls)
-    missing = [p for p in paths if not os.path.isfile(p)]
+    remote = [p for p in paths if is_remote(p)]
+    if remote and not allow_remote:
+        raise ValueError(f"shard {remote[0]} is not a local file: this command reads local shards only")
+    missing = [p for p in paths if not is_remote(p) and not os.path.isfile(p)]
     if not paths or missing:
         detail = f" (missing: {missing[:3]})" if missing else ""
         raise ValueError(f"no shards matched {pattern}{detail}")
     return paths
 
 
+def _index_beside(urls: Sequence[str]) -> str | None:
+    """`shardindex.json` in the first shard's directory (URL directory for streamed shards):
+    None for `pipe:` shards (no directory) and for local shards without one (they are scanned)."""
+    if urls[0].startswith("pipe:"):
+        return None
+    index = os.path.join(os.path.dirname(urls[0]), SHARD_INDEX)
+    return index if is_remote(index) or os.path.isfile(index) else None
+
+
+def _scanned(url: str, need_lengths: bool) -> ShardInfo:
+    """`ShardInfo` of a local shard from its tar headers (and json durations if needed)."""
+    if not need_lengths:
+        return ShardInfo(url, tuple(shard_keys(url)), None)
+    entry = shard_index_entry(url)
+    return ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]))
+
+
+def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool) -> dict[str, ShardInfo]:
+    """`ShardInfo` of each url, from `shard_index` (path or URL), else from the index beside
+    the shards; local shards without an entry (or without any index) are scanned.
+
+    ValueError naming the shards and the fix for streamed shards without a readable index or
+    entry, and naming index and shard when a local shard's size differs from its entry's.
+    """
+    index = shard_index or _index_beside(urls)
+    streamed = next((u for u in urls if is_remote(u)), None)
+    fix = (f"streamed shards ({streamed}, ...) need a shard index: put the shardindex.json that "
+           "make_shards / cache-teacher write beside them, or set data.shard_index")
+    if index is None:
+        if streamed:
+            raise ValueError(f"no shard index found for {streamed}: {fix}")
+        return {u: _scanned(u, need_lengths) for u in urls}
+    try:
+        entries = read_shard_index(opener_url(index))
+    except ValueError as exc:
+        if streamed and not shard_index:  # the index we looked for beside them
+            raise ValueError(f"{exc}\n{fix}") from exc
+        raise
+    infos = {}
+    for url in urls:
+        entry = entries.get(shard_name(url))
+        size = None if is_remote(url) else os.path.getsize(url)
+        if entry is None and size is not None:
+            infos[url] = _scanned(url, need_lengths)
+        elif entry is None or (size is not None and entry.get("filesize", size) != size):
+            problem = "has no entry for" if entry is None else "gives another file size for"
+            raise ValueError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
+        else:
+            infos[url] = ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]))
+    return infos
+
+
 # --- pipeline stages (each an iterator -> iterator function) ---------------------------------
 
 
 def read_samples(urls: Sequence[str]) -> Iterator[dict]:
-    """Shard paths -> raw samples `{"__key__", "__url__", "flac" | "wav": bytes, "json": bytes}`.
+    """Shard paths or URLs -> raw samples `{"__key__", "__url__", "flac" | "wav": bytes,
+    "json": bytes, ...}`, streamed through webdataset's `gopen` (`opener_url`).
 
-    A corrupt or truncated shard raises ValueError naming it.
+    A corrupt, truncated or unreachable shard raises ValueError naming it.
     """
     for url in urls:
         try:
-            yield from tarfile_samples([{"url": url}])
+            yield from tarfile_samples([{"url": opener_url(url)}])
         except Exception as exc:  # webdataset appends streams and urls to args: keep the message
             detail = exc.args[0] if exc.args else repr(exc)
             raise ValueError(f"cannot read shard {url}: {detail}") from exc
 
 
-def shuffle_samples(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Same schema; order shuffled through a buffer of `bufsize` samples (0: unchanged)."""
-    if bufsize <= 0:
-        yield from samples
-        return
-    buf = []
-    for sample in samples:
-        if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = sample
-    rng.shuffle(buf)
-    yield from buf
+def read_indexed(shards: Sequence[ShardInfo]) -> Iterator[dict]:
+    """Shards -> raw samples (`read_samples`) plus `"__length__"` (16 kHz audio samples, from
+    the index) when known. ValueError naming the shard when its keys differ from `ShardInfo`'s."""
+    end = object()
+    for shard in shards:
+        pairs = itertools.zip_longest(read_samples([shard.url]), shard.keys, fillvalue=end)
+        for position, (sample, key) in enumerate(pairs):
+            found = end if sample is end else sample["__key__"]
+            if found != key:
+                def show(x):
+                    return "the end of the shard" if x is end else repr(x)
+
+                raise ValueError(
+                    f"shard {shard.url} holds {show(found)} at sample {position} where its index or "
+                    f"header scan said {show(key)}: the shard changed; {_REFRESH}"
+                )
+            if shard.lengths is not None:
+                sample["__length__"] = shard.lengths[position]
+            yield sample
 
 
-def take_range(samples: Iterator[dict], start: int, stop: int) -> Iterator[dict]:
-    """Same schema; only samples `start` .. `stop - 1` (skip consumed, drop the remainder)."""
-    return itertools.islice(samples, start, stop)
+def take_range(items: Iterator, start: int, stop: int) -> Iterator:
+    """Same items; only items `start` .. `stop - 1` (skip consumed, drop the remainder)."""
+    return itertools.islice(items, start, stop)
 
 
 def decode_wave(sample: dict) -> np.ndarray:
@@ -242,10 +351,16 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) ->
     """Raw samples -> `{"key": str, "wave": (S,) float32 16 kHz mono, "lang": str}`, plus in
     cached mode `"frames"`: one (T, D_t) float16 array per expected layer and `"geometry"`.
 
-    A sample without an audio or `json` member raises ValueError naming its key and shard.
+    A sample without an audio or `json` member, or whose audio length is not the
+    `"__length__"` its shard index gave, raises ValueError naming its key and shard.
     """
     for sample in samples:
         wave, meta = decode_wave(sample), json.loads(sample["json"])
+        if wave.shape[0] != sample.get("__length__", wave.shape[0]):
+            raise ValueError(
+                f"sample {sample['__key__']} in {sample.get('__url__')} has {wave.shape[0]} audio "
+                f"samples where its shard index says {sample['__length__']}: {_REFRESH}"
+            )
         decoded = {"key": sample["__key__"], "wave": wave, "lang": meta["lang"]}
         if expect_teacher is not None:
             decoded["frames"] = _cached_frames(sample, meta, expect_teacher, wave.shape[0])
@@ -281,20 +396,17 @@ def _pad(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def collate(samples: Iterator[dict], batch_size: int) -> Iterator[Batch]:
-    """Decoded samples -> `Batch`es of exactly `batch_size` (an incomplete tail is dropped)."""
-    while chunk := list(itertools.islice(samples, batch_size)):
-        if len(chunk) < batch_size:
-            return
-        lengths = torch.tensor([s["wave"].shape[0] for s in chunk], dtype=torch.int64)  # (B,)
-        batch = Batch(_pad([s["wave"] for s in chunk], torch.float32), lengths,  # (B, S)
-                      [s["key"] for s in chunk], [s["lang"] for s in chunk])
-        if "frames" in chunk[0]:
-            batch.frame_lengths = torch.tensor([s["frames"][0].shape[0] for s in chunk])  # (B,)
-            batch.teacher_features = [  # L_req x (B, T, D_t)
-                _pad([s["frames"][i] for s in chunk], torch.float16) for i in range(len(chunk[0]["frames"]))
-            ]
-        yield batch
+def collate(samples: list[dict]) -> Batch:
+    """Decoded (and cropped) samples -> one zero-padded `Batch` of B = len(samples)."""
+    lengths = torch.tensor([s["wave"].shape[0] for s in samples], dtype=torch.int64)  # (B,)
+    batch = Batch(_pad([s["wave"] for s in samples], torch.float32), lengths,  # (B, S)
+                  [s["key"] for s in samples], [s["lang"] for s in samples])
+    if "frames" in samples[0]:
+        batch.frame_lengths = torch.tensor([s["frames"][0].shape[0] for s in samples])  # (B,)
+        batch.teacher_features = [  # L_req x (B, T, D_t)
+            _pad([s["frames"][i] for s in samples], torch.float16) for i in range(len(samples[0]["frames"]))
+        ]
+    return batch
 
 
 # --- one epoch of one rank --------------------------------------------------------------------
@@ -310,7 +422,7 @@ class _EpochDataset(IterableDataset):
 
     def __init__(self, stream: AudioBatchStream, epoch: int, skip: int):
         self.stream, self.epoch, self.skip = stream, epoch, skip
-        self.worker_shards = stream.worker_shards(epoch, stream.rank)
+        self.worker_shards = stream.planner.worker_shards(epoch, stream.rank)
         self.batches_per_worker = stream.batches_per_worker(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -318,40 +430,44 @@ class _EpochDataset(IterableDataset):
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.skip) % num
         skipped = max(0, (self.skip - logical + num - 1) // num)  # batches i < skip with i % W == l
-        rng = random.Random(f"{s.seed}:{self.epoch}:{s.rank}:{logical}")
-        samples = read_samples(self.worker_shards[logical])
-        samples = shuffle_samples(samples, s.shuffle_buffer, rng)
-        samples = take_range(samples, skipped * s.batch_size, self.batches_per_worker * s.batch_size)
-        samples = decode_audio(samples, s.expect_teacher)
-        samples = random_crop(samples, s.max_samples, s.seed, self.epoch)
-        return collate(samples, s.batch_size)
+        samples = read_indexed([s.shards[url] for url in self.worker_shards[logical]])
+        batches = s.batching.batches(samples, s.planner.rng_key(self.epoch, s.rank, logical))
+        for raw in take_range(batches, skipped, self.batches_per_worker):
+            decoded = random_crop(decode_audio(raw, s.expect_teacher), s.max_samples, s.seed, self.epoch)
+            yield collate(list(decoded))
 
 
 class AudioBatchStream:
     """Infinite, deterministic, exactly resumable stream of `Batch`es for one rank.
 
     Args:
-        urls: shard paths: a list, a directory (all `*.tar`) or a brace pattern
-            (`data/train-{000000..000003}.tar`). Local files (sample counts are read up front).
-        batch_size: utterances per batch (B).
+        urls: shards: a list, a directory (all `*.tar`) or a brace pattern
+            (`data/train-{000000..000003}.tar`) of local paths or streamed URLs (`http(s)://`,
+            `s3://`, `pipe:`; these need a shard index, see the module docstring).
+        batch_size: fixed batching: utterances per batch (B).
         max_seconds: crop longer utterances to this many seconds (random offset); None: no crop.
-        seed: seeds shard order, sample shuffle and crops (together with the epoch).
+        seed: seeds shard order, sample shuffle, batch order and crops (with the epoch).
         rank, world_size: this process's data-parallel rank and the number of ranks.
         num_workers: torch DataLoader worker processes (0: read in this process).
         shuffle_buffer: sample shuffle buffer per worker (0: shard order only).
         expect_teacher: cached mode: the run's teacher identity (`Teacher.identity`: at least
             `config_hash`, `target_kind`, `layers`); the shards must be teacher-cache shards of
             that teacher holding those layers. None: audio mode (extra members are ignored).
+        batch_seconds: dynamic batching instead of `batch_size`: padded audio seconds per batch
+            (longest cropped utterance x B; B varies). Set exactly one of the two.
+        bucket_buffer: dynamic batching: samples sorted by length together (per worker, raw
+            samples held in memory at once).
+        shard_index: the shards' index (path or URL); None: `shardindex.json` beside them.
 
     Raises ValueError when there are fewer shards than `world_size * max(1, num_workers)`, or
-    too few samples per worker for one batch. Iterate one iterator at a time: `state_dict()`
+    some worker cannot fill one batch. Iterate one iterator at a time: `state_dict()`
     describes the batches that iterator has yielded.
     """
 
     def __init__(
         self,
         urls: str | Sequence[str],
-        batch_size: int,
+        batch_size: int | None = None,
         max_seconds: float | None = None,
         seed: int = 0,
         rank: int = 0,
@@ -359,20 +475,25 @@ class AudioBatchStream:
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         expect_teacher: dict | None = None,
+        batch_seconds: float | None = None,
+        bucket_buffer: int = 256,
+        shard_index: str | None = None,
     ):
-        if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
-            raise ValueError(
-                f"bad batch_size={batch_size}, rank={rank} of world_size={world_size} or num_workers={num_workers}"
-            )
-        self.urls = expand_urls(urls)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.expect_teacher = expect_teacher
+        if not 0 <= rank < world_size or num_workers < 0:
+            raise ValueError(f"bad rank={rank} of world_size={world_size} or num_workers={num_workers}")
+        self.max_samples = None if max_seconds is None else round(max_seconds * SAMPLE_RATE)
+        self.batching = Batching(
+            batch_size=batch_size, shuffle_buffer=shuffle_buffer, bucket_buffer=bucket_buffer,
+            budget=None if batch_seconds is None else round(batch_seconds * SAMPLE_RATE),
+            max_samples=self.max_samples,
+        )
+        self.urls = expand_urls(urls, allow_remote=True)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.expect_teacher = num_workers, expect_teacher
+        self.shards = shard_infos(self.urls, shard_index, need_lengths=batch_seconds is not None)
         if expect_teacher is not None:  # fail now, not in a worker, on a wrong or missing cache
             next(decode_audio(read_samples(self.urls[:1]), expect_teacher), None)
         self.workers = max(1, num_workers)  # W: pipelines per rank
-        self.max_samples = None if max_seconds is None else round(max_seconds * SAMPLE_RATE)
-        self.counts = {url: count_samples(url) for url in self.urls}  # samples per shard
         groups = world_size * self.workers
         if len(self.urls) < groups:
             raise ValueError(
@@ -385,30 +506,22 @@ class AudioBatchStream:
                 f"{len(self.urls) % groups} shards sit out each epoch (different ones each epoch)",
                 stacklevel=2,
             )
-        self.batches_per_worker(0)  # fail now if a worker cannot fill one batch
+        self.planner = EpochPlanner(self.urls, self.shards, self.batching, seed, world_size, self.workers)
+        first = self.planner.accounting(0)  # fails now if a worker cannot fill one batch
+        if rank == 0 and first.dropped:
+            seconds = "" if first.dropped_seconds is None else f" ({first.dropped_seconds:.1f} s of audio)"
+            warnings.warn(
+                f"epoch 0: every worker yields {first.batches_per_worker} batches (equal steps on all "
+                f"ranks), so {first.dropped} of {first.utterances} utterances{seconds} beyond them are "
+                "not seen this epoch (each epoch orders them anew); shards of equal size, more "
+                "samples per worker or fewer workers drop fewer",
+                stacklevel=2,
+            )
         self._epoch, self._consumed = 0, 0
 
-    def worker_shards(self, epoch: int, rank: int) -> list[list[str]]:
-        """Shards of each of `rank`'s W workers in `epoch` (module docstring, steps 1-2)."""
-        order = list(self.urls)
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        used = len(order) - len(order) % (self.world_size * self.workers)
-        node = order[:used][rank :: self.world_size]  # explicit node split
-        return [node[w :: self.workers] for w in range(self.workers)]
-
     def batches_per_worker(self, epoch: int) -> int:
-        """Batches every worker of every rank yields in `epoch` (module docstring, step 3)."""
-        n = min(
-            sum(self.counts[u] for u in shards) // self.batch_size
-            for rank in range(self.world_size)
-            for shards in self.worker_shards(epoch, rank)
-        )
-        if n == 0:
-            raise ValueError(
-                f"some worker's shards hold fewer than batch_size={self.batch_size} samples in epoch "
-                f"{epoch}: use a smaller batch_size, fewer num_workers or larger shards"
-            )
-        return n
+        """Batches every worker of every rank yields in `epoch` (module docstring, step 4)."""
+        return self.planner.accounting(epoch).batches_per_worker
 
     def epoch_length(self, epoch: int) -> int:
         """Batches this rank (and every rank) yields in `epoch`."""

@@ -44,7 +44,10 @@ def owned_values(config: TrainConfig) -> dict[str, Any]:
     """Dotted DeepSpeed keys -> the value the training config gives them."""
     optim, run = config.optim, config.run
     return {
-        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        # dynamic batching (data.batch_seconds): B varies and DeepSpeed only uses this for its
+        # throughput timer and its own data loader (unused): a batch of full-length crops
+        "train_micro_batch_size_per_gpu": config.data.batch_size if config.data.batch_seconds is None
+        else max(1, int(config.data.batch_seconds // config.data.max_seconds)),
         "gradient_accumulation_steps": optim.gradient_accumulation_steps,
         "gradient_clipping": optim.grad_clip,
         "optimizer.params.lr": optim.lr,

@@ -239,8 +239,12 @@ def train(config: TrainConfig) -> TrainResult:
     teacher, pairs, model = build_run(config, device)
     teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)
+    dynamic = config.data.batch_seconds is not None
     stream = AudioBatchStream(config.data.teacher_cache or config.data.train_shards,
-                              batch_size=config.data.batch_size,
+                              batch_size=None if dynamic else config.data.batch_size,
+                              batch_seconds=config.data.batch_seconds,
+                              bucket_buffer=config.data.bucket_buffer,
+                              shard_index=config.data.shard_index or None,
                               max_seconds=config.data.max_seconds, seed=config.run.seed,
                               rank=rank, world_size=world_size,
                               num_workers=config.data.num_workers,
@@ -264,7 +268,8 @@ def train(config: TrainConfig) -> TrainResult:
         stream.load_state_dict(client_state["data"])
     accumulation = config.optim.gradient_accumulation_steps
     if rank == 0:
-        budget = config.data.batch_size * accumulation * world_size * config.data.max_seconds
+        budget = (config.data.batch_seconds if dynamic else  # padded audio per micro-batch
+                  config.data.batch_size * config.data.max_seconds) * accumulation * world_size
         print(f"[colld] {world_size} rank(s) on {device.type}; pairs "
               f"{[p.name for p in pairs]}; at most {budget:.0f} s of audio per optimiser step; "
               f"{'resuming from ' + str(resume_from) if resume_from else 'starting'} at step "

@@ -15,7 +15,8 @@ HuBERT models fail it and fall back to one at a time, with a warning.
 Shards are written to `<name>.tar.tmp` and renamed when complete; a re-run skips complete
 shards (after checking their teacher identity), so a killed job resumes. The shard list is
 split across processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun
-or DeepSpeed): process r caches shards r, r + world_size, ...
+or DeepSpeed): process r caches shards r, r + world_size, ... Each process refreshes the
+directory's shard index when it finishes (`data_prep.shards.write_shard_index`, locked).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from webdataset import TarWriter
 from colld_ds.data import FrameGeometry, check_teacher_identity, decode_wave, expand_urls
 from colld_ds.data import feature_member, read_samples
 from colld_ds.models import Teacher, load_teacher, read_num_layers
-from data_prep.shards import SAMPLE_RATE, count_samples
+from data_prep.shards import SAMPLE_RATE, count_samples, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -167,6 +168,7 @@ def cache_teacher(
     for url, path in todo:
         seconds += cache_shard(model, identity, url, path, batch_size, bar)
     bar.close()
+    write_shard_index(out_dir)
     elapsed = time.perf_counter() - start
     print(
         f"rank {rank}/{world_size}: cached {len(todo)} shards ({len(urls) - len(todo)} already "

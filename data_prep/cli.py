@@ -5,6 +5,7 @@
     python -m data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
     python -m data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
     python -m data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
+    python -m data_prep.cli index out/shards     # refresh shardindex.json after editing shards
 
 Shard formats: `data_prep.shards` (audio) and `data_prep.cache` (teacher cache). Writing
 commands are resumable: a re-run skips complete shards.
@@ -131,6 +132,20 @@ class DataPrep:
         cache_teacher(
             shards, teacher, layers, out_dir, target_kind, dtype, batch_size, rank, world_size, progress
         )
+
+    def index(self, shard_dir: str) -> None:
+        """Write or refresh `shard_dir/shardindex.json` (keys and lengths of every `*.tar` there).
+
+        The writing commands do this themselves; run it after copying, adding or editing shards
+        by hand. Streamed shards (http, s3, pipe:) need the index next to them or
+        `--data.shard_index`.
+        """
+        from data_prep.shards import write_shard_index
+
+        if not os.path.isdir(shard_dir):
+            raise SystemExit(f"index: {shard_dir} is not a directory of shards")
+        path = write_shard_index(shard_dir)
+        print(f"wrote {path}")
 
     def inspect(self, shards: str, max_problems: int = 20) -> None:
         """Schema, counts, hours, languages and teacher identity of shards; validates every

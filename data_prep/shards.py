@@ -14,11 +14,23 @@ Shard format (webdataset tar, read by `colld_ds.data`):
   without encoding, so a killed prep job resumes with exactly the same sample-to-shard
   assignment (given the same input order and limits). A stray `*.tar.tmp` is never read as a
   shard and is overwritten by the next run.
+
+Shard index (`shardindex.json` beside the shards; `write_shard_index`, `read_shard_index`):
+webdataset's wids shard-index format, `{"__kind__": "wids-shard-index-v1", "wids_version": 1,
+"shardlist": [{"url", "nsamples", "filesize"}, ...]}` with `url` the shard's file name
+(relative to the index, as wids resolves it), extended per shard with colld's `"keys"` (sample
+keys in file order), `"lengths"` (16 kHz audio samples of each, from the json `duration`) and
+`"mtime_ns"` (lets a refresh skip unchanged shards). wids readers ignore the extra fields. The
+loader takes per-shard counts and durations from it, so remote shards (http, s3, pipe:) need
+no header scan. Every writer of shards (`write_shards`, `data_prep.cache`) refreshes it
+atomically when it finishes, under a lock (`shardindex.json.lock`) so that concurrent
+cache-teacher ranks never lose one another's entries.
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import io
 import itertools
 import json
@@ -32,10 +44,13 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 from webdataset import TarWriter
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 SAMPLE_RATE = 16000
 AUDIO_EXTS = ("flac", "wav")  # members holding audio; we write flac, readers accept both
+SHARD_INDEX = "shardindex.json"  # wids' default index name
+SHARD_INDEX_KIND = "wids-shard-index-v1"
 
 
 def shard_path(out_dir: str, prefix: str, index: int) -> str:
@@ -78,6 +93,84 @@ def finished_keys(out_dir: str, prefix: str) -> frozenset[str]:
     return frozenset(k for n in names for k in shard_keys(os.path.join(out_dir, n)))
 
 
+def shard_index_entry(path: str) -> dict:
+    """The shard index entry of the local shard `path` (module docstring), from its headers and
+    json members; ValueError naming the shard and key when a sample has no json `duration`."""
+    members = _checked_members(path)
+    keys, lengths = {}, {}
+    with open(path, "rb") as f:
+        for member in members:
+            key, ext = base_plus_ext(member.name)
+            if key is None:
+                continue
+            keys.setdefault(key, None)
+            if ext == "json":
+                f.seek(member.offset_data)
+                duration = json.loads(f.read(member.size)).get("duration")
+                if isinstance(duration, (int, float)):
+                    lengths[key] = round(duration * SAMPLE_RATE)
+    missing = [k for k in keys if k not in lengths]
+    if missing:
+        raise ValueError(
+            f"sample {missing[0]} in {path} has no json member with a numeric 'duration' "
+            f"({len(missing)} such samples): write the shards with `colld prep make_shards`"
+        )
+    return {"url": os.path.basename(path), "nsamples": len(keys), "filesize": os.path.getsize(path),
+            "keys": list(keys), "lengths": [lengths[k] for k in keys]}
+
+
+def write_shard_index(directory: str) -> str:
+    """Write or refresh `directory/shardindex.json` for every `*.tar` in `directory`, atomically
+    (temporary name, then rename); return its path. Entries whose shard has the same size and
+    mtime as when indexed are kept without reading the shard again."""
+    path = os.path.join(directory, SHARD_INDEX)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent writers: each scans after the previous wrote
+        try:
+            with open(path) as f:
+                previous = {e["url"]: e for e in json.load(f)["shardlist"]}
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: rebuild
+            previous = {}
+        shardlist = []
+        for name in sorted(n for n in os.listdir(directory) if n.endswith(".tar")):
+            stat = os.stat(os.path.join(directory, name))
+            entry = previous.get(name, {})
+            if (entry.get("filesize"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+                entry = {**shard_index_entry(os.path.join(directory, name)), "mtime_ns": stat.st_mtime_ns}
+            shardlist.append(entry)
+        index = {"__kind__": SHARD_INDEX_KIND, "wids_version": 1, "shardlist": shardlist}
+        with open(path + ".tmp", "w") as f:
+            json.dump(index, f)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def read_shard_index(url: str) -> dict[str, dict]:
+    """Entries of the shard index at `url` (a path or any URL webdataset's `gopen` opens), by
+    shard file name. ValueError naming the index when it cannot be read or is not a wids
+    shard index with colld's `keys` and `lengths`."""
+    try:
+        with gopen(url) as stream:
+            index = json.load(stream)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read shard index {url}: {exc}") from exc
+    fix = "rewrite it with `colld prep index <shard directory>`"
+    if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
+        raise ValueError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
+    entries = {}
+    for entry in index.get("shardlist", []):
+        name = os.path.basename(str(entry.get("url", "")))
+        keys, lengths = entry.get("keys"), entry.get("lengths")
+        if not isinstance(keys, list) or not isinstance(lengths, list) or not (
+            len(keys) == len(lengths) == entry.get("nsamples")
+        ):
+            raise ValueError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
+        if name in entries:
+            raise ValueError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
+        entries[name] = entry
+    return entries
+
+
 def shard_stats(paths: Iterable[str]) -> dict:
     """`{"shards", "utterances", "hours", "hours_per_lang": {lang: hours}}` of audio shards,
     reading only their json members."""
@@ -105,7 +198,8 @@ def write_shards(
     progress: bool = True,
     key: Callable[[Any], str] | None = None,
 ) -> list[str]:
-    """Write `samples` into atomic tar shards; return all shard paths (written or skipped).
+    """Write `samples` into atomic tar shards, then refresh `out_dir`'s shard index; return all
+    shard paths (written or skipped).
 
     `encode(sample)` returns a webdataset dict `{"__key__": str, "<ext>": bytes, ...}`. A shard
     is closed after `max_count` samples or once its payload reaches `max_bytes`. Shards whose
@@ -151,6 +245,7 @@ def write_shards(
                 sample = next(it, end)
         os.replace(tmp, path)
     bar.close()
+    write_shard_index(out_dir)
     return paths
 
 

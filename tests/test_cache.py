@@ -47,9 +47,10 @@ def identity(setup):
 def test_cache_holds_the_teachers_features(setup):
     teacher = setup["teacher"]
     assert padding_invariant(teacher, np.random.default_rng(0).standard_normal(8000).astype(np.float32))
-    assert [os.path.basename(p) for p in setup["paths"]] == sorted(os.listdir(setup["audio"]))
+    audio_names = sorted(n for n in os.listdir(setup["audio"]) if n.endswith(".tar"))
+    assert [os.path.basename(p) for p in setup["paths"]] == audio_names
     n = 0
-    for path, audio_path in zip(setup["paths"], sorted(os.listdir(setup["audio"]))):
+    for path, audio_path in zip(setup["paths"], audio_names):
         audio_samples = list(read_samples([os.path.join(setup["audio"], audio_path)]))
         for sample, audio_sample in zip(read_samples([path]), audio_samples, strict=True):
             assert sample["__key__"] == audio_sample["__key__"] and sample["flac"] == audio_sample["flac"]
@@ -70,7 +71,7 @@ def test_cache_resumes_and_splits_by_rank(setup, tmp_path, capsys):
     out = str(tmp_path / "cache")
     first = cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, rank=1, world_size=2, progress=False)
     assert [os.path.basename(p) for p in first] == ["train-000001.tar"]
-    assert os.listdir(out) == ["train-000001.tar"]
+    assert sorted(os.listdir(out)) == ["shardindex.json", "shardindex.json.lock", "train-000001.tar"]
     paths = cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, progress=False)
     mtimes = [os.stat(p).st_mtime_ns for p in paths]
     os.remove(paths[2])
@@ -80,7 +81,8 @@ def test_cache_resumes_and_splits_by_rank(setup, tmp_path, capsys):
     cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, progress=False)
     assert "cached 1 shards (2 already done)" in capsys.readouterr().out
     assert [os.stat(p).st_mtime_ns for p in paths[:2]] == mtimes[:2]
-    assert sorted(os.listdir(out)) == [os.path.basename(p) for p in paths]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == [os.path.basename(p) for p in paths]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     with pytest.raises(ValueError, match=r"existing cache shard .*train-000000.tar"):  # other kind
         cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, target_kind="ffn", progress=False)
 

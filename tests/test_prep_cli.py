@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,21 @@ def test_spm_trains_on_manifest_transcripts(manifest, tmp_path, capsys):
     assert "sentences per language: de 6, en 5" in capsys.readouterr().out
     pieces = sentencepiece.SentencePieceProcessor(model_file=model).encode("sentence 3", out_type=str)
     assert "".join(pieces).replace("\u2581", "") == "sentence3"
+
+
+def test_index_command_refreshes_the_shard_index(tmp_path, capsys):
+    out = str(tmp_path / "gen")
+    DataPrep().generate(out, num_utterances=6, shard_size=3)
+    index = tmp_path / "gen" / "shardindex.json"
+    index.unlink()
+    DataPrep().index(out)
+    assert f"wrote {index}" in capsys.readouterr().out
+    entries = json.loads(index.read_text())["shardlist"]
+    # keys and lengths as the shards hold them: independent of the index writer
+    for entry in entries:
+        path = os.path.join(out, entry["url"])
+        assert entry["keys"] == shard_keys(path)
+        durations = [json.loads(s["json"])["duration"] for s in read_samples([path])]
+        assert entry["lengths"] == [round(d * 16000) for d in durations]
+    with pytest.raises(SystemExit, match="not a directory of shards"):
+        DataPrep().index(str(tmp_path / "missing"))
