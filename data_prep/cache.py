@@ -32,12 +32,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tqdm import tqdm
-from webdataset import TarWriter
 
 from colld_ds.data import FrameGeometry, check_teacher_identity, decode_wave, expand_urls
 from colld_ds.data import feature_member, read_samples
 from colld_ds.models import Teacher, load_teacher, read_num_layers
-from data_prep.shards import SAMPLE_RATE, count_samples, write_shard_index
+from data_prep.shards import SAMPLE_RATE, atomic_shard, count_samples, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -108,7 +107,7 @@ def cache_shard(teacher: Teacher, identity: dict, url: str, path: str, batch_siz
                 bar: tqdm) -> float:
     """Write the cache shard of audio shard `url` to `path` atomically; return audio seconds."""
     seconds, samples = 0.0, read_samples([url])
-    with open(path + ".tmp", "wb") as f, TarWriter(f) as writer:
+    with atomic_shard(path) as writer:
         while chunk := list(itertools.islice(samples, batch_size)):
             waves = [decode_wave(s) for s in chunk]
             order = sorted(range(len(waves)), key=lambda i: waves[i].shape[0])  # less padding
@@ -117,7 +116,6 @@ def cache_shard(teacher: Teacher, identity: dict, url: str, path: str, batch_siz
                 writer.write(_cache_sample(sample, frames[i], identity))
                 seconds += waves[i].shape[0] / SAMPLE_RATE
             bar.update(len(chunk))
-    os.replace(path + ".tmp", path)
     return seconds
 
 

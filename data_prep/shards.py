@@ -30,13 +30,14 @@ cache-teacher ranks never lose one another's entries.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import io
 import itertools
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -188,6 +189,37 @@ def shard_stats(paths: Iterable[str]) -> dict:
             "hours_per_lang": per_lang}
 
 
+class ShardWriteError(OSError):
+    """A shard could not be written (disk full, permissions); earlier shards are intact and no
+    partial file is left behind."""
+
+
+@contextlib.contextmanager
+def atomic_shard(path: str) -> Iterator[TarWriter]:
+    """A `TarWriter` on `path + ".tmp"`, renamed to `path` when the block completes.
+
+    On an OSError (disk full, permissions, ...) the temporary file is removed and
+    `ShardWriteError` names the shard and the fix; any other error also removes it.
+    """
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f, TarWriter(f) as writer:
+            yield writer
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, ShardWriteError):
+            error = ShardWriteError(
+                f"cannot write shard {path}: {exc.strerror or exc}. Free disk space or fix the "
+                f"permissions of {os.path.dirname(path) or '.'}, then re-run: complete shards "
+                "are kept and skipped"
+            )
+            error.errno = exc.errno
+            raise error from exc
+        raise
+
+
 def write_shards(
     samples: Iterable[Any],
     encode: Callable[[Any], dict],
@@ -233,8 +265,7 @@ def write_shards(
                 )
             bar.update(len(keys))
             continue
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f, TarWriter(f) as writer:
+        with atomic_shard(path) as writer:
             count, size = 0, 0
             while sample is not end:
                 size += writer.write(encode(sample))
@@ -243,7 +274,6 @@ def write_shards(
                 if count >= max_count or size >= max_bytes:
                     break
                 sample = next(it, end)
-        os.replace(tmp, path)
     bar.close()
     write_shard_index(out_dir)
     return paths

@@ -352,3 +352,64 @@ def test_corrupt_latest_after_kill_resumes_from_previous(assets, killed, referen
     output = _resume_and_compare(assets, out_dir, out_dir, previous, reference)
     assert f"checkpoint {latest} could not be loaded" in output, output[-3000:]
     assert f"falling back to {previous}" in output, output[-3000:]
+
+
+# --- shard writers: disk full / permissions ----------------------------------------------------
+
+
+def test_disk_full_while_writing_a_shard_keeps_finished_ones(tmp_path, monkeypatch):
+    from webdataset import TarWriter
+
+    from data_prep.generated_audio import generate_utterances
+    from data_prep.shards import ShardWriteError, shard_keys, write_audio_shards
+
+    out = tmp_path / "shards"
+    real_write, writes = TarWriter.write, []
+
+    def write_until_full(self, sample):
+        writes.append(sample["__key__"])
+        if len(writes) == 8:                       # the 2nd sample of the 3rd shard
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, sample)
+
+    monkeypatch.setattr(TarWriter, "write", write_until_full)
+    with pytest.raises(ShardWriteError) as raised:
+        write_audio_shards(generate_utterances(9, seed=0), str(out), max_count=3, progress=False)
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    assert "train-000002.tar" in message and "No space left on device" in message, message
+    assert "Free disk space" in message and "re-run" in message, message
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["train-000000.tar", "train-000001.tar"]
+    assert shard_keys(str(out / "train-000001.tar")) == writes[3:6]
+    mtimes = [p.stat().st_mtime_ns for p in sorted(out.glob("*.tar"))]
+
+    monkeypatch.setattr(TarWriter, "write", real_write)   # space freed: the re-run resumes
+    paths = write_audio_shards(generate_utterances(9, seed=0), str(out), max_count=3,
+                               progress=False)
+    assert [os.stat(p).st_mtime_ns for p in paths[:2]] == mtimes
+    assert [len(shard_keys(p)) for p in paths] == [3, 3, 3]
+
+
+def test_permission_error_while_writing_a_cache_shard_is_clear(tmp_path, monkeypatch):
+    import data_prep.shards as shards
+    from data_prep.cache import cache_teacher
+    from data_prep.generated_audio import generate_utterances
+    from data_prep.tiny_teacher import make_tiny_teacher
+
+    teacher = make_tiny_teacher("wav2vec2", str(tmp_path / "teacher"), num_layers=2)
+    shards.write_audio_shards(generate_utterances(4, seed=0), str(tmp_path / "audio"),
+                              max_count=2, progress=False)
+    out = tmp_path / "cache"
+    real_replace = os.replace
+
+    def refuse_second(src, dst):
+        if str(dst).endswith("train-000001.tar"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", refuse_second)
+    with pytest.raises(shards.ShardWriteError, match=r"train-000001.tar: Permission denied.*"
+                                                     r"permissions of"):
+        cache_teacher(str(tmp_path / "audio"), teacher, "1,2", str(out), progress=False)
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["train-000000.tar"]
+    assert shards.shard_keys(str(out / "train-000000.tar"))
