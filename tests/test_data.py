@@ -1,7 +1,6 @@
 """Audio shards (atomic, resumable writer), load_audio, generated audio and the streaming loader."""
 
 import io
-import itertools
 import json
 import os
 import pickle
@@ -16,14 +15,7 @@ from webdataset import TarWriter
 from colld_ds.data import AudioBatchStream, Batch, expand_urls, read_samples
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import count_samples, load_audio, shard_stats, write_audio_shards
-
-
-def take(stream, n):
-    return list(itertools.islice(iter(stream), n))
-
-
-def keys_of(batches):
-    return [k for b in batches for k in b.keys]
+from stream_helpers import keys_of, take
 
 
 @pytest.fixture(scope="module")

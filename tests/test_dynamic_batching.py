@@ -3,7 +3,6 @@
 import functools
 import http.server
 import io
-import itertools
 import json
 import os
 import random
@@ -24,17 +23,10 @@ from data_prep.generated_audio import generate_utterances
 from data_prep.cache import cache_teacher
 from data_prep.shards import SHARD_INDEX, shard_keys, write_audio_shards, write_shard_index
 from data_prep.tiny_teacher import make_tiny_teacher
+from stream_helpers import keys_of, take
 
 SR = 16000
 NAMES = "train-{000000..000007}.tar"
-
-
-def take(stream, n):
-    return list(itertools.islice(iter(stream), n))
-
-
-def keys_of(batches):
-    return [k for b in batches for k in b.keys]
 
 
 @pytest.fixture(scope="module")
