@@ -34,6 +34,11 @@ class TeacherConfig:
     before the residual add (data2vec-style, what USAD says CoLLD uses)."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """``auto``: fp16 on CUDA, fp32 on CPU."""
+    window_seconds: float | None = None
+    """Whisper teachers only: run the encoder on a window this long (a multiple of 0.02 s, at most
+    30) instead of Whisper's 30 s; utterances must fit in it. ``None``: 30 s. Much cheaper for
+    short utterances, but an approximation of Whisper (see ``families.set_whisper_window`` for
+    the measured fidelity); part of the teacher identity, so a cache is tied to its window."""
 
 
 @dataclass(kw_only=True)
@@ -270,6 +275,12 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
+    window = config.teacher.window_seconds
+    require(window is None or window > 0, "teacher.window_seconds: must be > 0 or null")
+    require(window is None or config.data.max_seconds <= window,
+            f"data.max_seconds {config.data.max_seconds} is longer than teacher.window_seconds "
+            f"{window}: training crops must fit in the Whisper window; lower data.max_seconds or "
+            f"raise teacher.window_seconds")
     require(config.student.num_layers >= 1, "student.num_layers: must be >= 1")
     for name in ("hidden_size", "num_attention_heads", "intermediate_size"):
         value = getattr(config.student, name)

@@ -209,7 +209,8 @@ def build_run(config: TrainConfig, device: torch.device
     pairs = resolve_layer_map(config, read_num_layers(config.teacher.path))
     teacher_layers = sorted({pair.teacher_layer for pair in pairs})
     teacher = load_teacher(config.teacher.path, teacher_layers, config.teacher.target_kind,
-                           dtype=_teacher_dtype(config, device), device=device)
+                           dtype=_teacher_dtype(config, device), device=device,
+                           window_seconds=config.teacher.window_seconds)
     torch.manual_seed(config.run.seed)          # identical initial weights on every rank
     init = config.student.init_from_teacher_layers
     width = config.student.hidden_size

@@ -140,15 +140,19 @@ def cache_teacher(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    window_seconds: float | None = None,
 ) -> list[str]:
     """Cache `teacher`'s `layers` (`all`, `4`, `2,4`) over this process's share of the audio
     `shards`; return the cache paths of that share. `dtype`: `auto` (fp16 on CUDA, fp32 on
-    CPU), `fp32`, `fp16`, `bf16`. Prints audio seconds per second at the end."""
+    CPU), `fp32`, `fp16`, `bf16`. `window_seconds`: a Whisper teacher's window
+    (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. Prints audio
+    seconds per second at the end."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     urls = expand_urls(shards)[rank::world_size]
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    model = load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype], device)
+    model = load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype], device,
+                         window_seconds)
     geometry = frame_geometry(model)
     identity = {**model.identity, "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field}

@@ -125,12 +125,15 @@ class DataPrep:
         rank: int | None = None,
         world_size: int | None = None,
         progress: bool = True,
+        window_seconds: float | None = None,
     ) -> None:
-        """Teacher-cache shards of audio `shards` (see `data_prep.cache.cache_teacher`)."""
+        """Teacher-cache shards of audio `shards` (see `data_prep.cache.cache_teacher`);
+        `window_seconds`: a Whisper teacher's window (as `teacher.window_seconds` of the run)."""
         from data_prep.cache import cache_teacher
 
         cache_teacher(
-            shards, teacher, layers, out_dir, target_kind, dtype, batch_size, rank, world_size, progress
+            shards, teacher, layers, out_dir, target_kind, dtype, batch_size, rank, world_size, progress,
+            window_seconds,
         )
 
     def index(self, shard_dir: str) -> None:

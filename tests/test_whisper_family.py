@@ -281,3 +281,133 @@ def test_real_whisper_tiny_en_teacher():
     with torch.no_grad():
         hidden = student.eval()(wave, lengths).hidden
     torch.testing.assert_close(hidden[0], out.features[0], atol=1e-3, rtol=1e-3)
+
+
+# --- teacher.window_seconds: the encoder on a window shorter than 30 s ---------------------------
+
+
+def _hf_windowed_reference(path, window_seconds, wave):
+    """Independent reference for a shortened window: HF's own WhisperFeatureExtractor with
+    ``chunk_length`` = the window, and a fresh HF ``WhisperEncoder`` whose config has
+    ``max_source_positions`` = 50 x window, loaded with the checkpoint's weights and the first
+    rows of its positional table. Returns the hidden states (L + 1) x (1, W, D)."""
+    from transformers import AutoConfig
+
+    full = load_teacher(path, [1]).model
+    config = AutoConfig.from_pretrained(path)
+    config.max_source_positions = round(window_seconds * 50)
+    encoder = WhisperEncoder(config).eval()
+    state = dict(full.state_dict())
+    state["embed_positions.weight"] = state["embed_positions.weight"][: config.max_source_positions]
+    encoder.load_state_dict(state)
+    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins,
+                                        chunk_length=window_seconds)
+    assert extractor.nb_max_frames == 2 * config.max_source_positions
+    features = extractor(wave.numpy(), sampling_rate=S, return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        return encoder, encoder(input_features=features, output_hidden_states=True).hidden_states
+
+
+def test_30_s_window_is_the_untouched_encoder(tiny):
+    layers = [1, 2, 3]
+    untouched = load_teacher(tiny, layers)
+    windowed = load_teacher(tiny, layers, window_seconds=30.0)
+    assert windowed.identity == untouched.identity and windowed.identity["window_seconds"] == 30
+    wave, lengths = _batch()
+    out = windowed(wave, lengths)
+    for b, n in enumerate(out.frame_lengths.tolist()):
+        hidden = _hf_hidden_states(untouched.model, tiny, wave[b, : lengths[b]])  # HF, 1500 frames
+        for layer, feature in zip(layers, out.features, strict=True):
+            torch.testing.assert_close(feature[b, :n], hidden[layer][0, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_short_window_pads_to_the_window_and_keeps_valid_frames(tiny):
+    full = load_teacher(tiny, [1, 2, 3, 4])
+    short = load_teacher(tiny, [1, 2, 3, 4], window_seconds=2.0)
+    assert short.front_end.max_seconds == 2.0 and short.front_end.num_encoder_frames == 100
+    assert short.model.config.max_source_positions == 100
+    assert torch.equal(short.model.embed_positions.weight, full.model.embed_positions.weight[:100])
+    wave, lengths = _batch()  # 1 s batch: the 2 s window pads it, 30 s pads it more
+    inputs, frame_lengths = short.front_end(wave, lengths)
+    assert inputs["input_features"].shape == (3, 80, 200)
+    assert torch.equal(frame_lengths, full.front_end(wave, lengths)[1])  # [50, 39, 25]
+    n = torch.arange(0, 2 * S, 7)
+    assert torch.equal(short.num_frames(n), full.num_frames(n))
+    out = short(wave, lengths)
+    assert torch.equal(out.frame_lengths, torch.tensor([50, 39, 25]))
+    for b, n in enumerate(out.frame_lengths.tolist()):
+        encoder, hidden = _hf_windowed_reference(tiny, 2, wave[b, : lengths[b]])
+        assert hidden[0].shape == (1, 100, 32)
+        for layer, feature in enumerate(out.features[:3], start=1):
+            assert feature.shape == (3, 50, 32) and not feature[b, n:].any()
+            torch.testing.assert_close(feature[b, :n], hidden[layer][0, :n], atol=1e-4, rtol=1e-4)
+        # layer 4 (the last): HF applies the final LayerNorm; ours is the layer's own output
+        torch.testing.assert_close(_layer_outputs(encoder, hidden)[4][0, :n],
+                                   out.features[3][b, :n], atol=1e-4, rtol=1e-4)
+    # A shorter window is another teacher: its features differ from the 30 s window's.
+    assert not torch.allclose(out.features[3], full(wave, lengths).features[3], atol=1e-3)
+
+
+def test_window_is_part_of_the_teacher_identity(tiny):
+    from colld_ds.data import check_teacher_identity
+
+    identities = {w: load_teacher(tiny, [2], window_seconds=w).identity for w in (None, 2.0, 3.0)}
+    hashes = {w: identity["config_hash"] for w, identity in identities.items()}
+    assert len(set(hashes.values())) == 3
+    assert [identities[w]["window_seconds"] for w in (None, 2.0, 3.0)] == [30.0, 2.0, 3.0]
+    check_teacher_identity(identities[2.0], dict(identities[2.0]), "cache")  # same window: fine
+    with pytest.raises(ValueError, match=r"different teacher.*\n.*window_seconds\": 2\.0"):
+        check_teacher_identity(identities[2.0], identities[3.0], "cache shard x")
+
+
+def test_utterance_longer_than_the_window_is_a_clear_error(tiny):
+    teacher = load_teacher(tiny, [1], window_seconds=1.0)
+    student = build_student(teacher, 1)
+    exact = torch.randn(1, S) * 0.1
+    assert teacher(exact, torch.tensor([S])).features[0].shape == (1, 50, 32)  # fills it exactly
+    long = torch.randn(2, S + S // 2) * 0.1
+    for model in (teacher, student):
+        with pytest.raises(ValueError, match=r"1\.50 s long.*1 s window \(16000 samples.*"
+                                             r"teacher\.window_seconds"):
+            model(long, torch.tensor([S + S // 2, S]))
+
+
+@pytest.mark.parametrize("window", [0.0, 0.03, 30.02, 60.0])
+def test_bad_window_is_refused(tiny, window):
+    with pytest.raises(ValueError, match=r"teacher\.window_seconds.*multiple of 0\.02 s.*30 s"):
+        load_teacher(tiny, [1], window_seconds=window)
+
+
+def test_window_is_for_whisper_only(tmp_path):
+    path = make_tiny_teacher("wav2vec2", str(tmp_path / "w2v"))
+    with pytest.raises(ValueError, match=r"window_seconds.*Whisper teachers only"):
+        load_teacher(path, [1], window_seconds=4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_student_inherits_the_window(tiny, dtype):
+    teacher = load_teacher(tiny, [1, 3], window_seconds=2.0, dtype=dtype)
+    student = build_student(teacher, 2, init_from_teacher_layers=[1, 3]).eval()
+    assert student.model.config.max_source_positions == 100
+    assert student.front_end.max_seconds == 2.0
+    fp32 = load_teacher(tiny, [1]).model.embed_positions.weight[:100]
+    assert torch.equal(student.model.embed_positions.weight, fp32)  # copied in fp32, trimmed
+    wave, lengths = _batch()
+    mask = torch.zeros(3, 50, dtype=torch.bool)
+    with torch.no_grad():
+        hidden = student(wave, lengths, mask).hidden
+    if dtype == torch.float32:  # student layer 1 is teacher layer 1 on the same 2 s window
+        torch.testing.assert_close(hidden[0], teacher(wave, lengths).features[0], atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_config_window_must_hold_the_training_crops():
+    from colld_ds.config import ConfigError, load_config
+
+    config = load_config(None, {"teacher.window_seconds": 8, "data.max_seconds": 8.0})
+    assert config.teacher.window_seconds == 8.0
+    with pytest.raises(ConfigError, match=r"data\.max_seconds 9\.0 is longer than "
+                                          r"teacher\.window_seconds 8\.0"):
+        load_config(None, {"teacher.window_seconds": 8.0, "data.max_seconds": 9.0})
+    with pytest.raises(ConfigError, match=r"teacher\.window_seconds: must be > 0"):
+        load_config(None, {"teacher.window_seconds": 0.0})

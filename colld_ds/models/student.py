@@ -9,7 +9,8 @@ Whisper: the student is a smaller ``WhisperEncoder`` (same ``WhisperConfig`` cla
 ``embed_positions`` and the final LayerNorm copied where shapes match). HF Whisper has no mask
 embedding, so the :class:`Student` owns one, ``Student.mask_embed`` (d_model, uniform init like
 HF's ``masked_spec_embed``). It is training-only: export stays ``student.model.save_pretrained``
-(the encoder alone), and the exported encoder loads as a Whisper teacher.
+(the encoder alone), and the exported encoder loads as a Whisper teacher. The student runs the
+teacher's window (its config's ``max_source_positions``, shortened or not).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from colld_ds.models.families import (
     Family,
@@ -27,6 +28,7 @@ from colld_ds.models.families import (
     frame_mask,
     layer_config,
     record_outputs,
+    set_whisper_window,
 )
 from colld_ds.models.teacher import Teacher
 
@@ -143,16 +145,17 @@ class Student(nn.Module):
         num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
         mask_time = self._check_mask(mask_time, wave, num_frames)
         features = inputs["input_features"].to(self.mask_embed.dtype)
-        # The encoder always runs on the whole 30 s window (as when the export is a teacher).
+        # The encoder always runs on its whole window (as when the export is a teacher).
         window = self.front_end.num_encoder_frames
-        mask_window = nn.functional.pad(mask_time, (0, window - num_frames))  # (B, 1500)
+        mask_window = nn.functional.pad(mask_time, (0, window - num_frames))  # (B, W)
         hidden = self._whisper_layers(features, mask_window)
         valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
         return StudentOutput([h[:, :num_frames] * valid for h in hidden], frame_lengths)
 
     def _whisper_layers(self, features: Tensor, mask: Tensor) -> list[Tensor]:
         """``WhisperEncoder.forward`` run piece by piece, with the mask embedding inserted:
-        features (B, n_mels, 3000), mask (B, 1500) bool -> the K layer outputs (B, 1500, D).
+        features (B, n_mels, 2 W), mask (B, W) bool -> the K layer outputs (B, W, D), W the
+        window's frames (1500 for 30 s).
 
         Same operations as HF's forward (checked by the tests against ``output_hidden_states``
         with no mask), minus the final LayerNorm (no layer output needs it) and layerdrop (the
@@ -264,8 +267,10 @@ def _teacher_state_fp32(teacher: Teacher) -> dict[str, Tensor]:
     in fp16/bf16 (so the student's init is not rounded)."""
     if teacher.dtype == torch.float32:
         return teacher.model.state_dict()
-    fp32 = teacher.family.load(teacher.path, teacher.config)
-    return fp32.float().state_dict()
+    fp32 = teacher.family.load(teacher.path, AutoConfig.from_pretrained(teacher.path)).float()
+    if teacher.family.model_type == "whisper":  # the teacher's window, maybe shortened
+        set_whisper_window(fp32, teacher.front_end.max_seconds)
+    return fp32.state_dict()
 
 
 def _copy_from_teacher(student: PreTrainedModel, teacher: Teacher, init: list[int] | None) -> None:

@@ -13,9 +13,13 @@ Layer numbering is 1-based: layer i is transformer layer i (``model.encoder.laye
 Whisper: as for stable-layer-norm models, HF's ``hidden_states[L]`` is the encoder's final
 LayerNorm applied to layer L's output (the ``last_hidden_state`` the decoder sees); our layer L
 is the un-normalised output, like every other layer (``hidden_states[i]`` for i < L).
-The encoder always runs on the full 30 s window (its attention spans all 1500 frames,
-padding included, as in Whisper's training); the features of its first T = ``num_frames(S)``
-frames are returned, zero past each utterance's ``frame_lengths``.
+The encoder always runs on its whole window (30 s: its attention spans all 1500 frames,
+padding included, as in Whisper's training; ``window_seconds`` shortens it, see
+:func:`~colld_ds.models.families.set_whisper_window`); the features of its first
+T = ``num_frames(S)`` frames are returned, zero past each utterance's ``frame_lengths``. The
+window is part of the teacher's identity: ``config_hash`` is the hash of the config with the
+window's ``max_source_positions``, so a teacher cache made with one window is refused by a run
+with another (a 30 s window and ``None`` are the same teacher).
 
 Hooks keep only the requested layers, not all L + 1 hidden states.
 """
@@ -40,6 +44,7 @@ from colld_ds.models.families import (
     family_of,
     frame_mask,
     record_outputs,
+    set_whisper_window,
 )
 
 TARGET_KINDS = ("layer_output", "ffn")
@@ -160,8 +165,8 @@ class Teacher:
                 self.model(**inputs)
         # Outside inference mode, so the results are ordinary tensors that a loss may save for
         # backward (inference tensors cannot be).
-        # T = frames of the padded length S. Whisper computes its whole 30 s window (1500
-        # frames); only the first T are returned, the rest being padding for every utterance.
+        # T = frames of the padded length S. Whisper computes its whole window (1500 frames
+        # for 30 s); only the first T are returned, the rest being padding for every utterance.
         num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
         valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1)  # (B, T, 1)
         return TeacherOutput([h[:, :num_frames] * valid for h in outputs], frame_lengths)
@@ -173,11 +178,13 @@ def load_teacher(
     target_kind: str = "layer_output",
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    window_seconds: float | None = None,
 ) -> Teacher:
     """Load a frozen teacher from a local HF directory, returning ``layers`` (1-based) as targets.
 
-    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere; bf16 is allowed. Everything is
-    validated before the weights are read.
+    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere; bf16 is allowed. ``window_seconds``
+    (Whisper only): run the encoder on a window this long instead of 30 s (``None``: Whisper's
+    own window). Everything but the window is validated before the weights are read.
     """
     raw, family = _config_and_family(path)
     num_layers = read_num_layers(path)
@@ -197,10 +204,19 @@ def load_teacher(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype not in _DTYPES:
         raise ValueError(f"teacher dtype {dtype}: choose one of {_DTYPES}")
+    if window_seconds is not None and family.model_type != "whisper":
+        raise ValueError(
+            f"teacher.window_seconds is {window_seconds}, but the teacher at {path!r} is a "
+            f"{family.model_type} model: the window applies to Whisper teachers only; set it to "
+            "null"
+        )
 
     config = AutoConfig.from_pretrained(path)
     model = family.load(path, config).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
+    if window_seconds is not None:
+        set_whisper_window(model, window_seconds)
+        raw = dict(raw, max_source_positions=model.config.max_source_positions)
     front_end = build_front_end(family, model, path)
     identity = {
         "name": os.path.basename(os.path.normpath(path)),
@@ -210,4 +226,6 @@ def load_teacher(
         "target_kind": target_kind,
         "frame_rate": SAMPLE_RATE / front_end.frame_stride,
     }
+    if family.model_type == "whisper":  # shown when a cache is refused (the hash decides)
+        identity["window_seconds"] = front_end.max_seconds
     return Teacher(model, family, front_end, path, layers, target_kind, identity)
