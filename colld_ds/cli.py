@@ -34,20 +34,34 @@ def demo(out_dir: str = "demo_out", num_utterances: int = 64, max_steps: int = 1
 
 def eval(checkpoint: str, shards: str, out_dir: str | None = None, batch_size: int = 4,
          max_seconds: float | None = None, max_utterances: int | None = None,
-         teacher_path: str | None = None, threads: int | None = None):
+         teacher_path: str | None = None, threads: int | None = None,
+         probe_train_shards: str | None = None, probe_steps: int | None = None,
+         probe_lstm_hidden: int | None = None):
     """Fidelity of a trained student to its teacher on held-out ``shards`` (pattern, directory
     or list): cosine per layer pair, linear CKA for every (student layer, teacher layer), size
     and CPU real-time factor; a random-init student of the same shape is the floor.
 
+    ``probe_train_shards`` (shards with ``phones`` and ``text``, e.g. the corpus' dev split):
+    also a frozen-feature CTC probe (weighted sum of all layers + a linear head, or a BiLSTM of
+    ``probe_lstm_hidden`` units per direction) trained there for ``probe_steps`` steps per
+    model and task (unset: the ``colld_ds.probe.ProbeConfig`` defaults), scored as PER and CER
+    per language on whole utterances of ``shards``, for the teacher (ceiling), trained, random
+    and init.
+
     ``checkpoint``: a checkpoint directory or a run's out_dir (its newest complete checkpoint).
-    Writes fidelity.json, fidelity.md and fidelity_cka.png to ``out_dir`` (default:
-    ``<run out_dir>/eval/<checkpoint tag>``) and prints the Markdown table.
+    Writes fidelity.json, fidelity.md, fidelity_cka.png, loss_curves.png (from the run's
+    TensorBoard logs) and probe_per_language.png to ``out_dir`` (default:
+    ``<run out_dir>/eval/<checkpoint tag>``) and prints the Markdown report.
     """
     from colld_ds.evaluate import evaluate
+    from colld_ds.probe import ProbeConfig
 
+    probe_overrides = {"steps": probe_steps, "lstm_hidden": probe_lstm_hidden}
+    probe = ProbeConfig(**{k: v for k, v in probe_overrides.items() if v is not None})
     report = evaluate(checkpoint, shards, out_dir, batch_size=batch_size,
                       max_seconds=max_seconds, max_utterances=max_utterances,
-                      teacher_path=teacher_path, threads=threads)
+                      teacher_path=teacher_path, threads=threads,
+                      probe_train_shards=probe_train_shards, probe=probe)
     print((Path(report["out_dir"]) / "fidelity.md").read_text())
     print(f"[colld] fidelity report written to {report['out_dir']}")
 

@@ -190,8 +190,9 @@ def shard_name(url: str) -> str:
 
 
 def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[str]:
-    """Shard paths from a list, a directory (its `*.tar`, sorted) or a brace pattern; with
-    `allow_remote`, also streamed URLs (`is_remote`), which are not checked here.
+    """Shard paths from a list, a directory (its `*.tar`, sorted), a brace pattern or, for
+    local paths, a glob (`data/test-*.tar`, sorted); with `allow_remote`, also streamed URLs
+    (`is_remote`), which are not checked here.
 
     Raises ValueError naming the pattern when nothing matches or a listed local shard is
     missing, and naming the URL when a URL is given to a reader of local files.
@@ -202,6 +203,8 @@ def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[s
             paths = sorted(glob.glob(os.path.join(urls, "*.tar")))
         else:
             paths = list(braceexpand.braceexpand(urls))
+            paths = [match for p in paths for match in
+                     (sorted(glob.glob(p)) if glob.has_magic(p) and not is_remote(p) else [p])]
     else:
         pattern, paths = repr(list(urls)), list(urls)
     remote = [p for p in paths if is_remote(p)]

@@ -18,8 +18,20 @@ seed, every weight randomly initialised (front end included, nothing copied from
 random heads; ``init``: the run's student at step 0 (front end, and teacher layers where the run
 copies them, from the teacher; heads untrained).
 
-Outputs (``out_dir``, default ``<run out_dir>/eval/<checkpoint tag>``): ``fidelity.json``,
-``fidelity.md`` (also printed) and ``fidelity_cka.png`` (one heatmap per row).
+The teacher against itself is 1 for both fidelity measures by definition (identity head,
+CKA of a representation with itself), so it is stated, not computed.
+
+With ``probe_train_shards`` (shards with ``phones`` and ``text``, e.g. the corpus' dev split)
+a frozen-feature CTC probe (``colld_ds.probe``) scores PER and CER per language on the held-out
+shards for the rows ``teacher`` (the ceiling), ``trained``, ``random`` and ``init``.
+
+The run's training curves (loss, contrastive accuracy or cosine per pair vs step) are read back
+from its TensorBoard events (``<run out_dir>/tb``), or from ``metrics.jsonl`` when there are none.
+
+Outputs (``out_dir``, default ``<run out_dir>/eval/<checkpoint tag>``), each written under a
+temporary name and renamed: ``fidelity.json``, ``fidelity.md`` (also printed),
+``fidelity_cka.png`` (one heatmap per row), ``loss_curves.png`` and, with the probe,
+``probe_per_language.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +53,15 @@ from colld_ds.data import decode_audio, expand_urls, read_samples
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import SAMPLE_RATE, Student, Teacher, build_student
 from colld_ds.objectives import build_objective
+from colld_ds.probe import (
+    Encoder,
+    ProbeConfig,
+    ProbeUnavailable,
+    format_probe_markdown,
+    plot_error_rates,
+    read_probe_split,
+    run_probe,
+)
 
 # --- linear CKA ----------------------------------------------------------------------------------
 
@@ -258,15 +280,46 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
+def _student_encoder(model) -> Encoder:
+    """A DistillationModel's student as a probe Encoder: its K layers, (B, T, D_s) each."""
+    def encode(wave: Tensor, wave_lengths: Tensor) -> tuple[list[Tensor], Tensor]:
+        output = model.student(wave, wave_lengths)
+        return output.hidden, output.frame_lengths
+    return encode
+
+
+def _teacher_encoder(teacher: Teacher) -> Encoder:
+    """The teacher (all L layers) as a probe Encoder."""
+    def encode(wave: Tensor, wave_lengths: Tensor) -> tuple[list[Tensor], Tensor]:
+        output = teacher(wave, wave_lengths)
+        return output.features, output.frame_lengths
+    return encode
+
+
 def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = None,
              batch_size: int = 4, max_seconds: float | None = None,
              max_utterances: int | None = None, teacher_path: str | None = None,
-             threads: int | None = None, plot: bool = True) -> dict[str, Any]:
-    """Fidelity, size and speed of the checkpoint's student vs its teacher on ``shards``; writes
-    fidelity.json / .md / _cka.png to ``out_dir`` and returns the report."""
+             threads: int | None = None, plot: bool = True,
+             probe_train_shards: str | None = None,
+             probe: ProbeConfig | None = None) -> dict[str, Any]:
+    """Fidelity, size and speed of the checkpoint's student vs its teacher on ``shards``, the
+    CTC probe (PER/CER) when ``probe_train_shards`` is given, and the run's training curves;
+    writes the files of the module docstring to ``out_dir`` and returns the report.
+
+    The probe scores whole utterances of ``shards`` (the first ``max_utterances``;
+    ``max_seconds`` does not apply: a cut utterance would not match its transcript)."""
     from colld_ds.export import load_student, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
+    probe_data = None
+    probe_skipped = ("no probe-training split given (`--probe_train_shards`, shards with "
+                     "`phones` and `text`, e.g. the corpus' dev split)")
+    if probe_train_shards:
+        try:   # read (and check) before the slow parts, so that a bad split fails early
+            probe_data = (read_probe_split(probe_train_shards),
+                          read_probe_split(shards, max_utterances))
+        except ProbeUnavailable as error:
+            probe_skipped = str(error)
     config, teacher, pairs, trained = load_student(checkpoint, teacher_path)
     all_layers = list(range(1, teacher.num_layers + 1))
     full_teacher = Teacher(teacher.model, teacher.family, teacher.front_end, teacher.path,
@@ -279,7 +332,15 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
         result = fidelity(models, full_teacher, pairs,
                           eval_batches(shards, batch_size, max_seconds, max_utterances),
                           timed="trained")
+        probe_report = {"probe_skipped": probe_skipped}
+        if probe_data is not None:
+            encoders = {"teacher": _teacher_encoder(full_teacher),
+                        **{name: _student_encoder(model) for name, model in models.items()}}
+            probe_report = run_probe(encoders, *probe_data, probe or ProbeConfig(),
+                                     probe_train_shards, batch_size)
     seconds = result["seconds"]
+    run_dir = checkpoint.parent.parent
+    curves, curves_source = read_loss_curves(run_dir)
     report = {
         "checkpoint": str(checkpoint),
         "shards": shards,
@@ -299,17 +360,101 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
                     "rtf": seconds["student"] / seconds["audio"]},
         "cpu_threads": used_threads,
         "models": result["models"],
+        **probe_report,
+        "loss_curves": {"source": curves_source,
+                        "final": {tag: values[-1] for tag, (_, values) in curves.items()}},
     }
     out = Path(out_dir) if out_dir else checkpoint.parent.parent / "eval" / checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(report, indent=2))
-    markdown = format_markdown(report, plot)
-    (out / "fidelity.md").write_text(markdown)
+    images = {}
     if plot:
-        plot_cka(report, out / "fidelity_cka.png")
-        report["heatmap"] = str(out / "fidelity_cka.png")
-    report["out_dir"] = str(out)
+        images["heatmap"] = _atomic_plot(out / "fidelity_cka.png", plot_cka, report)
+        if curves:
+            images["loss_curves_plot"] = _atomic_plot(out / "loss_curves.png", plot_loss_curves,
+                                                 curves)
+        if "probe" in report:
+            images["probe_plot"] = _atomic_plot(out / "probe_per_language.png",
+                                                plot_error_rates, report["probe"])
+    _atomic_write(out / "fidelity.json", json.dumps(report, indent=2))
+    _atomic_write(out / "fidelity.md", format_markdown(report, {k: Path(v).name
+                                                                for k, v in images.items()}))
+    report.update(images, out_dir=str(out))
     return report
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _atomic_plot(path: Path, plot_function, data) -> str:
+    """``plot_function(data, temporary path)`` (a PNG), then renamed to ``path``."""
+    temporary = path.with_name(path.name + ".tmp")
+    plot_function(data, temporary)
+    os.replace(temporary, path)
+    return str(path)
+
+
+# --- training curves -----------------------------------------------------------------------------
+
+CURVE_KINDS = ("loss", "acc", "cos")   # tag prefixes the monitor writes per pair (+ loss/total)
+
+
+def read_loss_curves(run_dir: Path) -> tuple[dict[str, tuple[list[int], list[float]]], str]:
+    """The run's ``loss/…``, ``acc/…`` and ``cos/…`` scalars: tag -> (steps, values), sorted by
+    step (a step logged twice, after a resume, keeps its last value), and where they were read:
+    TensorBoard events under ``run_dir/tb``, else ``run_dir/metrics.jsonl``, else ({}, reason)."""
+    tb, jsonl = run_dir / "tb", run_dir / "metrics.jsonl"
+    by_step: dict[str, dict[int, float]] = {}
+    if tb.is_dir() and any(tb.glob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.split("/")[0] in CURVE_KINDS:
+                by_step[tag] = {event.step: event.value for event in events.Scalars(tag)}
+        source = f"TensorBoard events in {tb}"
+    elif jsonl.is_file():
+        for line in jsonl.read_text().splitlines():
+            row = json.loads(line)
+            for tag, value in row.items():
+                if tag.split("/")[0] in CURVE_KINDS:
+                    by_step.setdefault(tag, {})[int(row["step"])] = value
+        source = str(jsonl)
+    else:
+        return {}, f"no training logs found in {run_dir} (tb/ or metrics.jsonl)"
+    curves = {tag: (sorted(values), [values[s] for s in sorted(values)])
+              for tag, values in sorted(by_step.items())}
+    return curves, source
+
+
+def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
+    """Loss (total and per pair) and accuracy or cosine per pair vs step, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    kinds = [kind for kind in CURVE_KINDS if any(t.startswith(kind + "/") for t in curves)]
+    fig, axes = plt.subplots(1, len(kinds), squeeze=False, figsize=(4.5 * len(kinds), 3.2),
+                             layout="constrained")
+    for ax, kind in zip(axes[0], kinds):
+        for tag, (steps, values) in curves.items():
+            if tag.startswith(kind + "/"):
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3,
+                        label=tag.split("/", 1)[1], linewidth=2 if tag == "loss/total" else 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel({"loss": "loss", "acc": "contrastive accuracy", "cos": "cosine"}[kind])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("training curves (averaged over ranks)")
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+# --- the Markdown report ---------------------------------------------------------------------
 
 
 def _fmt(value: float) -> str:
@@ -317,26 +462,50 @@ def _fmt(value: float) -> str:
         else f"{value:.3f}"
 
 
-def format_markdown(report: dict[str, Any], plot: bool = True) -> str:
+def _summary_rows(report: dict[str, Any]) -> list[str]:
+    """One row per model: size, speed, mean fidelity over the pairs, probe error rates."""
     t, s = report["teacher"], report["student"]
+    probe = report.get("probe", {}).get("models", {})
+
+    def rates(name: str) -> str:
+        if name not in probe:
+            return "- | -"
+        return " | ".join(f"{100 * probe[name][task]['overall']:.1f}" for task in ("per", "cer"))
+
+    rows = [f"| teacher | {t['layers']} | {t['parameters']:,} | {t['fp32_mib']:.2f} | "
+            f"{t['rtf']:.4f} | 1 (itself) | 1 (itself) | {rates('teacher')} |"]
+    for name, values in report["models"].items():
+        size = (f"{s['layers']} | {s['parameters']:,} | {s['fp32_mib']:.2f} | "
+                + (f"{s['rtf']:.4f}" if name == "trained" else "as trained"))
+        mean_cos = float(np.mean(list(values["cosine"].values())))
+        mean_cka = float(np.nanmean(list(values["cka_pairs"].values())))
+        rows.append(f"| {name} | {size} | {_fmt(mean_cos)} | {_fmt(mean_cka)} | {rates(name)} |")
+    return rows
+
+
+def format_markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
+    """The report as Markdown; ``images``: key ("heatmap", "loss_curves_plot", "probe_plot") ->
+    file name next to it, for the plots that were written."""
+    images = images or {}
     names = [p["name"] for p in report["pairs"]]
     lines = [
         "# Fidelity of the student to its teacher", "",
         f"Checkpoint `{report['checkpoint']}`, held-out shards `{report['shards']}`: "
         f"{report['utterances']} utterances, {report['audio_seconds']:.1f} s of audio, "
         f"{report['frames']} valid frames; teacher targets `{report['target_kind']}`.", "",
-        "## Size and speed (CPU, "
-        f"{report['cpu_threads']} thread(s); real-time factor = forward s / audio s)", "",
-        "| model | layers | parameters | fp32 MiB | RTF |", "|---|---|---|---|---|",
-        f"| teacher | {t['layers']} | {t['parameters']:,} | {t['fp32_mib']:.2f} | "
-        f"{t['rtf']:.4f} |",
-        f"| student | {s['layers']} | {s['parameters']:,} | {s['fp32_mib']:.2f} | "
-        f"{s['rtf']:.4f} |", "",
+        f"## Summary (CPU, {report['cpu_threads']} thread(s))", "",
+        "RTF: real-time factor = forward s / audio s. Cosine and CKA: means over the layer "
+        "pairs (below); the teacher against itself is 1 by definition (not computed). PER/CER: "
+        "the probe's overall error rates in % (below); `-`: no probe.", "",
+        "| model | layers | parameters | fp32 MiB | RTF | cosine | CKA | PER % | CER % |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *_summary_rows(report), "",
         "## Per layer pair (student layer -> teacher layer)", "",
         "Cosine: the pair's projection head on the student state vs the teacher feature, mean "
         "over frames. CKA: linear CKA of the raw student state vs the teacher feature. "
         "`random`: same shape and seed, every weight random (the floor); `init`: the run's "
-        "student at step 0 (teacher front end, teacher layers where the run copies them).", "",
+        "student at step 0 (teacher front end, teacher layers where the run copies them). The "
+        "teacher against itself would be 1 everywhere, so it has no row.", "",
         "| model | " + " | ".join(f"cos {n}" for n in names) + " | "
         + " | ".join(f"CKA {n}" for n in names) + " |",
         "|---|" + "---|" * (2 * len(names)),
@@ -353,8 +522,12 @@ def format_markdown(report: dict[str, Any], plot: bool = True) -> str:
         lines += [f"| s{k + 1} | " + " | ".join(_fmt(v) for v in row) + " |"
                   for k, row in enumerate(cka)]
         lines.append("")
-    if plot:
-        lines.append("![CKA heatmaps](fidelity_cka.png)")
+    if "heatmap" in images:
+        lines += [f"![CKA heatmaps]({images['heatmap']})", ""]
+    lines += format_probe_markdown(report, images.get("probe_plot"))
+    lines += ["## Training curves", "", f"Read from {report['loss_curves']['source']}.", ""]
+    if "loss_curves_plot" in images:
+        lines.append(f"![loss curves]({images['loss_curves_plot']})")
     return "\n".join(lines) + "\n"
 
 
@@ -382,9 +555,10 @@ def plot_cka(report: dict[str, Any], path: Path) -> None:
                 ax.text(j, k, _fmt(v), ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 else "black")
     fig.colorbar(image, ax=axes[0].tolist(), label="linear CKA")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
 
 
 __all__ = ["EvalBatch", "Moments", "cka_from_moments", "eval_batches", "evaluate", "fidelity",
-           "format_markdown", "fresh_model", "linear_cka", "plot_cka"]
+           "format_markdown", "fresh_model", "linear_cka", "plot_cka", "plot_loss_curves",
+           "read_loss_curves"]

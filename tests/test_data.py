@@ -236,3 +236,11 @@ def test_loader_errors_are_clear(tmp_path, shard_dir):
         writer.write({"__key__": "lonely_utt", "flac": b"not read"})
     with pytest.raises(ValueError, match="lonely_utt"):
         take(AudioBatchStream(no_json, batch_size=1), 1)
+
+
+def test_glob_patterns_expand_sorted(shard_dir):
+    paths = expand_urls(os.path.join(shard_dir, "train-00000[13].tar"))
+    assert [os.path.basename(p) for p in paths] == ["train-000001.tar", "train-000003.tar"]
+    assert expand_urls(os.path.join(shard_dir, "*.tar")) == expand_urls(shard_dir)
+    with pytest.raises(ValueError, match="no shards matched"):
+        expand_urls(os.path.join(shard_dir, "test-*.tar"))

@@ -1,4 +1,5 @@
-"""Fidelity metrics (linear CKA, cosine per pair) and ``colld eval`` end to end."""
+"""Fidelity metrics (linear CKA, cosine per pair), training curves and ``colld eval`` end to end
+(with and without the CTC probe)."""
 
 import json
 import math
@@ -100,6 +101,81 @@ def test_eval_command_writes_table_json_and_heatmap(run, tmp_path, capsys):
     assert (tmp_path / "fidelity_cka.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "fidelity.md").read_text()
     assert "| trained |" in markdown and "| random |" in markdown and markdown in printed
+    assert "| teacher | 4 |" in markdown and "1 (itself)" in markdown
+    # No probe-training split: no probe section in the JSON, and the report says why.
+    assert "probe" not in report and "No probe: no probe-training split given" in markdown
+    # The run's TensorBoard curves: its one logged step (3), plotted.
+    assert report["loss_curves"]["source"].startswith("TensorBoard events in")
+    assert set(report["loss_curves"]["final"]) >= {"loss/total", "loss/s1_t2", "acc/s2_t4"}
+    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![loss curves](loss_curves.png)" in markdown
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_eval_with_a_probe_split_writes_per_and_cer_per_language(run, tmp_path):
+    from data_prep.generated_audio import generate_utterances
+    from data_prep.shards import write_audio_shards
+
+    from colld_ds import cli
+
+    # Generated audio with made-up CV-syllable phones and text, in two languages.
+    write_audio_shards(generate_utterances(8, seed=3, langs=("aa", "bb")),
+                       str(tmp_path / "dev"), prefix="dev", progress=False)
+    write_audio_shards(generate_utterances(6, seed=4, langs=("aa", "bb")),
+                       str(tmp_path / "test"), prefix="test", progress=False)
+    out = tmp_path / "eval"
+    cli.eval(str(run["root"] / "run"), str(tmp_path / "test"), out_dir=str(out), threads=1,
+             probe_train_shards=str(tmp_path / "dev"), probe_steps=20)
+    report = json.loads((out / "fidelity.json").read_text())
+    probe = report["probe"]
+    assert set(probe) == {"train_shards", "steps", "languages", "models"}
+    assert probe["train_shards"] == str(tmp_path / "dev") and probe["steps"] == 20
+    assert probe["languages"] == ["aa", "bb"]
+    assert list(probe["models"]) == ["teacher", "trained", "random", "init"]
+    for rates in probe["models"].values():
+        assert set(rates) == {"per", "cer"}
+        for task in ("per", "cer"):
+            assert set(rates[task]) == {"overall", "aa", "bb"}
+            assert all(0 <= v < 10 and not math.isnan(v) for v in rates[task].values())
+            low, high = sorted([rates[task]["aa"], rates[task]["bb"]])
+            assert low - 1e-12 <= rates[task]["overall"] <= high + 1e-12   # a pooled rate
+    details = report["probe_details"]
+    assert details["test_utterances"] == {"aa": 3, "bb": 3}
+    assert len(details["layer_weights"]["teacher"]["per"]) == 4
+    assert len(details["layer_weights"]["trained"]["cer"]) == 2
+    assert sum(details["layer_weights"]["random"]["per"]) == pytest.approx(1.0)
+    assert (out / "probe_per_language.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (out / "fidelity.md").read_text()
+    assert "**PER (%)**" in markdown and "| model | overall | aa | bb |" in markdown
+    assert "![PER and CER per language](probe_per_language.png)" in markdown
+
+
+def test_loss_curves_from_tensorboard_after_a_resume_and_from_jsonl(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from colld_ds.evaluate import read_loss_curves
+
+    for steps, losses in (([1, 2, 3], [3.0, 2.0, 1.0]), ([3, 4], [0.5, 0.25])):  # resumed at 2
+        writer = SummaryWriter(str(tmp_path / "run" / "tb"))
+        for step, loss in zip(steps, losses):
+            writer.add_scalar("loss/total", loss, step)
+            writer.add_scalar("acc/s1_t2", 1 / loss, step)
+            writer.add_scalar("train/lr", 0.1, step)
+        writer.close()
+    curves, source = read_loss_curves(tmp_path / "run")
+    assert source == f"TensorBoard events in {tmp_path / 'run' / 'tb'}"
+    assert set(curves) == {"loss/total", "acc/s1_t2"}
+    assert curves["loss/total"] == ([1, 2, 3, 4], [3.0, 2.0, 0.5, 0.25])
+    assert curves["acc/s1_t2"][1] == pytest.approx([1 / 3, 0.5, 2.0, 4.0])
+
+    rows = [{"step": 5, "loss/total": 2.0, "cos/s1_t1": 0.5, "lr": 1.0},
+            {"step": 10, "loss/total": 1.5, "cos/s1_t1": 0.75, "lr": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curves, source = read_loss_curves(tmp_path)
+    assert source == str(tmp_path / "metrics.jsonl")
+    assert curves == {"cos/s1_t1": ([5, 10], [0.5, 0.75]), "loss/total": ([5, 10], [2.0, 1.5])}
+    assert read_loss_curves(tmp_path / "nothing") == (
+        {}, f"no training logs found in {tmp_path / 'nothing'} (tb/ or metrics.jsonl)")
 
 
 def test_fidelity_refuses_a_teacher_without_all_layers(run):
