@@ -1,5 +1,5 @@
 """``colld`` command line (fire): ``colld train``, ``colld demo``, ``colld eval``,
-``colld export``, ``colld prep ...``.
+``colld compare``, ``colld export``, ``colld prep ...``.
 
 Any config field can be overridden with a dotted flag: ``--objective.temperature 0.05``.
 """
@@ -66,6 +66,32 @@ def eval(checkpoint: str, shards: str, out_dir: str | None = None, batch_size: i
     print(f"[colld] fidelity report written to {report['out_dir']}")
 
 
+def compare(config: str, eval_shards: str, objectives: str = "colld,l2l,distilhubert",
+            out_dir: str = "runs/compare", ranks: int | None = None,
+            probe_train_shards: str | None = None, probe_steps: int | None = None,
+            **overrides):
+    """Distil with each objective on equal terms (same data, budget, student, seed, masking and
+    teacher layers; only ``objective.name`` differs), evaluate each final checkpoint on
+    ``eval_shards`` and write one table: ``out_dir/compare.md`` and ``compare.json`` (printed).
+
+    Runs go to ``out_dir/<objective>``; re-running skips finished runs and resumes interrupted
+    ones. ``ranks``: 1 trains in one process without a launcher, N > 1 through launch.sh
+    (default: one per GPU, else 2 CPU ranks). ``probe_train_shards`` and ``probe_steps`` are
+    passed to ``eval`` (its PER/CER probe).
+    Overrides (``--optim.max_steps 6``) apply to every run.
+    """
+    from colld_ds.compare import CompareSettings, RunFailedError
+    from colld_ds.compare import compare as run_compare
+
+    try:
+        run_compare(CompareSettings(config=config, eval_shards=eval_shards,
+                                    objectives=objectives, out_dir=out_dir, ranks=ranks,
+                                    probe_train_shards=probe_train_shards,
+                                    probe_steps=probe_steps, overrides=overrides))
+    except RunFailedError as error:       # the run's own traceback is already printed above
+        raise SystemExit(str(error)) from None
+
+
 def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = False,
            teacher_path: str | None = None, threads: int | None = None):
     """Export a checkpoint's student: ``out_dir/hf`` (save_pretrained + feature extractor
@@ -82,8 +108,8 @@ def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = F
 def main() -> None:
     from data_prep.cli import DataPrep
     try:
-        fire.Fire({"train": train, "demo": demo, "eval": eval, "export": export,
-                   "prep": DataPrep})
+        fire.Fire({"train": train, "demo": demo, "eval": eval, "compare": compare,
+                   "export": export, "prep": DataPrep})
     except ConfigError as error:          # a bad value: say which, without a traceback
         raise SystemExit(f"colld: config error: {error}") from None
 
