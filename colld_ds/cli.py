@@ -23,13 +23,34 @@ def train(config: str | None = None, **overrides):
     run_training(load_config(config, overrides))
 
 
-def demo(out_dir: str = "demo_out", num_utterances: int = 64, max_steps: int = 150,
-         ranks: int = 2, **overrides):
-    """The embedded default: a tiny teacher distilled with CoLLD on generated audio, end to end,
-    on ``ranks`` CPU processes through launch.sh. Each stage is skipped when its output exists."""
-    from colld_ds.demo import run_demo
-    run_demo(out_dir, num_utterances=num_utterances, max_steps=max_steps, ranks=ranks,
-             overrides=overrides)
+def demo(teacher: str = "whisper", out_dir: str | None = None, steps: int | None = None,
+         ranks: int = 2, minutes_per_language: float = 2.0, langs: str | tuple | None = None,
+         window_seconds: float = 8.0, probe: bool = False, num_utterances: int = 64,
+         **overrides):
+    """The embedded demo, end to end on ``ranks`` CPU processes through launch.sh; each stage is
+    skipped when its output exists (see colld_ds/demo.py).
+
+    ``--teacher whisper`` (default): Whisper base distilled with CoLLD on an espeak-ng corpus of
+    ``minutes_per_language`` minutes per language (``--langs en,de,ru``; default all 12), the
+    teacher on a ``window_seconds`` window, ``steps`` optimiser steps (default 200), evaluated
+    on the test split (``--probe`` adds the CTC probe trained on the dev split: slow on CPU).
+    ``--teacher tiny``: a tiny random wav2vec 2.0 teacher on ``num_utterances`` generated
+    utterances (default 150 steps), the fast smoke test. ``out_dir`` defaults to
+    ``demo_out/<teacher>``; ``--section.field v`` overrides the training config.
+    """
+    from colld_ds.demo import run_tiny_demo, run_whisper_demo
+
+    if not isinstance(probe, bool):   # fire passes "--probe false" as the string "false"
+        raise SystemExit(f"colld demo: --probe {probe!r}: write --probe or --noprobe")
+    out_dir = out_dir or f"demo_out/{teacher}"
+    if teacher == "tiny":
+        run_tiny_demo(out_dir, num_utterances, steps or 150, ranks, overrides)
+    elif teacher == "whisper":
+        chosen = langs.split(",") if isinstance(langs, str) else langs
+        run_whisper_demo(out_dir, minutes_per_language, chosen, steps or 200, ranks,
+                         window_seconds, probe, overrides=overrides)
+    else:
+        raise SystemExit(f"colld demo: --teacher {teacher!r}: choose whisper or tiny")
 
 
 def eval(checkpoint: str, shards: str, out_dir: str | None = None, batch_size: int = 4,

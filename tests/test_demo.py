@@ -1,0 +1,89 @@
+"""`colld demo`: the tiny-teacher smoke run through the real CLI (2 CPU ranks), and the pieces of
+the Whisper demo that run without Whisper (re-sharding, window check, corpus flags)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colld_ds.checkpoint import complete_checkpoints
+from colld_ds.data import read_samples
+from colld_ds.demo import _check_window, _mix_shards, _synthesise
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import write_audio_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _demo(out_dir, *flags):
+    command = [sys.executable, "-m", "colld_ds.cli", "demo", "--teacher", "tiny", "--out_dir",
+               str(out_dir), "--steps", "4", "--num_utterances", "16", *flags]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, COLLD_PYTHON=sys.executable))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_tiny_demo_runs_end_to_end_then_skips_every_stage(tmp_path):
+    first = _demo(tmp_path)
+    for stage in ("generated audio shards", "tiny wav2vec2 teacher", "CoLLD distillation"):
+        assert f"{stage}" in first and "exists, skipped" not in first
+    checkpoints = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step00000004"]
+    assert f"checkpoint:      {checkpoints[0]}" in first
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    assert rows[-1]["step"] == 4 and math.isfinite(rows[-1]["loss/total"])
+    second = _demo(tmp_path)
+    assert second.count("exists, skipped") == 3 and "running" not in second
+    assert "step 4" in second        # the summary is printed from the existing run
+
+
+def _corpus(directory, langs, per_lang):
+    """Language-contiguous audio shards like the synth corpus: per_lang utterances of each."""
+    samples = [dict(s, utt_id=f"{lang}_{i:03d}", lang=lang) for lang in langs
+               for i, s in enumerate(generate_utterances(per_lang, len(lang), max_seconds=1.5))]
+    return write_audio_shards(samples, str(directory), "train", max_count=7, progress=False)
+
+
+def test_mix_shards_makes_equal_shards_of_mixed_languages_byte_for_byte(tmp_path):
+    sources = _corpus(tmp_path / "corpus", ["en", "de", "fi"], 9)        # 27 utterances
+    original = {s["__key__"]: s for s in read_samples(sources)}
+    paths = _mix_shards(sources, tmp_path / "shards", num_shards=4, seed=0)
+    assert [Path(p).name for p in paths] == [f"train-{i:06d}.tar" for i in range(4)]
+    shards = [list(read_samples([p])) for p in paths]
+    assert [len(s) for s in shards] == [6, 6, 6, 6]                      # 27 // 4, 3 dropped
+    keys = [s["__key__"] for shard in shards for s in shard]
+    assert len(set(keys)) == 24 and set(keys) <= set(original)
+    for shard in shards:
+        assert len({json.loads(s["json"])["lang"] for s in shard}) >= 2  # languages mixed
+        for sample in shard:
+            assert sample["flac"] == original[sample["__key__"]]["flac"]
+            assert sample["json"] == original[sample["__key__"]]["json"]
+    with pytest.raises(ValueError, match="3 train utterances, fewer than the 4 shards"):
+        _mix_shards(_corpus(tmp_path / "small", ["en"], 3), tmp_path / "x", 4, seed=0)
+
+
+def test_window_check_names_the_longest_utterance(tmp_path):
+    shards = _corpus(tmp_path / "corpus", ["en"], 5)
+    durations = {json.loads(s["json"])["utt_id"]: json.loads(s["json"])["duration"]
+                 for s in read_samples(shards)}
+    longest = max(durations, key=durations.get)
+    _check_window(shards, durations[longest])                         # fits exactly
+    with pytest.raises(ValueError, match=rf"{longest} is {durations[longest]:.2f} s.*"
+                                         rf"--window_seconds {math.ceil(durations[longest])}"):
+        _check_window(shards, float(np.floor(durations[longest] * 10) / 10))
+
+
+def test_corpus_made_with_other_flags_is_refused(tmp_path):
+    record = {"minutes_per_language": 0.5, "langs": ["en"], "seed": 0}
+    (tmp_path / "corpus.json").write_text(json.dumps(record))
+    _synthesise(tmp_path, 0.5, ["en"], 0)                             # same flags: reused as is
+    assert sorted(os.listdir(tmp_path)) == ["corpus.json"]
+    with pytest.raises(ValueError, match=r"made with .*'minutes_per_language': 0\.5.*not.*2\.0"):
+        _synthesise(tmp_path, 2.0, ["en"], 0)
