@@ -146,6 +146,28 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _save_extractor(teacher_extractor: Path, config, out_dir: Path) -> None:
+    """The teacher's ``preprocessor_config.json`` into ``out_dir``; for a Whisper student on a
+    trimmed window (``teacher.window_seconds``) with ``chunk_length`` set to that window, so HF's
+    ``WhisperFeatureExtractor`` pads to what the exported encoder takes."""
+    if config.model_type != "whisper":
+        shutil.copy(teacher_extractor, out_dir / "preprocessor_config.json")
+        return
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor.from_pretrained(teacher_extractor.parent)
+    window_samples = config.max_source_positions * 2 * extractor.hop_length   # 2 mel frames each
+    if window_samples != extractor.n_samples:
+        if window_samples % extractor.sampling_rate:
+            raise ValueError(
+                f"the student's Whisper window is {window_samples / extractor.sampling_rate:g} s; "
+                "WhisperFeatureExtractor's chunk_length takes whole seconds: train with a "
+                "whole-second teacher.window_seconds to export it")
+        extractor = WhisperFeatureExtractor.from_dict(
+            {**extractor.to_dict(), "chunk_length": window_samples // extractor.sampling_rate})
+    extractor.save_pretrained(out_dir)
+
+
 def export_hf(student, teacher, out_dir: Path) -> dict[str, Any]:
     """``student.model.save_pretrained(out_dir)`` + the teacher's feature extractor config;
     reloaded as a teacher (the teacher's model class) and checked layer by layer."""
@@ -155,7 +177,7 @@ def export_hf(student, teacher, out_dir: Path) -> dict[str, Any]:
     student.model.save_pretrained(out_dir)
     extractor = Path(teacher.path) / "preprocessor_config.json"
     if extractor.is_file():
-        shutil.copy(extractor, out_dir / "preprocessor_config.json")
+        _save_extractor(extractor, student.model.config, out_dir)
     reloaded = load_teacher(str(out_dir), list(range(1, student.num_layers + 1)),
                             dtype=torch.float32)
     wave, lengths = _probe_wave()

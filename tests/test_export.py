@@ -143,3 +143,31 @@ def test_export_reloads_equal_and_onnx_matches(run, tmp_path):
     int8 = report["onnx"]["int8"]
     assert Path(int8["path"]).is_file() and int8["bytes"] < report["onnx"]["bytes"]
     assert int8["latency_s"] > 0
+
+
+def test_windowed_whisper_export_carries_its_window(tmp_path):
+    """A student of a Whisper teacher on a 2 s window exports a feature extractor that pads to
+    2 s, and HF's own extractor + encoder reproduce the student's states."""
+    from transformers import WhisperFeatureExtractor
+
+    from colld_ds.export import export_hf
+    from colld_ds.models import build_student, load_teacher
+    from data_prep.tiny_teacher import make_tiny_teacher
+
+    tiny = make_tiny_teacher("whisper", str(tmp_path / "teacher"), seed=0, num_layers=2)
+    teacher = load_teacher(tiny, [1, 2], window_seconds=2.0)
+    student = build_student(teacher, 1, init_from_teacher_layers=[1])
+    report = export_hf(student, teacher, tmp_path / "hf")
+    assert report["ok"]
+    extractor = WhisperFeatureExtractor.from_pretrained(tmp_path / "hf")
+    wave = 0.1 * torch.randn(24_000, generator=torch.Generator().manual_seed(0))
+    features = extractor(wave.numpy(), sampling_rate=16_000, return_tensors="pt").input_features
+    assert features.shape[-1] == 200                            # 2 s of 10 ms log-mel frames
+    ours, _ = student.front_end(wave[None], torch.tensor([24_000]))   # colld's log-mel front end
+    assert (ours["input_features"] - features).abs().max() <= 1e-4
+    model = type(student.model).from_pretrained(tmp_path / "hf").eval()      # WhisperEncoder
+    with torch.inference_mode():
+        got = model(features, output_hidden_states=True).hidden_states
+        expected = student.model(**ours, output_hidden_states=True).hidden_states
+    for e, g in zip(expected, got, strict=True):
+        assert (e - g).abs().max() <= 1e-4
