@@ -22,6 +22,7 @@ from colld_ds.compare import (
     format_markdown,
 )
 from colld_ds.config import ConfigError
+from tiny_run import tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
@@ -172,19 +173,9 @@ def test_bad_settings_name_the_flag():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from data_prep.generated_audio import generate_utterances
-    from data_prep.shards import write_audio_shards
-    from data_prep.tiny_teacher import make_tiny_teacher
-
     root = tmp_path_factory.mktemp("compare")
-    teacher = make_tiny_teacher("wav2vec2", str(root / "teacher"), seed=0, num_layers=4,
-                                hidden_size=32)
-    write_audio_shards(generate_utterances(8, seed=1), str(root / "train"), max_count=8,
-                       progress=False)
-    write_audio_shards(generate_utterances(6, seed=2), str(root / "heldout"), prefix="test",
-                       max_count=8, progress=False)
-    return {"root": root, "teacher": teacher, "train": str(root / "train"),
-            "heldout": str(root / "heldout")}
+    teacher, train, heldout = tiny_teacher_and_shards(root)
+    return {"root": root, "teacher": teacher, "train": train, "heldout": heldout}
 
 
 def _overrides(assets):

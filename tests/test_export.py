@@ -48,18 +48,10 @@ train_module.train(load_config(config, {
 
 @functools.cache
 def _trained_run(root: Path) -> dict:
-    from data_prep.generated_audio import generate_utterances
-    from data_prep.shards import write_audio_shards
-    from data_prep.tiny_teacher import make_tiny_teacher
+    from tiny_run import tiny_teacher_and_shards
 
-    teacher = make_tiny_teacher("wav2vec2", str(root / "teacher"), seed=0, num_layers=4,
-                                hidden_size=32)
-    write_audio_shards(generate_utterances(8, seed=1), str(root / "train"), max_count=8,
-                       progress=False)
-    write_audio_shards(generate_utterances(6, seed=2), str(root / "heldout"), prefix="test",
-                       max_count=8, progress=False)
-    done = subprocess.run([sys.executable, "-c", _TRAIN, str(root), str(CONFIG), teacher,
-                           str(root / "train")], cwd=REPO, capture_output=True, text=True,
+    teacher, train, _ = tiny_teacher_and_shards(root)
+    done = subprocess.run([sys.executable, "-c", _TRAIN, str(root), str(CONFIG), teacher, train], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
