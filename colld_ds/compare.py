@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import COMPLETE_MARKER, checkpoint_tag, complete_checkpoints
 from colld_ds.config import ConfigError, TrainConfig, load_config
 
@@ -185,12 +186,6 @@ def check_earlier_run(config: TrainConfig) -> None:
 # --- training and evaluation ---------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def final_checkpoint(config: TrainConfig) -> Path:
     return Path(config.run.out_dir) / "checkpoints" / checkpoint_tag(config.optim.max_steps)
 
@@ -208,7 +203,7 @@ def train_run(name: str, config: TrainConfig, ranks: int | None) -> Path:
     run_dir = Path(config.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "train_config.yaml"
-    _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
     print(f"[compare] {name}: {'resuming from ' + done[-1].name if done else 'training'}",
           flush=True)
     env = {key: value for key, value in os.environ.items() if key not in _LAUNCHER_ENV}
@@ -506,8 +501,8 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
                         settings.command())
     out = Path(settings.out_dir)
     markdown = format_markdown(table)
-    _write_atomic(out / "compare.json", json.dumps(table, indent=2))
-    _write_atomic(out / "compare.md", markdown)
+    write_text_atomic(out / "compare.json", json.dumps(table, indent=2))
+    write_text_atomic(out / "compare.md", markdown)
     print(markdown)
     print(f"[compare] table written to {out / 'compare.md'} and {out / 'compare.json'}")
     return table

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import checkpoint_tag, complete_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,12 +80,6 @@ class Stages:
                                      f"{seconds[0]:8.1f}{seconds[1]:8.1f}"))
         done = [s for s in self.seconds.values() if s is not None]
         print(f"  {'total':<62}{sum(s[0] for s in done):8.1f}{sum(s[1] for s in done):8.1f}")
-
-
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
 
 
 def _launch(config: dict, run_dir: Path, ranks: int, overrides: dict | None) -> None:
@@ -125,7 +120,7 @@ def _synthesise(corpus_dir: Path, minutes_per_language: float, langs: Sequence[s
                              "another --out_dir, or the flags it was made with")
         return
     synth(str(corpus_dir), minutes_per_language, langs, seed, shard_size=10**6)
-    _write_json(record, wanted)
+    write_text_atomic(record, json.dumps(wanted, indent=2))
 
 
 def _mix_shards(sources: list[str], out_dir: Path, num_shards: int, seed: int) -> list[str]:

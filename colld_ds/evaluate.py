@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from colld_ds.atomic import write_atomic, write_text_atomic
 from colld_ds.data import decode_audio, expand_urls, read_samples
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import SAMPLE_RATE, Student, Teacher, build_student
@@ -368,32 +368,20 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     images = {}
     if plot:
-        images["heatmap"] = _atomic_plot(out / "fidelity_cka.png", plot_cka, report)
+        images["heatmap"] = write_atomic(out / "fidelity_cka.png",
+                                         lambda path: plot_cka(report, path))
         if curves:
-            images["loss_curves_plot"] = _atomic_plot(out / "loss_curves.png", plot_loss_curves,
-                                                 curves)
+            images["loss_curves_plot"] = write_atomic(out / "loss_curves.png",
+                                                      lambda path: plot_loss_curves(curves, path))
         if "probe" in report:
-            images["probe_plot"] = _atomic_plot(out / "probe_per_language.png",
-                                                plot_error_rates, report["probe"])
-    _atomic_write(out / "fidelity.json", json.dumps(report, indent=2))
-    _atomic_write(out / "fidelity.md", format_markdown(report, {k: Path(v).name
-                                                                for k, v in images.items()}))
+            images["probe_plot"] = write_atomic(
+                out / "probe_per_language.png", lambda path: plot_error_rates(report["probe"], path))
+    images = {key: str(path) for key, path in images.items()}
+    write_text_atomic(out / "fidelity.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "fidelity.md", format_markdown(report, {k: Path(v).name
+                                                                    for k, v in images.items()}))
     report.update(images, out_dir=str(out))
     return report
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def _atomic_plot(path: Path, plot_function, data) -> str:
-    """``plot_function(data, temporary path)`` (a PNG), then renamed to ``path``."""
-    temporary = path.with_name(path.name + ".tmp")
-    plot_function(data, temporary)
-    os.replace(temporary, path)
-    return str(path)
 
 
 # --- training curves -----------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_eval_command_writes_table_json_and_heatmap(run, tmp_path, capsys):
     assert set(report["loss_curves"]["final"]) >= {"loss/total", "loss/s1_t2", "acc/s2_t4"}
     assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "![loss curves](loss_curves.png)" in markdown
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) + list(tmp_path.glob(".*.tmp"))
 
 
 def test_eval_with_a_probe_split_writes_per_and_cer_per_language(run, tmp_path):
