@@ -78,6 +78,10 @@ class ObjectiveConfig:
     """InfoNCE temperature on cosine similarity (CoLLD)."""
     num_negatives: int = 100
     """Negatives per masked frame, sampled from the same utterance's valid frames (CoLLD)."""
+    contrastive_backend: Literal["auto", "triton", "dense", "chunked"] = "auto"
+    """Implementation of CoLLD's loss (``kernels.contrastive_loss``): ``auto`` = the fused Triton
+    kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one (``triton``
+    needs CUDA, or ``TRITON_INTERPRET=1`` on the CPU)."""
     head: Literal["linear", "mlp"] = "linear"
     """Projection head per pair, student width -> teacher width."""
     distance: Literal["l1", "mse"] = "l1"

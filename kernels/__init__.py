@@ -7,29 +7,39 @@
 """
 
 import importlib.util
-import os
 
 from kernels.chunked import contrastive_loss_chunked
 from kernels.dense import contrastive_loss_dense
 
-__all__ = ["contrastive_loss", "use_triton"]
+__all__ = ["BACKENDS", "contrastive_loss", "resolve_backend"]
+
+BACKENDS = ("auto", "triton", "dense", "chunked")
 
 
-def use_triton(predictions) -> bool:
-    """Triton when the inputs are on CUDA and triton imports, or when ``COLLD_FORCE_TRITON=1``
-    (tests run it on CPU under ``TRITON_INTERPRET=1``)."""
-    if os.environ.get("COLLD_FORCE_TRITON") == "1":
-        return True
-    return predictions.is_cuda and importlib.util.find_spec("triton") is not None
+def resolve_backend(backend: str, predictions, num_frames: int | None) -> str:
+    """The path ``contrastive_loss`` takes: ``auto`` = ``triton`` when the inputs are on CUDA
+    and triton imports, else ``dense`` when ``num_frames`` is given, else ``chunked``. A forced
+    ``triton`` off CUDA runs only under ``TRITON_INTERPRET=1`` (the CPU tests)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"contrastive backend {backend!r}: choose one of {list(BACKENDS)}")
+    if backend == "dense" and num_frames is None:
+        raise ValueError("the dense contrastive backend needs num_frames (utterance-local "
+                         "negatives); use 'chunked' or 'auto'")
+    if backend != "auto":
+        return backend
+    if predictions.is_cuda and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "dense" if num_frames is not None else "chunked"
 
 
 def contrastive_loss(predictions, targets, positive_index, negative_index, temperature: float,
-                     num_frames: int | None = None):
+                     num_frames: int | None = None, backend: str = "auto"):
     """Cosine-similarity InfoNCE with sampled negatives.
 
-    Dispatch: Triton on CUDA; elsewhere the dense per-utterance path when ``num_frames`` is given
-    (candidates of a row all lie in its positive's utterance; targets utterance-major with
-    ``num_frames`` rows per utterance), else the chunked path.
+    Dispatch (``resolve_backend``): Triton on CUDA; elsewhere the dense per-utterance path when
+    ``num_frames`` is given (candidates of a row all lie in its positive's utterance; targets
+    utterance-major with ``num_frames`` rows per utterance), else the chunked path. ``backend``
+    forces one of ``triton``, ``dense``, ``chunked``.
 
     Args:
         predictions: (N, D) fp32/fp16/bf16, usually requires grad.
@@ -38,6 +48,7 @@ def contrastive_loss(predictions, targets, positive_index, negative_index, tempe
         negative_index: (N, K) int64 rows of ``targets`` used as negatives (duplicates allowed).
         temperature: float > 0.
         num_frames: T, when every candidate row lies in the utterance of its positive.
+        backend: ``auto`` (default), ``triton``, ``dense`` or ``chunked``.
 
     Returns:
         loss: (N,) float32, ``logsumexp_j(l_j) - l_0`` with ``l_0 = cos(p, t_pos) / temperature``
@@ -46,13 +57,14 @@ def contrastive_loss(predictions, targets, positive_index, negative_index, tempe
             (float64 inputs, as in gradcheck, stay float64 on the PyTorch path).
         correct: (N,) bool, the positive logit strictly above every negative logit (no grad).
     """
-    if use_triton(predictions):
+    path = resolve_backend(backend, predictions, num_frames)
+    if path == "triton":
         from kernels.contrastive import contrastive_loss_triton
 
         return contrastive_loss_triton(
             predictions, targets, positive_index, negative_index, temperature
         )
-    if num_frames is not None and predictions.shape[0] > 0:
+    if path == "dense" and predictions.shape[0] > 0:
         return contrastive_loss_dense(
             predictions, targets, positive_index, negative_index, temperature, num_frames
         )

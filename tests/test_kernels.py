@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks.harness import peak_bytes
-from kernels import contrastive_loss, use_triton
+from kernels import contrastive_loss, resolve_backend
 from kernels.chunked import contrastive_loss_chunked
 from kernels.reference import contrastive_loss_reference
 
@@ -116,11 +116,16 @@ def test_reference_forward_is_cosine_similarity():
     torch.testing.assert_close(contrastive_loss_reference(p, t, pos, neg, 0.1)[0], want)
 
 
-def test_cpu_dispatches_to_chunked(monkeypatch):
-    monkeypatch.delenv("COLLD_FORCE_TRITON", raising=False)
+def test_cpu_dispatch_and_forced_backends():
     p, t, pos, neg = make_inputs(5, 6, 8, 3, torch.float32, targets_grad=False)
-    assert not use_triton(p)
+    assert resolve_backend("auto", p, None) == "chunked"
+    assert resolve_backend("auto", p, 6) == "dense"
+    assert resolve_backend("chunked", p, 6) == "chunked"
     assert type(contrastive_loss(p, t, pos, neg, 0.1)[0].grad_fn).__name__.startswith("Chunked")
+    with pytest.raises(ValueError, match="needs num_frames"):
+        contrastive_loss(p, t, pos, neg, 0.1, backend="dense")
+    with pytest.raises(ValueError, match="choose one of"):
+        contrastive_loss(p, t, pos, neg, 0.1, backend="cuda")
 
 
 @pytest.mark.parametrize(
@@ -188,18 +193,19 @@ TRITON_CASES = {
 
 
 def run_triton_cases():
-    """Subprocess entry point (TRITON_INTERPRET=1, COLLD_FORCE_TRITON=1): one JSON line per case."""
+    """Subprocess entry point (TRITON_INTERPRET=1): one JSON line per case."""
     from kernels.contrastive import contrastive_loss_triton
 
-    hand = {"name": "hand_computed", "errors": hand_example_errors(contrastive_loss)}
+    forced = functools.partial(contrastive_loss, backend="triton")
+    hand = {"name": "hand_computed", "errors": hand_example_errors(forced)}
     print("CASE " + json.dumps(hand), flush=True)
-    empty = {"name": "empty_batch", "errors": empty_batch_errors(contrastive_loss)}
+    empty = {"name": "empty_batch", "errors": empty_batch_errors(forced)}
     print("CASE " + json.dumps(empty), flush=True)
     for name, (dtype, n, m, d, k, targets_grad, tiny_rows, blocks) in TRITON_CASES.items():
         inputs = make_inputs(n, m, d, k, getattr(torch, dtype), targets_grad, tiny_rows)
-        if blocks is None:  # through the public dispatch
-            loss_fn = contrastive_loss
-            grad_fn = type(contrastive_loss(*inputs, 0.1)[0].grad_fn).__name__
+        if blocks is None:  # through the public function
+            loss_fn = forced
+            grad_fn = type(forced(*inputs, 0.1)[0].grad_fn).__name__
             errors = [] if grad_fn.startswith("Triton") else [f"dispatched to {grad_fn}"]
         else:
             loss_fn = functools.partial(contrastive_loss_triton, blocks=blocks)
@@ -210,7 +216,7 @@ def run_triton_cases():
 
 @pytest.fixture(scope="module")
 def triton_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", COLLD_FORCE_TRITON="1")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", "import test_kernels; test_kernels.run_triton_cases()"],

@@ -15,7 +15,7 @@ def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim
                     teacher_dim: int, weights: list[float] | None = None) -> PairwiseObjective:
     if config.name == "colld":
         return ColldObjective(pairs, student_dim, teacher_dim, config.head, config.temperature,
-                              config.num_negatives, weights)
+                              config.num_negatives, weights, config.contrastive_backend)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,
                                    config.cosine_weight, "one_minus", weights)

@@ -50,10 +50,13 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
 
 class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
-                 temperature: float, num_negatives: int, weights: list[float] | None = None):
+                 temperature: float, num_negatives: int, weights: list[float] | None = None,
+                 backend: str = "auto"):
         super().__init__(pairs, student_dim, teacher_dim, head, weights)
         self.temperature = temperature
         self.num_negatives = num_negatives
+        self.backend = backend
+        """``kernels.contrastive_loss``'s backend (``objective.contrastive_backend``)."""
 
     def anchors(self, frame_mask, mask_time):
         return mask_time & frame_mask
@@ -70,5 +73,6 @@ class ColldObjective(PairwiseObjective):
     def pair_loss(self, predictions, targets, selection: FrameSelection):
         loss, correct = contrastive_loss(predictions, targets, selection.rows,
                                          selection.negatives, self.temperature,
-                                         num_frames=selection.num_frames)
+                                         num_frames=selection.num_frames,
+                                         backend=self.backend)
         return loss.sum(), {"acc": correct.float().sum()}
