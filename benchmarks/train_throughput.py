@@ -171,7 +171,7 @@ def main():
                     torch.cuda.synchronize()
                 tic = time.perf_counter()
                 torch.manual_seed(step_seed(cfg, 0, step))
-                output = distillation_loss(m, t, mask_batch(batch, teacher, cfg, step), cfg,
+                output = distillation_loss(m, t, mask_batch(batch, teacher, cfg, step, m.objective), cfg,
                                            teacher_layers)
                 optims[i].zero_grad(set_to_none=True)
                 output.loss.backward()

@@ -177,8 +177,8 @@ def rank_main(rank: int, world_size: int, port: int, stage: int, args, teacher_d
                       keys=[f"u{i}" for i in range(args.batch_size)],
                       langs=["xx"] * args.batch_size)
         torch.manual_seed(step_seed(config, rank, step))
-        output = distillation_loss(engine, teacher, mask_batch(batch, teacher, config, step),
-                                   config, teacher_layers)
+        masked = mask_batch(batch, teacher, config, step, engine.module.objective)
+        output = distillation_loss(engine, teacher, masked, config, teacher_layers)
         engine.backward(output.loss)
         if step == args.steps - 1:      # gradients alive: between backward and step
             grad_bytes = StorageCounter().count(_grad_tensors(engine, stage))

@@ -1,8 +1,9 @@
 """The one training recipe: DeepSpeed runs it on 1 CPU or 512 GPUs alike.
 
-Per optimiser step: the span masks of all its micro-batches are drawn first (``mask_batch``), so
-the number of frames the objective scores over the whole step, all micro-batches and ranks, is
-known before any backward (one all-reduce of a scalar). Then per micro-batch (``train_step``):
+Per optimiser step: the span masks of all its micro-batches, and the frames the objective scores
+there (with CoLLD's negatives), are drawn first on the CPU (``mask_batch``), so the number of
+frames scored over the whole step, all micro-batches and ranks, is known before any backward (one
+all-reduce of a scalar) and the forward never waits on the device to learn it. Then per micro-batch (``train_step``):
 teacher targets on the unmasked audio (no grad), the masked student forward, the objective,
 ``engine.backward`` of the micro-batch's loss *sum* scaled so that the accumulated, rank-averaged
 gradient is that of the mean over all scored frames of the step, ``engine.step`` (DeepSpeed
@@ -37,9 +38,10 @@ from colld_ds.data import AudioBatchStream, Batch
 from colld_ds.ds_config import build_ds_config
 from colld_ds.layer_map import LayerPair, resolve_layer_map
 from colld_ds.models import Student, Teacher, build_student, load_teacher, read_num_layers
-from colld_ds.models import utterance_span_masks
+from colld_ds.models import frame_mask, utterance_span_masks
 from colld_ds.monitor import MetricsMonitor
 from colld_ds.objectives import ObjectiveOutput, PairwiseObjective, build_objective
+from colld_ds.objectives.base import FrameSelection
 
 SAMPLE_RATE = 16000
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,17 +56,12 @@ class DistillationModel(nn.Module):
         self.objective = objective
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, mask_time: torch.Tensor,
-                teacher_features: dict[int, torch.Tensor], frame_mask: torch.Tensor,
-                seeds: torch.Tensor) -> ObjectiveOutput:
-        """wave (B, S), wave_lengths (B,), mask_time and frame_mask (B, T) bool,
-        teacher_features: teacher layer -> (B, T, D_t), seeds (B,) int64 per utterance."""
+                teacher_features: dict[int, torch.Tensor], selection: FrameSelection
+                ) -> ObjectiveOutput:
+        """wave (B, S), wave_lengths (B,), mask_time (B, T) bool, teacher_features: teacher
+        layer -> (B, T, D_t), selection: the frames the objective scores (on the device)."""
         hidden = self.student(wave, wave_lengths, mask_time).hidden      # K x (B, T, D_s)
-        return self.objective(hidden, teacher_features, frame_mask, mask_time, seeds)
-
-
-def frames_mask(frame_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(B,) valid frame counts -> (B, T) bool, True at valid frames."""
-    return torch.arange(num_frames, device=frame_lengths.device) < frame_lengths.unsqueeze(1)
+        return self.objective(hidden, teacher_features, selection)
 
 
 def step_seed(config: TrainConfig, rank: int, micro_step: int) -> int:
@@ -84,7 +81,9 @@ def utterance_seeds(seed: int, step: int, keys: Sequence[str]) -> torch.Tensor:
 
 @dataclass
 class MaskedBatch:
-    """A batch and what the student's masking drew for it (all on the CPU but ``batch``)."""
+    """A batch and what was drawn for it before the forward: the student's span mask and the
+    frames the objective scores (with CoLLD's negatives). All drawn on the CPU, where the
+    lengths are, and moved to the device once by ``to``: the step never waits on the device."""
 
     batch: Batch
     frame_lengths: torch.Tensor
@@ -95,20 +94,20 @@ class MaskedBatch:
     """(B, T) bool, True where the student's input frame is masked."""
     seeds: torch.Tensor
     """(B,) int64, ``utterance_seeds`` (the mask used them; the objective's negatives too)."""
+    selection: FrameSelection
+    """The frames the objective scores (``PairwiseObjective.select_frames``)."""
 
     def to(self, device: torch.device | str) -> MaskedBatch:
+        """The batch, mask and selection on ``device`` (lengths and seeds stay on the CPU)."""
         return MaskedBatch(self.batch.to(device), self.frame_lengths, self.num_frames,
-                           self.mask_time, self.seeds)
-
-    def frame_mask(self) -> torch.Tensor:
-        """(B, T) bool on the CPU, True at valid frames."""
-        return frames_mask(self.frame_lengths, self.num_frames)
+                           self.mask_time.to(device), self.seeds, self.selection.to(device))
 
 
-def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step: int
-               ) -> MaskedBatch:
-    """Draw the span mask of a (CPU) batch for optimiser ``step``. The frame layout comes from
-    the cache (cached mode) or from the teacher's front-end formula, without running it."""
+def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step: int,
+               objective: PairwiseObjective) -> MaskedBatch:
+    """Draw the span mask of a (CPU) batch for optimiser ``step``, and the frames ``objective``
+    scores. The frame layout comes from the cache (cached mode) or from the teacher's front-end
+    formula, without running it."""
     if batch.teacher_features is not None:
         frame_lengths = batch.frame_lengths.cpu()
         num_frames = batch.teacher_features[0].shape[1]
@@ -119,12 +118,14 @@ def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step:
     mask_time = utterance_span_masks(frame_lengths, num_frames, config.masking.mask_prob,
                                      config.masking.span_length, seeds,
                                      min_masks=config.masking.min_masks)
-    return MaskedBatch(batch, frame_lengths, num_frames, mask_time, seeds)
+    selection = objective.select_frames(frame_mask(frame_lengths, num_frames), mask_time, seeds)
+    return MaskedBatch(batch, frame_lengths, num_frames, mask_time, seeds, selection)
 
 
 def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, config: TrainConfig,
                       teacher_layers: list[int]) -> ObjectiveOutput:
-    """Forward of one micro-batch. ``model``: the DeepSpeed engine or the DistillationModel.
+    """Forward of one micro-batch. ``model``: the DeepSpeed engine or the DistillationModel;
+    ``masked`` on the CPU or already moved to the model's device (``MaskedBatch.to``).
 
     Teacher targets come from the batch in cached mode, else from the teacher run on the
     unmasked audio without grad."""
@@ -138,17 +139,17 @@ def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, confi
     device = features[0].device                                           # layer -> (B, T, D_t)
     wave = batch.wave.to(_DTYPES[config.run.precision])
     return model(wave, batch.wave_lengths, masked.mask_time.to(device), teacher_features,
-                 masked.frame_mask().to(device), masked.seeds)
+                 masked.selection.to(device))
 
 
-def step_loss_scale(objective: PairwiseObjective, micro_batches: list[MaskedBatch],
-                    world_size: int, device: torch.device) -> float:
+def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device
+                    ) -> float:
     """(accumulation x world size) / frames scored by the whole step on all ranks (collective).
 
     DeepSpeed divides each backward by the accumulation steps and averages gradients over
     ranks; backward of ``loss * count * scale`` then yields the gradient of the mean over every
     scored frame of the step."""
-    count = sum(int(objective.anchors(m.frame_mask(), m.mask_time).sum()) for m in micro_batches)
+    count = sum(m.selection.count for m in micro_batches)
     total = torch.tensor(float(count), device=device)
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -285,9 +286,9 @@ def train(config: TrainConfig) -> TrainResult:
     last_step = config.run.stop_at_step or config.optim.max_steps
     try:
         while step < last_step:
-            micro_batches = [mask_batch(next(batches), teacher, config, step)
+            micro_batches = [mask_batch(next(batches), teacher, config, step, model.objective)
                              for _ in range(accumulation)]
-            loss_scale = step_loss_scale(model.objective, micro_batches, world_size, device)
+            loss_scale = step_loss_scale(micro_batches, world_size, device)
             for micro, masked in enumerate(micro_batches):
                 output = train_step(engine, teacher, masked.to(device), config, teacher_layers,
                                     step_seed(config, rank, step * accumulation + micro),

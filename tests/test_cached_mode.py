@@ -40,7 +40,7 @@ def test_cached_loss_equals_online_loss(tmp_path):
         audio_batch.wave_lengths).tolist()
 
     def loss(batch, source):                      # masks and negatives: from (seed, step, key)
-        return distillation_loss(model, source, mask_batch(batch, teacher, config, step=3),
+        return distillation_loss(model, source, mask_batch(batch, teacher, config, 3, model.objective),
                                  config, layers)
 
     online, cached = loss(audio_batch, teacher), loss(cached_batch, None)

@@ -32,9 +32,9 @@ def test_colld_loss_equals_hand_computation():
     objective = identity_objective("colld", 2, temperature=0.5, num_negatives=2)
 
     torch.manual_seed(3)
-    negatives = objective.select_frames(frame_mask, mask_time).negatives     # rows of (4, 2)
-    torch.manual_seed(3)
-    output = objective([student], {1: teacher}, frame_mask, mask_time)
+    selection = objective.select_frames(frame_mask, mask_time)
+    negatives = selection.negatives                                          # rows of (4, 2)
+    output = objective([student], {1: teacher}, selection)
 
     losses, hits = [], []
     for anchor, negative_rows in zip([1, 3], negatives.tolist()):
@@ -70,8 +70,8 @@ def test_padding_never_enters_the_loss():
     teacher[~frame_mask] = float("nan")              # any use of a padded frame poisons the loss
     mask_time = torch.ones(2, 12, dtype=torch.bool)  # also asks to mask padding: must be ignored
     for name in ("colld", "l2l", "distilhubert"):
-        output = identity_objective(name, 8, num_negatives=30)([student], {1: teacher},
-                                                                frame_mask, mask_time)
+        objective = identity_objective(name, 8, num_negatives=30)
+        output = objective([student], {1: teacher}, objective.select_frames(frame_mask, mask_time))
         assert torch.isfinite(output.loss), name
 
 
@@ -83,8 +83,8 @@ def test_infonce_is_log_k_plus_one_for_independent_student_and_teacher():
     student, teacher = torch.randn(4, 100, dim), torch.randn(4, 100, dim)
     frame_mask = torch.ones(4, 100, dtype=torch.bool)
     mask_time = torch.rand(4, 100) < 0.5
-    output = identity_objective("colld", dim, temperature=0.1, num_negatives=num_negatives)(
-        [student], {1: teacher}, frame_mask, mask_time)
+    objective = identity_objective("colld", dim, temperature=0.1, num_negatives=num_negatives)
+    output = objective([student], {1: teacher}, objective.select_frames(frame_mask, mask_time))
     assert output.loss.item() == pytest.approx(math.log(num_negatives + 1), rel=0.02)
     assert output.metrics["acc/s1_t1"].item() < 0.1
 
@@ -95,7 +95,8 @@ def test_colld_loss_falls_when_student_copies_teacher():
     frame_mask = torch.ones(2, 50, dtype=torch.bool)
     mask_time = torch.rand(2, 50) < 0.5
     objective = identity_objective("colld", 16, temperature=0.1, num_negatives=20)
-    output = objective([teacher.clone()], {1: teacher}, frame_mask, mask_time)
+    output = objective([teacher.clone()], {1: teacher},
+                       objective.select_frames(frame_mask, mask_time))
     assert output.loss.item() < 0.05 and output.metrics["acc/s1_t1"].item() == 1.0
 
 
@@ -105,7 +106,7 @@ def test_regression_losses_equal_hand_computation(name, distance):
     teacher = torch.tensor([[[2.0, 2.0], [1.0, -1.0], [0.0, 0.0]]])
     frame_mask = torch.tensor([[True, True, False]])
     objective = identity_objective(name, 2, distance=distance, cosine_weight=0.5)
-    output = objective([student], {1: teacher}, frame_mask, frame_mask)
+    output = objective([student], {1: teacher}, objective.select_frames(frame_mask, frame_mask))
     pairs = [([1.0, 2.0], [2.0, 2.0]), ([0.0, 1.0], [1.0, -1.0])]
     diffs = [a - b for s, t in pairs for a, b in zip(s, t)]
     dist = (sum(map(abs, diffs)) if distance == "l1" else sum(d * d for d in diffs)) / len(diffs)
@@ -115,3 +116,27 @@ def test_regression_losses_equal_hand_computation(name, distance):
     else:
         cos_term = sum(-math.log(1 / (1 + math.exp(-c))) for c in cosines) / 2
     assert output.loss.item() == pytest.approx(dist + 0.5 * cos_term, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,backend", [("l2l", "auto"), ("distilhubert", "auto"),
+                                          ("colld", "chunked")])
+def test_objective_step_never_reads_device_values(name, backend):
+    """With the frame selection drawn on the CPU, an objective's forward and backward never
+    read a value back from the device (on a GPU: no host synchronisation). Meta tensors hold
+    no values, so any such read (``.item()``, ``nonzero``, a data-dependent shape) raises."""
+    lengths, num_frames, dim = torch.tensor([40, 31, 12]), 40, 16
+    frame_mask = torch.arange(num_frames) < lengths[:, None]
+    mask_time = torch.rand(3, num_frames, generator=torch.Generator().manual_seed(0)) < 0.5
+    objective = build_objective(
+        ObjectiveConfig(name=name, num_negatives=5, contrastive_backend=backend),
+        [LayerPair(1, 2), LayerPair(2, 4)], dim, dim)
+    selection = objective.select_frames(frame_mask, mask_time, seeds=torch.arange(3))
+    objective = objective.to("meta")
+    hidden = [torch.empty(3, num_frames, dim, device="meta", requires_grad=True)
+              for _ in range(2)]
+    teacher = {layer: torch.empty(3, num_frames, dim, device="meta") for layer in (2, 4)}
+    output = objective(hidden, teacher, selection.to("meta"))
+    (output.loss * output.count).backward()
+    assert output.count.device.type == "meta" and hidden[0].grad is not None
+    assert selection.count == int((frame_mask & mask_time).sum() if name == "colld"
+                                  else frame_mask.sum())

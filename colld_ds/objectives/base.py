@@ -32,13 +32,26 @@ class FrameSelection:
 
     batch_index, frame_index: (N,) the selected frames; rows: (N,) their row in the (B * T, D)
     flattened targets; negatives: (N, K) rows of negative frames (contrastive objectives only),
-    num_frames: T when they lie in the utterance of their positive.
+    num_frames: T when they lie in the utterance of their positive. Drawn on the CPU from the
+    CPU masks (``PairwiseObjective.select_frames``) and moved to the device once (``to``), so
+    that the forward never waits on the device to learn N.
     """
     batch_index: torch.Tensor
     frame_index: torch.Tensor
     rows: torch.Tensor
     negatives: torch.Tensor | None = None
     num_frames: int | None = None
+
+    @property
+    def count(self) -> int:
+        """N, the frames scored."""
+        return self.rows.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> FrameSelection:
+        def move(tensor):
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+        return FrameSelection(move(self.batch_index), move(self.frame_index), move(self.rows),
+                              move(self.negatives), self.num_frames)
 
 
 class PairwiseObjective(nn.Module):
@@ -58,14 +71,15 @@ class PairwiseObjective(nn.Module):
         self.weights = [w / sum(weights) for w in weights]
 
     def anchors(self, frame_mask: torch.Tensor, mask_time: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool, True at the frames this objective scores; their number is
-        ``ObjectiveOutput.count``, known before the student runs."""
+        """(B, T) bool, True at the frames this objective scores."""
         raise NotImplementedError
 
     def select_frames(self, frame_mask: torch.Tensor, mask_time: torch.Tensor,
                       seeds: torch.Tensor | None = None) -> FrameSelection:
-        """The anchors in row-major order (``seeds``: per-utterance seeds for objectives that
-        sample, e.g. negatives)."""
+        """frame_mask, mask_time (B, T) bool on the CPU -> the anchors in row-major order, on
+        the CPU (``seeds`` (B,) int64: per-utterance seeds for objectives that sample, e.g.
+        negatives; None: torch's global RNG). Called once per batch before the forward: the
+        number of scored frames is then known without running the student."""
         return select_rows(self.anchors(frame_mask, mask_time))
 
     def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
@@ -76,16 +90,14 @@ class PairwiseObjective(nn.Module):
         raise NotImplementedError
 
     def forward(self, student_hidden: list[torch.Tensor], teacher_features: dict[int, torch.Tensor],
-                frame_mask: torch.Tensor, mask_time: torch.Tensor,
-                seeds: torch.Tensor | None = None) -> ObjectiveOutput:
+                selection: FrameSelection) -> ObjectiveOutput:
         """student_hidden: one (B, T, D_s) per student layer (index 0 = layer 1);
-        teacher_features: teacher layer -> (B, T, D_t); frame_mask (B, T) bool, True at valid
-        (unpadded) frames; mask_time (B, T) bool, True where the student's input was masked;
-        seeds (B,) int64 per-utterance seeds (None: torch's global RNG). A batch with no
-        scored frame has loss 0 (and count 0)."""
-        selection = self.select_frames(frame_mask, mask_time, seeds)
-        count = selection.rows.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=frame_mask.device)
+        teacher_features: teacher layer -> (B, T, D_t); selection: ``select_frames`` of the
+        batch's masks, on the device of the states. A batch with no scored frame has loss 0
+        (and count 0)."""
+        count = selection.count
+        device = student_hidden[0].device
+        total = torch.zeros((), dtype=torch.float32, device=device)
         metrics: dict[str, torch.Tensor] = {}
         for pair, weight in zip(self.pairs, self.weights):
             states = student_hidden[pair.student_layer - 1][selection.batch_index,
@@ -99,7 +111,7 @@ class PairwiseObjective(nn.Module):
             metrics[f"loss/{pair.name}"] = loss.detach()
             for key, value in metric_sums.items():
                 metrics[f"{key}/{pair.name}"] = value.detach() / max(count, 1)
-        count_tensor = torch.tensor(float(count), device=frame_mask.device)
+        count_tensor = torch.tensor(float(count), device=device)
         return ObjectiveOutput(loss=total, metrics=metrics, count=count_tensor)
 
 

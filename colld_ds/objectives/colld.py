@@ -20,13 +20,13 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
                      seeds: torch.Tensor | None = None) -> torch.Tensor:
     """K negatives per anchor frame, uniform over the other valid frames of its utterance.
 
-    frame_lengths (B,) valid frames per utterance; batch_index, frame_index (N,) the anchors,
-    sorted by utterance; num_frames T of the padded batch. Returns (N, K) int64 rows of the
-    (B * T, D) flattened targets. Draws r uniform in {0 .. L - 2} and shifts r >= t up by one,
-    so the positive is never drawn and neither is padding (t >= L).
+    CPU tensors: frame_lengths (B,) valid frames per utterance; batch_index, frame_index (N,)
+    the anchors, sorted by utterance; num_frames T of the padded batch. Returns (N, K) int64
+    rows of the (B * T, D) flattened targets. Draws r uniform in {0 .. L - 2} and shifts
+    r >= t up by one, so the positive is never drawn and neither is padding (t >= L).
 
     The uniforms come from ``generator`` (or torch's global RNG), or with ``seeds`` (B,) int64
-    from one CPU generator per utterance seeded ``seeds[b] + 1`` (the span mask uses
+    from one generator per utterance seeded ``seeds[b] + 1`` (the span mask uses
     ``seeds[b]``), so an utterance's negatives do not depend on the rest of the batch.
     """
     lengths = frame_lengths[batch_index]
@@ -34,14 +34,13 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
         raise ValueError("CoLLD needs at least 2 valid frames per utterance to draw negatives; "
                          "raise data.max_seconds or filter out very short utterances")
     if seeds is None:
-        uniform = torch.rand(batch_index.shape[0], num_negatives, generator=generator,
-                             device=frame_lengths.device)
+        uniform = torch.rand(batch_index.shape[0], num_negatives, generator=generator)
     else:
-        rows = torch.bincount(batch_index.cpu(), minlength=seeds.shape[0]).tolist()
+        rows = torch.bincount(batch_index, minlength=seeds.shape[0]).tolist()
         uniform = torch.cat([
             torch.rand(n, num_negatives, generator=torch.Generator().manual_seed(seed + 1))
             for n, seed in zip(rows, seeds.tolist(), strict=True)
-        ]).to(frame_lengths.device)
+        ])
     others = (lengths - 1).unsqueeze(1)
     drawn = (uniform * others).long().minimum(others - 1)
     drawn = drawn + (drawn >= frame_index.unsqueeze(1)).long()
