@@ -302,8 +302,8 @@ def _fidelity(model: dict[str, Any], pairs: list[str]) -> dict[str, float | None
 def build_table(outcomes: dict[str, RunOutcome], settings: dict[str, Any] | None = None,
                 command: str = "") -> dict[str, Any]:
     """The comparison from each objective's eval report: rows per objective, ``init`` (the
-    student at step 0, fidelity only), ``random`` (the floor), both once per pair layout since
-    cosine goes through the pairs' heads, and ``teacher`` (the ceiling: fidelity 1 by
+    student at step 0; with probe rates when its report probed it), ``random`` (the floor),
+    both once per pair layout since cosine goes through the pairs' heads, and ``teacher`` (the ceiling: fidelity 1 by
     definition; probe error rates from the reports).
 
     Fidelity gaps use the random row of the objective's pair layout; probe gaps use the
@@ -342,6 +342,14 @@ def build_table(outcomes: dict[str, RunOutcome], settings: dict[str, Any] | None
                 starts[pairs]["gap_closed"] = {
                     key: gap_closed(starts[pairs][key], floors[pairs][key], 1.0)
                     for key in ("cosine", "cka")}
+                init_probe = (probes.get(name) or {}).get("models", {}).get("init")
+                if init_probe:               # the probe does not depend on the heads
+                    starts[pairs].update(probe_values(init_probe))
+                    for m in metrics:
+                        starts[pairs]["gap_closed"][m] = {
+                            key: gap_closed(starts[pairs][m][key], floor_probe[m][key],
+                                            ceiling_probe[m][key])
+                            for key in starts[pairs][m]}
         floors[pairs]["floor_of"].append(name)
 
     rows = []

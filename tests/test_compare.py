@@ -65,7 +65,8 @@ def hand_made_outcomes():
         "colld": RunOutcome(final_loss=2.5, report=report(
             LAYERWISE, {"s1_t2": (0.6, 0.9), "s2_t4": (0.8, 0.7)}, floor,
             {"trained": rates((0.45, 0.5, 0.9), (0.4, 0.5, 0.3)), "random": RANDOM_PROBE,
-             "teacher": TEACHER_PROBE}, init={"s1_t2": (0.2, 0.7), "s2_t4": (0.0, 0.7)})),
+             "teacher": TEACHER_PROBE, "init": rates((0.7, 0.6, 0.8), (0.5, 0.5, 0.5))},
+            init={"s1_t2": (0.2, 0.7), "s2_t4": (0.0, 0.7)})),
         "l2l": RunOutcome(final_loss=0.7, report=report(
             LAYERWISE, {"s1_t2": (0.5, 0.55), "s2_t4": (0.5, 0.55)}, floor,
             {"trained": rates((0.6, 0.6, 0.75), (0.6, 0.45, 0.4)), "random": RANDOM_PROBE,
@@ -129,6 +130,9 @@ def test_table_gaps_match_hand_computation():
     assert "| colld | 0.450 (0.75) | 0.500 (0.75) | 0.900 (0.20) |" in markdown
     assert "| colld | 0.400 (0.50) | 0.500 (n/a) | 0.300 (0.67) |" in markdown
     probe_part = markdown.split("## Probe PER")[1].split("## Probe CER")[0]
+    # init's probe (colld's report only): (random - init) / (random - teacher) per language
+    assert "| init | 0.700 (0.33) | 0.600 (0.50) | 0.800 (0.40) |" in probe_part
+    assert probe_part.count("| init |") == 1
     assert probe_part.count("| random |") == 1 and "| teacher | 0.300 | 0.400 | 0.500 |" \
         in probe_part
     assert "Made by: `colld compare --config x.yaml`" in markdown and "- Seed: 0" in markdown
