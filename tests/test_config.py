@@ -23,6 +23,15 @@ def test_yaml_then_overrides():
     assert config.optim.decay == "linear"                    # default
 
 
+def test_command_line_booleans():
+    """fire hands `--student.freeze_front_end true` over as the string 'true'."""
+    for text, want in [("true", True), ("False", False), (True, True)]:
+        assert load_config(EXAMPLE, {"student.freeze_front_end": text}).student.freeze_front_end \
+            is want
+    with pytest.raises(ConfigError, match="student.freeze_front_end: expected true/false"):
+        load_config(EXAMPLE, {"student.freeze_front_end": "yes please"})
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"objective.name": "mse"}, "objective.name: 'mse' is not allowed; choose one of"),
     ({"objective.temprature": 0.1}, "objective.temprature: unknown field"),
