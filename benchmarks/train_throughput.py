@@ -7,7 +7,15 @@ One process, side by side on the same batches and the same student:
 * (b) ``cached``: the same student and objective fed from teacher-cache shards written by the
   real ``data_prep.cache.cache_teacher`` (``distillation_loss`` with ``teacher=None``);
 * (c) ``cached_l2l``: the same student (same initial weights, same span masks) with the ``l2l``
-  objective from the cache, so the teacher is out of the picture and only the objective differs.
+  objective from the cache, so the teacher is out of the picture and only the objective differs;
+* (d) ``cached_front_end`` (only with ``--freeze_front_end``): (b) with ``data.cached_front_end``:
+  the cache also holds the teacher's conv front-end output (``cache_teacher(front_end=True)``) and
+  the frozen student starts from it instead of running its own conv front end;
+* (e) ``cached_<backend>``, one per further entry of ``--contrastive_backends`` (``auto``,
+  ``triton``, ``dense``, ``chunked``: ``objective.contrastive_backend``): (b) with CoLLD's loss on
+  that backend (same head weights). The first entry is the backend of (a), (b) and (d); on a GPU
+  ``auto`` is the Triton kernel, so ``--contrastive_backends auto,dense`` compares Triton, the
+  dense per-utterance matmul and l2l in one call.
 
 The teacher has the XLS-R 300M shape (``Wav2Vec2Config``: ``do_stable_layer_norm=True``,
 ``feat_extract_norm="layer"``, 24 layers, hidden 1024, 16 heads, FFN 4096, conv front end 512 x 7,
@@ -21,23 +29,26 @@ layers round(k * L / 3).
 
 What is timed: one optimiser step = ``distillation_loss`` (teacher forward in online mode, span
 mask, student forward, objective) + ``backward`` + grad-norm clipping + ``torch.optim.AdamW.step``
-on the ``DistillationModel``'s parameters. No DeepSpeed: this isolates the per-step compute;
-DeepSpeed's own overhead (its engine, ZeRO bookkeeping, communication) is the same in both modes
-and for both objectives. Batches are read from the shards once before timing (the loader's rate
-is ``data_throughput.py``'s business: far above what a CPU student consumes) and then replayed;
-utterances are at least ``--max_seconds`` long, so every crop, and every step, has the same shape.
-The three runs take their steps interleaved (online, cached, cached_l2l, online, ...), so load
-from other processes on the machine hits all three alike. ``--warmup`` steps per run are
-excluded; the figure is the median of ``--steps`` steps. Masks and negatives are drawn from
-(seed, step, utterance key) (``mask_batch``): identical across runs. The per-round ratios (median
-over rounds of the ratio of back-to-back steps) are in the JSON next to the ratios of medians.
+(``fused=True``, as in the DeepSpeed templates) on the ``DistillationModel``'s parameters. No
+DeepSpeed: this isolates the per-step compute; DeepSpeed's own overhead (its engine, ZeRO
+bookkeeping, communication) is the same in both modes and for both objectives. Batches are read
+from the shards once before timing (the loader's rate is ``data_throughput.py``'s business: far
+above what a CPU student consumes) and then replayed; utterances are at least ``--max_seconds``
+long, so every crop, and every step, has the same shape. The runs take their steps interleaved
+(online, cached, cached_l2l, ..., online, ...), so load from other processes on the machine hits
+all of them alike. ``--warmup`` steps per run are excluded; the figure is the median of ``--steps``
+steps. Masks and negatives are drawn from (seed, step, utterance key) (``mask_batch``): identical
+across runs. The per-round ratios (median over rounds of the ratio of back-to-back steps) are in
+the JSON next to the ratios of medians.
 
 CPU threads: ``--threads 1`` by default. On the shared 2-core development machine (load ~4),
 torch's default of 2 OpenMP threads made every step ~5x slower and 3x noisier (a thread waits at
 each barrier for a core that another process holds); 1 thread gave +-5% step times.
 
     python benchmarks/train_throughput.py            # CPU default: 24 x 256 teacher, ~1.5 min
-    python benchmarks/train_throughput.py --full     # XLS-R 300M shape (on a GPU)
+    python benchmarks/train_throughput.py --freeze_front_end   # + the cached_front_end row
+    python benchmarks/train_throughput.py --full --freeze_front_end \
+        --contrastive_backends auto,dense --out benchmarks/results/train_throughput_gpu.json
 """
 
 import argparse
@@ -96,7 +107,11 @@ def main():
     parser.add_argument("--teacher_width", type=int, default=256)
     parser.add_argument("--student_layers", type=int, default=3)
     parser.add_argument("--freeze_front_end", action="store_true",
-                        help="student.freeze_front_end: the student's conv front end does not train")
+                        help="student.freeze_front_end: the student's conv front end does not "
+                             "train; adds the cached_front_end run (data.cached_front_end)")
+    parser.add_argument("--contrastive_backends", default="auto",
+                        help="comma-separated objective.contrastive_backend values (auto, triton, "
+                             "dense, chunked): the cached CoLLD run is timed once per backend")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
@@ -108,6 +123,9 @@ def main():
     args = parser.parse_args()
     if args.full:
         args.teacher_layers, args.teacher_width = 24, 1024
+    backends = args.contrastive_backends.split(",")
+    if len(set(backends)) != len(backends):
+        parser.error(f"--contrastive_backends {args.contrastive_backends}: a backend is repeated")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,8 +144,12 @@ def main():
         overrides = {"teacher.path": teacher_dir, "data.train_shards": audio,
                      "student.num_layers": args.student_layers,
                      "data.batch_size": args.batch_size, "data.max_seconds": args.max_seconds,
-                     "student.freeze_front_end": args.freeze_front_end}
+                     "student.freeze_front_end": args.freeze_front_end,
+                     "objective.contrastive_backend": backends[0]}
         config = load_config(overrides=overrides)
+        backend_configs = {
+            b: load_config(overrides={**overrides, "objective.contrastive_backend": b})
+            for b in backends[1:]}
         config_l2l = load_config(overrides={**overrides, "objective.name": "l2l"})
         teacher, pairs, model = build_run(config, device)
         teacher_layers = list(teacher.layers)
@@ -135,7 +157,8 @@ def main():
         setup_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        cache_teacher(audio, teacher_dir, teacher_layers, str(root / "cache"), progress=False)
+        cache_teacher(audio, teacher_dir, teacher_layers, str(root / "cache"), progress=False,
+                      front_end=args.freeze_front_end)  # one cache serves (b) to (e)
         cache_s = time.perf_counter() - started
 
         common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
@@ -152,20 +175,40 @@ def main():
             copy.deepcopy(student_init),
             build_objective(config_l2l.objective, pairs, model.student.hidden_size,
                             teacher.hidden_size, config_l2l.layer_map.weights)).to(device)
-        cached_model = DistillationModel(copy.deepcopy(student_init),
-                                         copy.deepcopy(model.objective)).to(device)
-        runs = [  # name, objective, model, teacher, batches, config
-            ("online", "colld", model, teacher, audio_batches, config),
-            ("cached", "colld", cached_model, None, cached_batches, config),
-            ("cached_l2l", "l2l", l2l_model, None, cached_batches, config_l2l),
+        def cached_copy(objective_config):
+            """Student and heads as `model`'s initial ones; the CoLLD backend of the config."""
+            objective = build_objective(objective_config, pairs, model.student.hidden_size,
+                                        teacher.hidden_size, config.layer_map.weights)
+            objective.load_state_dict(model.objective.state_dict())
+            return DistillationModel(copy.deepcopy(student_init), objective).to(device)
+
+        runs = [  # name, objective, backend, model, teacher, batches, config
+            ("online", "colld", backends[0], model, teacher, audio_batches, config),
+            ("cached", "colld", backends[0], cached_copy(config.objective), None, cached_batches,
+             config),
+            ("cached_l2l", "l2l", "-", l2l_model, None, cached_batches, config_l2l),
         ]
+        runs += [(f"cached_{b}", "colld", b, cached_copy(c.objective), None, cached_batches, c)
+                 for b, c in backend_configs.items()]
+        if args.freeze_front_end:
+            config_front_end = load_config(overrides={
+                **overrides, "data.teacher_cache": str(root / "cache"),
+                "data.cached_front_end": True})
+            model.student.check_cached_front_end(teacher, config.data.max_seconds)
+            front_end_batches = take_batches(AudioBatchStream(
+                str(root / "cache"), expect_teacher=teacher.cache_identity(front_end=True),
+                **common), rounds)
+            assert [b.keys for b in front_end_batches] == [b.keys for b in cached_batches]
+            runs.append(("cached_front_end", "colld", backends[0], cached_copy(config.objective),
+                         None, front_end_batches, config_front_end))
         optims = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
-                                    lr=config.optim.lr, betas=tuple(config.optim.betas))
-                  for _, _, m, _, _, _ in runs]
+                                    lr=config.optim.lr, betas=tuple(config.optim.betas),
+                                    fused=True)
+                  for _, _, _, m, _, _, _ in runs]
         times: list[list[float]] = [[] for _ in runs]
         losses: list[float] = [0.0 for _ in runs]
         for step in range(rounds):
-            for i, (_, _, m, t, batches, cfg) in enumerate(runs):
+            for i, (_, _, _, m, t, batches, cfg) in enumerate(runs):
                 batch = batches[step].to(device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -188,10 +231,10 @@ def main():
     teacher_params = sum(p.numel() for p in teacher.model.parameters())
     info = machine_info(device)
     rows = []
-    for (name, objective, _, _, _, _), ts, loss in zip(runs, times, losses):
+    for (name, objective, backend, _, _, _, _), ts, loss in zip(runs, times, losses):
         step_s = statistics.median(ts)
         rows.append(dict(
-            mode=name, objective=objective,
+            mode=name, objective=objective, contrastive_backend=backend,
             teacher=f"{args.teacher_layers}x{args.teacher_width}",
             teacher_params_M=teacher_params / 1e6, student_layers=args.student_layers,
             student_trainable_M=trainable / 1e6, batch_size=args.batch_size,
@@ -201,26 +244,46 @@ def main():
             audio_s_per_s=audio_per_batch / step_s, last_loss=loss,
             setup_s=setup_s, cache_s=cache_s, threads=torch.get_num_threads(),
             device=device.type, **info))
-    online, cached, l2l = rows
-    online["ratio"] = "-"
-    cached["ratio"] = f"cached/online {cached['samples_per_s'] / online['samples_per_s']:.2f}"
-    l2l["ratio"] = f"colld/l2l {cached['step_ms'] / l2l['step_ms']:.2f}"
-    # Per-round ratios (the three runs of a round ran back to back): steadier under shared load.
-    round_cached = statistics.median(o / c for o, c in zip(times[0], times[1]))
-    round_colld = statistics.median(c / l for c, l in zip(times[1], times[2]))
+    by_mode = {row["mode"]: row for row in rows}
+    step_times = {name: ts for (name, *_), ts in zip(runs, times)}
+
+    def per_round(a: str, b: str) -> float:
+        """Median over rounds of step(a) / step(b) (a round's runs ran back to back: steadier
+        under shared load than the ratio of medians)."""
+        return statistics.median(x / y for x, y in zip(step_times[a], step_times[b]))
+
+    ratios = {  # JSON fields on every row: ratio of medians, and per round
+        "cached_over_online": by_mode["online"]["step_ms"] / by_mode["cached"]["step_ms"],
+        "cached_over_online_per_round": per_round("online", "cached"),
+        "colld_over_l2l_step": by_mode["cached"]["step_ms"] / by_mode["cached_l2l"]["step_ms"],
+        "colld_over_l2l_step_per_round": per_round("cached", "cached_l2l"),
+    }
+    by_mode["online"]["ratio"] = "-"
+    by_mode["cached"]["ratio"] = f"cached/online {ratios['cached_over_online']:.2f}"
+    by_mode["cached_l2l"]["ratio"] = f"colld/l2l {ratios['colld_over_l2l_step']:.2f}"
+    for b in backends[1:]:
+        ratios[f"colld_{b}_over_l2l_step"] = (by_mode[f"cached_{b}"]["step_ms"]
+                                              / by_mode["cached_l2l"]["step_ms"])
+        ratios[f"colld_{b}_over_l2l_step_per_round"] = per_round(f"cached_{b}", "cached_l2l")
+        by_mode[f"cached_{b}"]["ratio"] = f"colld/l2l {ratios[f'colld_{b}_over_l2l_step']:.2f}"
+    if "cached_front_end" in by_mode:
+        ratios["cached_front_end_over_online"] = (by_mode["online"]["step_ms"]
+                                                  / by_mode["cached_front_end"]["step_ms"])
+        ratios["cached_front_end_over_online_per_round"] = per_round("online", "cached_front_end")
+        ratios["cached_front_end_over_cached_per_round"] = per_round("cached", "cached_front_end")
+        by_mode["cached_front_end"]["ratio"] = (
+            f"cached_front_end/online {ratios['cached_front_end_over_online']:.2f}")
     for row in rows:
-        row["cached_over_online_per_round"] = round_cached
-        row["colld_over_l2l_step_per_round"] = round_colld
-        row["cached_over_online"] = cached["samples_per_s"] / online["samples_per_s"]
-        row["colld_over_l2l_step"] = cached["step_ms"] / l2l["step_ms"]
+        row.update(ratios)
+    per_round_text = ", ".join(f"{k.removesuffix('_per_round')} {v:.2f}"
+                               for k, v in ratios.items() if k.endswith("_per_round"))
     print(f"teacher {args.teacher_layers}x{args.teacher_width} ({teacher_params / 1e6:.1f}M "
           f"params), student {args.student_layers} layers ({trainable / 1e6:.1f}M trainable), "
           f"batch {args.batch_size} x {args.max_seconds} s, median of {args.steps} steps after "
           f"{args.warmup} warm-up, {torch.get_num_threads()} threads; setup {setup_s:.0f} s, "
-          f"caching {cache_s:.0f} s; per-round medians: cached/online {round_cached:.2f}, "
-          f"colld/l2l {round_colld:.2f}")
-    print_table(rows, ["mode", "objective", "step_ms", "step_ms_min", "step_ms_max",
-                       "samples_per_s", "audio_s_per_s", "ratio"])
+          f"caching {cache_s:.0f} s; per-round medians: {per_round_text}")
+    print_table(rows, ["mode", "objective", "contrastive_backend", "step_ms", "step_ms_min",
+                       "step_ms_max", "samples_per_s", "audio_s_per_s", "ratio"])
     write_rows(rows, args.out)
 
 

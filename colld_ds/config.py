@@ -108,6 +108,14 @@ class DataConfig:
     teacher_cache: str = ""
     """Teacher-cache shards (``colld prep cache-teacher``) to train from instead of
     ``train_shards``: cached mode, the teacher is never run. Empty: online mode."""
+    cached_front_end: bool = False
+    """Cached mode with a frozen student front end: read the teacher's conv front-end output
+    from the cache (``colld prep cache-teacher --front_end true``) and skip the student's conv
+    front end (a large share of a cached step), since a frozen front end copied from the teacher
+    computes exactly that on the unmasked audio. Needs ``teacher_cache``,
+    ``student.freeze_front_end`` and a student front end equal to the teacher's (checked at
+    start-up). Whisper: the cache holds the whole window, so ``max_seconds`` must be the window
+    (no crops)."""
     shard_index: str = ""
     """Shard index (path or URL) of the shards read (``train_shards`` or ``teacher_cache``).
     Empty: ``shardindex.json`` beside them (written by ``make_shards`` and ``cache-teacher``);
@@ -310,6 +318,13 @@ def validate(config: TrainConfig) -> None:
     require(config.masking.span_length >= 1, "masking.span_length: must be >= 1")
     require(config.objective.name != "colld" or config.masking.mask_prob > 0,
             "masking.mask_prob: the colld objective predicts masked frames; it needs > 0")
+    require(not config.data.cached_front_end or bool(config.data.teacher_cache),
+            "data.cached_front_end: reads the front end from the teacher cache; set "
+            "data.teacher_cache (a cache-teacher --front_end true directory) or set "
+            "data.cached_front_end false")
+    require(not config.data.cached_front_end or config.student.freeze_front_end,
+            "data.cached_front_end: the student skips its conv front end, so it must not train; "
+            "set student.freeze_front_end true (or data.cached_front_end false)")
     require(config.data.batch_size >= 1, "data.batch_size: must be >= 1")
     require(config.data.max_seconds > 0, "data.max_seconds: must be > 0")
     require(config.data.num_workers >= 0, "data.num_workers: must be >= 0")

@@ -21,7 +21,11 @@ sample's cache identity must match (`check_teacher_identity`), and batches also 
 cached frames. Crops start at a whole frame `f0` (audio offset `f0 * stride`) and keep frames
 `[f0, f0 + num_frames(crop length))` of the whole-utterance features: exactly the frames the
 student's front end produces for the cropped audio (`FrameGeometry`). Audio mode crops at whole
-frames too (20 ms, all supported families), so both modes cut the same audio.
+frames too (20 ms, all supported families), so both modes cut the same audio. When the expected
+identity has `"front_end"` (`Teacher.cache_identity(front_end=True)`, for
+`data.cached_front_end`), batches also carry the cached front-end output (`FRONT_END_MEMBER`):
+`"utterance"` arrays (T, C) are cropped like the layers; `"window"` arrays (Whisper: W, D, the
+whole window) cannot be cropped, and a sample that would be is an error.
 
 How one epoch is laid out, for rank `r` of `R` with `W = max(1, num_workers)` workers:
 
@@ -89,6 +93,7 @@ from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_in
 from data_prep.shards import shard_keys
 
 FRAME_STRIDE = 320  # samples per frame (20 ms) of every supported teacher family
+FRONT_END_MEMBER = "front_end.npy"  # cache member: the teacher's conv front-end output
 _IDENTITY_KEYS = ("config_hash", "target_kind")  # must be equal; the run's layers must be cached
 _SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
 _REFRESH = ("refresh it with `colld prep index <shard directory>` (make_shards and "
@@ -105,6 +110,9 @@ class Batch:
     teacher_features: cached mode only: one (B, T, D_t) float16 tensor per expected teacher
         layer (in `expect_teacher["layers"]` order), zero at padded frames; T = frames of S.
     frame_lengths: cached mode only: (B,) int64 valid frames of each row.
+    front_end_features: cached mode with `"front_end"` expected only: the teacher's conv
+        front-end output, (B, T, C) float16 zero at padded frames (C = 512 for released
+        wav2vec2-like models); Whisper: (B, W, D) float16, its whole window (padding included).
     """
 
     wave: torch.Tensor
@@ -113,6 +121,7 @@ class Batch:
     langs: list[str]
     teacher_features: list[torch.Tensor] | None = None
     frame_lengths: torch.Tensor | None = None
+    front_end_features: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with the tensors on `device`."""
@@ -126,6 +135,7 @@ class Batch:
             wave_lengths=move(self.wave_lengths),
             teacher_features=None if features is None else [move(f) for f in features],
             frame_lengths=move(self.frame_lengths),
+            front_end_features=move(self.front_end_features),
         )
 
 
@@ -156,16 +166,24 @@ def feature_member(layer: int, target_kind: str) -> str:
 
 def check_teacher_identity(found: dict, expected: dict, where: str) -> None:
     """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
-    and every expected layer cached. ValueError printing both identities otherwise."""
+    every expected layer cached, and the front end's output cached if `expected` has
+    `"front_end"`. ValueError printing both identities otherwise."""
+    def show(identity):
+        return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
+
     same = all(found.get(k) == expected.get(k) for k in _IDENTITY_KEYS)
     if not same or not set(expected["layers"]) <= set(found.get("layers", ())):
-        def show(identity):
-            return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
-
         raise ValueError(
             f"{where} was cached from a different teacher, layer list or target kind:\n"
             f"  cache: {show(found)}\n  run:   {show(expected)}\n"
             "re-run cache-teacher with the run's teacher, layers and target kind"
+        )
+    if expected.get("front_end") and found.get("front_end") != expected["front_end"]:
+        raise ValueError(
+            f"{where} holds no front-end features of the teacher, which data.cached_front_end "
+            f"reads:\n  cache: {show(found)}\n  run:   {show(expected)}\n"
+            "re-run cache-teacher with --front_end true into a new directory, or set "
+            "data.cached_front_end false"
         )
 
 
@@ -350,9 +368,27 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
     return frames
 
 
+def _cached_front_end(sample: dict, meta: dict, num_frames: int) -> np.ndarray:
+    """The (T, C) (`"utterance"`) or (W, D) (`"window"`) float16 front-end array of a sample
+    whose identity was checked; ValueError naming the sample when it is missing or misshaped."""
+    key, url, identity = sample["__key__"], sample.get("__url__"), meta["teacher"]
+    if FRONT_END_MEMBER not in sample:
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"sample {key} in {url} has no member {FRONT_END_MEMBER!r}: has {members}")
+    array = np.load(io.BytesIO(sample[FRONT_END_MEMBER]), allow_pickle=False)
+    if identity["front_end"] == "window":  # Whisper: all frames of its window
+        num_frames = round(identity["window_seconds"] * identity["frame_rate"])
+    if array.ndim != 2 or array.shape[0] != num_frames:
+        raise ValueError(f"sample {key} in {url}: {FRONT_END_MEMBER} has shape {array.shape}, "
+                         f"expected ({num_frames}, C)")
+    return array
+
+
 def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) -> Iterator[dict]:
     """Raw samples -> `{"key": str, "wave": (S,) float32 16 kHz mono, "lang": str}`, plus in
-    cached mode `"frames"`: one (T, D_t) float16 array per expected layer and `"geometry"`.
+    cached mode `"frames"`: one (T, D_t) float16 array per expected layer and `"geometry"`,
+    and if `expect_teacher` has `"front_end"`, `"front_end"`: the (T, C) or (W, D) float16
+    array and `"front_end_frames"`: `"utterance"` or `"window"`.
 
     A sample without an audio or `json` member, or whose audio length is not the
     `"__length__"` its shard index gave, raises ValueError naming its key and shard.
@@ -368,6 +404,10 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) ->
         if expect_teacher is not None:
             decoded["frames"] = _cached_frames(sample, meta, expect_teacher, wave.shape[0])
             decoded["geometry"] = FrameGeometry.of(meta["teacher"])
+            if expect_teacher.get("front_end"):
+                num_frames = decoded["frames"][0].shape[0]
+                decoded["front_end"] = _cached_front_end(sample, meta, num_frames)
+                decoded["front_end_frames"] = meta["teacher"]["front_end"]
         yield decoded
 
 
@@ -375,11 +415,18 @@ def random_crop(
     samples: Iterator[dict], max_samples: int | None, seed: int, epoch: int
 ) -> Iterator[dict]:
     """Same schema; waves longer than `max_samples` cropped to it, starting at a whole frame
-    `f0` drawn from `default_rng([seed, epoch, crc32(key)])` (None: no crop). Cached frames are
-    cut to `[f0, f0 + num_frames(max_samples))`, the frames of the cropped audio."""
+    `f0` drawn from `default_rng([seed, epoch, crc32(key)])` (None: no crop). Cached frames
+    (and an `"utterance"` front end) are cut to `[f0, f0 + num_frames(max_samples))`, the frames
+    of the cropped audio; a `"window"` front end cannot be cut (ValueError naming the sample)."""
     for sample in samples:
         wave = sample["wave"]
         if max_samples is not None and wave.shape[0] > max_samples:
+            if sample.get("front_end_frames") == "window":
+                raise ValueError(
+                    f"sample {sample['key']} ({wave.shape[0]} samples) would be cropped to "
+                    f"{max_samples}, but its cached front end is Whisper's whole window, which a "
+                    "crop changes: with data.cached_front_end set data.max_seconds to the window"
+                )
             geometry = sample.get("geometry", FrameGeometry())
             rng = np.random.default_rng([seed, epoch, zlib.crc32(sample["key"].encode())])
             f0 = int(rng.integers(0, (wave.shape[0] - max_samples) // geometry.stride + 1))
@@ -388,6 +435,8 @@ def random_crop(
             if "frames" in sample:
                 end = f0 + geometry.num_frames(max_samples)
                 sample["frames"] = [frames[f0:end] for frames in sample["frames"]]
+                if "front_end" in sample:
+                    sample["front_end"] = sample["front_end"][f0:end]
         yield sample
 
 
@@ -409,6 +458,8 @@ def collate(samples: list[dict]) -> Batch:
         batch.teacher_features = [  # L_req x (B, T, D_t)
             _pad([s["frames"][i] for s in samples], torch.float16) for i in range(len(samples[0]["frames"]))
         ]
+    if "front_end" in samples[0]:  # (B, T, C), or Whisper's (B, W, D)
+        batch.front_end_features = _pad([s["front_end"] for s in samples], torch.float16)
     return batch
 
 
@@ -455,7 +506,10 @@ class AudioBatchStream:
         shuffle_buffer: sample shuffle buffer per worker (0: shard order only).
         expect_teacher: cached mode: the run's teacher identity (`Teacher.identity`: at least
             `config_hash`, `target_kind`, `layers`); the shards must be teacher-cache shards of
-            that teacher holding those layers. None: audio mode (extra members are ignored).
+            that teacher holding those layers. With `"front_end"`
+            (`Teacher.cache_identity(front_end=True)`) they must hold the front end's output
+            too, and batches carry it (`Batch.front_end_features`). None: audio mode (extra
+            members are ignored).
         batch_seconds: dynamic batching instead of `batch_size`: padded audio seconds per batch
             (longest cropped utterance x B; B varies). Set exactly one of the two.
         bucket_buffer: dynamic batching: samples sorted by length together (per worker, raw

@@ -56,11 +56,13 @@ class DistillationModel(nn.Module):
         self.objective = objective
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, mask_time: torch.Tensor,
-                teacher_features: dict[int, torch.Tensor], selection: FrameSelection
-                ) -> ObjectiveOutput:
+                teacher_features: dict[int, torch.Tensor], selection: FrameSelection,
+                front_end_features: torch.Tensor | None = None) -> ObjectiveOutput:
         """wave (B, S), wave_lengths (B,), mask_time (B, T) bool, teacher_features: teacher
-        layer -> (B, T, D_t), selection: the frames the objective scores (on the device)."""
-        hidden = self.student(wave, wave_lengths, mask_time).hidden      # K x (B, T, D_s)
+        layer -> (B, T, D_t), selection: the frames the objective scores (on the device),
+        front_end_features: cached teacher front end (``Batch.front_end_features``) or None."""
+        hidden = self.student(wave, wave_lengths, mask_time,
+                              front_end_features).hidden                  # K x (B, T, D_s)
         return self.objective(hidden, teacher_features, selection)
 
 
@@ -132,6 +134,9 @@ def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, confi
     batch = masked.batch
     if batch.teacher_features is not None:           # cached mode: fp16 frames from the shards
         features = batch.teacher_features
+        if config.data.cached_front_end and batch.front_end_features is None:
+            raise ValueError("data.cached_front_end: the batch holds no front-end features; "
+                             "read the cache with teacher.cache_identity(front_end=True)")
     else:
         with torch.no_grad():
             features = teacher(batch.wave, batch.wave_lengths).features
@@ -139,7 +144,7 @@ def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, confi
     device = features[0].device                                           # layer -> (B, T, D_t)
     wave = batch.wave.to(_DTYPES[config.run.precision])
     return model(wave, batch.wave_lengths, masked.mask_time.to(device), teacher_features,
-                 masked.selection.to(device))
+                 masked.selection.to(device), batch.front_end_features)
 
 
 def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device
@@ -223,6 +228,8 @@ def build_run(config: TrainConfig, device: torch.device
                             init_from_teacher_layers=init or None)
     if config.student.freeze_front_end:
         student.freeze_front_end()
+    if config.data.cached_front_end:
+        student.check_cached_front_end(teacher, config.data.max_seconds)
     objective = build_objective(config.objective, pairs, student.hidden_size,
                                 teacher.hidden_size, config.layer_map.weights)
     return teacher, pairs, DistillationModel(student, objective)
@@ -251,7 +258,8 @@ def train(config: TrainConfig) -> TrainResult:
                               rank=rank, world_size=world_size,
                               num_workers=config.data.num_workers,
                               shuffle_buffer=config.data.shuffle_buffer,
-                              expect_teacher=teacher.identity if cached else None)
+                              expect_teacher=(teacher.cache_identity(config.data.cached_front_end)
+                                              if cached else None))
     if cached:
         teacher = None    # it built the student; the cache holds its targets, free its memory
     engine, _, _, _ = deepspeed.initialize(

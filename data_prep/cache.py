@@ -7,6 +7,13 @@ float16 (T, D_t) features of the whole utterance, T = frames of its S samples. T
 `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate, frame_stride,
 receptive_field, num_frames}` (`frame_stride`, `receptive_field`: `colld_ds.data.FrameGeometry`).
 
+With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
+output of its convolutional front end (`colld_ds.models.teacher`), stored as
+`<key>.front_end.npy` (`colld_ds.data.FRONT_END_MEMBER`): float16 (T, C) for wav2vec2-like
+teachers (C = 512 for released models), (W, D) for Whisper (conv2's GELU output over the whole
+window of W frames). The identity then records `"front_end": "utterance"` or `"window"`; a
+re-run with the other setting refuses the existing shards (a cache is all with or all without).
+
 The teacher sees each utterance exactly as alone and unpadded: utterances run one at a time,
 or (`batch_size > 1`) padded in batches only if the teacher passes a padding check (features
 of an utterance alone == the same utterance padded with 1 s of zeros). Group-norm wav2vec2 /
@@ -34,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from colld_ds.data import FrameGeometry, check_teacher_identity, decode_wave, expand_urls
-from colld_ds.data import feature_member, read_samples
+from colld_ds.data import FRONT_END_MEMBER, feature_member, read_samples
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from data_prep.shards import SAMPLE_RATE, atomic_shard, count_samples, write_shard_index
 
@@ -62,24 +69,35 @@ def frame_geometry(teacher: Teacher) -> FrameGeometry:
     return geometry
 
 
-def features(teacher: Teacher, waves: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """B waves (S_b,) -> per wave, one float16 (T_b, D_t) array per teacher layer (one padded
-    batch: call it with one wave unless the teacher is padding invariant)."""
+def features(teacher: Teacher, waves: list[np.ndarray], front_end: bool = False
+             ) -> list[list[np.ndarray]]:
+    """B waves (S_b,) -> per wave, one float16 (T_b, D_t) array per teacher layer, then with
+    `front_end` the front end's (T_b, C) array (Whisper: (W, D), the whole window), all from
+    one forward (one padded batch: call it with one wave unless the teacher is padding
+    invariant)."""
     device = next(teacher.model.parameters()).device
     lengths = torch.tensor([w.shape[0] for w in waves])  # (B,)
     batch = torch.zeros(len(waves), int(lengths.max()))  # (B, S)
     for row, w in zip(batch, waves):
         row[: w.shape[0]] = torch.from_numpy(w)
-    out = teacher(batch.to(device), lengths.to(device))  # L_req x (B, T, D_t)
+    out = teacher(batch.to(device), lengths.to(device), front_end)  # L_req x (B, T, D_t)
     frames = out.frame_lengths.tolist()
     layers = [h.to(torch.float16).cpu().numpy() for h in out.features]
-    return [[h[b, : frames[b]] for h in layers] for b in range(len(waves))]
+    per_wave = [[h[b, : frames[b]] for h in layers] for b in range(len(waves))]
+    if front_end:
+        front = out.front_end.to(torch.float16).cpu().numpy()  # (B, T, C) or (B, W, D)
+        whole_window = teacher.front_end_frames == "window"
+        for b, arrays in enumerate(per_wave):
+            arrays.append(front[b] if whole_window else front[b, : frames[b]])
+    return per_wave
 
 
-def padding_invariant(teacher: Teacher, wave: np.ndarray) -> bool:
-    """Whether `wave`'s features alone equal those with 1 s of zero padding after it."""
-    (alone,) = features(teacher, [wave])
-    (padded, _) = features(teacher, [wave, np.zeros(wave.shape[0] + SAMPLE_RATE, np.float32)])
+def padding_invariant(teacher: Teacher, wave: np.ndarray, front_end: bool = False) -> bool:
+    """Whether `wave`'s features (and front end) alone equal those with 1 s of zero padding
+    after it."""
+    (alone,) = features(teacher, [wave], front_end)
+    silence = np.zeros(wave.shape[0] + SAMPLE_RATE, np.float32)
+    (padded, _) = features(teacher, [wave, silence], front_end)
     tol = 1e-3 if teacher.dtype == torch.float32 else 3e-2
     return all(
         np.allclose(a, p, rtol=tol, atol=tol * float(np.abs(a).max()))
@@ -88,18 +106,23 @@ def padding_invariant(teacher: Teacher, wave: np.ndarray) -> bool:
 
 
 def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict) -> dict:
-    """Raw audio sample + its per-layer frames -> the cache sample (module docstring)."""
+    """Raw audio sample + its per-layer frames (+ front end, last) -> the cache sample (module
+    docstring)."""
     key, url = sample["__key__"], sample["__url__"]
     meta = json.loads(sample["json"])
     meta["teacher"] = {**identity, "num_frames": frames[0].shape[0]}
     out = {k: v for k, v in sample.items() if not k.startswith("__")}
     out.update(__key__=key, json=json.dumps(meta).encode())
-    for layer, array in zip(identity["layers"], frames):
+    members = [(feature_member(layer, identity["target_kind"]), f"teacher layer {layer}")
+               for layer in identity["layers"]]
+    if identity.get("front_end"):
+        members.append((FRONT_END_MEMBER, "the teacher's front end"))
+    for (member, what), array in zip(members, frames, strict=True):
         if not np.isfinite(array).all():
-            raise ValueError(f"sample {key} in {url}: teacher layer {layer} overflows float16")
+            raise ValueError(f"sample {key} in {url}: {what} overflows float16")
         buf = io.BytesIO()
         np.save(buf, array)
-        out[feature_member(layer, identity["target_kind"])] = buf.getvalue()
+        out[member] = buf.getvalue()
     return out
 
 
@@ -111,7 +134,8 @@ def cache_shard(teacher: Teacher, identity: dict, url: str, path: str, batch_siz
         while chunk := list(itertools.islice(samples, batch_size)):
             waves = [decode_wave(s) for s in chunk]
             order = sorted(range(len(waves)), key=lambda i: waves[i].shape[0])  # less padding
-            frames = dict(zip(order, features(teacher, [waves[i] for i in order])))
+            front_end = bool(identity.get("front_end"))
+            frames = dict(zip(order, features(teacher, [waves[i] for i in order], front_end)))
             for i, sample in enumerate(chunk):
                 writer.write(_cache_sample(sample, frames[i], identity))
                 seconds += waves[i].shape[0] / SAMPLE_RATE
@@ -125,7 +149,15 @@ def _is_complete(path: str, identity: dict) -> bool:
         return False
     first = next(read_samples([path]), None)
     found = json.loads(first["json"]).get("teacher", {}) if first else {}
-    check_teacher_identity(found, identity, f"existing cache shard {path}")
+    teacher_only = {k: v for k, v in identity.items() if k != "front_end"}
+    check_teacher_identity(found, teacher_only, f"existing cache shard {path}")
+    if found.get("front_end") != identity.get("front_end"):
+        raise ValueError(
+            f"existing cache shard {path} was written with "
+            f"front_end={bool(found.get('front_end'))}, this run has "
+            f"front_end={bool(identity.get('front_end'))}: a cache is all with or "
+            "all without the front end's output; use the same --front_end or another out_dir"
+        )
     return True
 
 
@@ -141,12 +173,14 @@ def cache_teacher(
     world_size: int | None = None,
     progress: bool = True,
     window_seconds: float | None = None,
+    front_end: bool = False,
 ) -> list[str]:
     """Cache `teacher`'s `layers` (`all`, `4`, `2,4`) over this process's share of the audio
     `shards`; return the cache paths of that share. `dtype`: `auto` (fp16 on CUDA, fp32 on
     CPU), `fp32`, `fp16`, `bf16`. `window_seconds`: a Whisper teacher's window
-    (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. Prints audio
-    seconds per second at the end."""
+    (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. `front_end`:
+    also store the teacher's conv front-end output (module docstring), for runs with
+    `data.cached_front_end`. Prints audio seconds per second at the end."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     urls = expand_urls(shards)[rank::world_size]
@@ -154,14 +188,14 @@ def cache_teacher(
     model = load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype], device,
                          window_seconds)
     geometry = frame_geometry(model)
-    identity = {**model.identity, "frame_stride": geometry.stride,
+    identity = {**model.cache_identity(front_end), "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field}
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, os.path.basename(url)) for url in urls]
     todo = [(u, p) for u, p in zip(urls, paths) if not _is_complete(p, identity)]
     if batch_size > 1 and todo:
         first = decode_wave(next(read_samples([todo[0][0]])))
-        if not padding_invariant(model, first):
+        if not padding_invariant(model, first, front_end):
             warnings.warn(f"teacher {teacher} is not padding invariant: caching one utterance at a time")
             batch_size = 1
     bar = tqdm(total=sum(count_samples(u) for u, _ in todo), unit="utt", disable=not progress,

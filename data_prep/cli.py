@@ -126,14 +126,19 @@ class DataPrep:
         world_size: int | None = None,
         progress: bool = True,
         window_seconds: float | None = None,
+        front_end: bool | str = False,
     ) -> None:
         """Teacher-cache shards of audio `shards` (see `data_prep.cache.cache_teacher`);
-        `window_seconds`: a Whisper teacher's window (as `teacher.window_seconds` of the run)."""
+        `window_seconds`: a Whisper teacher's window (as `teacher.window_seconds` of the run);
+        `--front_end true`: also store the teacher's conv front-end output, so that a run with
+        `data.cached_front_end` (frozen student front end) skips its own."""
         from data_prep.cache import cache_teacher
 
+        if str(front_end).lower() not in ("true", "false"):  # fire passes `true` as a string
+            raise SystemExit(f"cache-teacher --front_end {front_end!r}: use true or false")
         cache_teacher(
             shards, teacher, layers, out_dir, target_kind, dtype, batch_size, rank, world_size, progress,
-            window_seconds,
+            window_seconds, str(front_end).lower() == "true",
         )
 
     def index(self, shard_dir: str) -> None:

@@ -89,6 +89,18 @@ class Family:
     hf_time_masking: bool = True
     """The HF model takes ``mask_time_indices`` and owns ``masked_spec_embed``. False
     (Whisper): the :class:`~colld_ds.models.student.Student` owns the mask embedding."""
+    conv_front_end: tuple[str, ...] = ("feature_extractor",)
+    """Submodules of the convolutional front end, in order; the last one's output (see
+    :meth:`front_end_features`) is what a teacher cache may hold so that a frozen student skips
+    them (``data.cached_front_end``). Empty: no convolutional front end (w2v-BERT's fbank)."""
+
+    def front_end_features(self, recorded: Tensor) -> Tensor:
+        """The recorded output of the last ``conv_front_end`` module -> the features the model
+        continues from: wav2vec2-like (B, C, T) -> (B, T, C) (HF's ``extract_features``);
+        Whisper conv2's (B, D, W) -> GELU (HF applies it functionally) -> (B, W, D)."""
+        if self.model_type == "whisper":
+            return nn.functional.gelu(recorded).permute(0, 2, 1)
+        return recorded.transpose(1, 2)
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         """The transformer layers, in order (layer i, 1-based, is ``layers(model)[i - 1]``)."""
@@ -129,7 +141,7 @@ FAMILIES: dict[str, Family] = {
         Family("data2vec-audio", Data2VecAudioModel, "waveform", "feed_forward"),
         # Conformer layer: ffn1 -> attention -> conv -> ffn2 (half-step residuals); the
         # layer's last FFN, like a transformer layer's only one.
-        Family("wav2vec2-bert", Wav2Vec2BertModel, "fbank", "ffn2"),
+        Family("wav2vec2-bert", Wav2Vec2BertModel, "fbank", "ffn2", conv_front_end=()),
         # Pre-LN transformer layer: x + attn(ln(x)), then x + fc2(gelu(fc1(ln(x)))).
         Family(
             "whisper",
@@ -143,6 +155,7 @@ FAMILIES: dict[str, Family] = {
             layers_attr="layers",
             weight_prefixes=("model.encoder.", "encoder."),
             hf_time_masking=False,
+            conv_front_end=("conv1", "conv2"),
         ),
     )
 }

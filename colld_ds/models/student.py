@@ -11,11 +11,18 @@ embedding, so the :class:`Student` owns one, ``Student.mask_embed`` (d_model, un
 HF's ``masked_spec_embed``). It is training-only: export stays ``student.model.save_pretrained``
 (the encoder alone), and the exported encoder loads as a Whisper teacher. The student runs the
 teacher's window (its config's ``max_source_positions``, shortened or not).
+
+Cached front end (``data.cached_front_end``): a student whose convolutional front end is frozen
+and an exact copy of the teacher's computes, on the unmasked audio, exactly what the teacher's
+front end computed (masking comes after it). ``forward(..., front_end_features=...)`` then takes
+that output from the teacher cache and skips the convolutions;
+:meth:`Student.check_cached_front_end` checks the premise at the start of a run.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import NamedTuple
 
 import torch
@@ -78,14 +85,15 @@ class Student(nn.Module):
     def freeze_front_end(self) -> None:
         """Stop training the convolutional front end (wav2vec 2.0-style feature encoder, or
         Whisper's conv1/conv2): its backward is a large share of a CPU step."""
-        if hasattr(self.model, "freeze_feature_encoder"):
-            self.model.freeze_feature_encoder()
-        elif self.family.model_type == "whisper":
-            for conv in (self.model.conv1, self.model.conv2):
-                conv.requires_grad_(False)
-        else:
+        modules = self._conv_front_end()
+        if not modules:
             raise ValueError(f"student.freeze_front_end: a {self.family.model_type} student has "
                              "no convolutional front end to freeze; set it to false")
+        for module in modules:
+            if hasattr(module, "_freeze_parameters"):  # HF's feature encoder (what
+                module._freeze_parameters()            # `freeze_feature_encoder` calls; HuBERT's
+            else:                                      # model class lacks that method)
+                module.requires_grad_(False)
 
     def num_frames(self, wave_lengths: Tensor) -> Tensor:
         """(B,) sample counts -> (B,) valid frames; the same values as the teacher's.
@@ -95,8 +103,59 @@ class Student(nn.Module):
         """
         return self.front_end.num_frames(wave_lengths)
 
+    def _conv_front_end(self) -> list[nn.Module]:
+        """The convolutional front end's modules (``Family.conv_front_end``); [] if none."""
+        return [operator.attrgetter(name)(self.model) for name in self.family.conv_front_end]
+
+    @property
+    def front_end_frozen(self) -> bool:
+        """Whether the student has a convolutional front end and none of its parameters trains."""
+        modules = self._conv_front_end()
+        return bool(modules) and not any(p.requires_grad for m in modules for p in m.parameters())
+
+    def check_cached_front_end(self, teacher: Teacher, max_seconds: float) -> None:
+        """Start-of-run check of ``data.cached_front_end``: the teacher has a convolutional
+        front end, the student's is frozen and equal to the teacher's, weight by weight (at
+        the teacher's dtype: the student keeps an fp32 copy), and, for Whisper, no crop can
+        happen (the cache holds the front end of the whole window, which a crop changes).
+        ValueError naming the field and the fix otherwise."""
+        whole_window = teacher.front_end_frames == "window"  # ValueError without a conv front end
+        if not self.front_end_frozen:
+            raise ValueError(
+                "data.cached_front_end: the student skips its convolutional front end, so the "
+                "front end must not train; set student.freeze_front_end true"
+            )
+        for name in self.family.conv_front_end:
+            mine = operator.attrgetter(name)(self.model).state_dict()
+            theirs = operator.attrgetter(name)(teacher.model).state_dict()
+            differing = sorted(
+                key for key in mine.keys() | theirs.keys()
+                if key not in mine or key not in theirs or mine[key].shape != theirs[key].shape
+                or not torch.equal(mine[key].to(theirs[key]), theirs[key])
+            )
+            if differing:
+                raise ValueError(
+                    f"data.cached_front_end: the student's front end is not the teacher's "
+                    f"({name}: {differing[:4]} differ), so the cached teacher front end is not "
+                    "what it would compute; build the student from this teacher at the teacher's "
+                    "width (student.hidden_size null: the front end is copied) or set "
+                    "data.cached_front_end false"
+                )
+        if whole_window and max_seconds < teacher.front_end.max_seconds:
+            window = teacher.front_end.max_seconds
+            raise ValueError(
+                f"data.cached_front_end: data.max_seconds {max_seconds:g} is shorter than the "
+                f"Whisper window ({window:g} s), so longer utterances would be cropped, and the "
+                f"cache holds the front end of each whole window (a crop changes its log-mel); "
+                f"set data.max_seconds to {window:g}"
+            )
+
     def forward(
-        self, wave: Tensor, wave_lengths: Tensor, mask_time: Tensor | None = None
+        self,
+        wave: Tensor,
+        wave_lengths: Tensor,
+        mask_time: Tensor | None = None,
+        front_end_features: Tensor | None = None,
     ) -> StudentOutput:
         """wave (B, S) 16 kHz, wave_lengths (B,), mask_time (B, T) bool or None -> K x (B, T, D_s).
 
@@ -107,29 +166,76 @@ class Student(nn.Module):
         Whisper: masked frames of the conv front end's output (after conv2's GELU) are replaced
         by ``mask_embed`` *before* the sinusoidal positions are added, so a masked frame still
         carries its position; see :meth:`_whisper_layers`.
+
+        ``front_end_features``: the teacher's front-end output on this (unmasked) audio, from
+        the cache (``Batch.front_end_features``): (B, T, C), or for Whisper (B, W, D) over the
+        whole window. The convolutional front end is then skipped (the wave only gives the
+        lengths); only allowed when it is frozen (``student.freeze_front_end``).
         """
+        num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
+        mask_time = self._check_mask(mask_time, wave, num_frames)
+        if front_end_features is not None:
+            return self._forward_from_front_end(front_end_features, wave_lengths, mask_time)
         inputs, frame_lengths = self.front_end(wave, wave_lengths)
         if not self.family.hf_time_masking:
-            return self._whisper_forward(inputs, frame_lengths, wave, mask_time)
+            conv_output = self._whisper_conv(inputs["input_features"].to(self.mask_embed.dtype))
+            return self._whisper_forward(conv_output, frame_lengths, mask_time)
         dtype = self.model.masked_spec_embed.dtype
         inputs = {
             k: v.to(dtype) if v is not None and v.is_floating_point() else v
             for k, v in inputs.items()
         }
-        num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
-        if mask_time is None:
-            mask_time = torch.zeros(wave.shape[0], num_frames, dtype=torch.bool, device=wave.device)
-        if mask_time.shape != (wave.shape[0], num_frames):
-            raise ValueError(
-                f"mask_time has shape {tuple(mask_time.shape)}, expected (B, T) = "
-                f"{(wave.shape[0], num_frames)} (T from Student.num_frames)"
-            )
         with record_outputs(list(self.family.layers(self.model))) as hidden:
-            self.model(**inputs, mask_time_indices=mask_time.bool())
+            self.model(**inputs, mask_time_indices=mask_time)
+        return self._output(hidden, frame_lengths, num_frames)
+
+    def _forward_from_front_end(
+        self, features: Tensor, wave_lengths: Tensor, mask_time: Tensor
+    ) -> StudentOutput:
+        """``forward`` from the front end's output: features (B, T, C) (Whisper (B, W, D)),
+        mask_time (B, T) bool -> K x (B, T, D_s)."""
+        if not self.front_end_frozen:
+            raise ValueError(
+                "front_end_features given to a student whose convolutional front end trains: "
+                "set student.freeze_front_end true (data.cached_front_end needs it)"
+            )
+        batch, num_frames = mask_time.shape
+        frame_lengths = self.front_end.num_frames(wave_lengths)
+        if not self.family.hf_time_masking:
+            expected = (batch, self.front_end.num_encoder_frames, self.hidden_size)
+        else:
+            expected = (batch, num_frames, self.model.config.conv_dim[-1])
+        if tuple(features.shape) != expected:
+            raise ValueError(
+                f"front_end_features has shape {tuple(features.shape)}, expected {expected} "
+                "(the cached front end of this batch's audio)"
+            )
+        if not self.family.hf_time_masking:
+            features = features.to(self.mask_embed.dtype)
+            return self._whisper_forward(features, frame_lengths, mask_time)
+        # HF's Wav2Vec2Model.forward (HuBERT's and data2vec-audio's alike) after its
+        # `feature_extractor` and transpose, i.e. from `extract_features`:
+        model = self.model
+        projected = model.feature_projection(features.to(model.masked_spec_embed.dtype))
+        hidden = projected[0] if isinstance(projected, tuple) else projected  # HuBERT: no tuple
+        hidden = model._mask_hidden_states(hidden, mask_time_indices=mask_time)  # (B, T, D_s)
+        # HF's `_get_feature_vector_attention_mask`: bool (B, T), True at frames t <
+        # frame_lengths (the conv length formula on the valid samples), only when the extractor
+        # gives a sample mask (layer-norm conv models).
+        attention_mask = (frame_mask(frame_lengths, num_frames)
+                          if self.front_end.feature_extractor.return_attention_mask else None)
+        with record_outputs(list(self.family.layers(model))) as hidden_states:
+            model.encoder(hidden, attention_mask=attention_mask)
+        return self._output(hidden_states, frame_lengths, num_frames)
+
+    @staticmethod
+    def _output(hidden: list[Tensor], frame_lengths: Tensor, num_frames: int) -> StudentOutput:
+        """K x (B, >= T, D_s) layer outputs -> their first T frames, zero at padded frames."""
         valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
-        return StudentOutput([h * valid for h in hidden], frame_lengths)
+        return StudentOutput([h[:, :num_frames] * valid for h in hidden], frame_lengths)
 
     def _check_mask(self, mask_time: Tensor | None, wave: Tensor, num_frames: int) -> Tensor:
+        """mask_time (B, T) or None (nothing masked) -> (B, T) bool; ValueError on a bad shape."""
         if mask_time is None:
             return torch.zeros(wave.shape[0], num_frames, dtype=torch.bool, device=wave.device)
         if mask_time.shape != (wave.shape[0], num_frames):
@@ -140,22 +246,26 @@ class Student(nn.Module):
         return mask_time.bool()
 
     def _whisper_forward(
-        self, inputs: dict, frame_lengths: Tensor, wave: Tensor, mask_time: Tensor | None
+        self, conv_output: Tensor, frame_lengths: Tensor, mask_time: Tensor
     ) -> StudentOutput:
-        num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
-        mask_time = self._check_mask(mask_time, wave, num_frames)
-        features = inputs["input_features"].to(self.mask_embed.dtype)
+        """conv_output (B, W, D) after conv2's GELU, mask_time (B, T) -> K x (B, T, D)."""
         # The encoder always runs on its whole window (as when the export is a teacher).
+        num_frames = mask_time.shape[1]
         window = self.front_end.num_encoder_frames
         mask_window = nn.functional.pad(mask_time, (0, window - num_frames))  # (B, W)
-        hidden = self._whisper_layers(features, mask_window)
-        valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
-        return StudentOutput([h[:, :num_frames] * valid for h in hidden], frame_lengths)
+        hidden = self._whisper_layers(conv_output, mask_window)
+        return self._output(hidden, frame_lengths, num_frames)
 
-    def _whisper_layers(self, features: Tensor, mask: Tensor) -> list[Tensor]:
-        """``WhisperEncoder.forward`` run piece by piece, with the mask embedding inserted:
-        features (B, n_mels, 2 W), mask (B, W) bool -> the K layer outputs (B, W, D), W the
-        window's frames (1500 for 30 s).
+    def _whisper_conv(self, features: Tensor) -> Tensor:
+        """Whisper's conv front end: log-mel (B, n_mels, 2 W) -> (B, W, D) after conv2's GELU."""
+        x = nn.functional.gelu(self.model.conv1(features))
+        return nn.functional.gelu(self.model.conv2(x)).permute(0, 2, 1)
+
+    def _whisper_layers(self, x: Tensor, mask: Tensor) -> list[Tensor]:
+        """``WhisperEncoder.forward`` from the conv front end's output, run piece by piece
+        with the mask embedding inserted: x (B, W, D) (:meth:`_whisper_conv`, or its cached
+        copy), mask (B, W) bool -> the K layer outputs (B, W, D), W the window's frames (1500
+        for 30 s).
 
         Same operations as HF's forward (checked by the tests against ``output_hidden_states``
         with no mask), minus the final LayerNorm (no layer output needs it) and layerdrop (the
@@ -163,8 +273,6 @@ class Student(nn.Module):
         DeepSpeed ZeRO-3's gather hooks fire.
         """
         encoder = self.model
-        x = nn.functional.gelu(encoder.conv1(features))
-        x = nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)  # (B, P, D)
         x = torch.where(mask.unsqueeze(-1), self.mask_embed.to(x.dtype), x)
         positions = torch.arange(encoder.embed_positions.num_embeddings, device=x.device)
         x = x + encoder.embed_positions(positions)

@@ -22,12 +22,19 @@ window's ``max_source_positions``, so a teacher cache made with one window is re
 with another (a 30 s window and ``None`` are the same teacher).
 
 Hooks keep only the requested layers, not all L + 1 hidden states.
+
+Front end (``teacher(wave, lengths, front_end=True)``, for ``data.cached_front_end``): the same
+forward also records the output of the convolutional front end (``Family.conv_front_end``):
+wav2vec2-like (B, T, C) ``extract_features`` (C = ``conv_dim[-1]``, 512 for released models),
+zero at padded frames; Whisper (B, W, D) conv2's GELU output over the whole window (W frames, the
+silence padding included: the encoder attends to all of it), what the student masks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +72,9 @@ class TeacherOutput:
     """One (B, T, D_t) tensor per requested layer, in the requested order; zero at padded frames."""
     frame_lengths: Tensor
     """(B,) int64 valid frames per utterance; T = frame count of the padded length S."""
+    front_end: Tensor | None = None
+    """With ``front_end=True``: the conv front end's output, (B, T, C) zero at padded frames,
+    or for Whisper (B, W, D) over the whole window (module docstring); else None."""
 
 
 def _read_config_json(path: str) -> dict[str, Any]:
@@ -153,23 +163,54 @@ class Teacher:
         """(B,) sample counts -> (B,) valid frame counts (also T for the padded length S)."""
         return self.front_end.num_frames(wave_lengths)
 
-    def __call__(self, wave: Tensor, wave_lengths: Tensor) -> TeacherOutput:
-        """wave (B, S) float 16 kHz, wave_lengths (B,) int64 -> features L_req x (B, T, D_t)."""
+    @property
+    def front_end_frames(self) -> str:
+        """What a cached front-end array spans: ``"utterance"`` (T frames, wav2vec2-like) or
+        ``"window"`` (W frames, Whisper's whole window). ValueError for a family without a
+        convolutional front end (w2v-BERT)."""
+        if not self.family.conv_front_end:
+            raise ValueError(
+                f"teacher {self.path} ({self.family.model_type}) has no convolutional front end "
+                "whose output could be cached (its fbank input is computed from the audio): drop "
+                "cache-teacher's --front_end and data.cached_front_end"
+            )
+        return "utterance" if self.family.hf_time_masking else "window"
+
+    def cache_identity(self, front_end: bool = False) -> dict[str, Any]:
+        """``identity``, plus with ``front_end`` ``"front_end": front_end_frames``: what a
+        teacher cache holding the front end's output records, and what a run that reads it
+        (``data.cached_front_end``) expects of the cache."""
+        return {**self.identity, "front_end": self.front_end_frames} if front_end else self.identity
+
+    def __call__(
+        self, wave: Tensor, wave_lengths: Tensor, front_end: bool = False
+    ) -> TeacherOutput:
+        """wave (B, S) float 16 kHz, wave_lengths (B,) int64 -> features L_req x (B, T, D_t)
+        (and, with ``front_end``, the conv front end's output from the same forward)."""
+        modules = list(self._modules)
+        front_end_frames = self.front_end_frames if front_end else None
+        if front_end:
+            modules.append(operator.attrgetter(self.family.conv_front_end[-1])(self.model))
         with torch.inference_mode():
             inputs, frame_lengths = self.front_end(wave, wave_lengths)
             inputs = {
                 k: v.to(self.dtype) if v is not None and v.is_floating_point() else v
                 for k, v in inputs.items()
             }
-            with record_outputs(self._modules) as outputs:
+            with record_outputs(modules) as outputs:
                 self.model(**inputs)
+            front = self.family.front_end_features(outputs.pop()) if front_end else None
         # Outside inference mode, so the results are ordinary tensors that a loss may save for
         # backward (inference tensors cannot be).
         # T = frames of the padded length S. Whisper computes its whole window (1500 frames
         # for 30 s); only the first T are returned, the rest being padding for every utterance.
         num_frames = int(self.front_end.num_frames(torch.tensor(wave.shape[1])))
         valid = frame_mask(frame_lengths, num_frames).unsqueeze(-1)  # (B, T, 1)
-        return TeacherOutput([h[:, :num_frames] * valid for h in outputs], frame_lengths)
+        if front_end_frames == "utterance":
+            front = front * valid  # (B, T, C)
+        elif front_end_frames == "window":
+            front = front.clone()  # (B, W, D), the whole window; clone: not an inference tensor
+        return TeacherOutput([h[:, :num_frames] * valid for h in outputs], frame_lengths, front)
 
 
 def load_teacher(
