@@ -14,8 +14,10 @@ commands are resumable: a re-run skips complete shards.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import fire
 
@@ -36,6 +38,28 @@ def _print_summary(out_dir: str, paths: list[str]) -> None:
 def _as_list(value: str | Sequence[str]) -> list[str]:
     """fire passes `a,b` as a string and `[a,b]` as a list."""
     return value.split(",") if isinstance(value, str) else list(value)
+
+
+def fire_command(function: Callable) -> Callable:
+    """``function`` as a fire command, without a second copy of its signature: fire reads the
+    signature and docstring through ``functools.wraps`` for ``--help``; `true`/`false`, which
+    fire passes as strings, become bools for the ``bool`` parameters; the return value is
+    dropped (fire would print it)."""
+    signature = inspect.signature(function)
+    flags = [name for name, p in signature.parameters.items() if p.annotation in (bool, "bool")]
+
+    @functools.wraps(function)
+    def command(*args, **kwargs) -> None:
+        bound = signature.bind(*args, **kwargs)
+        for name in flags:
+            value = bound.arguments.get(name)
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise SystemExit(f"--{name} {value!r}: use true or false")
+                bound.arguments[name] = value.lower() == "true"
+        function(*bound.args, **bound.kwargs)
+
+    return command
 
 
 def _key(sample: dict | Done) -> str:
@@ -113,33 +137,13 @@ class DataPrep:
         if strict and skipped:
             raise SystemExit(f"--strict: {len(skipped)} inputs were skipped, see {report}")
 
-    def cache_teacher(
-        self,
-        shards: str,
-        teacher: str,
-        layers: int | str | Sequence[int],
-        out_dir: str,
-        target_kind: str = "layer_output",
-        dtype: str = "auto",
-        batch_size: int = 1,
-        rank: int | None = None,
-        world_size: int | None = None,
-        progress: bool = True,
-        window_seconds: float | None = None,
-        front_end: bool | str = False,
-    ) -> None:
-        """Teacher-cache shards of audio `shards` (see `data_prep.cache.cache_teacher`);
-        `window_seconds`: a Whisper teacher's window (as `teacher.window_seconds` of the run);
-        `--front_end true`: also store the teacher's conv front-end output, so that a run with
-        `data.cached_front_end` (frozen student front end) skips its own."""
+    @property
+    def cache_teacher(self) -> Callable:
+        """Teacher-cache shards of audio shards: `data_prep.cache.cache_teacher` (imported only
+        when this command runs: it loads transformers)."""
         from data_prep.cache import cache_teacher
 
-        if str(front_end).lower() not in ("true", "false"):  # fire passes `true` as a string
-            raise SystemExit(f"cache-teacher --front_end {front_end!r}: use true or false")
-        cache_teacher(
-            shards, teacher, layers, out_dir, target_kind, dtype, batch_size, rank, world_size, progress,
-            window_seconds, str(front_end).lower() == "true",
-        )
+        return fire_command(cache_teacher)
 
     def index(self, shard_dir: str) -> None:
         """Write or refresh `shard_dir/shardindex.json` (keys and lengths of every `*.tar` there).

@@ -1,4 +1,5 @@
-"""`make-shards` (validation, skip report, workers, resume), `inspect` and `spm`."""
+"""`make-shards` (validation, skip report, workers, resume), `inspect`, `spm`, `index` and
+`cache-teacher` as fire calls it."""
 
 import csv
 import io
@@ -174,3 +175,28 @@ def test_index_command_refreshes_the_shard_index(tmp_path, capsys):
         assert entry["lengths"] == [round(d * 16000) for d in durations]
     with pytest.raises(SystemExit, match="not a directory of shards"):
         DataPrep().index(str(tmp_path / "missing"))
+
+
+def test_cache_teacher_command_takes_command_line_flags(tmp_path, capsys):
+    """`colld prep cache-teacher` as fire calls it: flags arrive as strings (`--front_end true`),
+    the help shows the library function's own parameters, nothing is printed back."""
+    import fire
+
+    from data_prep.tiny_teacher import make_tiny_teacher
+
+    shards = str(tmp_path / "gen")
+    DataPrep().generate(shards, num_utterances=2, shard_size=2)
+    teacher = make_tiny_teacher("wav2vec2", str(tmp_path / "teacher"), num_layers=2)
+    out = str(tmp_path / "cache")
+    fire.Fire(DataPrep, ["cache-teacher", shards, teacher, "1,2", out, "--front_end", "true",
+                         "--progress", "false"])
+    (shard,) = [os.path.join(out, name) for name in os.listdir(out) if name.endswith(".tar")]
+    sample = next(read_samples([shard]))
+    assert json.loads(sample["json"])["teacher"]["front_end"] == "utterance"
+    assert "front_end.npy" in sample and "l02.layer_output.npy" in sample
+    assert out not in capsys.readouterr().out          # the returned paths are not printed
+    with pytest.raises(SystemExit, match="--front_end 'maybe': use true or false"):
+        fire.Fire(DataPrep, ["cache-teacher", shards, teacher, "1", out, "--front_end", "maybe"])
+    with pytest.raises(SystemExit):
+        fire.Fire(DataPrep, ["cache-teacher", "--help"])
+    assert "--window_seconds" in capsys.readouterr().err    # fire writes help to stderr
