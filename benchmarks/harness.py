@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from colld_ds.atomic import write_text_atomic
+
 
 def machine_info(device: torch.device) -> dict:
     """Machine, torch version, commit and UTC date, stamped on every row."""
@@ -67,5 +69,5 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 def write_rows(rows: list[dict], out: str | Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(rows, indent=1) + "\n")     # a killed run leaves no half file
     print(f"wrote {len(rows)} rows to {out}")

@@ -2,9 +2,18 @@
 
 One program handles one prediction row: it streams that row's K+1 candidate target rows in blocks
 of ``BLOCK_K`` rows by ``BLOCK_D`` columns, normalises on the fly and keeps an online log-sum-exp
-in float32. Neither the ``(N, K+1, D)`` gather nor the ``(N, K+1)`` logits reach global memory in
-the forward; it saves per-row log-sum-exp and prediction norm ``(N,)`` for the backward.
+in float32. The ``(N, K+1, D)`` gather never reaches global memory. The forward saves, for the
+backward, the per-row log-sum-exp and prediction norm ``(N,)`` and the candidates' cosines and
+norms ``(N, K+1)`` fp32: 8 (K+1) bytes a row, 13.2 MB for N=16384, K=100 (the bf16 gather at
+D=1024 would be 3.4 GB). So the backward reads each candidate target row once instead of
+recomputing the cosines from a second read: forward + backward read the gathered targets twice
+in all. It reads the saved cosines in a first pass and, with the norms,
+once per D tile in the second (a few KB a row, against (K+1) D elements of targets).
 """
+
+import dataclasses
+import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -17,6 +26,7 @@ from kernels.chunked import EPS
 #   p_hat = p / n_p, t_hat_j = t_j / n_j, cos_j = p_hat . t_hat_j, l_j = cos_j / tau
 #   L = lse(l) - l_0,   lse(l) = log sum_j exp(l_j) kept online: m' = max(m, max_j l_j),
 #   s' = s * exp(m - m') + sum_j exp(l_j - m'), lse = m + log s.
+# The forward stores cos_j and |t_j| (N, K+1), lse and |p| (N,).
 # Backward, with g = dLoss/dL of the row:
 #   c_j = dLoss/dl_j = g * (exp(l_j - lse) - [j == 0])
 #   dLoss/dp_hat = sum_j c_j t_hat_j / tau, dLoss/dt_hat_j = c_j p_hat / tau.
@@ -25,8 +35,10 @@ from kernels.chunked import EPS
 #          S = p_hat . dLoss/dp_hat = sum_j c_j cos_j / tau;
 #   dt_j = w_j * p_hat - u_j * t_j,  u_j = w_j [|t_j| > eps] cos_j / n_j   (atomically added:
 #          a target row can be a candidate of many predictions, or twice of the same one).
-# The backward program first walks the K+1 rows to get w_j and u_j (stored to an (N, K+1) scratch),
-# then walks D tiles, accumulating dp for the tile over all j in registers and scattering dt_j.
+# The backward program first walks the saved (K+1) cosines for S (no target is read), then walks
+# D tiles: for each, it reads the K+1 target rows' tile once, recomputes c_j, w_j, u_j from the
+# saved cosines and norms (a few flops, instead of an (N, K+1) scratch), accumulates dp for the
+# tile in registers and scatters dt_j.
 
 
 @triton.jit
@@ -58,6 +70,13 @@ def _candidate_stats(
 
 
 @triton.jit
+def _logit_grads(cos, j, valid, g, lse, inv_temp):
+    """(BLOCK_K,) c_j = dLoss/dl_j of a candidate block, 0 where j > K."""
+    c = g * (tl.exp(cos * inv_temp - lse) - tl.where(j == 0, 1.0, 0.0))
+    return tl.where(valid, c, 0.0)
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     pred_ptr,  # (N, D) predictions, fp32/fp16/bf16, contiguous
     tgt_ptr,  # (M, D) targets, contiguous
@@ -67,13 +86,17 @@ def _contrastive_fwd_kernel(
     correct_ptr,  # (N,) int8 out: l_0 > max_j>0 l_j
     lse_ptr,  # (N,) fp32 out, saved for backward
     pnorm_ptr,  # (N,) fp32 out: |p| unclamped, saved for backward
+    cos_ptr,  # (N, K+1) fp32 out: cos_j, saved for backward
+    tnorm_ptr,  # (N, K+1) fp32 out: |t_j| unclamped, saved for backward
     K,
     D,
     inv_temp,
     eps,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_ALIGN: tl.constexpr,
 ):
+    D = D // D_ALIGN * D_ALIGN  # = D; tells the compiler D is a multiple of D_ALIGN
     row = tl.program_id(0).to(tl.int64)
     pred_row = pred_ptr + row * D
     offs_d = tl.arange(0, BLOCK_D)
@@ -94,8 +117,11 @@ def _contrastive_fwd_kernel(
         valid = j <= K
         t_idx = _candidate_rows(pos_ptr, neg_ptr, row, j, K)
         dot, t_sq = _candidate_stats(pred_row, tgt_ptr, t_idx, valid, D, BLOCK_K, BLOCK_D)
-        logit = dot / (n_p * tl.maximum(tl.sqrt(t_sq), eps)) * inv_temp
-        logit = tl.where(valid, logit, float("-inf"))
+        t_norm = tl.sqrt(t_sq)
+        cos = dot / (n_p * tl.maximum(t_norm, eps))
+        tl.store(cos_ptr + row * (K + 1) + j, cos, mask=valid)
+        tl.store(tnorm_ptr + row * (K + 1) + j, t_norm, mask=valid)
+        logit = tl.where(valid, cos * inv_temp, float("-inf"))
         l_pos += tl.sum(tl.where(j == 0, logit, 0.0), axis=0)
         max_neg = tl.maximum(max_neg, tl.max(tl.where(j > 0, logit, float("-inf")), axis=0))
         m_new = tl.maximum(m, tl.max(logit, axis=0))
@@ -116,9 +142,9 @@ def _contrastive_bwd_kernel(
     neg_ptr,  # (N, K) int64
     lse_ptr,  # (N,) fp32 from forward
     pnorm_ptr,  # (N,) fp32 |p| from forward
+    cos_ptr,  # (N, K+1) fp32 cos_j from forward
+    tnorm_ptr,  # (N, K+1) fp32 |t_j| from forward
     grad_loss_ptr,  # (N,) fp32 dLoss/dL
-    w_ptr,  # (N, K+1) fp32 scratch: w_j
-    u_ptr,  # (N, K+1) fp32 scratch: u_j (unused unless TARGETS_GRAD)
     grad_pred_ptr,  # (N, D) fp32 out
     grad_tgt_ptr,  # (M, D) fp32 out, zero-initialised, atomically accumulated (if TARGETS_GRAD)
     K,
@@ -128,7 +154,9 @@ def _contrastive_bwd_kernel(
     TARGETS_GRAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_ALIGN: tl.constexpr,
 ):
+    D = D // D_ALIGN * D_ALIGN  # = D; tells the compiler D is a multiple of D_ALIGN
     row = tl.program_id(0).to(tl.int64)
     pred_row = pred_ptr + row * D
     g = tl.load(grad_loss_ptr + row)
@@ -138,26 +166,14 @@ def _contrastive_bwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
 
-    # Pass 1 over the candidates: w_j, u_j and S.
+    # Pass 1 over the saved cosines: S.
     S = 0.0
     for k0 in range(0, K + 1, BLOCK_K):
         j = k0 + offs_k
         valid = j <= K
-        t_idx = _candidate_rows(pos_ptr, neg_ptr, row, j, K)
-        dot, t_sq = _candidate_stats(pred_row, tgt_ptr, t_idx, valid, D, BLOCK_K, BLOCK_D)
-        t_norm = tl.sqrt(t_sq)
-        n_t = tl.maximum(t_norm, eps)
-        cos = dot / (n_p * n_t)
-        c = g * (tl.exp(cos * inv_temp - lse) - tl.where(j == 0, 1.0, 0.0))
-        c = tl.where(valid, c, 0.0)
-        S += tl.sum(c * cos, axis=0) * inv_temp
-        w = c * inv_temp / n_t
-        tl.store(w_ptr + row * (K + 1) + j, w, mask=valid)
-        if TARGETS_GRAD:
-            u = tl.where(t_norm > eps, w * cos / n_t, 0.0)
-            tl.store(u_ptr + row * (K + 1) + j, u, mask=valid)
+        cos = tl.load(cos_ptr + row * (K + 1) + j, mask=valid, other=0.0)
+        S += tl.sum(_logit_grads(cos, j, valid, g, lse, inv_temp) * cos, axis=0) * inv_temp
     radial = tl.where(p_norm > eps, S, 0.0)
-    tl.debug_barrier()  # the scratch written above is read back by other threads below
 
     # Pass 2 over D tiles: dp for the tile, dt_j scattered.
     for d0 in range(0, D, BLOCK_D):
@@ -167,14 +183,17 @@ def _contrastive_bwd_kernel(
         for k0 in range(0, K + 1, BLOCK_K):
             j = k0 + offs_k
             valid = j <= K
+            cos = tl.load(cos_ptr + row * (K + 1) + j, mask=valid, other=0.0)
+            t_norm = tl.load(tnorm_ptr + row * (K + 1) + j, mask=valid, other=1.0)
+            n_t = tl.maximum(t_norm, eps)
+            w = _logit_grads(cos, j, valid, g, lse, inv_temp) * inv_temp / n_t
             t_idx = _candidate_rows(pos_ptr, neg_ptr, row, j, K)
             tile_mask = valid[:, None] & d_mask[None, :]
             t_offs = t_idx[:, None] * D + (d0 + offs_d)[None, :]
             t = tl.load(tgt_ptr + t_offs, mask=tile_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + row * (K + 1) + j, mask=valid, other=0.0)
             acc += tl.sum(w[:, None] * t, axis=0)
             if TARGETS_GRAD:
-                u = tl.load(u_ptr + row * (K + 1) + j, mask=valid, other=0.0)
+                u = tl.where(t_norm > eps, w * cos / n_t, 0.0)
                 dt = w[:, None] * p_hat[None, :] - u[:, None] * t
                 tl.atomic_add(grad_tgt_ptr + t_offs, dt, mask=tile_mask)
         tl.store(grad_pred_ptr + row * D + d0 + offs_d, (acc - radial * p_hat) / n_p, mask=d_mask)
@@ -185,49 +204,148 @@ def _block_sizes(K, D):
     return min(32, triton.next_power_of_2(K + 1)), min(128, triton.next_power_of_2(D))
 
 
+def _num_warps(block_k, block_d):
+    """Warps per program: 8 for the full (32, 128) tile, 4 below. With 4 warps that tile is 32
+    values a thread, and ptxas spills the targets-grad backward on sm_80 (168 registers, 16
+    bytes); 8 warps hold it in 118-128 registers and halve the forward's (72 -> 48 fp16)
+    (benchmarks/kernel_resources.py)."""
+    return 8 if block_k * block_d >= 4096 else 4
+
+
+def _d_align(D):
+    """Largest power of two <= 16 dividing D. Triton specialises D on being a multiple of 16
+    only; a tile of fp16 rows of D = 1000 (8 x 125) loads in 16-byte vectors all the same
+    once the kernel knows D is a multiple of 8, which it does not otherwise: it then loads
+    element by element, which holds a pointer per element and nearly doubles the registers."""
+    return math.gcd(D, 16)
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch of a Triton kernel: ``kernel[grid](**args)``.
+
+    ``args`` maps every kernel parameter name, in the kernel's order, to its value (tensors,
+    ints, floats, and the ``tl.constexpr`` values), so the launch and the ahead-of-time compile
+    (:func:`triton_signature`, ``num_warps``) read the same arguments."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, ...]
+    args: dict
+    num_warps: int
+
+    def run(self):
+        if self.grid[0] > 0:
+            self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+
+
+_TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
+}  # fmt: skip
+
+
+def triton_signature(launch):
+    """``(signature, constexprs, attrs)`` for ``triton.compile(ASTSource(launch.kernel, ...))``:
+    what Triton's launcher derives from ``launch.args`` on CUDA, so an ahead-of-time compile
+    builds the kernel a real launch would. A tensor is ``*<dtype>``, with ``tt.divisibility``
+    16 when its data pointer is 16-byte aligned; an int is ``i32`` (``i64`` past 2**31), the
+    constant 1 when it equals 1, divisible by 16 when it is; a float is ``fp32``; a
+    ``tl.constexpr`` parameter is a constant. (tests/test_kernel_compile.py checks this against
+    Triton's own specialisation.)"""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (param, (name, value)) in enumerate(zip(launch.kernel.params, launch.args.items())):
+        if param.name != name:
+            raise ValueError(f"launch argument {name!r} is not kernel parameter {param.name!r}")
+        divisible = False
+        if param.is_constexpr or (type(value) is int and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        if torch.is_tensor(value):
+            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+            divisible = value.data_ptr() % 16 == 0
+        elif type(value) is int:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            divisible = value % 16 == 0
+        elif type(value) is float:
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"kernel argument {name}: unsupported type {type(value).__name__}")
+        if divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def forward_launch(predictions, targets, positive_index, negative_index, temperature, blocks=None):
+    """The forward kernel's launch, its outputs allocated: ``loss_ptr`` (N,) fp32,
+    ``correct_ptr`` (N,) int8, and what the backward reads. Inputs as in
+    :func:`contrastive_loss_triton`, already contiguous, indices int64."""
+    (N, D), K = predictions.shape, negative_index.shape[1]
+    block_k, block_d = blocks or _block_sizes(K, D)
+    f32 = dict(dtype=torch.float32, device=predictions.device)
+    args = dict(
+        pred_ptr=predictions, tgt_ptr=targets, pos_ptr=positive_index, neg_ptr=negative_index,
+        loss_ptr=torch.empty(N, **f32),
+        correct_ptr=torch.empty(N, dtype=torch.int8, device=predictions.device),
+        lse_ptr=torch.empty(N, **f32), pnorm_ptr=torch.empty(N, **f32),
+        cos_ptr=torch.empty(N, K + 1, **f32), tnorm_ptr=torch.empty(N, K + 1, **f32),
+        K=K, D=D, inv_temp=1.0 / temperature, eps=EPS, BLOCK_K=block_k, BLOCK_D=block_d,
+        D_ALIGN=_d_align(D),
+    )  # fmt: skip
+    return KernelLaunch(_contrastive_fwd_kernel, (N,), args, _num_warps(block_k, block_d))
+
+
+def backward_launch(forward, grad_loss, targets_grad):
+    """The backward kernel's launch after ``forward`` (a :func:`forward_launch` that ran; its
+    ``args`` may lack the outputs ``loss_ptr`` and ``correct_ptr``), its outputs allocated:
+    ``grad_pred_ptr`` (N, D) fp32 and, if ``targets_grad``, ``grad_tgt_ptr`` (M, D) fp32 zeros.
+    ``grad_loss``: (N,) dLoss/dloss."""
+    fwd = forward.args
+    predictions, targets = fwd["pred_ptr"], fwd["tgt_ptr"]
+    (N, D), K = predictions.shape, fwd["K"]
+    f32 = dict(dtype=torch.float32, device=predictions.device)
+    grad_p = torch.empty(N, D, **f32)
+    args = dict(
+        pred_ptr=predictions, tgt_ptr=targets, pos_ptr=fwd["pos_ptr"], neg_ptr=fwd["neg_ptr"],
+        lse_ptr=fwd["lse_ptr"], pnorm_ptr=fwd["pnorm_ptr"], cos_ptr=fwd["cos_ptr"],
+        tnorm_ptr=fwd["tnorm_ptr"], grad_loss_ptr=grad_loss.float().contiguous(),
+        grad_pred_ptr=grad_p,
+        grad_tgt_ptr=torch.zeros(targets.shape, **f32) if targets_grad else grad_p,
+        K=K, D=D, inv_temp=fwd["inv_temp"], eps=EPS, TARGETS_GRAD=targets_grad,
+        BLOCK_K=fwd["BLOCK_K"], BLOCK_D=fwd["BLOCK_D"], D_ALIGN=fwd["D_ALIGN"],
+    )  # fmt: skip
+    return KernelLaunch(_contrastive_bwd_kernel, (N,), args, forward.num_warps)
+
+
 class TritonContrastiveLoss(torch.autograd.Function):
     """Autograd function; see :func:`contrastive_loss_triton` for the arguments."""
 
     @staticmethod
     def forward(ctx, predictions, targets, positive_index, negative_index, temperature, blocks):
-        predictions, targets = predictions.contiguous(), targets.contiguous()
-        positive_index = positive_index.contiguous().long()
-        negative_index = negative_index.contiguous().long()
-        (N, D), K = predictions.shape, negative_index.shape[1]
-        block_k, block_d = blocks or _block_sizes(K, D)
-        f32 = dict(dtype=torch.float32, device=predictions.device)
-        loss, lse, p_norm = (torch.empty(N, **f32) for _ in range(3))
-        correct = torch.empty(N, dtype=torch.int8, device=predictions.device)
-        if N > 0:
-            _contrastive_fwd_kernel[(N,)](
-                predictions, targets, positive_index, negative_index, loss, correct, lse, p_norm,
-                K, D, 1.0 / temperature, EPS, BLOCK_K=block_k, BLOCK_D=block_d,
-            )  # fmt: skip
-        ctx.save_for_backward(predictions, targets, positive_index, negative_index, lse, p_norm)
-        ctx.temperature, ctx.blocks = temperature, (block_k, block_d)
-        correct = correct.bool()
+        launch = forward_launch(
+            predictions.contiguous(), targets.contiguous(), positive_index.contiguous().long(),
+            negative_index.contiguous().long(), temperature, blocks,
+        )  # fmt: skip
+        launch.run()
+        loss, correct = launch.args["loss_ptr"], launch.args["correct_ptr"].bool()
+        saved = {n: v for n, v in launch.args.items() if n not in ("loss_ptr", "correct_ptr")}
+        tensors = {name: value for name, value in saved.items() if torch.is_tensor(value)}
+        ctx.save_for_backward(*tensors.values())
+        ctx.tensor_names = list(tensors)
+        ctx.launch = dataclasses.replace(launch, args={n: v for n, v in saved.items()
+                                                       if n not in tensors})
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        predictions, targets, positive_index, negative_index, lse, p_norm = ctx.saved_tensors
-        (N, D), K = predictions.shape, negative_index.shape[1]
+        tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors))
+        forward = dataclasses.replace(ctx.launch, args={**tensors, **ctx.launch.args})
         want_t = ctx.needs_input_grad[1]
-        f32 = dict(dtype=torch.float32, device=predictions.device)
-        w = torch.empty(N, K + 1, **f32)
-        u = torch.empty(N, K + 1, **f32) if want_t else w
-        grad_p = torch.empty(N, D, **f32)
-        grad_t = torch.zeros(targets.shape, **f32) if want_t else grad_p
-        if N > 0:
-            _contrastive_bwd_kernel[(N,)](
-                predictions, targets, positive_index, negative_index, lse, p_norm,
-                grad_loss.float().contiguous(), w, u, grad_p, grad_t,
-                K, D, 1.0 / ctx.temperature, EPS,
-                TARGETS_GRAD=want_t, BLOCK_K=ctx.blocks[0], BLOCK_D=ctx.blocks[1],
-            )  # fmt: skip
-        grad_t = grad_t.to(targets.dtype) if want_t else None
-        return grad_p.to(predictions.dtype), grad_t, None, None, None, None
+        launch = backward_launch(forward, grad_loss, want_t)
+        launch.run()
+        grad_p = launch.args["grad_pred_ptr"].to(tensors["pred_ptr"].dtype)
+        grad_t = launch.args["grad_tgt_ptr"].to(tensors["tgt_ptr"].dtype) if want_t else None
+        return grad_p, grad_t, None, None, None, None
 
 
 def contrastive_loss_triton(
