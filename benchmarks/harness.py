@@ -21,8 +21,8 @@ def machine_info(device: torch.device) -> dict:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):     # no .git (e.g. the GPU machine's copy)
+        commit = os.environ.get("COLLD_COMMIT", "unknown")
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
