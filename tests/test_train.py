@@ -3,6 +3,7 @@
 Each launch costs ~15 s (process start, DeepSpeed init); the runs are shared where they can be.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from colld_ds.config import ConfigError, load_config
-from colld_ds.train import build_run
+from colld_ds.data import AudioBatchStream
+from colld_ds.train import build_run, distillation_loss, mask_batch
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
 from data_prep.tiny_teacher import make_tiny_teacher
@@ -154,3 +156,35 @@ def test_freeze_front_end(assets, tmp_path, family):
     front = ("feature_extractor.",) if family == "wav2vec2" else ("conv1.", "conv2.")
     assert newly_frozen
     assert all(any(f".model.{prefix}" in name for prefix in front) for name in newly_frozen)
+
+
+@pytest.mark.parametrize("family,cached_front_end", [("wav2vec2", False), ("hubert", False),
+                                                     ("wav2vec2", True)])
+def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
+        assets, tmp_path, family, cached_front_end):
+    """The cached-mode step (student forward, objective, backward) with the model and the batch
+    on the meta device: an op mixing a CPU tensor with a device tensor, or reading a value back
+    to the host (`.item()`), raises there, as it would fail or cost a sync on a GPU. HF's own
+    boolean-mask assignments (the mask embedding) are let through: they sync on a GPU too, but
+    are HF's; where HF reads the attention mask back (xlsr-style models) the step is not covered."""
+    teacher_dir = make_tiny_teacher(family, str(tmp_path / family), seed=0, num_layers=4)
+    config = load_config(CONFIG, overrides(assets, tmp_path, **{
+        "teacher.path": teacher_dir, "objective.contrastive_backend": "chunked",
+        "student.freeze_front_end": cached_front_end}))
+    config.data.cached_front_end = cached_front_end          # (validated for a teacher_cache run)
+    teacher, _, model = build_run(config, torch.device("cpu"))
+    stream = AudioBatchStream(assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
+                              num_workers=0, shuffle_buffer=0)
+    batch = next(iter(stream))
+    with torch.no_grad():                                   # what the cache would hold
+        output = teacher(batch.wave, batch.wave_lengths, front_end=cached_front_end)
+    batch = dataclasses.replace(batch, teacher_features=output.features,
+                                frame_lengths=output.frame_lengths,
+                                front_end_features=output.front_end)
+    masked = mask_batch(batch, None, config, 0, model.objective)
+    model = model.to("meta")
+    with torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
+        loss = distillation_loss(model, None, masked.to("meta"), config, list(teacher.layers))
+        (loss.loss * loss.count).backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert loss.loss.device.type == "meta" and all(p.grad is not None for p in trained)
