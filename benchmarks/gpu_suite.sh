@@ -15,6 +15,9 @@
 #   bf16     benchmarks/contrastive_loss.py, full grid, bfloat16 -> contrastive_loss_cuda_bf16.json
 #   train    benchmarks/train_throughput.py --full --freeze_front_end --contrastive_backends
 #            auto,dense -> train_throughput_cuda_full.json
+#   e2e      `colld train` as a user runs it on one GPU (NCCL, bf16, ZeRO-2, 12 steps, tiny
+#            wav2vec 2.0 teacher, teacher online), then from a teacher cache with the cached
+#            front end; its log is in suite.log
 #   fp16     (optional) the grid in float16 -> contrastive_loss_cuda_fp16.json
 #   train_b8 (optional) the train step at batch 8 x 8 s -> train_throughput_cuda_full_b8.json
 # All output also goes to suite.log. Files land in $OUT (the device tool's result folder; at most
@@ -169,6 +172,34 @@ run_tests() {
   return $((rc ? rc : missing))
 }
 
+# The training command itself on the device: online, then cached with the cached front end.
+end_to_end() {
+  local root
+  root=$(mktemp -d "${TMPDIR:-/tmp}/e2e.XXXXXX")
+  "$PY" - "$root" <<'EOF' || return 1
+import sys
+from data_prep.cache import cache_teacher
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import write_audio_shards
+from data_prep.tiny_teacher import make_tiny_teacher
+
+root = sys.argv[1]
+teacher = make_tiny_teacher("wav2vec2", f"{root}/teacher", seed=0, num_layers=4)
+write_audio_shards(generate_utterances(32, seed=1), f"{root}/shards", max_count=8, progress=False)
+cache_teacher(f"{root}/shards", teacher, "2,4", f"{root}/cache", progress=False, front_end=True)
+EOF
+  local precision=bf16
+  [[ $DEV == cpu ]] && precision=fp32
+  local common=(-m colld_ds.cli train --config configs/tiny-wav2vec2_to_2l_colld.yaml
+                --teacher.path "$root/teacher" --optim.max_steps 12 --optim.warmup_steps 2
+                --run.log_every 4 --run.save_every 12 --run.precision "$precision"
+                --data.num_workers 1)
+  "$PY" "${common[@]}" --data.train_shards "$root/shards" --run.out_dir "$root/online" \
+    && "$PY" "${common[@]}" --data.teacher_cache "$root/cache" --student.freeze_front_end true \
+         --data.cached_front_end true --run.out_dir "$root/cached" \
+    && tail -n 1 "$root/online/metrics.jsonl" "$root/cached/metrics.jsonl"
+}
+
 # headline: the rows each issue is judged on, read from the JSON the benchmarks wrote.
 headline() {
   "$PY" - "$OUT" "$DEV" <<'EOF'
@@ -196,7 +227,7 @@ EOF
 }
 
 export PY MODE OUT DEV
-export -f install_wheels environment run_tests
+export -f install_wheels environment run_tests end_to_end
 
 main() {
   echo "gpu_suite ($MODE) in $REPO, results in $OUT, budget ${SUITE_BUDGET_S} s"
@@ -213,6 +244,7 @@ main() {
   local train=("$PY" benchmarks/train_throughput.py "${TRAIN_ARGS[@]}" --freeze_front_end
                --contrastive_backends auto,dense)
   run_step train 210 required "${train[@]}" --out "$OUT/${TRAIN_JSON}.json"
+  run_step e2e 120 required bash -c end_to_end
   run_step fp16 150 optional "$PY" benchmarks/contrastive_loss.py "${GRID_ARGS[@]}" \
     --dtype float16 --out "$OUT/${GRID_JSON}_fp16.json"
   run_step train_b8 150 optional "${train[@]}" "${B8_ARGS[@]}" \

@@ -39,6 +39,8 @@ CARRIED=(
   pycparser          # cffi
   soxr               # data_prep.shards resampling (binary)
   typing-extensions  # pydantic needs >= 4.16.0; KINDS.md does not say which the image has
+  fire               # the colld CLI (gpu_suite.sh's e2e step runs `colld train`)
+  termcolor          # fire
 )
 # Packages the carried wheels require that the image has (KINDS.md); version where KINDS.md
 # gives one, '' where it names the package only (then the device-side check in gpu_suite.sh
