@@ -357,3 +357,26 @@ def test_whisper_is_a_registered_family(tmp_path):
     assert teacher.family is family and read_num_layers(path) == 4
     wave, lengths = _batch()
     assert teacher(wave, lengths).features[0].shape == (3, 50, 32)
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "whisper"])
+def test_student_forward_equals_hf_forward_with_its_mask(tiny, family):
+    """The student runs HF's forward piece by piece (mask embedding by torch.where): its layer
+    outputs equal those of HF's own ``model(**inputs, mask_time_indices=...)`` on a padded,
+    masked batch, at every valid frame (HF leaves padded frames as they are; we zero them)."""
+    from colld_ds.models.families import record_outputs
+
+    student = build_student(load_teacher(tiny[family], [1]), 2, init_from_teacher_layers=[1, 2])
+    student.eval()
+    wave, lengths = _batch()
+    num_frames = int(student.num_frames(torch.tensor(S)))
+    mask = torch.rand(3, num_frames, generator=torch.Generator().manual_seed(1)) < 0.4
+    ours = student(wave, lengths, mask).hidden
+    inputs, frame_lengths = student.front_end(wave, lengths)
+    with torch.no_grad(), record_outputs(list(student.family.layers(student.model))) as theirs:
+        student.model(**inputs, mask_time_indices=mask)
+    valid = torch.arange(num_frames) < frame_lengths[:, None]
+    assert mask[valid].any()
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine[valid], reference[:, :num_frames][valid],
+                                   atol=1e-5, rtol=1e-5)

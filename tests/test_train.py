@@ -164,9 +164,9 @@ def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
         assets, tmp_path, family, cached_front_end):
     """The cached-mode step (student forward, objective, backward) with the model and the batch
     on the meta device: an op mixing a CPU tensor with a device tensor, or reading a value back
-    to the host (`.item()`), raises there, as it would fail or cost a sync on a GPU. HF's own
-    boolean-mask assignments (the mask embedding) are let through: they sync on a GPU too, but
-    are HF's; where HF reads the attention mask back (xlsr-style models) the step is not covered."""
+    to the host (`.item()`, `nonzero`, a boolean-mask index), raises there, as it would fail or
+    cost a sync on a GPU. (Where HF reads the attention mask back, xlsr-style models, the step
+    is not covered.)"""
     teacher_dir = make_tiny_teacher(family, str(tmp_path / family), seed=0, num_layers=4)
     config = load_config(CONFIG, overrides(assets, tmp_path, **{
         "teacher.path": teacher_dir, "objective.contrastive_backend": "chunked",
@@ -183,8 +183,7 @@ def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
                                 front_end_features=output.front_end)
     masked = mask_batch(batch, None, config, 0, model.objective)
     model = model.to("meta")
-    with torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
-        loss = distillation_loss(model, None, masked.to("meta"), config, list(teacher.layers))
-        (loss.loss * loss.count).backward()
+    loss = distillation_loss(model, None, masked.to("meta"), config, list(teacher.layers))
+    (loss.loss * loss.count).backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert loss.loss.device.type == "meta" and all(p.grad is not None for p in trained)

@@ -181,13 +181,13 @@ class Student(nn.Module):
             conv_output = self._whisper_conv(inputs["input_features"].to(self.mask_embed.dtype))
             return self._whisper_forward(conv_output, frame_lengths, mask_time)
         dtype = self.model.masked_spec_embed.dtype
-        inputs = {
-            k: v.to(dtype) if v is not None and v.is_floating_point() else v
-            for k, v in inputs.items()
-        }
-        with record_outputs(list(self.family.layers(self.model))) as hidden:
-            self.model(**inputs, mask_time_indices=mask_time)
-        return self._output(hidden, frame_lengths, num_frames)
+        if not self.family.conv_front_end:  # w2v-BERT: the fbank frames are the features
+            return self._hf_forward(inputs["input_features"].to(dtype), frame_lengths, mask_time,
+                                    inputs["attention_mask"])
+        # HF's Wav2Vec2Model.forward up to `extract_features` (B, T, C)
+        features = self.model.feature_extractor(inputs["input_values"].to(dtype)).transpose(1, 2)
+        return self._hf_forward(features, frame_lengths, mask_time,
+                                self._frame_attention_mask(frame_lengths, num_frames))
 
     def _forward_from_front_end(
         self, features: Tensor, wave_lengths: Tensor, mask_time: Tensor
@@ -213,20 +213,36 @@ class Student(nn.Module):
         if not self.family.hf_time_masking:
             features = features.to(self.mask_embed.dtype)
             return self._whisper_forward(features, frame_lengths, mask_time)
-        # HF's Wav2Vec2Model.forward (HuBERT's and data2vec-audio's alike) after its
-        # `feature_extractor` and transpose, i.e. from `extract_features`:
+        return self._hf_forward(features.to(self.model.masked_spec_embed.dtype), frame_lengths,
+                                mask_time, self._frame_attention_mask(frame_lengths, num_frames))
+
+    def _frame_attention_mask(self, frame_lengths: Tensor, num_frames: int) -> Tensor | None:
+        """HF's `_get_feature_vector_attention_mask`: bool (B, T), True at frames t <
+        frame_lengths (the conv length formula on the valid samples), only when the extractor
+        gives a sample mask (layer-norm conv models); else None."""
+        if not self.front_end.feature_extractor.return_attention_mask:
+            return None
+        return frame_mask(frame_lengths, num_frames)
+
+    def _hf_forward(self, features: Tensor, frame_lengths: Tensor, mask_time: Tensor,
+                    attention_mask: Tensor | None) -> StudentOutput:
+        """HF's Wav2Vec2Model.forward (HuBERT's, data2vec-audio's and w2v-BERT's alike) from
+        its `extract_features`: features (B, T, C) (conv output, transposed; w2v-BERT the
+        fbank frames), mask_time (B, T) bool, attention_mask (B, T) or None -> K x (B, T, D_s).
+
+        Feature projection, then the mask embedding at masked frames, then the encoder. The
+        mask is applied with ``torch.where``, not HF's boolean-mask assignment, which reads the
+        mask back to the host (a GPU sync each step). Submodules are called, so ZeRO-3's gather
+        hooks fire; ``masked_spec_embed`` is read directly (one vector: below ZeRO-3's
+        persistence threshold, never partitioned)."""
         model = self.model
-        projected = model.feature_projection(features.to(model.masked_spec_embed.dtype))
+        projected = model.feature_projection(features)
         hidden = projected[0] if isinstance(projected, tuple) else projected  # HuBERT: no tuple
-        hidden = model._mask_hidden_states(hidden, mask_time_indices=mask_time)  # (B, T, D_s)
-        # HF's `_get_feature_vector_attention_mask`: bool (B, T), True at frames t <
-        # frame_lengths (the conv length formula on the valid samples), only when the extractor
-        # gives a sample mask (layer-norm conv models).
-        attention_mask = (frame_mask(frame_lengths, num_frames)
-                          if self.front_end.feature_extractor.return_attention_mask else None)
+        hidden = torch.where(mask_time.unsqueeze(-1), model.masked_spec_embed.to(hidden.dtype),
+                             hidden)                                          # (B, T, D_s)
         with record_outputs(list(self.family.layers(model))) as hidden_states:
             model.encoder(hidden, attention_mask=attention_mask)
-        return self._output(hidden_states, frame_lengths, num_frames)
+        return self._output(hidden_states, frame_lengths, mask_time.shape[1])
 
     @staticmethod
     def _output(hidden: list[Tensor], frame_lengths: Tensor, num_frames: int) -> StudentOutput:
