@@ -322,15 +322,16 @@ class LogMelFrontEnd:
         """wave (B, S) float, wave_lengths (B,) -> ({input_features (B, n_mels, M)},
         frame_lengths (B,)); M = ``num_mel_frames`` (3000 for a 30 s window)."""
         batch, num_samples = wave.shape
-        longest = int(wave_lengths.max()) if batch else 0
-        if longest > self.max_samples:
-            raise ValueError(
-                f"an utterance is {longest / SAMPLE_RATE:.2f} s long ({longest} samples); "
-                f"this Whisper encoder takes at most one {self.max_seconds:g} s window "
-                f"({self.max_samples} samples at {SAMPLE_RATE} Hz): crop or split utterances to "
-                f"<= {self.max_seconds:g} s, or raise teacher.window_seconds (at most 30)"
-            )
-        if num_samples > self.max_samples:
+        if num_samples > self.max_samples:  # (shapes only on the happy path: no GPU sync)
+            longest = int(wave_lengths.max()) if batch else 0
+            if longest > self.max_samples:
+                raise ValueError(
+                    f"an utterance is {longest / SAMPLE_RATE:.2f} s long ({longest} samples); "
+                    f"this Whisper encoder takes at most one {self.max_seconds:g} s window "
+                    f"({self.max_samples} samples at {SAMPLE_RATE} Hz): crop or split "
+                    f"utterances to <= {self.max_seconds:g} s, or raise teacher.window_seconds "
+                    "(at most 30)"
+                )
             raise ValueError(
                 f"padded batch length {num_samples} samples ({num_samples / SAMPLE_RATE:.2f} s) is "
                 f"over the Whisper encoder's {self.max_seconds:g} s window ({self.max_samples} "
