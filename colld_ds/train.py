@@ -14,6 +14,9 @@ Randomness: an utterance's span mask and negatives are drawn from its own seed, 
 (run seed, optimiser step, utterance key) (``utterance_seeds``): they do not depend on the
 batch split, the rank or the padding, and a resumed run draws exactly what an uninterrupted one
 would. Dropout is seeded per (seed, rank, micro-step) (``step_seed``).
+
+Stopping: SIGTERM / SIGUSR1 on any rank ends the run after the current step with a checkpoint
+of it (``StopRequest``); the ranks learn of it from the all-reduce every step makes anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,18 +152,46 @@ def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, confi
                  masked.selection.to(device), batch.front_end_features)
 
 
-def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device
-                    ) -> float:
-    """(accumulation x world size) / frames scored by the whole step on all ranks (collective).
+def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device,
+                    stop_requested: bool = False) -> tuple[float, bool]:
+    """(accumulation x world size) / frames scored by the whole step on all ranks, and whether
+    any rank was asked to stop (``StopRequest``); one all-reduce carries both (collective).
 
     DeepSpeed divides each backward by the accumulation steps and averages gradients over
     ranks; backward of ``loss * count * scale`` then yields the gradient of the mean over every
     scored frame of the step."""
     count = sum(m.selection.count for m in micro_batches)
-    total = torch.tensor(float(count), device=device)
+    totals = torch.tensor([float(count), float(stop_requested)], device=device)
     if dist.is_initialized():
-        dist.all_reduce(total)
-    return len(micro_batches) * world_size / max(float(total), 1.0)
+        dist.all_reduce(totals)
+    total, stops = totals.tolist()
+    return len(micro_batches) * world_size / max(total, 1.0), stops > 0
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (a scheduler preempting the job, or SLURM's ``--signal=USR1@90``
+    time-limit warning) asks the run to stop: it finishes the optimiser step, all ranks agree
+    (``step_loss_scale``), save a checkpoint of that step and exit with 128 + the signal. The
+    previous handlers come back on ``restore``."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():   # signal.signal's rule
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def train_step(engine, teacher: Teacher | None, masked: MaskedBatch, config: TrainConfig,
@@ -292,11 +325,14 @@ def train(config: TrainConfig) -> TrainResult:
     row: dict[str, float] = {}
     checkpoint = resume_from
     last_step = config.run.stop_at_step or config.optim.max_steps
+    stop_request = StopRequest()
+    stop = False
     try:
-        while step < last_step:
+        while step < last_step and not stop:
             micro_batches = [mask_batch(next(batches), teacher, config, step, model.objective)
                              for _ in range(accumulation)]
-            loss_scale = step_loss_scale(micro_batches, world_size, device)
+            loss_scale, stop = step_loss_scale(micro_batches, world_size, device,
+                                               stop_request.requested)
             for micro, masked in enumerate(micro_batches):
                 output = train_step(engine, teacher, masked.to(device), config, teacher_layers,
                                     step_seed(config, rank, step * accumulation + micro),
@@ -304,10 +340,10 @@ def train(config: TrainConfig) -> TrainResult:
                 monitor.add(output.metrics, output.count, masked.batch.wave_lengths)
             step += 1
             progress.update(1)
-            if step % config.run.log_every == 0 or step == last_step:
+            if step % config.run.log_every == 0 or step == last_step or stop:
                 row = monitor.log(step, engine.get_lr()[0], engine.get_global_grad_norm())
                 progress.set_postfix(loss=f"{row['loss/total']:.4f}")
-            if step % config.run.save_every == 0 or step == last_step:
+            if step % config.run.save_every == 0 or step == last_step or stop:
                 client_state = {"step": step, "data": stream.state_dict(),
                                 "config": config.to_dict()}
                 checkpoint = save_checkpoint(engine, checkpoint_dir, step, client_state,
@@ -319,8 +355,16 @@ def train(config: TrainConfig) -> TrainResult:
                   f"{checkpoint or 'none'}. Resume with --run.resume auto.", file=sys.stderr)
         raise SystemExit(130)
     finally:
+        stop_request.restore()
         progress.close()
         monitor.close()
+    if stop:
+        signum = stop_request.signum or signal.SIGTERM    # the signal may have reached another rank
+        if rank == 0:
+            print(f"[colld] stopped on request ({signal.Signals(signum).name} on a rank) after "
+                  f"step {step}: checkpoint {checkpoint}. Resume with --run.resume auto.",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
     if rank == 0:
         print(f"[colld] done at step {step}: checkpoint {checkpoint}, TensorBoard logs "
               f"{out_dir / 'tb'}, metrics {out_dir / 'metrics.jsonl'}", flush=True)

@@ -273,6 +273,20 @@ def _group(pgid: int) -> list[psutil.Process]:
     return found
 
 
+def _rank_process(launcher: subprocess.Popen, rank: str) -> psutil.Process:
+    """The training process of ``rank`` under the launcher (not its data loader worker)."""
+    ranks = []
+    for proc in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if (proc.environ().get("RANK") == rank and "colld_ds.cli" in proc.cmdline()
+                    and "RANK" not in proc.parent().environ()):
+                ranks.append(proc)
+        except psutil.Error:          # a short-lived helper process that is already gone
+            pass
+    assert len(ranks) == 1, ranks
+    return ranks[0]
+
+
 @pytest.fixture(scope="module")
 def reference(assets):
     rows, _ = _launch(assets, assets["root"] / "reference")
@@ -294,11 +308,7 @@ def killed(assets):
                 launcher.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.02)
-        ranks = [proc for proc in psutil.Process(launcher.pid).children(recursive=True)
-                 if proc.environ().get("RANK") == "1" and "colld_ds.cli" in proc.cmdline()
-                 and "RANK" not in proc.parent().environ()]    # not its data loader worker
-        assert len(ranks) == 1, ranks
-        ranks[0].send_signal(signal.SIGKILL)
+        _rank_process(launcher, "1").send_signal(signal.SIGKILL)
         output = launcher.communicate(timeout=60)[0].decode()
         assert launcher.returncode != 0, output[-3000:]
         deadline = time.monotonic() + 15     # dataloader workers notice their parent is gone
@@ -413,3 +423,34 @@ def test_permission_error_while_writing_a_cache_shard_is_clear(tmp_path, monkeyp
         cache_teacher(str(tmp_path / "audio"), teacher, "1,2", str(out), progress=False)
     assert sorted(p.name for p in out.glob("*.tar*")) == ["train-000000.tar"]
     assert shards.shard_keys(str(out / "train-000000.tar"))
+
+
+def test_sigterm_to_one_rank_stops_all_at_a_checkpoint_of_that_step(assets, reference):
+    """A scheduler's SIGTERM (or SIGUSR1) reaching one rank: every rank finishes the step, they
+    save a checkpoint of it together and exit 143; resuming from it matches the uninterrupted
+    run (no step lost, no batch skipped)."""
+    out_dir = assets["root"] / "sigterm"
+    command, env = _command(assets, out_dir)
+    launcher = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out_dir / "metrics.jsonl").is_file() or len(_rows(out_dir)) < 4:
+            assert launcher.poll() is None, launcher.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no 4 steps within 120 s"
+            time.sleep(0.02)
+        _rank_process(launcher, "1").send_signal(signal.SIGTERM)
+        output = launcher.communicate(timeout=120)[0].decode()
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        launcher.wait()
+    assert launcher.returncode != 0, output[-3000:]
+    assert "stopped on request (SIGTERM on a rank) after step" in output, output[-3000:]
+    stopped = _rows(out_dir)[-1]["step"]
+    assert stopped < MAX_STEPS, "the signal came too late"
+    latest = complete_checkpoints(out_dir / "checkpoints")[-1]
+    assert json.loads((latest / COMPLETE_MARKER).read_text())["step"] == stopped
+    _resume_and_compare(assets, out_dir, assets["root"] / "sigterm-resumed", latest, reference)
