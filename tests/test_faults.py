@@ -9,6 +9,7 @@ checkpoints are complete, and the relaunched job must compute what an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -294,34 +295,48 @@ def reference(assets):
     return {row["step"]: row["loss/total"] for row in rows}
 
 
-@pytest.fixture(scope="module")
-def killed(assets):
-    """A 2-rank run whose rank 1 got SIGKILL once two checkpoints were complete."""
-    out_dir = assets["root"] / "killed"
+@contextlib.contextmanager
+def _running(assets, out_dir):
+    """A 2-rank launch.sh run in its own process group, killed whole on the way out."""
     command, env = _command(assets, out_dir)
     launcher = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while len(complete_checkpoints(out_dir / "checkpoints")) < 2:
-            assert launcher.poll() is None, "the run ended before it could be killed: " + \
-                launcher.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
-        _rank_process(launcher, "1").send_signal(signal.SIGKILL)
-        output = launcher.communicate(timeout=60)[0].decode()
-        assert launcher.returncode != 0, output[-3000:]
-        deadline = time.monotonic() + 15     # dataloader workers notice their parent is gone
-        while _group(launcher.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in _group(launcher.pid) if p.environ().get("RANK")], \
-            "ranks outlived the job"
+        yield launcher
     finally:
         try:
             os.killpg(launcher.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         launcher.wait()
+
+
+def _signal_rank_1(launcher, ready, what: str, signum: int, timeout: float) -> str:
+    """Once ``ready()``, send ``signum`` to rank 1; the launcher's output when it has ended."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert launcher.poll() is None, f"the run ended before {what}: " + \
+            launcher.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, f"not {what} within 120 s"
+        time.sleep(0.02)
+    _rank_process(launcher, "1").send_signal(signum)
+    return launcher.communicate(timeout=timeout)[0].decode()
+
+
+@pytest.fixture(scope="module")
+def killed(assets):
+    """A 2-rank run whose rank 1 got SIGKILL once two checkpoints were complete."""
+    out_dir = assets["root"] / "killed"
+    with _running(assets, out_dir) as launcher:
+        output = _signal_rank_1(
+            launcher, lambda: len(complete_checkpoints(out_dir / "checkpoints")) >= 2,
+            "two checkpoints", signal.SIGKILL, timeout=60)
+        assert launcher.returncode != 0, output[-3000:]
+        deadline = time.monotonic() + 15     # dataloader workers notice their parent is gone
+        while _group(launcher.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in _group(launcher.pid) if p.environ().get("RANK")], \
+            "ranks outlived the job"
     checkpoints = out_dir / "checkpoints"
     # whatever the kill interrupted, every checkpoint under a final name is complete
     assert all((path / COMPLETE_MARKER).is_file() for path in checkpoints.iterdir()
@@ -430,23 +445,10 @@ def test_sigterm_to_one_rank_stops_all_at_a_checkpoint_of_that_step(assets, refe
     save a checkpoint of it together and exit 143; resuming from it matches the uninterrupted
     run (no step lost, no batch skipped)."""
     out_dir = assets["root"] / "sigterm"
-    command, env = _command(assets, out_dir)
-    launcher = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out_dir / "metrics.jsonl").is_file() or len(_rows(out_dir)) < 4:
-            assert launcher.poll() is None, launcher.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no 4 steps within 120 s"
-            time.sleep(0.02)
-        _rank_process(launcher, "1").send_signal(signal.SIGTERM)
-        output = launcher.communicate(timeout=120)[0].decode()
-    finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        launcher.wait()
+    with _running(assets, out_dir) as launcher:
+        output = _signal_rank_1(
+            launcher, lambda: (out_dir / "metrics.jsonl").is_file() and len(_rows(out_dir)) >= 4,
+            "four steps", signal.SIGTERM, timeout=120)
     assert launcher.returncode != 0, output[-3000:]
     assert "stopped on request (SIGTERM on a rank) after step" in output, output[-3000:]
     stopped = _rows(out_dir)[-1]["step"]
