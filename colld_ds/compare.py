@@ -170,7 +170,8 @@ def check_earlier_run(config: TrainConfig) -> None:
     resolved = Path(config.run.out_dir) / "config.yaml"
     if not resolved.is_file():
         return
-    earlier = yaml.safe_load(resolved.read_text()) or {}
+    # read through load_config, so that a field added since then compares as its default
+    earlier = load_config(resolved).to_dict()
     now = config.to_dict()
     for section in (earlier, now):
         section.get("run", {}).pop("resume", None)

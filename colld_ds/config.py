@@ -77,7 +77,15 @@ class ObjectiveConfig:
     temperature: float = 0.1
     """InfoNCE temperature on cosine similarity (CoLLD)."""
     num_negatives: int = 100
-    """Negatives per masked frame, sampled from the same utterance's valid frames (CoLLD)."""
+    """Negatives per scored frame, sampled from the same utterance's valid frames (CoLLD)."""
+    anchor_frames: Literal["masked", "all"] = "masked"
+    """Frames CoLLD scores: ``masked`` (masked prediction only, as in wav2vec 2.0) or ``all``
+    valid frames, masked or not (as the regression objectives do), so the student's states of
+    unmasked input, which is what it sees after training, are trained too."""
+    target_norm: Literal["none", "utterance"] = "none"
+    """Teacher targets as they are (``none``), or each utterance's targets standardised per
+    dimension over its valid frames (``utterance``: data2vec's instance norm), which removes
+    what all frames of an utterance share before the objective compares them."""
     contrastive_backend: Literal["auto", "triton", "dense", "chunked"] = "auto"
     """Implementation of CoLLD's loss (``kernels.contrastive_loss``): ``auto`` = the fused Triton
     kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one (``triton``

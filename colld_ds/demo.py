@@ -176,14 +176,25 @@ def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_
 
 
 def _print_fidelity(report: dict, data: str) -> None:
+    """Per layer pair: linear CKA (no head, so trained, step-0 init and random compare on equal
+    terms) and cosine through the pair's head (trained only for the trained student)."""
     names = [p["name"] for p in report["pairs"]]
     models = report["models"]
     print(f"\n[demo] fidelity to the teacher on {data} ({report['utterances']} "
-          f"utterances, {report['audio_seconds']:.0f} s): mean cosine per layer pair (student "
-          "layer -> teacher layer, through the pair's head); random = same shape, all random")
-    print(f"{'pair':<12}" + "".join(f"{name:>10}" for name in models))
+          f"utterances, {report['audio_seconds']:.0f} s), per layer pair (student layer -> "
+          "teacher layer): linear CKA of the states themselves (no head: the models compare "
+          "on equal terms), and cosine through the pair's head (only the trained student's "
+          "heads are trained); random = same shape, all random")
+    print(f"{'pair':<12}" + "".join(f"{'CKA ' + m:>14}" for m in models)
+          + "".join(f"{'cos ' + m:>14}" for m in models))
     for pair in names:
-        print(f"{pair:<12}" + "".join(f"{models[m]['cosine'][pair]:>10.3f}" for m in models))
+        print(f"{pair:<12}" + "".join(f"{models[m]['cka_pairs'][pair]:>14.3f}" for m in models)
+              + "".join(f"{models[m]['cosine'][pair]:>14.3f}" for m in models))
+    probe = report.get("probe")
+    if probe:
+        print(f"[demo] probe (CTC on frozen features, {probe['steps']} steps): "
+              + ", ".join(f"{m} PER {v['per']['overall']:.3f}"
+                          for m, v in probe["models"].items()))
 
 
 def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,

@@ -255,7 +255,7 @@ def fresh_model(config, teacher: Teacher, pairs: list[LayerPair], init: list[int
     return DistillationModel(student, objective).eval()
 
 
-def _step0_init(config, teacher: Teacher) -> list[int]:
+def step0_init(config, teacher: Teacher) -> list[int]:
     """The teacher layers build_run copies into the student at step 0 ([] = random)."""
     init = config.student.init_from_teacher_layers
     if init is None:
@@ -280,7 +280,14 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def _student_encoder(model) -> Encoder:
+def all_layers_teacher(teacher: Teacher) -> Teacher:
+    """The same teacher returning every transformer layer (1..L), as the probe reads it."""
+    layers = list(range(1, teacher.num_layers + 1))
+    return Teacher(teacher.model, teacher.family, teacher.front_end, teacher.path, layers,
+                   teacher.target_kind, dict(teacher.identity, layers=layers))
+
+
+def student_encoder(model) -> Encoder:
     """A DistillationModel's student as a probe Encoder: its K layers, (B, T, D_s) each."""
     def encode(wave: Tensor, wave_lengths: Tensor) -> tuple[list[Tensor], Tensor]:
         output = model.student(wave, wave_lengths)
@@ -288,7 +295,7 @@ def _student_encoder(model) -> Encoder:
     return encode
 
 
-def _teacher_encoder(teacher: Teacher) -> Encoder:
+def teacher_encoder(teacher: Teacher) -> Encoder:
     """The teacher (all L layers) as a probe Encoder."""
     def encode(wave: Tensor, wave_lengths: Tensor) -> tuple[list[Tensor], Tensor]:
         output = teacher(wave, wave_lengths)
@@ -321,21 +328,18 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
         except ProbeUnavailable as error:
             probe_skipped = str(error)
     config, teacher, pairs, trained = load_student(checkpoint, teacher_path)
-    all_layers = list(range(1, teacher.num_layers + 1))
-    full_teacher = Teacher(teacher.model, teacher.family, teacher.front_end, teacher.path,
-                           all_layers, teacher.target_kind, dict(teacher.identity,
-                                                                 layers=all_layers))
+    full_teacher = all_layers_teacher(teacher)
     models = {"trained": trained,
               "random": fresh_model(config, teacher, pairs, None, random_front_end=True)}
-    models["init"] = fresh_model(config, teacher, pairs, _step0_init(config, teacher) or None)
+    models["init"] = fresh_model(config, teacher, pairs, step0_init(config, teacher) or None)
     with torch_threads(threads) as used_threads:
         result = fidelity(models, full_teacher, pairs,
                           eval_batches(shards, batch_size, max_seconds, max_utterances),
                           timed="trained")
         probe_report = {"probe_skipped": probe_skipped}
         if probe_data is not None:
-            encoders = {"teacher": _teacher_encoder(full_teacher),
-                        **{name: _student_encoder(model) for name, model in models.items()}}
+            encoders = {"teacher": teacher_encoder(full_teacher),
+                        **{name: student_encoder(model) for name, model in models.items()}}
             probe_report = run_probe(encoders, *probe_data, probe or ProbeConfig(),
                                      probe_train_shards, batch_size)
     seconds = result["seconds"]

@@ -51,7 +51,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -88,8 +88,14 @@ class ProbeConfig:
     a small context model can read out, at ~10x the cost; lower ``lr`` with it."""
     seed: int = 0
     """Seeds the head's initialisation and the batch order."""
+    select_every: int = 0
+    """With a held-out selection split (``run_probe(dev=...)``): score the probe's error rate on
+    it every this many steps and at the end, and keep the best state (early stopping on a
+    held-out criterion); 0: keep the last state."""
 
     def __post_init__(self) -> None:
+        if self.select_every < 0:
+            raise ValueError(f"probe select_every: must be >= 0, got {self.select_every}")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"probe {name}: must be >= 1, got {getattr(self, name)}")
@@ -247,18 +253,32 @@ def standardise(train: Sequence[Tensor], *others: Sequence[Tensor]) -> None:
             f.sub_(mean).div_(std)
 
 
+class ProbeTraining(NamedTuple):
+    probe: CTCProbe
+    """In eval mode: the last state, or the best one on the selection split."""
+    losses: list[float]
+    """The CTC loss of every step."""
+    selection: list[tuple[int, float]]
+    """(step, held-out error rate) at every check; empty without a selection split."""
+
+
 def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_size: int,
-                config: ProbeConfig) -> tuple[CTCProbe, list[float]]:
+                config: ProbeConfig,
+                select: Callable[[CTCProbe], float] | None = None) -> ProbeTraining:
     """Train a CTCProbe on ``features`` (each (L, T_i, D), standardised) and ``targets``
-    (each (N_i,) int64 in 1..V). Returns the probe (eval mode) and its loss at every step."""
+    (each (N_i,) int64 in 1..V). ``select`` (probe in eval mode -> held-out error rate) is
+    called every ``config.select_every`` steps and at the end; the state with the lowest rate
+    (the earliest of equals) is the one returned."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     num_layers, _, dim = features[0].shape
     probe = CTCProbe(num_layers, dim, vocab_size, config.lstm_hidden, config.dropout)
     optimizer = torch.optim.Adam(probe.parameters(), lr=config.lr)
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
-    losses = []
-    for _ in range(config.steps):
+    losses: list[float] = []
+    selection: list[tuple[int, float]] = []
+    best: tuple[float, dict[str, Tensor]] | None = None
+    for step in range(1, config.steps + 1):
         rows = torch.randint(len(features), (config.batch_size,), generator=generator).tolist()
         batch, lengths = _pad([features[i] for i in rows])
         labels = [targets[i] for i in rows]
@@ -269,7 +289,16 @@ def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_siz
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return probe.eval(), losses
+        if select is not None and config.select_every and (
+                step % config.select_every == 0 or step == config.steps):
+            score = select(probe.eval())
+            probe.train()
+            selection.append((step, score))
+            if best is None or score < best[0]:
+                best = (score, {k: v.clone() for k, v in probe.state_dict().items()})
+    if best is not None:
+        probe.load_state_dict(best[1])
+    return ProbeTraining(probe.eval(), losses, selection)
 
 
 def greedy_decode(log_probs: Tensor, length: int) -> list[int]:
@@ -307,6 +336,78 @@ def error_rates(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequen
 # --- the probe over several models -------------------------------------------------------------
 
 
+@dataclass
+class ProbeTasks:
+    """What the probe learns, fixed by the probe-training split: per task ("per", "cer") the
+    vocabulary (sorted tokens; id = index + 1, 0 is the CTC blank) and each utterance's target
+    ids."""
+
+    vocabularies: dict[str, list[str]]
+    train_targets: dict[str, list[Tensor]]
+
+    @classmethod
+    def from_split(cls, train: Sequence[ProbeUtterance]) -> ProbeTasks:
+        vocabularies = {task: sorted({t for u in train for t in u.targets[task]})
+                        for task in TASKS}
+        ids = {task: {token: i + 1 for i, token in enumerate(vocab)}
+               for task, vocab in vocabularies.items()}
+        targets = {task: [torch.tensor([ids[task][t] for t in u.targets[task]]) for u in train]
+                   for task in TASKS}
+        return cls(vocabularies, targets)
+
+    def rates(self, task: str, probe: CTCProbe, features: Sequence[Tensor],
+              utterances: Sequence[ProbeUtterance], batch_size: int) -> dict[str, float]:
+        """Greedy-decoded error rates of ``probe`` on ``features`` of ``utterances``."""
+        hypotheses = [[self.vocabularies[task][i - 1] for i in h]
+                      for h in decode(probe, features, batch_size)]
+        return error_rates(hypotheses, [u.targets[task] for u in utterances],
+                           [u.lang for u in utterances])
+
+
+@dataclass
+class ProbeSplits:
+    """One model's standardised features of the probe splits (``extract_splits``)."""
+
+    train: list[Tensor]
+    test: list[Tensor]
+    dev: list[Tensor] | None = None
+
+
+def extract_splits(encoder: Encoder, train: Sequence[ProbeUtterance],
+                   test: Sequence[ProbeUtterance], dev: Sequence[ProbeUtterance] | None = None,
+                   batch_size: int = 4) -> ProbeSplits:
+    """Features of every split, standardised with the training split's statistics."""
+    splits = ProbeSplits(extract_features(encoder, train, batch_size),
+                         extract_features(encoder, test, batch_size),
+                         extract_features(encoder, dev, batch_size) if dev else None)
+    standardise(splits.train, splits.test, *([splits.dev] if splits.dev else []))
+    return splits
+
+
+def score_model(splits: ProbeSplits, tasks: ProbeTasks, test: Sequence[ProbeUtterance],
+                config: ProbeConfig, dev: Sequence[ProbeUtterance] | None = None
+                ) -> dict[str, Any]:
+    """Train and score one model's probe for every task: ``{"rates": {task: {group: rate}},
+    "layer_weights", "final_train_loss", "selection"}`` (per task). With ``dev`` (and
+    ``config.select_every``) the probe state is chosen by the dev error rate."""
+    result: dict[str, Any] = {"rates": {}, "layer_weights": {}, "final_train_loss": {},
+                              "selection": {}}
+    for task in TASKS:
+        select = None
+        if dev and splits.dev is not None and config.select_every:
+            def select(probe: CTCProbe, task: str = task) -> float:
+                return tasks.rates(task, probe, splits.dev, dev, config.batch_size)["overall"]
+        training = train_probe(splits.train, tasks.train_targets[task],
+                               len(tasks.vocabularies[task]), config, select)
+        result["rates"][task] = tasks.rates(task, training.probe, splits.test, test,
+                                            config.batch_size)
+        result["layer_weights"][task] = training.probe.layer_weights
+        result["final_train_loss"][task] = float(
+            np.mean(training.losses[-max(1, config.steps // 10):]))
+        result["selection"][task] = training.selection
+    return result
+
+
 def run_probe(encoders: dict[str, Encoder], train: Sequence[ProbeUtterance],
               test: Sequence[ProbeUtterance], config: ProbeConfig, train_shards: str,
               batch_size: int = 4, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -314,11 +415,7 @@ def run_probe(encoders: dict[str, Encoder], train: Sequence[ProbeUtterance],
     Encoder). Returns ``{"probe": {...}, "probe_details": {...}}`` (the report schema)."""
     if not train or not test:
         raise ProbeUnavailable("the probe-training split or the held-out split is empty")
-    vocabularies = {task: sorted({t for u in train for t in u.targets[task]}) for task in TASKS}
-    ids = {task: {token: i + 1 for i, token in enumerate(vocab)}
-           for task, vocab in vocabularies.items()}
-    targets = {task: [torch.tensor([ids[task][t] for t in u.targets[task]]) for u in train]
-               for task in TASKS}
+    tasks = ProbeTasks.from_split(train)
     langs = [u.lang for u in test]
     models: dict[str, dict[str, dict[str, float]]] = {}
     details: dict[str, Any] = {
@@ -326,34 +423,30 @@ def run_probe(encoders: dict[str, Encoder], train: Sequence[ProbeUtterance],
         "features": "transformer layers 1..K (student) / 1..L (teacher), no front-end output",
         "train_utterances": len(train),
         "test_utterances": {lang: langs.count(lang) for lang in sorted(set(langs))},
-        "vocabulary": {task: len(v) for task, v in vocabularies.items()},
-        "unseen_test_tokens": {
-            task: sum(t not in ids[task] for u in test for t in u.targets[task])
-            / sum(len(u.targets[task]) for u in test) for task in TASKS},
+        "vocabulary": {task: len(v) for task, v in tasks.vocabularies.items()},
+        "unseen_test_tokens": unseen_test_tokens(tasks, test),
         "layer_weights": {}, "final_train_loss": {}, "seconds": {},
     }
     for name, encoder in encoders.items():
         start = time.perf_counter()
-        train_features = extract_features(encoder, train, batch_size)
-        test_features = extract_features(encoder, test, batch_size)
-        standardise(train_features, test_features)
-        models[name], weights, final_loss = {}, {}, {}
-        for task in TASKS:
-            probe, losses = train_probe(train_features, targets[task], len(vocabularies[task]),
-                                        config)
-            hypotheses = [[vocabularies[task][i - 1] for i in h]
-                          for h in decode(probe, test_features, config.batch_size)]
-            models[name][task] = error_rates(hypotheses, [u.targets[task] for u in test], langs)
-            weights[task] = probe.layer_weights
-            final_loss[task] = float(np.mean(losses[-max(1, config.steps // 10):]))
-        details["layer_weights"][name] = weights
-        details["final_train_loss"][name] = final_loss
+        scored = score_model(extract_splits(encoder, train, test, batch_size=batch_size),
+                             tasks, test, config)
+        models[name] = scored["rates"]
+        details["layer_weights"][name] = scored["layer_weights"]
+        details["final_train_loss"][name] = scored["final_train_loss"]
         details["seconds"][name] = time.perf_counter() - start
         log(f"[colld] probe {name}: PER {models[name]['per']['overall']:.3f}, "
             f"CER {models[name]['cer']['overall']:.3f} ({details['seconds'][name]:.1f} s)")
     return {"probe": {"train_shards": train_shards, "steps": config.steps,
                       "languages": sorted(set(langs)), "models": models},
             "probe_details": details}
+
+
+def unseen_test_tokens(tasks: ProbeTasks, test: Sequence[ProbeUtterance]) -> dict[str, float]:
+    """Per task, the fraction of test tokens absent from the probe's vocabulary."""
+    known = {task: set(vocab) for task, vocab in tasks.vocabularies.items()}
+    return {task: sum(t not in known[task] for u in test for t in u.targets[task])
+            / sum(len(u.targets[task]) for u in test) for task in TASKS}
 
 
 # --- report ------------------------------------------------------------------------------------

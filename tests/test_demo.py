@@ -13,7 +13,7 @@ import pytest
 
 from colld_ds.checkpoint import complete_checkpoints
 from colld_ds.data import read_samples
-from colld_ds.demo import _check_window, _mix_shards, _synthesise
+from colld_ds.demo import _check_window, _mix_shards, _print_fidelity, _synthesise
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
 
@@ -87,3 +87,23 @@ def test_corpus_made_with_other_flags_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["corpus.json"]
     with pytest.raises(ValueError, match=r"made with .*'minutes_per_language': 0\.5.*not.*2\.0"):
         _synthesise(tmp_path, 2.0, ["en"], 0)
+
+
+def test_fidelity_table_shows_head_free_cka_for_every_model(capsys):
+    """The closing table compares trained, init and random on equal terms (CKA, no head)."""
+    models = {name: {"cka_pairs": {"s1_t3": cka, "s2_t6": cka / 2},
+                     "cosine": {"s1_t3": cos, "s2_t6": cos}}
+              for name, cka, cos in (("trained", 0.62, 0.264), ("random", 0.332, 0.013),
+                                     ("init", 0.52, 0.021))}
+    report = {"pairs": [{"name": "s1_t3"}, {"name": "s2_t6"}], "models": models,
+              "utterances": 50, "audio_seconds": 161.0,
+              "probe": {"steps": 300, "models": {"trained": {"per": {"overall": 0.65}},
+                                                 "init": {"per": {"overall": 0.7}}}}}
+    _print_fidelity(report, "the test split")
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("pair"))
+    assert header.split() == ["pair", "CKA", "trained", "CKA", "random", "CKA", "init",
+                              "cos", "trained", "cos", "random", "cos", "init"]
+    row = next(line for line in out.splitlines() if line.startswith("s2_t6")).split()
+    assert [float(v) for v in row[1:]] == [0.31, 0.166, 0.26, 0.264, 0.013, 0.021]
+    assert "trained PER 0.650, init PER 0.700" in out

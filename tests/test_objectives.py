@@ -24,27 +24,32 @@ def cosine(a, b):
     return sum(x * y for x, y in zip(a, b)) / (math.hypot(*a) * math.hypot(*b))
 
 
-def test_colld_loss_equals_hand_computation():
+@pytest.mark.parametrize("anchor_frames, anchors", [("masked", [1, 3]), ("all", [0, 1, 2, 3])])
+def test_colld_loss_equals_hand_computation(anchor_frames, anchors):
     student = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.5]]])   # (1, 4, 2)
     teacher = torch.tensor([[[0.5, 0.5], [1.0, 1.0], [0.0, -2.0], [3.0, 1.0]]])
     frame_mask = torch.ones(1, 4, dtype=torch.bool)
     mask_time = torch.tensor([[False, True, False, True]])
-    objective = identity_objective("colld", 2, temperature=0.5, num_negatives=2)
+    objective = identity_objective("colld", 2, temperature=0.5, num_negatives=2,
+                                   anchor_frames=anchor_frames)
 
     torch.manual_seed(3)
     selection = objective.select_frames(frame_mask, mask_time)
+    assert selection.frame_index.tolist() == anchors
     negatives = selection.negatives                                          # rows of (4, 2)
     output = objective([student], {1: teacher}, selection)
+    assert output.count.item() == len(anchors)
 
     losses, hits = [], []
-    for anchor, negative_rows in zip([1, 3], negatives.tolist()):
+    for anchor, negative_rows in zip(anchors, negatives.tolist()):
         s = student[0, anchor].tolist()
         logits = [cosine(s, teacher[0, anchor].tolist()) / 0.5]
         logits += [cosine(s, teacher[0, row].tolist()) / 0.5 for row in negative_rows]
         losses.append(math.log(sum(math.exp(x) for x in logits)) - logits[0])
         hits.append(all(logits[0] > x for x in logits[1:]))
-    assert output.loss.item() == pytest.approx(sum(losses) / 2, rel=1e-6)
-    assert output.metrics["acc/s1_t1"].item() == pytest.approx(sum(hits) / 2)
+        assert anchor not in negative_rows
+    assert output.loss.item() == pytest.approx(sum(losses) / len(anchors), rel=1e-6)
+    assert output.metrics["acc/s1_t1"].item() == pytest.approx(sum(hits) / len(anchors))
 
 
 def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
@@ -140,3 +145,42 @@ def test_objective_step_never_reads_device_values(name, backend):
     assert output.count.device.type == "meta" and hidden[0].grad is not None
     assert selection.count == int((frame_mask & mask_time).sum() if name == "colld"
                                   else frame_mask.sum())
+
+
+def test_utterance_norm_equals_instance_norm_over_each_utterances_valid_frames():
+    from colld_ds.objectives.base import utterance_norm
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 7, 5) * 3 + 10
+    features[1, 4:] = float("nan")                       # padding: never read
+    lengths = [7, 4]
+    frame_mask = torch.arange(7) < torch.tensor(lengths)[:, None]
+    normed = utterance_norm(features, frame_mask)
+    for b, length in enumerate(lengths):
+        valid = features[b, :length].T.unsqueeze(0)       # (1, D, T): torch's instance norm
+        expected = torch.nn.functional.instance_norm(valid, eps=1e-5)[0].T
+        assert torch.allclose(normed[b, :length], expected, atol=1e-5)
+    assert torch.equal(normed[1, 4:], torch.zeros(3, 5))
+
+
+def test_colld_target_norm_scores_normalised_targets():
+    """With target_norm utterance, the loss is the plain loss on instance-normalised targets."""
+    torch.manual_seed(1)
+    student = torch.randn(2, 6, 4)
+    teacher = torch.randn(2, 6, 4) + 5.0
+    frame_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    mask_time = torch.ones(2, 6, dtype=torch.bool)
+    plain = identity_objective("colld", 4, num_negatives=3)
+    normed = identity_objective("colld", 4, num_negatives=3, target_norm="utterance")
+    torch.manual_seed(2)
+    selection = normed.select_frames(frame_mask, mask_time)
+    expected_targets = teacher.clone()
+    for b, length in enumerate([6, 4]):
+        valid = teacher[b, :length]
+        expected_targets[b, :length] = (valid - valid.mean(0)) / torch.sqrt(
+            valid.var(0, unbiased=False) + 1e-5)
+    with_norm = normed([student], {1: teacher}, selection).loss
+    by_hand = plain([student], {1: expected_targets}, selection).loss
+    assert with_norm.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert with_norm.item() != pytest.approx(plain([student], {1: teacher}, selection).loss.item(),
+                                             rel=1e-3)

@@ -15,12 +15,13 @@ def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim
                     teacher_dim: int, weights: list[float] | None = None) -> PairwiseObjective:
     if config.name == "colld":
         return ColldObjective(pairs, student_dim, teacher_dim, config.head, config.temperature,
-                              config.num_negatives, weights, config.contrastive_backend)
+                              config.num_negatives, weights, config.contrastive_backend,
+                              config.anchor_frames, config.target_norm)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,
-                                   config.cosine_weight, "one_minus", weights)
+                                   config.cosine_weight, "one_minus", weights, config.target_norm)
     if config.name == "distilhubert":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, "l1",
-                                   config.cosine_weight, "log_sigmoid", weights)
+                                   config.cosine_weight, "log_sigmoid", weights, config.target_norm)
     raise ValueError(f"objective.name: {config.name!r} is not allowed; "
                      "choose one of ['colld', 'l2l', 'distilhubert']")

@@ -41,6 +41,8 @@ class FrameSelection:
     rows: torch.Tensor
     negatives: torch.Tensor | None = None
     num_frames: int | None = None
+    frame_mask: torch.Tensor | None = None
+    """(B, T) bool, the valid frames of the batch (for per-utterance target statistics)."""
 
     @property
     def count(self) -> int:
@@ -51,7 +53,7 @@ class FrameSelection:
         def move(tensor):
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
         return FrameSelection(move(self.batch_index), move(self.frame_index), move(self.rows),
-                              move(self.negatives), self.num_frames)
+                              move(self.negatives), self.num_frames, move(self.frame_mask))
 
 
 class PairwiseObjective(nn.Module):
@@ -62,8 +64,10 @@ class PairwiseObjective(nn.Module):
     """
 
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int,
-                 head: str, weights: list[float] | None = None):
+                 head: str, weights: list[float] | None = None, target_norm: str = "none"):
         super().__init__()
+        self.target_norm = target_norm
+        """``none`` or ``utterance`` (``objective.target_norm``)."""
         self.pairs = pairs
         self.heads = nn.ModuleDict({p.name: make_head(head, student_dim, teacher_dim)
                                     for p in pairs})
@@ -80,7 +84,9 @@ class PairwiseObjective(nn.Module):
         the CPU (``seeds`` (B,) int64: per-utterance seeds for objectives that sample, e.g.
         negatives; None: torch's global RNG). Called once per batch before the forward: the
         number of scored frames is then known without running the student."""
-        return select_rows(self.anchors(frame_mask, mask_time))
+        selection = select_rows(self.anchors(frame_mask, mask_time))
+        selection.frame_mask = frame_mask
+        return selection
 
     def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
                   selection: FrameSelection) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,6 +110,8 @@ class PairwiseObjective(nn.Module):
                                                             selection.frame_index]
             predictions = self.heads[pair.name](states).float()        # (N, D_t)
             targets = teacher_features[pair.teacher_layer]
+            if self.target_norm == "utterance":
+                targets = utterance_norm(targets.float(), selection.frame_mask)
             loss_sum, metric_sums = self.pair_loss(
                 predictions, targets.reshape(-1, targets.shape[-1]).float(), selection)
             loss = loss_sum / max(count, 1)
@@ -113,6 +121,22 @@ class PairwiseObjective(nn.Module):
                 metrics[f"{key}/{pair.name}"] = value.detach() / max(count, 1)
         count_tensor = torch.tensor(float(count), device=device)
         return ObjectiveOutput(loss=total, metrics=metrics, count=count_tensor)
+
+
+def utterance_norm(features: torch.Tensor, frame_mask: torch.Tensor,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """features (B, T, D), frame_mask (B, T) bool -> every dimension of each utterance
+    standardised over its valid frames (mean 0, variance 1: data2vec's instance norm of
+    targets); padded frames become 0. Removes what all frames of an utterance share (for a
+    Whisper base layer-3 target, the mean cosine between two frames of an utterance falls
+    from 0.74 to 0.0), which otherwise crowds the logits of utterance-local negatives."""
+    valid = frame_mask.unsqueeze(-1)                                           # (B, T, 1)
+    features = torch.where(valid, features, 0.0)        # padding may hold anything, even NaN
+    count = valid.sum(1, keepdim=True).clamp_min(1).to(features.dtype)
+    mean = features.sum(1, keepdim=True) / count                              # (B, 1, D)
+    centred = torch.where(valid, features - mean, 0.0)
+    variance = (centred**2).sum(1, keepdim=True) / count
+    return centred * torch.rsqrt(variance + eps)
 
 
 def select_rows(anchors: torch.Tensor) -> FrameSelection:

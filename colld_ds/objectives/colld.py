@@ -50,19 +50,23 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
 class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
-                 backend: str = "auto"):
-        super().__init__(pairs, student_dim, teacher_dim, head, weights)
+                 backend: str = "auto", anchor_frames: str = "masked",
+                 target_norm: str = "none"):
+        super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
         self.temperature = temperature
         self.num_negatives = num_negatives
         self.backend = backend
         """``kernels.contrastive_loss``'s backend (``objective.contrastive_backend``)."""
+        self.anchor_frames = anchor_frames
+        """``masked`` or ``all`` (``objective.anchor_frames``)."""
 
     def anchors(self, frame_mask, mask_time):
-        return mask_time & frame_mask
+        return mask_time & frame_mask if self.anchor_frames == "masked" else frame_mask
 
     def select_frames(self, frame_mask, mask_time, seeds=None):
-        """Masked valid frames; one draw of negatives serves every pair of the batch."""
+        """The anchors; one draw of negatives serves every pair of the batch."""
         selection = select_rows(self.anchors(frame_mask, mask_time))
+        selection.frame_mask = frame_mask
         selection.num_frames = frame_mask.shape[1]      # negatives stay in their utterance
         selection.negatives = sample_negatives(frame_mask.sum(1), selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],

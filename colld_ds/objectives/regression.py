@@ -16,9 +16,9 @@ from colld_ds.objectives.base import FrameSelection, PairwiseObjective
 class RegressionObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  distance: str, cosine_weight: float, cosine_term: str,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, target_norm: str = "none"):
         """cosine_term: ``one_minus`` (1 - cos) or ``log_sigmoid`` (-log sigmoid(cos))."""
-        super().__init__(pairs, student_dim, teacher_dim, head, weights)
+        super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
         self.distance = distance
         self.cosine_weight = cosine_weight
         self.cosine_term = cosine_term

@@ -1,0 +1,312 @@
+"""Distillation quality protocol: probe PER/CER of students distilled by several variants, over
+seeds and budgets, against the teacher (ceiling), a random student (floor) and the step-0 init.
+
+    python benchmarks/quality.py --config configs/whisper-base_to_2l_colld.yaml \\
+        --variants configs/quality/objectives.yaml --seeds 0,1,2 --budgets 100,300 \\
+        --probe_train_shards 'corpus/train-*.tar' --probe_dev_shards 'corpus/dev-*.tar' \\
+        --eval_shards 'corpus/test-*.tar' --out_dir runs/quality [--section.field value ...]
+
+A variant is a name and dotted config overrides (``l2l: {objective.name: l2l}``), read from a
+YAML file; every variant and seed is one ``colld train`` run (``compare.train_run``: resumable,
+refused if started with other settings) of ``max(budgets)`` steps with a checkpoint at every
+budget, so a learning curve is one run probed along its schedule. Each checkpoint, and the
+reference rows, are probed with ``colld_ds.probe`` (features extracted once per model, one probe
+per seed, its state chosen on the dev split every ``--probe_select_every`` steps). The probe seed
+is the run seed. Results are cached per row under ``out_dir/probe`` (a re-run only probes what is
+new) and summarised in ``quality.json``, ``quality.md`` and ``quality.png``: mean and sample
+standard deviation over seeds, and gap closed = (random - student) / (random - teacher) of the
+means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from colld_ds.atomic import write_atomic, write_text_atomic
+from colld_ds.compare import _absolute, train_run
+from colld_ds.config import ConfigError, TrainConfig, load_config
+from colld_ds.evaluate import (all_layers_teacher, fresh_model, step0_init, student_encoder,
+                               teacher_encoder)
+from colld_ds.export import load_student
+from colld_ds.probe import (TASKS, ProbeConfig, ProbeSplits, ProbeTasks, extract_splits,
+                            read_probe_split, score_model)
+from colld_ds.train import build_run
+
+REFERENCE_ROWS = ("teacher", "random", "init")
+
+
+@dataclass(kw_only=True)
+class QualitySettings:
+    config: str
+    """Training config shared by every run."""
+    variants: dict[str, dict[str, Any]]
+    """Variant name -> dotted overrides of the config."""
+    seeds: list[int]
+    """Run seeds (also the probe seeds)."""
+    budgets: list[int]
+    """Optimiser steps at which every run is probed (ascending; the last is the run length)."""
+    eval_shards: str
+    probe_train_shards: str
+    probe_dev_shards: str | None = None
+    """Held-out split that picks each probe's state (early stopping); None: the last state."""
+    out_dir: str = "runs/quality"
+    ranks: int | None = None
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.variants:
+            raise ConfigError("--variants: the file names no variant")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds: {self.seeds!r}; give distinct seeds, comma-separated")
+        if not self.budgets or self.budgets != sorted(set(self.budgets)) or self.budgets[0] < 1:
+            raise ConfigError(f"--budgets: {self.budgets!r}; give increasing step counts >= 1")
+        for name in self.variants:
+            if not name.replace("_", "").replace("-", "").isalnum() or name in REFERENCE_ROWS:
+                raise ConfigError(f"variant {name!r}: use letters, digits, _ and -, and none of "
+                                  f"{list(REFERENCE_ROWS)}")
+
+
+def run_configs(settings: QualitySettings) -> dict[tuple[str, int], TrainConfig]:
+    """The validated config of every (variant, seed) run, before anything long starts."""
+    save_every = math.gcd(*settings.budgets)
+    configs = {}
+    for name, overrides in settings.variants.items():
+        for seed in settings.seeds:
+            config = load_config(settings.config, {
+                **settings.overrides, **overrides, "run.seed": seed,
+                "optim.max_steps": settings.budgets[-1], "run.save_every": save_every,
+                "run.keep_checkpoints": max(10, len(settings.budgets)),
+                "run.out_dir": str(Path(settings.out_dir).resolve() / name / f"seed{seed}"),
+                "run.resume": "auto"})
+            config.teacher.path = _absolute(config.teacher.path)
+            config.data.train_shards = _absolute(config.data.train_shards)
+            config.data.teacher_cache = _absolute(config.data.teacher_cache)
+            configs[name, seed] = config
+    return configs
+
+
+class ProbeRows:
+    """Probe results per row, cached as ``out_dir/probe/<row>/seed<k>.json`` together with
+    the probe settings they were made with (other settings: probed again)."""
+
+    def __init__(self, settings: QualitySettings):
+        self.settings = settings
+        self.root = Path(settings.out_dir) / "probe"
+        self.stamp = {"probe": asdict(settings.probe) | {"seed": None},
+                      "train": settings.probe_train_shards, "dev": settings.probe_dev_shards,
+                      "test": settings.eval_shards}
+        self._splits = None
+
+    def path(self, row: str, seed: int) -> Path:
+        return self.root / row / f"seed{seed}.json"
+
+    def cached(self, row: str, seed: int) -> dict[str, Any] | None:
+        try:
+            found = json.loads(self.path(row, seed).read_text())
+        except (OSError, ValueError):
+            return None
+        return found if found.get("stamp") == self.stamp else None
+
+    def splits(self):
+        if self._splits is None:
+            s = self.settings
+            train = read_probe_split(s.probe_train_shards)
+            dev = read_probe_split(s.probe_dev_shards) if s.probe_dev_shards else None
+            test = read_probe_split(s.eval_shards)
+            self._splits = (train, dev, test, ProbeTasks.from_split(train))
+        return self._splits
+
+    def probe(self, row: str, seeds: list[int], encoder) -> None:
+        """Probe ``row`` for every seed not cached yet (features extracted once)."""
+        missing = [seed for seed in seeds if self.cached(row, seed) is None]
+        if not missing:
+            return
+        train, dev, test, tasks = self.splits()
+        start = time.perf_counter()
+        features: ProbeSplits = extract_splits(encoder, train, test, dev)
+        for seed in missing:
+            config = ProbeConfig(**(asdict(self.settings.probe) | {"seed": seed}))
+            result = score_model(features, tasks, test, config, dev)
+            result.update(stamp=self.stamp, row=row, seed=seed,
+                          seconds=time.perf_counter() - start)
+            self.path(row, seed).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path(row, seed), json.dumps(result, indent=1))
+            rates = result["rates"]
+            print(f"[quality] probe {row} seed {seed}: PER {rates['per']['overall']:.3f} "
+                  f"CER {rates['cer']['overall']:.3f}", flush=True)
+
+
+def checkpoint_path(config: TrainConfig, step: int) -> Path:
+    from colld_ds.checkpoint import checkpoint_tag
+    return Path(config.run.out_dir) / "checkpoints" / checkpoint_tag(step)
+
+
+def run_protocol(settings: QualitySettings) -> dict[str, Any]:
+    configs = run_configs(settings)
+    started = time.perf_counter()
+    for (name, seed), config in configs.items():
+        train_run(f"{name} seed {seed}", config, settings.ranks)
+    train_seconds = time.perf_counter() - started
+    rows = ProbeRows(settings)
+    first = next(iter(configs.values()))
+    teacher, pairs, _ = build_run(first, torch.device("cpu"))
+    rows.probe("teacher", settings.seeds, teacher_encoder(all_layers_teacher(teacher)))
+    rows.probe("random", settings.seeds, student_encoder(
+        fresh_model(first, teacher, pairs, None, random_front_end=True)))
+    rows.probe("init", settings.seeds, student_encoder(
+        fresh_model(first, teacher, pairs, step0_init(first, teacher) or None)))
+    for (name, seed), config in configs.items():
+        for step in settings.budgets:
+            row = f"{name}@{step}"
+            if rows.cached(row, seed) is None:
+                _, _, _, model = load_student(checkpoint_path(config, step))
+                rows.probe(row, [seed], student_encoder(model))
+    results = {(row, seed): rows.cached(row, seed)
+               for row in [*REFERENCE_ROWS, *(f"{n}@{s}" for n in settings.variants
+                                              for s in settings.budgets)]
+               for seed in settings.seeds}
+    summary = summarise(results, settings)
+    summary["train_seconds_this_call"] = train_seconds
+    out = Path(settings.out_dir)
+    write_text_atomic(out / "quality.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "quality.md", format_markdown(summary))
+    write_atomic(out / "quality.png", lambda path: plot_learning_curves(summary, path))
+    print(format_markdown(summary))
+    return summary
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(results: dict[tuple[str, int], dict[str, Any]],
+              settings: QualitySettings) -> dict[str, Any]:
+    """Mean/std/min/max over seeds of every row's overall error rates, and gap closed of the
+    means: (random - row) / (random - teacher)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for (row, seed), result in results.items():
+        entry = rows.setdefault(row, {task: {} for task in TASKS})
+        for task in TASKS:
+            entry[task][str(seed)] = result["rates"][task]["overall"]
+    table = {}
+    for row, entry in rows.items():
+        table[row] = {task: _stats(list(entry[task].values())) | {"per_seed": entry[task]}
+                      for task in TASKS}
+    for row, entry in table.items():
+        for task in TASKS:
+            floor, ceiling = table["random"][task]["mean"], table["teacher"][task]["mean"]
+            entry[task]["gap_closed"] = ((floor - entry[task]["mean"]) / (floor - ceiling)
+                                         if floor != ceiling else None)
+    return {"command": " ".join(sys.argv), "settings": asdict(settings), "rows": table,
+            "variants": list(settings.variants), "budgets": settings.budgets}
+
+
+def _cell(stats: dict[str, Any]) -> str:
+    spread = f" ± {stats['std']:.3f}" if stats["std"] is not None else ""
+    return f"{stats['mean']:.3f}{spread}"
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    settings = summary["settings"]
+    lines = ["# Distillation quality: probe error rates over seeds and budgets", "",
+             f"Seeds {settings['seeds']}; mean ± sample standard deviation over seeds; gap "
+             "closed = (random - row) / (random - teacher) of the means.", "",
+             "| row | step | PER | PER gap closed | CER | CER gap closed |",
+             "|---|---|---|---|---|---|"]
+    table = summary["rows"]
+
+    def line(name: str, step: str, row: dict[str, Any]) -> str:
+        return (f"| {name} | {step} | {_cell(row['per'])} | {row['per']['gap_closed']:.2f} | "
+                f"{_cell(row['cer'])} | {row['cer']['gap_closed']:.2f} |")
+
+    lines += [line(name, "-" if name != "init" else "0", table[name]) for name in REFERENCE_ROWS]
+    for variant in summary["variants"]:
+        for step in summary["budgets"]:
+            lines.append(line(variant, str(step), table[f"{variant}@{step}"]))
+    lines += ["", "## Variants", ""]
+    lines += [f"- `{name}`: {json.dumps(overrides) if overrides else 'the config as it is'}"
+              for name, overrides in settings["variants"].items()]
+    lines += ["", "## Settings", "", f"- Command: `{summary['command']}`",
+              f"- Config: `{settings['config']}`, overrides {json.dumps(settings['overrides'])}",
+              f"- Probe: {json.dumps(settings['probe'])}; train `{settings['probe_train_shards']}`"
+              f", selection `{settings['probe_dev_shards']}`, test `{settings['eval_shards']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_learning_curves(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["rows"]
+    figure, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4))
+    for axis, task in zip(axes, TASKS):
+        for reference, style in (("teacher", "--"), ("random", ":")):
+            axis.axhline(table[reference][task]["mean"], color="grey", linestyle=style,
+                         label=reference)
+        for variant in summary["variants"]:
+            points = [table["init"][task]] + [table[f"{variant}@{s}"][task]
+                                              for s in summary["budgets"]]
+            axis.errorbar([0, *summary["budgets"]], [p["mean"] for p in points],
+                          yerr=[p["std"] or 0 for p in points], marker="o", capsize=3,
+                          label=variant)
+        axis.set_xlabel("distillation steps")
+        axis.set_ylabel(f"probe {task.upper()} (lower is better)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, format="png")
+    plt.close(figure)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--section.field", "value", ...]`` -> ``{"section.field": value}`` (values read as
+    YAML: ``5e-4``, ``true``, ``[[3], [6]]``)."""
+    if len(args) % 2 or not all(key.startswith("--") for key in args[::2]):
+        raise ConfigError(f"config overrides {args!r}: give --section.field value pairs")
+    return {key[2:]: yaml.safe_load(value) for key, value in zip(args[::2], args[1::2])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--variants", required=True,
+                        help="YAML file: variant name -> {dotted.field: value}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budgets", required=True, help="comma-separated optimiser steps")
+    parser.add_argument("--eval_shards", required=True)
+    parser.add_argument("--probe_train_shards", required=True)
+    parser.add_argument("--probe_dev_shards")
+    parser.add_argument("--out_dir", default="runs/quality")
+    parser.add_argument("--ranks", type=int)
+    parser.add_argument("--probe_steps", type=int, default=ProbeConfig.steps)
+    parser.add_argument("--probe_select_every", type=int, default=100)
+    args, rest = parser.parse_known_args(argv)
+    variants = yaml.safe_load(Path(args.variants).read_text()) or {}
+    settings = QualitySettings(
+        config=args.config, variants={k: v or {} for k, v in variants.items()},
+        seeds=[int(s) for s in args.seeds.split(",")],
+        budgets=[int(s) for s in args.budgets.split(",")], eval_shards=args.eval_shards,
+        probe_train_shards=args.probe_train_shards, probe_dev_shards=args.probe_dev_shards,
+        out_dir=args.out_dir, ranks=args.ranks,
+        probe=ProbeConfig(steps=args.probe_steps,
+                          select_every=args.probe_select_every if args.probe_dev_shards else 0),
+        overrides=parse_overrides(rest))
+    return run_protocol(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The quality protocol (benchmarks/quality.py): its arithmetic on hand-made results, the probe's
+held-out state selection, and the protocol end to end on a tiny teacher (then a re-run that
+trains and probes nothing)."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.quality import QualitySettings, main, summarise
+from colld_ds.config import ConfigError
+from colld_ds.probe import ProbeConfig, train_probe
+from tiny_run import tiny_teacher_and_shards
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
+
+
+def _result(per, cer):
+    return {"rates": {"per": {"overall": per}, "cer": {"overall": cer}}}
+
+
+def test_summary_means_spreads_and_gaps_match_hand_computation():
+    settings = QualitySettings(config="x", variants={"a": {}}, seeds=[0, 1], budgets=[5],
+                               eval_shards="t", probe_train_shards="p")
+    results = {("teacher", 0): _result(0.4, 0.5), ("teacher", 1): _result(0.6, 0.5),
+               ("random", 0): _result(1.0, 0.9), ("random", 1): _result(0.9, 0.9),
+               ("init", 0): _result(0.8, 0.7), ("init", 1): _result(0.7, 0.8),
+               ("a@5", 0): _result(0.6, 0.6), ("a@5", 1): _result(0.5, 0.8)}
+    rows = summarise(results, settings)["rows"]
+    per = rows["a@5"]["per"]
+    assert per["mean"] == pytest.approx(0.55)
+    assert per["std"] == pytest.approx(statistics.stdev([0.6, 0.5]))      # sample std
+    assert per["per_seed"] == {"0": 0.6, "1": 0.5} and (per["min"], per["max"]) == (0.5, 0.6)
+    # gap closed of the means: random 0.95, teacher 0.5
+    assert per["gap_closed"] == pytest.approx((0.95 - 0.55) / (0.95 - 0.5))
+    assert rows["init"]["cer"]["gap_closed"] == pytest.approx((0.9 - 0.75) / (0.9 - 0.5))
+    assert rows["teacher"]["per"]["gap_closed"] == pytest.approx(1.0)
+    assert rows["random"]["per"]["gap_closed"] == pytest.approx(0.0)
+
+
+def test_bad_settings_name_the_flag():
+    common = dict(config="x", eval_shards="t", probe_train_shards="p")
+    with pytest.raises(ConfigError, match="--budgets"):
+        QualitySettings(variants={"a": {}}, seeds=[0], budgets=[10, 5], **common)
+    with pytest.raises(ConfigError, match="--seeds"):
+        QualitySettings(variants={"a": {}}, seeds=[1, 1], budgets=[5], **common)
+    with pytest.raises(ConfigError, match="'init'"):
+        QualitySettings(variants={"init": {}}, seeds=[0], budgets=[5], **common)
+
+
+def test_probe_keeps_the_state_with_the_best_held_out_score():
+    torch.manual_seed(0)
+    features = [torch.randn(1, 12, 4) for _ in range(6)]
+    targets = [torch.tensor([1, 2]) for _ in range(6)]
+    scores = iter([0.5, 0.2, 0.9])              # checks at steps 3, 6 and 8 (the end)
+    states = []
+
+    def select(probe):
+        assert not probe.training
+        states.append({k: v.clone() for k, v in probe.state_dict().items()})
+        return next(scores)
+
+    config = ProbeConfig(steps=8, select_every=3, batch_size=2, lr=0.1)
+    probe, losses, selection = train_probe(features, targets, 2, config, select)
+    assert selection == [(3, 0.5), (6, 0.2), (8, 0.9)] and len(losses) == 8
+    assert not probe.training
+    for key, value in probe.state_dict().items():       # the state scored 0.2, not the last
+        assert torch.equal(value, states[1][key])
+    assert not torch.equal(states[1]["out.weight"], states[2]["out.weight"])
+    # without a selection split, the last state
+    last, _, none = train_probe(features, targets, 2, ProbeConfig(steps=8, batch_size=2, lr=0.1))
+    assert none == [] and torch.equal(last.out.weight, states[2]["out.weight"])
+
+
+def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    teacher, train, heldout = tiny_teacher_and_shards(tmp_path)
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("colld_all: {objective.anchor_frames: all}\nl2l: {objective.name: l2l}\n")
+    out = tmp_path / "quality"
+    argv = ["--config", str(CONFIG), "--variants", str(variants), "--seeds", "0,1",
+            "--budgets", "2,4", "--eval_shards", heldout, "--probe_train_shards", train,
+            "--probe_dev_shards", heldout, "--out_dir", str(out), "--ranks", "1",
+            "--probe_steps", "6", "--probe_select_every", "3",
+            "--teacher.path", teacher, "--data.train_shards", train, "--optim.warmup_steps", "1",
+            "--data.num_workers", "0"]
+    summary = main(argv)
+    rows = summary["rows"]
+    assert set(rows) == {"teacher", "random", "init", "colld_all@2", "colld_all@4", "l2l@2",
+                         "l2l@4"}
+    for name in ("colld_all", "l2l"):
+        for seed in (0, 1):
+            run = out / name / f"seed{seed}"
+            assert (run / "checkpoints" / "step00000002" / "complete.json").is_file()
+            assert (run / "checkpoints" / "step00000004" / "complete.json").is_file()
+            config = (run / "config.yaml").read_text()
+            assert f"seed: {seed}" in config
+            probed = json.loads((out / "probe" / f"{name}@4" / f"seed{seed}.json").read_text())
+            assert probed["rates"]["per"]["overall"] == \
+                rows[f"{name}@4"]["per"]["per_seed"][str(seed)]
+            assert [step for step, _ in probed["selection"]["per"]] == [3, 6]
+    assert "anchor_frames: all" in (out / "colld_all" / "seed0" / "config.yaml").read_text()
+    for name in ("quality.json", "quality.md", "quality.png"):
+        assert (out / name).stat().st_size > 0
+    markdown = (out / "quality.md").read_text()
+    assert "| init | 0 |" in markdown and "| l2l | 4 |" in markdown
+    capfd.readouterr()
+
+    probes = {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("*.json")}
+    again = main(argv)
+    log = capfd.readouterr().out
+    assert log.count("training skipped") == 4 and "[quality] probe" not in log
+    assert {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("*.json")} == probes
+    assert again["rows"] == rows
