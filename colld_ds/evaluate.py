@@ -53,6 +53,7 @@ from colld_ds.data import decode_audio, expand_urls, read_samples
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import SAMPLE_RATE, Student, Teacher, build_student
 from colld_ds.objectives import build_objective
+from colld_ds.objectives.base import utterance_norm
 from colld_ds.probe import (
     Encoder,
     ProbeConfig,
@@ -121,9 +122,11 @@ class FidelityAccumulator:
     frames: int = 0
 
     def add(self, student_frames: list[Tensor], projected: dict[str, Tensor],
-            teacher_frames: list[Tensor]) -> None:
+            teacher_frames: list[Tensor], head_targets: list[Tensor] | None = None) -> None:
         """student_frames K x (N, D_s), projected pair name -> (N, D_t) (head outputs),
-        teacher_frames L x (N, D_t): the N valid frames of a batch."""
+        teacher_frames L x (N, D_t): the N valid frames of a batch; head_targets L x (N, D_t):
+        what the heads were trained to predict, if not ``teacher_frames`` (normalised
+        targets)."""
         if not self.student:
             self.student = [Moments() for _ in student_frames]
         for k, x in enumerate(student_frames):
@@ -134,7 +137,7 @@ class FidelityAccumulator:
                 key = (k + 1, t + 1)
                 self.cross[key] = self.cross[key] + product if key in self.cross else product
         for pair in self.pairs:
-            target = teacher_frames[pair.teacher_layer - 1].float()
+            target = (head_targets or teacher_frames)[pair.teacher_layer - 1].float()
             cos = torch.nn.functional.cosine_similarity(projected[pair.name].float(), target,
                                                         dim=-1, eps=1e-8)
             self.cos_sum[pair.name] = self.cos_sum.get(pair.name, 0.0) + float(cos.double().sum())
@@ -165,6 +168,8 @@ def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
              batches: Iterable[EvalBatch], timed: str | None = None) -> dict[str, Any]:
     """Cosine per pair and the K x L CKA matrix of each model (a DistillationModel: ``.student``
     and ``.objective.heads``) against ``teacher``, which must return all L layers in order.
+    The cosine is to what the heads were trained on: the teacher states, or their
+    per-utterance normalisation under ``objective.target_norm: utterance``.
 
     Also the forward seconds of the teacher and of ``models[timed]`` and the audio seconds."""
     if teacher.layers != list(range(1, teacher.num_layers + 1)):
@@ -184,6 +189,8 @@ def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
         teacher_frames = _valid_frames([f.float() for f in target.features], mask)
         for moments, y in zip(teacher_moments, teacher_frames):
             moments.add(y)
+        normalised = _valid_frames([utterance_norm(f.float(), mask) for f in target.features],
+                                   mask)
         for name, model in models.items():
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -193,7 +200,8 @@ def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
                 student_frames = _valid_frames(hidden, mask)
                 projected = {p.name: model.objective.heads[p.name](
                     student_frames[p.student_layer - 1]) for p in pairs}
-            accumulators[name].add(student_frames, projected, teacher_frames)
+            head_targets = normalised if model.objective.target_norm == "utterance" else None
+            accumulators[name].add(student_frames, projected, teacher_frames, head_targets)
     if not utterances:
         raise ValueError("no utterances to evaluate")
     return {"models": {name: acc.result(teacher_moments) for name, acc in accumulators.items()},

@@ -50,7 +50,12 @@ def contrastive_loss_dense(predictions, targets, positive_index, negative_index,
     padded = predictions.new_zeros(num_utterances, int(counts.max()), predictions.shape[1],
                                    dtype=dtype)
     padded = padded.index_put((utterance, slot), _normalize(predictions.to(dtype)))
-    frames = _normalize(targets.to(dtype)).view(num_utterances, num_frames, -1)   # (B, T, D)
+    # Rows no candidate names (padding) still enter the matmul: zero them, so that whatever
+    # they hold (even NaN) reaches neither the loss nor, through the matmul, any gradient.
+    used = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+    used[candidates.reshape(-1)] = True
+    targets = torch.where(used[:, None], targets.to(dtype), 0.0)
+    frames = _normalize(targets).view(num_utterances, num_frames, -1)             # (B, T, D)
     cosines = torch.bmm(padded, frames.transpose(1, 2))[utterance, slot]          # (N, T)
     logits = cosines.gather(1, candidates - (utterance * num_frames)[:, None]) / temperature
     loss = torch.logsumexp(logits, dim=1) - logits[:, 0]

@@ -10,6 +10,7 @@ from test_export import trained_run
 
 from colld_ds.evaluate import (
     EvalBatch,
+    FidelityAccumulator,
     Moments,
     cka_from_moments,
     eval_batches,
@@ -18,6 +19,7 @@ from colld_ds.evaluate import (
     linear_cka,
     torch_threads,
 )
+from colld_ds.layer_map import LayerPair
 
 
 def test_cka_of_itself_and_of_a_rotation_is_one_and_of_noise_is_small():
@@ -184,3 +186,20 @@ def test_fidelity_refuses_a_teacher_without_all_layers(run):
     teacher = load_teacher(run["teacher"], [2, 4])
     with pytest.raises(ValueError, match="all its layers"):
         fidelity({}, teacher, [], [EvalBatch(torch.zeros(1, 16000), torch.tensor([16000]))])
+
+
+def test_head_cosine_is_to_what_the_heads_were_trained_on():
+    torch.manual_seed(0)
+    teacher = torch.randn(20, 4) + 3.0
+    normalised = (teacher - teacher.mean(0)) / teacher.std(0, unbiased=False)
+    student = torch.randn(20, 4)
+    plain, with_norm = (FidelityAccumulator([LayerPair(1, 1)]),
+                        FidelityAccumulator([LayerPair(1, 1)]))
+    plain.add([student], {"s1_t1": normalised}, [teacher])
+    with_norm.add([student], {"s1_t1": normalised}, [teacher], head_targets=[normalised])
+    moments = Moments()
+    moments.add(teacher)
+    assert with_norm.result([moments])["cosine"]["s1_t1"] == pytest.approx(1.0)
+    assert plain.result([moments])["cosine"]["s1_t1"] < 0.5
+    # CKA reads the states themselves, whatever the heads' targets
+    assert with_norm.result([moments])["cka"] == plain.result([moments])["cka"]

@@ -74,10 +74,18 @@ def test_padding_never_enters_the_loss():
     frame_mask = torch.arange(12) < torch.tensor([[12], [5]])
     teacher[~frame_mask] = float("nan")              # any use of a padded frame poisons the loss
     mask_time = torch.ones(2, 12, dtype=torch.bool)  # also asks to mask padding: must be ignored
-    for name in ("colld", "l2l", "distilhubert"):
-        objective = identity_objective(name, 8, num_negatives=30)
-        output = objective([student], {1: teacher}, objective.select_frames(frame_mask, mask_time))
-        assert torch.isfinite(output.loss), name
+    for name, backend in (("colld", "dense"), ("colld", "chunked"), ("l2l", "auto"),
+                          ("distilhubert", "auto")):
+        for target_norm in ("none", "utterance"):
+            objective = identity_objective(name, 8, num_negatives=30, target_norm=target_norm,
+                                           contrastive_backend=backend)
+            states = student.clone().requires_grad_()
+            output = objective([states], {1: teacher},
+                               objective.select_frames(frame_mask, mask_time))
+            output.loss.backward()
+            assert torch.isfinite(output.loss), (name, backend, target_norm)
+            assert torch.isfinite(states.grad).all(), (name, backend, target_norm)
+            assert states.grad[~frame_mask].abs().sum() == 0       # padding gets no gradient
 
 
 def test_infonce_is_log_k_plus_one_for_independent_student_and_teacher():
