@@ -42,6 +42,8 @@ OBJECTIVES = ("colld", "l2l", "distilhubert")
 _OWNED_BY_COMPARE = {"objective.name": "--objectives", "run.out_dir": "--out_dir",
                      "run.resume": "nothing (compare always resumes: run.resume auto)",
                      "run.stop_at_step": "nothing (compare evaluates the final checkpoint)"}
+# run fields that change where and how often a run stops, saves or logs, never what it computes
+_NOT_RESULTS = ("resume", "stop_at_step", "save_every", "keep_checkpoints", "log_every")
 # Launcher variables of an enclosing job: a child `colld train` must start its own.
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT")
@@ -173,9 +175,9 @@ def check_earlier_run(config: TrainConfig) -> None:
     # read through load_config, so that a field added since then compares as its default
     earlier = load_config(resolved).to_dict()
     now = config.to_dict()
-    for section in (earlier, now):
-        section.get("run", {}).pop("resume", None)
-        section.get("run", {}).pop("stop_at_step", None)
+    for section in (earlier, now):     # what changes where a run stops or saves, not its result
+        for key in _NOT_RESULTS:
+            section.get("run", {}).pop(key, None)
     differences = _differences(earlier, now)
     if differences:
         raise ConfigError(

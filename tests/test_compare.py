@@ -286,6 +286,8 @@ def test_a_run_started_with_other_settings_is_refused(assets, tmp_path):
         check_earlier_run(config)
     earlier["run"]["seed"] = 0
     earlier["run"]["resume"] = "none"              # compare's own fields do not count
+    earlier["run"]["save_every"] = 1               # nor how often a run saves or logs
+    earlier["run"]["log_every"] = 2
     (tmp_path / "l2l" / "config.yaml").write_text(yaml.safe_dump(earlier))
     check_earlier_run(config)
     # a run written before a field existed: the missing field is its default, not a difference
