@@ -324,8 +324,10 @@ def validate(config: TrainConfig) -> None:
     require(config.objective.num_negatives >= 1, "objective.num_negatives: must be >= 1")
     require(0.0 <= config.masking.mask_prob <= 1.0, "masking.mask_prob: must be in [0, 1]")
     require(config.masking.span_length >= 1, "masking.span_length: must be >= 1")
-    require(config.objective.name != "colld" or config.masking.mask_prob > 0,
-            "masking.mask_prob: the colld objective predicts masked frames; it needs > 0")
+    require(config.objective.name != "colld" or config.masking.mask_prob > 0
+            or config.objective.anchor_frames == "all",
+            "masking.mask_prob: colld with objective.anchor_frames masked scores masked frames "
+            "only; it needs > 0 (or objective.anchor_frames all)")
     require(not config.data.cached_front_end or bool(config.data.teacher_cache),
             "data.cached_front_end: reads the front end from the teacher cache; set "
             "data.teacher_cache (a cache-teacher --front_end true directory) or set "
