@@ -34,7 +34,8 @@ import torch
 import yaml
 
 from colld_ds.atomic import write_atomic, write_text_atomic
-from colld_ds.compare import _absolute, train_run
+from colld_ds.checkpoint import checkpoint_tag
+from colld_ds.compare import absolute_path, train_run
 from colld_ds.config import ConfigError, TrainConfig, load_config
 from colld_ds.evaluate import (all_layers_teacher, fresh_model, step0_init, student_encoder,
                                teacher_encoder)
@@ -90,9 +91,9 @@ def run_configs(settings: QualitySettings) -> dict[tuple[str, int], TrainConfig]
                 "run.keep_checkpoints": max(10, len(settings.budgets)),
                 "run.out_dir": str(Path(settings.out_dir).resolve() / name / f"seed{seed}"),
                 "run.resume": "auto"})
-            config.teacher.path = _absolute(config.teacher.path)
-            config.data.train_shards = _absolute(config.data.train_shards)
-            config.data.teacher_cache = _absolute(config.data.teacher_cache)
+            config.teacher.path = absolute_path(config.teacher.path)
+            config.data.train_shards = absolute_path(config.data.train_shards)
+            config.data.teacher_cache = absolute_path(config.data.teacher_cache)
             configs[name, seed] = config
     return configs
 
@@ -149,7 +150,6 @@ class ProbeRows:
 
 
 def checkpoint_path(config: TrainConfig, step: int) -> Path:
-    from colld_ds.checkpoint import checkpoint_tag
     return Path(config.run.out_dir) / "checkpoints" / checkpoint_tag(step)
 
 
@@ -211,8 +211,12 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
             floor, ceiling = table["random"][task]["mean"], table["teacher"][task]["mean"]
             entry[task]["gap_closed"] = ((floor - entry[task]["mean"]) / (floor - ceiling)
                                          if floor != ceiling else None)
+    first_seed = min(seed for _, seed in results)
+    convergence = {row: results[row, first_seed].get("selection", {}) for row in REFERENCE_ROWS
+                   if (row, first_seed) in results}
     return {"command": " ".join(sys.argv), "settings": asdict(settings), "rows": table,
-            "variants": list(settings.variants), "budgets": settings.budgets}
+            "variants": list(settings.variants), "budgets": settings.budgets,
+            "probe_convergence": {"seed": first_seed, "rows": convergence}}
 
 
 def _cell(stats: dict[str, Any]) -> str:
@@ -237,6 +241,16 @@ def format_markdown(summary: dict[str, Any]) -> str:
     for variant in summary["variants"]:
         for step in summary["budgets"]:
             lines.append(line(variant, str(step), table[f"{variant}@{step}"]))
+    convergence = summary.get("probe_convergence", {})
+    checks = {row: dict((str(step), rate) for step, rate in selection.get("per", []))
+              for row, selection in convergence.get("rows", {}).items()}
+    steps = next((list(c) for c in checks.values() if c), [])
+    if steps:
+        lines += ["", f"## Probe convergence (seed {convergence['seed']}): held-out PER at "
+                  "each check; the probe keeps its best state", "",
+                  "| row | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+        lines += [f"| {row} | " + " | ".join(f"{checks[row].get(step, float('nan')):.3f}"
+                                             for step in steps) + " |" for row in checks]
     lines += ["", "## Variants", ""]
     lines += [f"- `{name}`: {json.dumps(overrides) if overrides else 'the config as it is'}"
               for name, overrides in settings["variants"].items()]

@@ -42,8 +42,14 @@ OBJECTIVES = ("colld", "l2l", "distilhubert")
 _OWNED_BY_COMPARE = {"objective.name": "--objectives", "run.out_dir": "--out_dir",
                      "run.resume": "nothing (compare always resumes: run.resume auto)",
                      "run.stop_at_step": "nothing (compare evaluates the final checkpoint)"}
-# run fields that change where and how often a run stops, saves or logs, never what it computes
-_NOT_RESULTS = ("resume", "stop_at_step", "save_every", "keep_checkpoints", "log_every")
+# run fields that change where a run writes and how often it stops, saves or logs, never
+# what it computes
+_NOT_RESULTS = ("resume", "stop_at_step", "save_every", "keep_checkpoints", "log_every",
+                "out_dir")
+# objective fields that an objective never reads
+_CONTRASTIVE = ("temperature", "num_negatives", "contrastive_backend", "anchor_frames")
+_UNREAD = {"colld": ("distance", "cosine_weight"), "l2l": _CONTRASTIVE,
+           "distilhubert": (*_CONTRASTIVE, "distance")}
 # Launcher variables of an enclosing job: a child `colld train` must start its own.
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT")
@@ -118,7 +124,7 @@ class CompareSettings:
 # --- the runs' configs ---------------------------------------------------------------------------
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
     """A local path made absolute (launch.sh changes directory); URLs and '' left alone."""
     return path if not path or "://" in path or os.path.isabs(path) else os.path.abspath(path)
 
@@ -133,7 +139,7 @@ def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
     from colld_ds.models import read_num_layers
 
     base = load_config(settings.config, {**settings.overrides, "objective.name": "l2l"})
-    base.teacher.path = _absolute(base.teacher.path)
+    base.teacher.path = absolute_path(base.teacher.path)
     num_teacher_layers = read_num_layers(base.teacher.path)
     teacher_layers: list[list[int]] = [[] for _ in range(base.student.num_layers)]
     for pair in resolve_layer_map(base, num_teacher_layers):
@@ -146,10 +152,10 @@ def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
             "layer_map.teacher_layers": teacher_layers,
             "run.out_dir": str(out_dir / name), "run.resume": "auto"})
         config.teacher.path = base.teacher.path
-        config.data.train_shards = _absolute(config.data.train_shards)
-        config.data.teacher_cache = _absolute(config.data.teacher_cache)
+        config.data.train_shards = absolute_path(config.data.train_shards)
+        config.data.teacher_cache = absolute_path(config.data.teacher_cache)
         if config.run.ds_config:
-            config.run.ds_config = _absolute(config.run.ds_config)
+            config.run.ds_config = absolute_path(config.run.ds_config)
         resolve_layer_map(config, num_teacher_layers)      # e.g. a pair listed twice
         configs[name] = config
     return configs
@@ -178,6 +184,8 @@ def check_earlier_run(config: TrainConfig) -> None:
     for section in (earlier, now):     # what changes where a run stops or saves, not its result
         for key in _NOT_RESULTS:
             section.get("run", {}).pop(key, None)
+        for key in _UNREAD.get(config.objective.name, ()):
+            section.get("objective", {}).pop(key, None)
     differences = _differences(earlier, now)
     if differences:
         raise ConfigError(

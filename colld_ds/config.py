@@ -78,14 +78,17 @@ class ObjectiveConfig:
     """InfoNCE temperature on cosine similarity (CoLLD)."""
     num_negatives: int = 100
     """Negatives per scored frame, sampled from the same utterance's valid frames (CoLLD)."""
-    anchor_frames: Literal["masked", "all"] = "masked"
-    """Frames CoLLD scores: ``masked`` (masked prediction only, as in wav2vec 2.0) or ``all``
-    valid frames, masked or not (as the regression objectives do), so the student's states of
-    unmasked input, which is what it sees after training, are trained too."""
-    target_norm: Literal["none", "utterance"] = "none"
-    """Teacher targets as they are (``none``), or each utterance's targets standardised per
-    dimension over its valid frames (``utterance``: data2vec's instance norm), which removes
-    what all frames of an utterance share before the objective compares them."""
+    anchor_frames: Literal["masked", "all"] = "all"
+    """Frames CoLLD scores: ``all`` valid frames, masked or not (as the regression objectives
+    do), so the states of unmasked input, which is what the student sees after training, are
+    trained too; or ``masked`` only (wav2vec 2.0's masked prediction). ``all`` by measurement:
+    a student copied from the teacher loses what its copied layers knew with ``masked``
+    (benchmarks/results/quality_whisper_demo_ablation.md)."""
+    target_norm: Literal["none", "utterance"] = "utterance"
+    """Each utterance's teacher targets standardised per dimension over its valid frames
+    (``utterance``: data2vec's instance norm), which removes what all frames of an utterance
+    share before the objective compares them (CoLLD's negatives lie in the same utterance);
+    or the targets as they are (``none``)."""
     contrastive_backend: Literal["auto", "triton", "dense", "chunked"] = "auto"
     """Implementation of CoLLD's loss (``kernels.contrastive_loss``): ``auto`` = the fused Triton
     kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one (``triton``
@@ -158,6 +161,10 @@ class OptimConfig:
     warmup_steps: int = 100
     max_steps: int = 1000
     """Optimiser steps of the run."""
+    head_warmup_steps: int = 0
+    """For the first N optimiser steps only the projection heads learn (the loss does not
+    reach the student): random heads then stop pushing a student copied from the teacher away
+    from what it knows before they can tell it anything (linear probing before fine-tuning)."""
     decay: Literal["linear", "cosine"] = "linear"
     grad_clip: float = 10.0
     gradient_accumulation_steps: int = 1
@@ -324,6 +331,7 @@ def validate(config: TrainConfig) -> None:
     require(config.objective.num_negatives >= 1, "objective.num_negatives: must be >= 1")
     require(0.0 <= config.masking.mask_prob <= 1.0, "masking.mask_prob: must be in [0, 1]")
     require(config.masking.span_length >= 1, "masking.span_length: must be >= 1")
+    require(config.optim.head_warmup_steps >= 0, "optim.head_warmup_steps: must be >= 0")
     require(config.objective.name != "colld" or config.masking.mask_prob > 0
             or config.objective.anchor_frames == "all",
             "masking.mask_prob: colld with objective.anchor_frames masked scores masked frames "

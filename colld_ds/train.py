@@ -62,12 +62,16 @@ class DistillationModel(nn.Module):
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, mask_time: torch.Tensor,
                 teacher_features: dict[int, torch.Tensor], selection: FrameSelection,
-                front_end_features: torch.Tensor | None = None) -> ObjectiveOutput:
+                front_end_features: torch.Tensor | None = None,
+                train_student: bool = True) -> ObjectiveOutput:
         """wave (B, S), wave_lengths (B,), mask_time (B, T) bool, teacher_features: teacher
         layer -> (B, T, D_t), selection: the frames the objective scores (on the device),
-        front_end_features: cached teacher front end (``Batch.front_end_features``) or None."""
+        front_end_features: cached teacher front end (``Batch.front_end_features``) or None;
+        train_student False: the loss reaches the heads only (``optim.head_warmup_steps``)."""
         hidden = self.student(wave, wave_lengths, mask_time,
                               front_end_features).hidden                  # K x (B, T, D_s)
+        if not train_student:
+            hidden = [states.detach() for states in hidden]
         return self.objective(hidden, teacher_features, selection)
 
 
@@ -103,11 +107,14 @@ class MaskedBatch:
     """(B,) int64, ``utterance_seeds`` (the mask used them; the objective's negatives too)."""
     selection: FrameSelection
     """The frames the objective scores (``PairwiseObjective.select_frames``)."""
+    train_student: bool = True
+    """False during ``optim.head_warmup_steps``: only the projection heads learn."""
 
     def to(self, device: torch.device | str) -> MaskedBatch:
         """The batch, mask and selection on ``device`` (lengths and seeds stay on the CPU)."""
         return MaskedBatch(self.batch.to(device), self.frame_lengths, self.num_frames,
-                           self.mask_time.to(device), self.seeds, self.selection.to(device))
+                           self.mask_time.to(device), self.seeds, self.selection.to(device),
+                           self.train_student)
 
 
 def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step: int,
@@ -126,7 +133,8 @@ def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step:
                                      config.masking.span_length, seeds,
                                      min_masks=config.masking.min_masks)
     selection = objective.select_frames(frame_mask(frame_lengths, num_frames), mask_time, seeds)
-    return MaskedBatch(batch, frame_lengths, num_frames, mask_time, seeds, selection)
+    return MaskedBatch(batch, frame_lengths, num_frames, mask_time, seeds, selection,
+                       train_student=step >= config.optim.head_warmup_steps)
 
 
 def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, config: TrainConfig,
@@ -149,7 +157,7 @@ def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, confi
     device = features[0].device                                           # layer -> (B, T, D_t)
     wave = batch.wave.to(_DTYPES[config.run.precision])
     return model(wave, batch.wave_lengths, masked.mask_time.to(device), teacher_features,
-                 masked.selection.to(device), batch.front_end_features)
+                 masked.selection.to(device), batch.front_end_features, masked.train_student)
 
 
 def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device,

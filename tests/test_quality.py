@@ -107,6 +107,7 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
         assert (out / name).stat().st_size > 0
     markdown = (out / "quality.md").read_text()
     assert "| init | 0 |" in markdown and "| l2l | 4 |" in markdown
+    assert "## Probe convergence (seed 0)" in markdown
     capfd.readouterr()
 
     probes = {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("*.json")}

@@ -189,3 +189,23 @@ def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
     unused = (["student.model.layer_norm.weight", "student.model.layer_norm.bias"]
               if family == "whisper" else [])    # Whisper's final LayerNorm: no target needs it
     assert loss.loss.device.type == "meta" and no_grad == unused
+
+
+def test_head_warmup_steps_train_the_heads_only(assets, tmp_path):
+    """Before optim.head_warmup_steps the loss reaches the projection heads and nothing of the
+    student; from that step on, both."""
+    config = load_config(CONFIG, overrides(assets, tmp_path, **{"optim.head_warmup_steps": 2}))
+    teacher, _, model = build_run(config, torch.device("cpu"))
+    stream = AudioBatchStream(assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
+                              num_workers=0, shuffle_buffer=0)
+    batch = next(iter(stream))
+    for step, student_learns in ((1, False), (2, True)):
+        model.zero_grad(set_to_none=True)
+        masked = mask_batch(batch, teacher, config, step, model.objective)
+        assert masked.train_student is student_learns
+        output = distillation_loss(model, teacher, masked, config, list(teacher.layers))
+        (output.loss * output.count).backward()
+        head_grads = [p.grad for p in model.objective.parameters()]
+        student_grads = [p.grad for p in model.student.parameters() if p.requires_grad]
+        assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
+        assert any(g is not None and g.abs().sum() > 0 for g in student_grads) is student_learns
