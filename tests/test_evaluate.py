@@ -63,7 +63,7 @@ def test_a_student_that_is_the_teacher_scores_above_random(run):
 
     teacher = load_teacher(run["teacher"], [1, 2, 3, 4])
     config = load_config(None, {"teacher.path": run["teacher"], "data.train_shards": "x",
-                                "student.num_layers": 2})
+                                "student.num_layers": 2, "objective.target_norm": "none"})
     pairs = [LayerPair(1, 1), LayerPair(2, 2)]
     copy = fresh_model(config, teacher, pairs, [1, 2])      # student layer k = teacher layer k
     with torch.no_grad():
