@@ -10,9 +10,11 @@ A variant is a name and dotted config overrides (``l2l: {objective.name: l2l}``)
 YAML file; every variant and seed is one ``colld train`` run (``compare.train_run``: resumable,
 refused if started with other settings) of ``max(budgets)`` steps with a checkpoint at every
 budget, so a learning curve is one run probed along its schedule. Each checkpoint, and the
-reference rows, are probed with ``colld_ds.probe`` (features extracted once per model, one probe
-per seed, its state chosen on the dev split every ``--probe_select_every`` steps). The probe seed
-is the run seed. Results are cached per row under ``out_dir/probe`` (a re-run only probes what is
+reference rows (teacher, random and init, once: with the first seed's config), are probed with
+``colld_ds.probe`` (its state chosen on the dev split every ``--probe_select_every`` steps), all
+with the same probe seed (``--probe_seed``), so the spread over seeds is the distillation's: the
+CTC probe itself stalls on a blank plateau for some seeds (a probe's final training loss is
+reported). Results are cached per row under ``out_dir/probe`` (a re-run only probes what is
 new) and summarised in ``quality.json``, ``quality.md`` and ``quality.png``: mean and sample
 standard deviation over seeds, and gap closed = (random - student) / (random - teacher) of the
 means.
@@ -54,7 +56,7 @@ class QualitySettings:
     variants: dict[str, dict[str, Any]]
     """Variant name -> dotted overrides of the config."""
     seeds: list[int]
-    """Run seeds (also the probe seeds)."""
+    """Run seeds."""
     budgets: list[int]
     """Optimiser steps at which every run is probed (ascending; the last is the run length)."""
     eval_shards: str
@@ -105,7 +107,7 @@ class ProbeRows:
     def __init__(self, settings: QualitySettings):
         self.settings = settings
         self.root = Path(settings.out_dir) / "probe"
-        self.stamp = {"probe": asdict(settings.probe) | {"seed": None},
+        self.stamp = {"probe": asdict(settings.probe),
                       "train": settings.probe_train_shards, "dev": settings.probe_dev_shards,
                       "test": settings.eval_shards}
         self._splits = None
@@ -138,8 +140,7 @@ class ProbeRows:
         start = time.perf_counter()
         features: ProbeSplits = extract_splits(encoder, train, test, dev)
         for seed in missing:
-            config = ProbeConfig(**(asdict(self.settings.probe) | {"seed": seed}))
-            result = score_model(features, tasks, test, config, dev)
+            result = score_model(features, tasks, test, self.settings.probe, dev)
             result.update(stamp=self.stamp, row=row, seed=seed,
                           seconds=time.perf_counter() - start)
             self.path(row, seed).parent.mkdir(parents=True, exist_ok=True)
@@ -153,19 +154,25 @@ def checkpoint_path(config: TrainConfig, step: int) -> Path:
     return Path(config.run.out_dir) / "checkpoints" / checkpoint_tag(step)
 
 
-def run_protocol(settings: QualitySettings) -> dict[str, Any]:
+def run_protocol(settings: QualitySettings, train_only: bool = False) -> dict[str, Any]:
+    """Train what is missing, then (unless ``train_only``) probe what is missing and write
+    the summary."""
     configs = run_configs(settings)
     started = time.perf_counter()
     for (name, seed), config in configs.items():
         train_run(f"{name} seed {seed}", config, settings.ranks)
     train_seconds = time.perf_counter() - started
+    if train_only:
+        return {"trained": [f"{name} seed {seed}" for name, seed in configs],
+                "train_seconds_this_call": train_seconds}
     rows = ProbeRows(settings)
     first = next(iter(configs.values()))
     teacher, pairs, _ = build_run(first, torch.device("cpu"))
-    rows.probe("teacher", settings.seeds, teacher_encoder(all_layers_teacher(teacher)))
-    rows.probe("random", settings.seeds, student_encoder(
+    reference_seed = [settings.seeds[0]]
+    rows.probe("teacher", reference_seed, teacher_encoder(all_layers_teacher(teacher)))
+    rows.probe("random", reference_seed, student_encoder(
         fresh_model(first, teacher, pairs, None, random_front_end=True)))
-    rows.probe("init", settings.seeds, student_encoder(
+    rows.probe("init", reference_seed, student_encoder(
         fresh_model(first, teacher, pairs, step0_init(first, teacher) or None)))
     for (name, seed), config in configs.items():
         for step in settings.budgets:
@@ -173,10 +180,10 @@ def run_protocol(settings: QualitySettings) -> dict[str, Any]:
             if rows.cached(row, seed) is None:
                 _, _, _, model = load_student(checkpoint_path(config, step))
                 rows.probe(row, [seed], student_encoder(model))
-    results = {(row, seed): rows.cached(row, seed)
-               for row in [*REFERENCE_ROWS, *(f"{n}@{s}" for n in settings.variants
-                                              for s in settings.budgets)]
-               for seed in settings.seeds}
+    results = {(row, settings.seeds[0]): rows.cached(row, settings.seeds[0])
+               for row in REFERENCE_ROWS}
+    results |= {(f"{n}@{s}", seed): rows.cached(f"{n}@{s}", seed) for n in settings.variants
+                for s in settings.budgets for seed in settings.seeds}
     summary = summarise(results, settings)
     summary["train_seconds_this_call"] = train_seconds
     out = Path(settings.out_dir)
@@ -199,13 +206,16 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
     means: (random - row) / (random - teacher)."""
     rows: dict[str, dict[str, Any]] = {}
     for (row, seed), result in results.items():
-        entry = rows.setdefault(row, {task: {} for task in TASKS})
+        entry = rows.setdefault(row, {task: {} for task in TASKS} | {"loss": {}})
         for task in TASKS:
             entry[task][str(seed)] = result["rates"][task]["overall"]
+            entry["loss"].setdefault(task, []).append(result["final_train_loss"][task])
     table = {}
     for row, entry in rows.items():
-        table[row] = {task: _stats(list(entry[task].values())) | {"per_seed": entry[task]}
-                      for task in TASKS}
+        table[row] = {task: _stats(list(entry[task].values())) | {
+            "per_seed": entry[task],
+            "probe_final_train_loss": statistics.fmean(entry["loss"][task])}
+            for task in TASKS}
     for row, entry in table.items():
         for task in TASKS:
             floor, ceiling = table["random"][task]["mean"], table["teacher"][task]["mean"]
@@ -227,15 +237,20 @@ def _cell(stats: dict[str, Any]) -> str:
 def format_markdown(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = ["# Distillation quality: probe error rates over seeds and budgets", "",
-             f"Seeds {settings['seeds']}; mean ± sample standard deviation over seeds; gap "
-             "closed = (random - row) / (random - teacher) of the means.", "",
-             "| row | step | PER | PER gap closed | CER | CER gap closed |",
-             "|---|---|---|---|---|---|"]
+             f"Distillation seeds {settings['seeds']} (teacher, random and init: once), one probe "
+             f"seed ({settings['probe']['seed']}); mean ± sample standard deviation over seeds; "
+             "gap closed = (random - row) / (random - teacher) of the means; probe train loss: "
+             "the probe's mean CTC loss over its last 10 % of steps (a stalled probe stays "
+             "near 4-5).", "",
+             "| row | step | PER | PER gap closed | CER | CER gap closed | probe train loss "
+             "PER / CER |", "|---|---|---|---|---|---|---|"]
     table = summary["rows"]
 
     def line(name: str, step: str, row: dict[str, Any]) -> str:
         return (f"| {name} | {step} | {_cell(row['per'])} | {row['per']['gap_closed']:.2f} | "
-                f"{_cell(row['cer'])} | {row['cer']['gap_closed']:.2f} |")
+                f"{_cell(row['cer'])} | {row['cer']['gap_closed']:.2f} | "
+                f"{row['per']['probe_final_train_loss']:.2f} / "
+                f"{row['cer']['probe_final_train_loss']:.2f} |")
 
     lines += [line(name, "-" if name != "init" else "0", table[name]) for name in REFERENCE_ROWS]
     for variant in summary["variants"]:
@@ -308,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ranks", type=int)
     parser.add_argument("--probe_steps", type=int, default=ProbeConfig.steps)
     parser.add_argument("--probe_select_every", type=int, default=100)
+    parser.add_argument("--probe_seed", type=int, default=0)
+    parser.add_argument("--train_only", action="store_true",
+                        help="train the missing runs and stop (probe them in a later call)")
     args, rest = parser.parse_known_args(argv)
     variants = yaml.safe_load(Path(args.variants).read_text()) or {}
     settings = QualitySettings(
@@ -316,10 +334,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         budgets=[int(s) for s in args.budgets.split(",")], eval_shards=args.eval_shards,
         probe_train_shards=args.probe_train_shards, probe_dev_shards=args.probe_dev_shards,
         out_dir=args.out_dir, ranks=args.ranks,
-        probe=ProbeConfig(steps=args.probe_steps,
+        probe=ProbeConfig(steps=args.probe_steps, seed=args.probe_seed,
                           select_every=args.probe_select_every if args.probe_dev_shards else 0),
         overrides=parse_overrides(rest))
-    return run_protocol(settings)
+    return run_protocol(settings, args.train_only)
 
 
 if __name__ == "__main__":

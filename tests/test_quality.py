@@ -19,7 +19,8 @@ CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
 
 
 def _result(per, cer):
-    return {"rates": {"per": {"overall": per}, "cer": {"overall": cer}}}
+    return {"rates": {"per": {"overall": per}, "cer": {"overall": cer}},
+            "final_train_loss": {"per": 1.5, "cer": 2.5}}
 
 
 def test_summary_means_spreads_and_gaps_match_hand_computation():
@@ -39,6 +40,7 @@ def test_summary_means_spreads_and_gaps_match_hand_computation():
     assert rows["init"]["cer"]["gap_closed"] == pytest.approx((0.9 - 0.75) / (0.9 - 0.5))
     assert rows["teacher"]["per"]["gap_closed"] == pytest.approx(1.0)
     assert rows["random"]["per"]["gap_closed"] == pytest.approx(0.0)
+    assert rows["a@5"]["cer"]["probe_final_train_loss"] == pytest.approx(2.5)
 
 
 def test_bad_settings_name_the_flag():
