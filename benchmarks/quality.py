@@ -242,12 +242,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
              "gap closed = (random - row) / (random - teacher) of the means; probe train loss: "
              "the probe's mean CTC loss over its last 10 % of steps (a stalled probe stays "
              "near 4-5).", "",
-             "| row | step | PER | PER gap closed | CER | CER gap closed | probe train loss "
-             "PER / CER |", "|---|---|---|---|---|---|---|"]
+             "| row | step | PER | PER per seed | PER gap closed | CER | CER gap closed | "
+             "probe train loss PER / CER |", "|---|---|---|---|---|---|---|---|"]
     table = summary["rows"]
 
     def line(name: str, step: str, row: dict[str, Any]) -> str:
-        return (f"| {name} | {step} | {_cell(row['per'])} | {row['per']['gap_closed']:.2f} | "
+        seeds = ", ".join(f"{value:.3f}" for value in row["per"]["per_seed"].values())
+        return (f"| {name} | {step} | {_cell(row['per'])} | {seeds} | "
+                f"{row['per']['gap_closed']:.2f} | "
                 f"{_cell(row['cer'])} | {row['cer']['gap_closed']:.2f} | "
                 f"{row['per']['probe_final_train_loss']:.2f} / "
                 f"{row['cer']['probe_final_train_loss']:.2f} |")
