@@ -127,9 +127,8 @@ def utterance_norm(features: torch.Tensor, frame_mask: torch.Tensor,
                    eps: float = 1e-5) -> torch.Tensor:
     """features (B, T, D), frame_mask (B, T) bool -> every dimension of each utterance
     standardised over its valid frames (mean 0, variance 1: data2vec's instance norm of
-    targets); padded frames become 0. Removes what all frames of an utterance share (for a
-    Whisper base layer-3 target, the mean cosine between two frames of an utterance falls
-    from 0.74 to 0.0), which otherwise crowds the logits of utterance-local negatives."""
+    targets); padded frames become 0. Removes what all frames of an utterance share, which
+    otherwise crowds the logits of utterance-local negatives."""
     valid = frame_mask.unsqueeze(-1)                                           # (B, T, 1)
     features = torch.where(valid, features, 0.0)        # padding may hold anything, even NaN
     count = valid.sum(1, keepdim=True).clamp_min(1).to(features.dtype)
