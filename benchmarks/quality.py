@@ -37,7 +37,7 @@ import yaml
 
 from colld_ds.atomic import write_atomic, write_text_atomic
 from colld_ds.checkpoint import checkpoint_tag
-from colld_ds.compare import absolute_path, train_run
+from colld_ds.compare import make_paths_absolute, train_run
 from colld_ds.config import ConfigError, TrainConfig, load_config
 from colld_ds.evaluate import (all_layers_teacher, fresh_model, step0_init, student_encoder,
                                teacher_encoder)
@@ -93,9 +93,7 @@ def run_configs(settings: QualitySettings) -> dict[tuple[str, int], TrainConfig]
                 "run.keep_checkpoints": max(10, len(settings.budgets)),
                 "run.out_dir": str(Path(settings.out_dir).resolve() / name / f"seed{seed}"),
                 "run.resume": "auto"})
-            config.teacher.path = absolute_path(config.teacher.path)
-            config.data.train_shards = absolute_path(config.data.train_shards)
-            config.data.teacher_cache = absolute_path(config.data.teacher_cache)
+            make_paths_absolute(config)
             configs[name, seed] = config
     return configs
 

@@ -129,6 +129,15 @@ def absolute_path(path: str) -> str:
     return path if not path or "://" in path or os.path.isabs(path) else os.path.abspath(path)
 
 
+def make_paths_absolute(config: TrainConfig) -> None:
+    """In place: the config's local paths made absolute (``absolute_path``)."""
+    config.teacher.path = absolute_path(config.teacher.path)
+    config.data.train_shards = absolute_path(config.data.train_shards)
+    config.data.teacher_cache = absolute_path(config.data.teacher_cache)
+    if config.run.ds_config:
+        config.run.ds_config = absolute_path(config.run.ds_config)
+
+
 def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
     """One validated config per objective, identical but for ``objective.name`` and
     ``run.out_dir``, with the same explicit teacher layers and absolute paths (relative ones are
@@ -151,11 +160,7 @@ def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
             **settings.overrides, "objective.name": name,
             "layer_map.teacher_layers": teacher_layers,
             "run.out_dir": str(out_dir / name), "run.resume": "auto"})
-        config.teacher.path = base.teacher.path
-        config.data.train_shards = absolute_path(config.data.train_shards)
-        config.data.teacher_cache = absolute_path(config.data.teacher_cache)
-        if config.run.ds_config:
-            config.run.ds_config = absolute_path(config.run.ds_config)
+        make_paths_absolute(config)
         resolve_layer_map(config, num_teacher_layers)      # e.g. a pair listed twice
         configs[name] = config
     return configs

@@ -175,6 +175,7 @@ def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
     if teacher.layers != list(range(1, teacher.num_layers + 1)):
         raise ValueError("fidelity needs a teacher returning all its layers, 1..L in order")
     teacher_moments = [Moments() for _ in teacher.layers]
+    normalise = any(model.objective.target_norm == "utterance" for model in models.values())
     accumulators = {name: FidelityAccumulator(pairs) for name in models}
     seconds = {"teacher": 0.0, "student": 0.0, "audio": 0.0}
     utterances = 0
@@ -189,8 +190,8 @@ def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
         teacher_frames = _valid_frames([f.float() for f in target.features], mask)
         for moments, y in zip(teacher_moments, teacher_frames):
             moments.add(y)
-        normalised = _valid_frames([utterance_norm(f.float(), mask) for f in target.features],
-                                   mask)
+        normalised = (_valid_frames([utterance_norm(f.float(), mask) for f in target.features],
+                                    mask) if normalise else None)
         for name, model in models.items():
             with torch.inference_mode():
                 start = time.perf_counter()

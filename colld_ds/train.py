@@ -68,10 +68,9 @@ class DistillationModel(nn.Module):
         layer -> (B, T, D_t), selection: the frames the objective scores (on the device),
         front_end_features: cached teacher front end (``Batch.front_end_features``) or None;
         train_student False: the loss reaches the heads only (``optim.head_warmup_steps``)."""
-        hidden = self.student(wave, wave_lengths, mask_time,
-                              front_end_features).hidden                  # K x (B, T, D_s)
-        if not train_student:
-            hidden = [states.detach() for states in hidden]
+        with torch.set_grad_enabled(train_student and torch.is_grad_enabled()):
+            hidden = self.student(wave, wave_lengths, mask_time,
+                                  front_end_features).hidden              # K x (B, T, D_s)
         return self.objective(hidden, teacher_features, selection)
 
 

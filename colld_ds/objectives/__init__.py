@@ -16,7 +16,8 @@ def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim
     if config.name == "colld":
         return ColldObjective(pairs, student_dim, teacher_dim, config.head, config.temperature,
                               config.num_negatives, weights, config.contrastive_backend,
-                              config.anchor_frames, config.target_norm)
+                              anchor_frames=config.anchor_frames,
+                              target_norm=config.target_norm)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,
                                    config.cosine_weight, "one_minus", weights, config.target_norm)

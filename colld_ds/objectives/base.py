@@ -103,6 +103,9 @@ class PairwiseObjective(nn.Module):
         (and count 0)."""
         count = selection.count
         device = student_hidden[0].device
+        if self.target_norm == "utterance":
+            teacher_features = {layer: utterance_norm(features.float(), selection.frame_mask)
+                                for layer, features in teacher_features.items()}
         total = torch.zeros((), dtype=torch.float32, device=device)
         metrics: dict[str, torch.Tensor] = {}
         for pair, weight in zip(self.pairs, self.weights):
@@ -110,8 +113,6 @@ class PairwiseObjective(nn.Module):
                                                             selection.frame_index]
             predictions = self.heads[pair.name](states).float()        # (N, D_t)
             targets = teacher_features[pair.teacher_layer]
-            if self.target_norm == "utterance":
-                targets = utterance_norm(targets.float(), selection.frame_mask)
             loss_sum, metric_sums = self.pair_loss(
                 predictions, targets.reshape(-1, targets.shape[-1]).float(), selection)
             loss = loss_sum / max(count, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from colld_ds.layer_map import LayerPair
-from colld_ds.objectives.base import FrameSelection, PairwiseObjective, select_rows
+from colld_ds.objectives.base import FrameSelection, PairwiseObjective
 from kernels import contrastive_loss
 
 
@@ -50,8 +50,7 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
 class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
-                 backend: str = "auto", anchor_frames: str = "masked",
-                 target_norm: str = "none"):
+                 backend: str = "auto", *, anchor_frames: str, target_norm: str):
         super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
         self.temperature = temperature
         self.num_negatives = num_negatives
@@ -65,8 +64,7 @@ class ColldObjective(PairwiseObjective):
 
     def select_frames(self, frame_mask, mask_time, seeds=None):
         """The anchors; one draw of negatives serves every pair of the batch."""
-        selection = select_rows(self.anchors(frame_mask, mask_time))
-        selection.frame_mask = frame_mask
+        selection = super().select_frames(frame_mask, mask_time)
         selection.num_frames = frame_mask.shape[1]      # negatives stay in their utterance
         selection.negatives = sample_negatives(frame_mask.sum(1), selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],
