@@ -1,4 +1,5 @@
-"""What colld refuses to unpickle: a checkpoint crafted to run code, at eval, export and resume.
+"""What colld refuses to unpickle: a checkpoint crafted to run code, at eval, export and resume;
+a teacher directory with code or pickled weights.
 
 The crafted checkpoints are copies of the shared tiny ZeRO-3 run (test_export.py) with one file
 rewritten to carry a payload whose unpickling creates a file, and with ``complete.json``
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+from safetensors.torch import load_file
 from test_export import CONFIG, REPO, trained_run
 from test_faults import OPTIM_STATES, FakeEngine, save
 
@@ -29,6 +31,8 @@ from colld_ds.checkpoint import (COMPLETE_MARKER, UnsafeCheckpointError, load_ch
                                  weights_only_loads)
 from colld_ds.evaluate import evaluate
 from colld_ds.export import export
+from colld_ds.models import load_teacher
+from data_prep.tiny_teacher import make_tiny_teacher
 
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
@@ -167,3 +171,23 @@ def test_every_rank_refuses_what_one_rank_found_unsafe_and_none_falls_back(tmp_p
     assert results[0] == (f"checkpoint {newest}: another rank refused one of its files as "
                           "unsafe (its error names the file)", [])
 
+
+def test_teacher_code_and_pickled_weights_are_never_run(tmp_path):
+    """A teacher directory's own code is never imported (no ``trust_remote_code``) and a
+    ``.bin`` is loaded weights-only."""
+    teacher = Path(make_tiny_teacher("wav2vec2", str(tmp_path / "teacher"), seed=0,
+                                     num_layers=2, hidden_size=32))
+    pwned = tmp_path / "pwned"
+    (teacher / "evil.py").write_text(f"open({str(pwned)!r}, 'w').close()\n")
+    config = json.loads((teacher / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (teacher / "config.json").write_text(json.dumps(config))
+    assert load_teacher(str(teacher), [1, 2]).layers == [1, 2]
+    assert not pwned.exists()
+
+    state = load_file(teacher / "model.safetensors")
+    (teacher / "model.safetensors").unlink()
+    torch.save({**state, "payload": Payload(pwned)}, teacher / "pytorch_model.bin")
+    with pytest.raises(Exception, match="posix.system"):
+        load_teacher(str(teacher), [1, 2])
+    assert not pwned.exists()
