@@ -12,18 +12,35 @@ Writing errors (disk full, no permission) raise ``CheckpointWriteError`` naming 
 and the cause; the previous checkpoints are never touched before the new one is complete. The
 failing rank raises at once, without a collective that the other ranks (still inside
 DeepSpeed's own barriers) would not match; its exit makes the launcher end the job.
+
+Checkpoints are loaded weights-only: a checkpoint directory is what people pass around, and
+unpickling one runs whatever code it carries. ``safe_load`` is ``torch.load(weights_only=True)``
+allowing tensors, containers and the few plain state classes DeepSpeed pickles
+(``deepspeed_state_types``), nothing else. DeepSpeed's own loaders (``load_checkpoint``,
+``zero_to_fp32``) pass ``weights_only=False``; inside ``weights_only_loads`` torch's documented
+``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` makes them weights-only with the same allow-list, without
+patching DeepSpeed. Before any load, ``validate_checkpoint`` loads every ``*.pt`` of the
+checkpoint that way (tensors memory-mapped, not read), so a file that asks for anything else is
+refused with ``UnsafeCheckpointError`` naming it, on every rank, with no fallback to an older
+checkpoint. A hash manifest written at save time would not do: whoever crafts a checkpoint
+writes a matching manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
+import functools
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
 import time
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +65,76 @@ class CheckpointLoadError(RuntimeError):
 
 class CheckpointFallbackWarning(UserWarning):
     """A checkpoint could not be loaded and was skipped for an older one."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file asks to unpickle more than tensors, containers and DeepSpeed's state
+    types: it could run code, so it is not loaded."""
+
+
+@functools.cache
+def deepspeed_state_types() -> tuple[type, ...]:
+    """The classes a DeepSpeed checkpoint pickles besides tensors, containers and dtypes: the
+    only ones ``safe_load`` allows. Found with ``get_unsafe_globals_in_checkpoint`` on runs of
+    ZeRO 0-3, fp32 and bf16, with and without offload; ``DynamicLossScaler`` is fp16's loss
+    scaler (DeepSpeed's source). Plain state holders: building them runs no code of the file's
+    choosing. DeepSpeed is imported on use: ``colld compare`` and ``demo`` import this module."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's ``weights_only=False`` ones included, loads
+    weights-only allowing ``deepspeed_state_types`` (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``);
+    the environment is restored on the way out."""
+    saved = {name: os.environ.pop(name, None)
+             for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(list(deepspeed_state_types())):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def safe_load(file: Path, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file on the CPU, weights-only (``weights_only_loads``).
+
+    Raises UnsafeCheckpointError naming the file and what it asked for when it needs another
+    global; a corrupt file raises what torch raises (so ``load_checkpoint`` falls back)."""
+    try:
+        with weights_only_loads():
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL (\S+)", str(err))
+        if asked is None:
+            raise
+        raise UnsafeCheckpointError(
+            f"{file} asks to unpickle {asked.group(1)}, which is not a tensor, a container or "
+            "one of DeepSpeed's state types: loading it could run code, so colld refuses it. "
+            "Use only checkpoints you or your runs wrote (see 'What colld trusts' in "
+            "README.md); if your own run wrote it with a DeepSpeed that pickles a new state "
+            "type, add that type to colld_ds.checkpoint.deepspeed_state_types") from None
+
+
+def validate_checkpoint(path: Path, part: int = 0, parts: int = 1) -> None:
+    """``safe_load`` every ``*.pt`` file of checkpoint ``path`` (tensors memory-mapped, not
+    read); with ``parts`` > 1 only every ``parts``-th file from the ``part``-th, so that the
+    ranks of a node share the work. Raises UnsafeCheckpointError at the first unsafe file."""
+    for file in sorted(Path(path).rglob("*.pt"))[part::parts]:
+        safe_load(file, mmap=zipfile.is_zipfile(file))   # mmap needs torch's zip format
 
 
 def checkpoint_tag(step: int) -> str:
@@ -133,7 +220,9 @@ def load_checkpoint(engine, candidates: list[Path]) -> tuple[Path, dict[str, Any
     A candidate that fails on any rank (an exception from DeepSpeed, no client state, a file
     missing or of another size than when saved) is skipped on every rank with a warning, and
     the next is tried. Returns (path, client_state), None when there are no candidates, and
-    raises CheckpointLoadError when none could be loaded."""
+    raises CheckpointLoadError when none could be loaded. A candidate with a file that is not
+    weights-only (``validate_checkpoint``) raises UnsafeCheckpointError on every rank before
+    DeepSpeed reads anything; DeepSpeed then loads inside ``weights_only_loads``."""
     if _distributed():      # every rank walks the same list, so the collectives match
         shared = [[str(path) for path in candidates]]
         dist.broadcast_object_list(shared, src=0)
@@ -142,16 +231,31 @@ def load_checkpoint(engine, candidates: list[Path]) -> tuple[Path, dict[str, Any
         return None
     errors = []
     for path in candidates:
-        error = None
+        error: str | None = None
+        unsafe: UnsafeCheckpointError | None = None
         client_state: Any = None
-        try:
+        try:      # the node's ranks split its files: shared or node-local storage alike
             verify_checkpoint(path)
-            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-            if load_path is None or not isinstance(client_state, dict) \
-                    or "step" not in client_state:
-                error = "DeepSpeed found no loadable model states (files missing?)"
+            validate_checkpoint(path, int(os.environ.get("LOCAL_RANK", 0)),
+                                int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        except UnsafeCheckpointError as err:
+            unsafe = err
         except Exception as err:       # corrupt pickles raise anything: skip them all alike
             error = f"{type(err).__name__}: {err}"
+        if _count_failures(unsafe is not None):
+            raise unsafe or UnsafeCheckpointError(
+                f"checkpoint {path}: another rank refused one of its files as unsafe (its "
+                "error names the file)")
+        if error is None:
+            try:
+                with weights_only_loads():
+                    load_path, client_state = engine.load_checkpoint(str(path.parent),
+                                                                     tag=path.name)
+                if load_path is None or not isinstance(client_state, dict) \
+                        or "step" not in client_state:
+                    error = "DeepSpeed found no loadable model states (files missing?)"
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
         if error is not None:
             _warn(f"[colld] rank {_rank()}: checkpoint {path} could not be loaded ({error}); "
                   "skipping it")

@@ -2,8 +2,10 @@
 
 ``load_student(checkpoint)`` consolidates the checkpoint's fp32 weights with DeepSpeed's own
 ``zero_to_fp32`` (ZeRO 1/2/3, the shards of every rank merged; stage 0 reads the module
-states), rebuilds the run with ``build_run`` from the config saved in the checkpoint (its
-client state; ``out_dir/config.yaml`` as a fallback) and loads the weights strictly.
+states), every file weights-only (``colld_ds.checkpoint``: one that needs more is refused
+before anything is read), rebuilds the run with ``build_run`` from the config saved in the
+checkpoint (its client state; ``out_dir/config.yaml`` as a fallback) and loads the weights
+strictly.
 
 ``export(checkpoint, out_dir)`` writes:
 
@@ -34,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from colld_ds.checkpoint import COMPLETE_MARKER, complete_checkpoints, verify_checkpoint
+from colld_ds.checkpoint import (COMPLETE_MARKER, complete_checkpoints, safe_load,
+                                 validate_checkpoint, verify_checkpoint, weights_only_loads)
 from colld_ds.config import TrainConfig, load_config
 
 HF_TOLERANCE = 1e-5
@@ -75,8 +78,7 @@ def _model_states_file(checkpoint: Path) -> Path:
 
 def checkpoint_config(checkpoint: Path) -> TrainConfig:
     """The run config saved with ``checkpoint`` (client state), else ``out_dir/config.yaml``."""
-    states = torch.load(_model_states_file(checkpoint), map_location="cpu", weights_only=False,
-                        mmap=True)
+    states = safe_load(_model_states_file(checkpoint), mmap=True)
     if isinstance(states.get("config"), dict):
         return load_config(None, states["config"])
     yaml_file = checkpoint.parent.parent / "config.yaml"
@@ -87,14 +89,15 @@ def checkpoint_config(checkpoint: Path) -> TrainConfig:
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole DistillationModel, merged from every rank's ZeRO shards."""
+    """fp32 weights of the whole DistillationModel, merged from every rank's ZeRO shards; every
+    file loaded weights-only (``colld_ds.checkpoint.safe_load``)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not list(checkpoint.glob("*_optim_states.pt")):       # ZeRO stage 0: the module itself
-        states = torch.load(_model_states_file(checkpoint), map_location="cpu",
-                            weights_only=False)
+        states = safe_load(_model_states_file(checkpoint))
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    with contextlib.redirect_stdout(io.StringIO()):           # DeepSpeed prints its progress
+    # zero_to_fp32 passes weights_only=False (made weights-only here) and prints its progress
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent),
                                                         tag=checkpoint.name)
 
@@ -104,7 +107,9 @@ def load_student(checkpoint_path: str | Path, teacher_path: str | None = None):
     + projection heads) with the checkpoint's fp32 weights, on CPU, in eval mode.
 
     ``teacher_path`` replaces the config's ``teacher.path`` (a teacher moved since training).
-    Raises CheckpointNotFoundError naming the path when it is not a complete checkpoint."""
+    Raises CheckpointNotFoundError naming the path when it is not a complete checkpoint, and
+    UnsafeCheckpointError naming the file when one is not weights-only (checked before anything
+    else is read)."""
     from colld_ds.train import build_run
 
     checkpoint = resolve_checkpoint(checkpoint_path)
@@ -112,6 +117,7 @@ def load_student(checkpoint_path: str | Path, teacher_path: str | None = None):
         verify_checkpoint(checkpoint)
     except OSError as err:
         raise CheckpointNotFoundError(f"checkpoint {checkpoint} is damaged: {err}") from err
+    validate_checkpoint(checkpoint)
     config = checkpoint_config(checkpoint)
     if teacher_path is not None:
         config.teacher.path = str(teacher_path)

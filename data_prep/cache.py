@@ -121,7 +121,7 @@ def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict) -> dic
         if not np.isfinite(array).all():
             raise ValueError(f"sample {key} in {url}: {what} overflows float16")
         buf = io.BytesIO()
-        np.save(buf, array)
+        np.save(buf, array, allow_pickle=False)
         out[member] = buf.getvalue()
     return out
 

@@ -57,7 +57,8 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
         ext = feature_member(layer, teacher["target_kind"])
         if ext not in members:
             problems.append(f"{where}: {key}.{ext}: missing (teacher layer {layer})")
-        elif ext in valid and np.load(io.BytesIO(valid[ext])).shape[0] != teacher["num_frames"]:
+        elif ext in valid and np.load(io.BytesIO(valid[ext]),
+                                      allow_pickle=False).shape[0] != teacher["num_frames"]:
             problems.append(f"{where}: {key}.{ext}: frames differ from num_frames {teacher['num_frames']}")
     return meta
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -33,8 +34,13 @@ from colld_ds.checkpoint import (COMPLETE_MARKER, CheckpointFallbackWarning, Che
 from test_train import CONFIG, REPO, assets, overrides  # noqa: F401  (assets: a fixture)
 
 
+MODEL_STATES = "mp_rank_00_model_states.pt"
+OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
 class FakeEngine:
-    """What save_checkpoint / load_checkpoint use of a DeepSpeed engine: files on disk."""
+    """What save_checkpoint / load_checkpoint use of a DeepSpeed engine: files on disk, loaded
+    as DeepSpeed's TorchCheckpointEngine does (``weights_only=False``)."""
 
     def __init__(self, fail_save: BaseException | None = None, fail_load: set[str] = ()):
         self.fail_save, self.fail_load, self.loaded = fail_save, set(fail_load), []
@@ -42,10 +48,11 @@ class FakeEngine:
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         directory = Path(save_dir) / tag
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+        torch.save({"module": {"weight": torch.zeros(8)}}, directory / MODEL_STATES)
         if self.fail_save is not None:      # half written, then the disk is full
             raise self.fail_save
-        (directory / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 200)
+        torch.save({"optimizer_state_dict": {"exp_avg": torch.zeros(16)}},
+                   directory / OPTIM_STATES)
         (directory / "client.json").write_text(json.dumps(client_state))
 
     def load_checkpoint(self, load_dir, tag):
@@ -53,6 +60,8 @@ class FakeEngine:
         self.loaded.append(tag)
         if tag in self.fail_load:
             raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        for name in (MODEL_STATES, OPTIM_STATES):
+            torch.load(directory / name, weights_only=False)
         return str(directory), json.loads((directory / "client.json").read_text())
 
 
@@ -101,7 +110,8 @@ def test_complete_marker_records_sizes_and_old_ones_are_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000006", "step00000008"]
     marker = json.loads((tmp_path / "step00000008" / COMPLETE_MARKER).read_text())
     assert marker["step"] == 8
-    assert marker["files"]["zero_pp_rank_0_mp_rank_00_optim_states.pt"] == 200
+    saved = tmp_path / "step00000008" / OPTIM_STATES
+    assert marker["files"][OPTIM_STATES] == saved.stat().st_size
     assert resume_candidates("auto", tmp_path) == [tmp_path / "step00000008",
                                                    tmp_path / "step00000006"]
 
@@ -112,7 +122,8 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, capsys):
     for step in (4, 8, 12):
         save(FakeEngine(), tmp_path, step)
     # step 12: DeepSpeed fails to read it; step 8: a file was truncated after it was saved
-    with open(tmp_path / "step00000008" / "mp_rank_00_model_states.pt", "r+b") as file:
+    saved_size = (tmp_path / "step00000008" / MODEL_STATES).stat().st_size
+    with open(tmp_path / "step00000008" / MODEL_STATES, "r+b") as file:
         file.truncate(10)
     engine = FakeEngine(fail_load={"step00000012"})
     with pytest.warns(CheckpointFallbackWarning) as caught:
@@ -121,7 +132,7 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, capsys):
     assert engine.loaded == ["step00000012", "step00000004"]   # step 8 failed its size check
     messages = [str(w.message) for w in caught]
     assert any("step00000012" in m and "PytorchStreamReader" in m for m in messages), messages
-    assert any("step00000008" in m and "10 bytes, 100" in m for m in messages), messages
+    assert any("step00000008" in m and f"10 bytes, {saved_size}" in m for m in messages), messages
     err = capsys.readouterr().err
     assert "falling back to " + str(tmp_path / "step00000008") in err
     assert "falling back to " + str(tmp_path / "step00000004") in err

@@ -107,15 +107,17 @@ class Family:
         return operator.attrgetter(self.layers_attr)(model)
 
     def load(self, path: str, config: PretrainedConfig) -> PreTrainedModel:
-        """``model_class`` with the weights at ``path`` (in the checkpoint's stored dtype)."""
+        """``model_class`` with the weights at ``path`` (in the checkpoint's stored dtype):
+        safetensors, or a ``.bin`` loaded weights-only (no code from the file runs)."""
         if not self.weight_prefixes:
-            return self.model_class.from_pretrained(path, config=config)
+            return self.model_class.from_pretrained(path, config=config, weights_only=True)
         mapping = {f"^{re.escape(prefix)}": "" for prefix in self.weight_prefixes}
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the (expected) unused decoder weights: a huge table
         try:
             model, info = self.model_class.from_pretrained(
-                path, config=config, key_mapping=mapping, output_loading_info=True
+                path, config=config, key_mapping=mapping, output_loading_info=True,
+                weights_only=True,
             )
         finally:
             hf_logging.set_verbosity(verbosity)

@@ -391,7 +391,8 @@ def _teacher_state_fp32(teacher: Teacher) -> dict[str, Tensor]:
     in fp16/bf16 (so the student's init is not rounded)."""
     if teacher.dtype == torch.float32:
         return teacher.model.state_dict()
-    fp32 = teacher.family.load(teacher.path, AutoConfig.from_pretrained(teacher.path)).float()
+    config = AutoConfig.from_pretrained(teacher.path, trust_remote_code=False)
+    fp32 = teacher.family.load(teacher.path, config).float()
     if teacher.family.model_type == "whisper":  # the teacher's window, maybe shortened
         set_whisper_window(fp32, teacher.front_end.max_seconds)
     return fp32.state_dict()

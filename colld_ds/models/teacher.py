@@ -252,7 +252,7 @@ def load_teacher(
             "null"
         )
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # no code from it
     model = family.load(path, config).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     if window_seconds is not None:
