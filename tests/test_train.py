@@ -6,6 +6,7 @@ Each launch costs ~15 s (process start, DeepSpeed init); the runs are shared whe
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,27 @@ def test_bad_input_is_refused_before_training(assets, tmp_path):
         build(**{"student.hidden_size": 64})
     with pytest.raises(ValueError, match="student.init_from_teacher_layers"):
         build(**{"student.hidden_size": 16, "student.init_from_teacher_layers": [1, 2]})
+
+
+def test_launch_sh_resolves_relative_paths_from_the_callers_directory(assets):
+    """Config, teacher, shards and out_dir given relative to where launch.sh is called from."""
+    cwd = assets["root"]
+    (cwd / "configs").mkdir(exist_ok=True)
+    shutil.copy(CONFIG, cwd / "configs" / "tiny.yaml")
+    relative = {"teacher.path": "teacher", "data.train_shards": "shards/*.tar",
+                "run.out_dir": "relative-run", "optim.max_steps": 2, "optim.warmup_steps": 1,
+                "run.log_every": 1}
+    command = [str(REPO / "launch.sh"), "--config", "configs/tiny.yaml"]
+    for key, value in relative.items():
+        command += [f"--{key}", str(value)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}     # as a user runs it
+    env.update(COLLD_CPU_RANKS="2", COLLD_PYTHON=sys.executable)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = (cwd / "relative-run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [1, 2]
+    assert not (REPO / "relative-run").exists()
 
 
 def run_cli(assets, out_dir, **extra):
