@@ -6,11 +6,12 @@ Any config field can be overridden with a dotted flag: ``--objective.temperature
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import fire
 
-from colld_ds.config import ConfigError, load_config
+from colld_ds.config import ConfigError, describe_config, load_config
 
 
 def train(config: str | None = None, **overrides):
@@ -19,8 +20,19 @@ def train(config: str | None = None, **overrides):
     Run it through ``./launch.sh`` (DeepSpeed launcher) for several ranks or nodes; run directly
     it trains on one process.
     """
+    if overrides.keys() & {"help", "h"}:       # fire hands --help / -h to **overrides
+        print(train_help())
+        return
     from colld_ds.train import train as run_training
     run_training(load_config(config, overrides))
+
+
+def train_help() -> str:
+    """``colld train --help``: usage, the docstring of ``train`` and every config field."""
+    return ("usage: colld train [--config FILE.yaml] [--section.field VALUE ...]\n"
+            "       ./launch.sh [launcher options] --config FILE.yaml [--section.field VALUE ...]"
+            f"\n\n{inspect.getdoc(train)}\n\nConfig fields (defaults <- the YAML file <- the "
+            f"command line; colld_ds/config.py):\n{describe_config()}")
 
 
 def demo(teacher: str = "whisper", out_dir: str | None = None, steps: int | None = None,
@@ -130,7 +142,7 @@ def main() -> None:
     from data_prep.cli import DataPrep
     try:
         fire.Fire({"train": train, "demo": demo, "eval": eval, "compare": compare,
-                   "export": export, "prep": DataPrep})
+                   "export": export, "prep": DataPrep()})
     except ConfigError as error:          # a bad value: say which, without a traceback
         raise SystemExit(f"colld: config error: {error}") from None
 

@@ -11,7 +11,10 @@ data2vec recipes (see DESIGN.md).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -363,6 +366,35 @@ def validate(config: TrainConfig) -> None:
     require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
     require(not (config.run.offload_optimizer and config.run.zero_stage < 2),
             "run.offload_optimizer: needs run.zero_stage 2 or 3")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source), whitespace joined."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_config() -> str:
+    """Every config section and field, as ``--section.field: type = default`` and its
+    docstring: what ``colld train --help`` lists."""
+    lines = []
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
+        docs = _field_docs(cls)
+        lines.append(f"{section.name}:")
+        for item in dataclasses.fields(cls):
+            default = (item.default_factory() if item.default is dataclasses.MISSING
+                       else item.default)
+            lines.append(f"  --{section.name}.{item.name}: {item.type} = {default!r}")
+            if item.name in docs:
+                lines += textwrap.wrap(docs[item.name], 96, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
