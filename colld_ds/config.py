@@ -80,7 +80,9 @@ class ObjectiveConfig:
     temperature: float = 0.1
     """InfoNCE temperature on cosine similarity (CoLLD)."""
     num_negatives: int = 100
-    """Negatives per scored frame, sampled from the same utterance's valid frames (CoLLD)."""
+    """Negatives per scored frame, sampled from the same utterance's valid frames (CoLLD). At
+    most the frames of a ``data.max_seconds`` crop minus one (checked at start-up); shorter
+    utterances repeat some, with a warning."""
     anchor_frames: Literal["masked", "all"] = "all"
     """Frames CoLLD scores: ``all`` valid frames, masked or not (as the regression objectives
     do), so the states of unmasked input, which is what the student sees after training, are
@@ -366,6 +368,20 @@ def validate(config: TrainConfig) -> None:
     require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
     require(not (config.run.offload_optimizer and config.run.zero_stage < 2),
             "run.offload_optimizer: needs run.zero_stage 2 or 3")
+
+
+def check_num_negatives(config: TrainConfig, crop_frames: int) -> None:
+    """CoLLD draws ``objective.num_negatives`` negatives among the other frames of an utterance;
+    a longest crop (``data.max_seconds``) of ``crop_frames`` frames must supply that many, or
+    the negatives of every utterance repeat. Checked at start-up, once the teacher gives the
+    frame rate."""
+    limit = crop_frames - 1
+    if config.objective.name == "colld" and config.objective.num_negatives > limit:
+        raise ConfigError(
+            f"objective.num_negatives: {config.objective.num_negatives} is more than the {limit} "
+            f"other frames of a data.max_seconds {config.data.max_seconds} s crop ({crop_frames} "
+            f"teacher frames), so every utterance's negatives would repeat; set "
+            f"objective.num_negatives to at most {limit} or raise data.max_seconds")
 
 
 def _field_docs(cls: type) -> dict[str, str]:

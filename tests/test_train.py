@@ -119,6 +119,24 @@ def test_bad_input_is_refused_before_training(assets, tmp_path):
         build(**{"student.hidden_size": 16, "student.init_from_teacher_layers": [1, 2]})
 
 
+def test_more_negatives_than_the_longest_crop_supplies_are_refused_at_start(assets, tmp_path):
+    teacher = json.loads((Path(assets["teacher"]) / "config.json").read_text())
+    crop_frames = round(load_config(CONFIG).data.max_seconds * 16000)
+    for kernel, stride in zip(teacher["conv_kernel"], teacher["conv_stride"], strict=True):
+        crop_frames = (crop_frames - kernel) // stride + 1            # the conv length formula
+
+    def build(num_negatives):
+        config = load_config(CONFIG, overrides(assets, tmp_path,
+                                               **{"objective.num_negatives": num_negatives}))
+        build_run(config, torch.device("cpu"))
+
+    build(crop_frames - 1)
+    limit = crop_frames - 1
+    with pytest.raises(ConfigError, match=rf"objective.num_negatives: {crop_frames} is more than "
+                                          rf"the {limit} other frames.* at most {limit} "):
+        build(crop_frames)
+
+
 def test_launch_sh_resolves_relative_paths_from_the_callers_directory(assets):
     """Config, teacher, shards and out_dir given relative to where launch.sh is called from."""
     cwd = assets["root"]
