@@ -268,8 +268,8 @@ def evaluate_run(name: str, checkpoint: Path, eval_shards: str,
 
 
 def final_training_loss(run_dir: Path, step: int) -> float | None:
-    """``loss/total`` of the last metrics.jsonl row logged at ``step`` (a resumed run appends
-    rows again, so the last one is the run that made the final checkpoint)."""
+    """``loss/total`` of the last metrics.jsonl row logged at ``step`` (the only one since a
+    resumed run drops the rows after its checkpoint; runs of older versions appended them)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None

@@ -327,7 +327,7 @@ def train(config: TrainConfig) -> TrainResult:
               f"{'resuming from ' + str(resume_from) if resume_from else 'starting'} at step "
               f"{step}", flush=True)
 
-    monitor = MetricsMonitor(out_dir, rank, world_size, SAMPLE_RATE)
+    monitor = MetricsMonitor(out_dir, rank, world_size, SAMPLE_RATE, start_step=step)
     progress = tqdm(total=config.optim.max_steps, initial=step, disable=rank != 0,
                     desc="distil", dynamic_ncols=True)
     batches = iter(stream)

@@ -90,6 +90,15 @@ def test_stopped_and_resumed_run_matches_uninterrupted(assets, uninterrupted):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+def test_a_run_resumed_after_a_crash_logs_each_step_once(assets):
+    out_dir = assets["root"] / "crashed"
+    first = launch(assets, out_dir, **{"run.stop_at_step": 12})
+    assert [row["step"] for row in first] == list(range(1, 13))
+    shutil.rmtree(out_dir / "checkpoints" / "step00000012")   # crashed before checkpointing 12
+    rows = launch(assets, out_dir, **{"run.resume": "auto"})      # resumes from step 8
+    assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1))
+
+
 @pytest.mark.parametrize("extra", [{"run.zero_stage": 1}, {"run.zero_stage": 3},
                                    {"run.zero_stage": 2, "run.offload_optimizer": True},
                                    {"run.zero_stage": 3, "student.freeze_front_end": True}],
