@@ -128,9 +128,11 @@ def compare(config: str, eval_shards: str, objectives: str = "colld,l2l,distilhu
 def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = False,
            teacher_path: str | None = None, threads: int | None = None):
     """Export a checkpoint's student: ``out_dir/hf`` (save_pretrained + feature extractor
-    config; loads with the teacher's model class, checked to 1e-5), with ``--onnx``
+    config: the teacher's, or the family defaults the student was trained with when the teacher
+    has none; loads with the teacher's model class, checked to 1e-5), with ``--onnx``
     ``out_dir/onnx/model.onnx`` (checked with onnxruntime to 1e-4), with ``--quantize`` also a
-    dynamic int8 ``model.int8.onnx`` (size and CPU latency reported)."""
+    dynamic int8 ``model.int8.onnx`` (size and CPU latency reported). Nothing is left in
+    ``out_dir`` unless every check passed."""
     from colld_ds.export import export as run_export
     from colld_ds.export import format_export_report
 
