@@ -82,6 +82,7 @@ def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
         assert (counts / counts.mean() - 1).abs().max() < 0.15   # uniform
 
 
+@pytest.mark.filterwarnings("ignore::colld_ds.objectives.colld.ShortUtteranceWarning")
 def test_padding_never_enters_the_loss():
     torch.manual_seed(0)
     student = torch.randn(2, 12, 8)
