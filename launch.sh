@@ -13,8 +13,13 @@
 #
 # Launcher options (they must come before --config): --hostfile, --num_gpus, --num_nodes,
 # --master_addr, --master_port, --launcher, --include, --exclude. The rest goes to `colld train`.
+#
+# The ranks run in the directory you launch from, so relative paths (--config, --teacher.path,
+# --data.train_shards, --run.out_dir) mean what they do for `colld train`; PYTHONPATH makes
+# them import this checkout's colld_ds from there.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 python="${COLLD_PYTHON:-}"
 if [[ -z "$python" ]]; then
   if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
@@ -54,5 +59,4 @@ if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
   # it: without this, every CPU run would leave RAM behind until the next reboot.
   trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_$(id -u)_*_"$port"_*' EXIT
 fi
-cd "$here"
 "$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank --module colld_ds.cli train "$@"

@@ -6,11 +6,12 @@ Any config field can be overridden with a dotted flag: ``--objective.temperature
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import fire
 
-from colld_ds.config import ConfigError, load_config
+from colld_ds.config import ConfigError, describe_config, load_config
 
 
 def train(config: str | None = None, **overrides):
@@ -19,8 +20,19 @@ def train(config: str | None = None, **overrides):
     Run it through ``./launch.sh`` (DeepSpeed launcher) for several ranks or nodes; run directly
     it trains on one process.
     """
+    if overrides.keys() & {"help", "h"}:       # fire hands --help / -h to **overrides
+        print(train_help())
+        return
     from colld_ds.train import train as run_training
     run_training(load_config(config, overrides))
+
+
+def train_help() -> str:
+    """``colld train --help``: usage, the docstring of ``train`` and every config field."""
+    return ("usage: colld train [--config FILE.yaml] [--section.field VALUE ...]\n"
+            "       ./launch.sh [launcher options] --config FILE.yaml [--section.field VALUE ...]"
+            f"\n\n{inspect.getdoc(train)}\n\nConfig fields (defaults <- the YAML file <- the "
+            f"command line; colld_ds/config.py):\n{describe_config()}")
 
 
 def demo(teacher: str = "whisper", out_dir: str | None = None, steps: int | None = None,
@@ -116,9 +128,11 @@ def compare(config: str, eval_shards: str, objectives: str = "colld,l2l,distilhu
 def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = False,
            teacher_path: str | None = None, threads: int | None = None):
     """Export a checkpoint's student: ``out_dir/hf`` (save_pretrained + feature extractor
-    config; loads with the teacher's model class, checked to 1e-5), with ``--onnx``
+    config: the teacher's, or the family defaults the student was trained with when the teacher
+    has none; loads with the teacher's model class, checked to 1e-5), with ``--onnx``
     ``out_dir/onnx/model.onnx`` (checked with onnxruntime to 1e-4), with ``--quantize`` also a
-    dynamic int8 ``model.int8.onnx`` (size and CPU latency reported)."""
+    dynamic int8 ``model.int8.onnx`` (size and CPU latency reported). Nothing is left in
+    ``out_dir`` unless every check passed."""
     from colld_ds.export import export as run_export
     from colld_ds.export import format_export_report
 
@@ -130,7 +144,7 @@ def main() -> None:
     from data_prep.cli import DataPrep
     try:
         fire.Fire({"train": train, "demo": demo, "eval": eval, "compare": compare,
-                   "export": export, "prep": DataPrep})
+                   "export": export, "prep": DataPrep()})
     except ConfigError as error:          # a bad value: say which, without a traceback
         raise SystemExit(f"colld: config error: {error}") from None
 

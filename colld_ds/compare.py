@@ -125,7 +125,7 @@ class CompareSettings:
 
 
 def absolute_path(path: str) -> str:
-    """A local path made absolute (launch.sh changes directory); URLs and '' left alone."""
+    """A local path made absolute (the runs start in the repository); URLs and '' left alone."""
     return path if not path or "://" in path or os.path.isabs(path) else os.path.abspath(path)
 
 
@@ -141,7 +141,7 @@ def make_paths_absolute(config: TrainConfig) -> None:
 def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
     """One validated config per objective, identical but for ``objective.name`` and
     ``run.out_dir``, with the same explicit teacher layers and absolute paths (relative ones are
-    taken from the current directory: launch.sh runs from the repository).
+    taken from the current directory: the runs start in the repository).
 
     Raises ConfigError (naming the field) before anything is trained."""
     from colld_ds.layer_map import resolve_layer_map
@@ -268,8 +268,8 @@ def evaluate_run(name: str, checkpoint: Path, eval_shards: str,
 
 
 def final_training_loss(run_dir: Path, step: int) -> float | None:
-    """``loss/total`` of the last metrics.jsonl row logged at ``step`` (a resumed run appends
-    rows again, so the last one is the run that made the final checkpoint)."""
+    """``loss/total`` of the last metrics.jsonl row logged at ``step`` (the only one since a
+    resumed run drops the rows after its checkpoint; runs of older versions appended them)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None

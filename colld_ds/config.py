@@ -11,7 +11,10 @@ data2vec recipes (see DESIGN.md).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,7 +80,9 @@ class ObjectiveConfig:
     temperature: float = 0.1
     """InfoNCE temperature on cosine similarity (CoLLD)."""
     num_negatives: int = 100
-    """Negatives per scored frame, sampled from the same utterance's valid frames (CoLLD)."""
+    """Negatives per scored frame, sampled from the same utterance's valid frames (CoLLD). At
+    most the frames of a ``data.max_seconds`` crop minus one (checked at start-up); shorter
+    utterances repeat some, with a warning."""
     anchor_frames: Literal["masked", "all"] = "all"
     """Frames CoLLD scores: ``all`` valid frames, masked or not (as the regression objectives
     do), so the states of unmasked input, which is what the student sees after training, are
@@ -363,6 +368,49 @@ def validate(config: TrainConfig) -> None:
     require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
     require(not (config.run.offload_optimizer and config.run.zero_stage < 2),
             "run.offload_optimizer: needs run.zero_stage 2 or 3")
+
+
+def check_num_negatives(config: TrainConfig, crop_frames: int) -> None:
+    """CoLLD draws ``objective.num_negatives`` negatives among the other frames of an utterance;
+    a longest crop (``data.max_seconds``) of ``crop_frames`` frames must supply that many, or
+    the negatives of every utterance repeat. Checked at start-up, once the teacher gives the
+    frame rate."""
+    limit = crop_frames - 1
+    if config.objective.name == "colld" and config.objective.num_negatives > limit:
+        raise ConfigError(
+            f"objective.num_negatives: {config.objective.num_negatives} is more than the {limit} "
+            f"other frames of a data.max_seconds {config.data.max_seconds} s crop ({crop_frames} "
+            f"teacher frames), so every utterance's negatives would repeat; set "
+            f"objective.num_negatives to at most {limit} or raise data.max_seconds")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source), whitespace joined."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_config() -> str:
+    """Every config section and field, as ``--section.field: type = default`` and its
+    docstring: what ``colld train --help`` lists."""
+    lines = []
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
+        docs = _field_docs(cls)
+        lines.append(f"{section.name}:")
+        for item in dataclasses.fields(cls):
+            default = (item.default_factory() if item.default is dataclasses.MISSING
+                       else item.default)
+            lines.append(f"  --{section.name}.{item.name}: {item.type} = {default!r}")
+            if item.name in docs:
+                lines += textwrap.wrap(docs[item.name], 96, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

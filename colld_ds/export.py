@@ -9,18 +9,24 @@ strictly.
 
 ``export(checkpoint, out_dir)`` writes:
 
-- ``out_dir/hf``: ``student.model.save_pretrained`` + the teacher's ``preprocessor_config.json``;
-  it loads with the teacher's model class (``load_teacher`` / ``AutoModel``), and every layer's
-  output is checked against the checkpoint's student (max abs difference <= 1e-5);
+- ``out_dir/hf``: ``student.model.save_pretrained`` + ``preprocessor_config.json``, the feature
+  extractor the student was trained with: the teacher's, or the family's defaults when the
+  teacher has none (``models.families.build_front_end``; 16 kHz, zero-mean unit-variance
+  waveforms for the wav2vec 2.0 family); it loads with the teacher's model class
+  (``load_teacher`` / ``AutoModel``), and every layer's output is checked against the
+  checkpoint's student (max abs difference <= 1e-5);
 - ``out_dir/onnx/model.onnx`` (``--onnx``): the HF model with dynamic batch (and time) axes,
   inputs as the front end makes them (``input_values`` [+ ``attention_mask``], or
   ``input_features``), outputs ``last_hidden_state`` and ``hidden_states`` (K + 1, B, T, D: the
   embeddings then each layer, HF's ``output_hidden_states``); checked with onnxruntime against
-  torch (max abs difference <= 1e-4);
+  torch (max abs difference <= 1e-4); weight-normed convolutions (the positional conv of
+  wav2vec 2.0, HuBERT, XLS-R) are exported with their weight folded, as a stored tensor;
 - ``out_dir/onnx/model.int8.onnx`` (``--quantize``): onnxruntime dynamic int8 quantisation;
   sizes, CPU latencies and its difference to fp32 are reported (not checked: int8 is lossy).
 
-``out_dir/export.json`` records what was written and every number checked.
+``out_dir/export.json`` records what was written and every number checked. All of it is written
+under ``out_dir/.partial-export`` first and moved into ``out_dir`` once every check passed, so
+a failed or killed export leaves no ``hf/`` or ``onnx/`` without its ``export.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from colld_ds.checkpoint import (COMPLETE_MARKER, complete_checkpoints, safe_load,
                                  validate_checkpoint, verify_checkpoint, weights_only_loads)
@@ -152,16 +160,15 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _save_extractor(teacher_extractor: Path, config, out_dir: Path) -> None:
-    """The teacher's ``preprocessor_config.json`` into ``out_dir``; for a Whisper student on a
-    trimmed window (``teacher.window_seconds``) with ``chunk_length`` set to that window, so HF's
-    ``WhisperFeatureExtractor`` pads to what the exported encoder takes."""
+def _save_extractor(extractor, config, out_dir: Path) -> None:
+    """The student's feature extractor as ``out_dir/preprocessor_config.json``; for a Whisper
+    student on a trimmed window (``teacher.window_seconds``) with ``chunk_length`` set to that
+    window, so HF's ``WhisperFeatureExtractor`` pads to what the exported encoder takes."""
     if config.model_type != "whisper":
-        shutil.copy(teacher_extractor, out_dir / "preprocessor_config.json")
+        extractor.save_pretrained(out_dir)
         return
     from transformers import WhisperFeatureExtractor
 
-    extractor = WhisperFeatureExtractor.from_pretrained(teacher_extractor.parent)
     window_samples = config.max_source_positions * 2 * extractor.hop_length   # 2 mel frames each
     if window_samples != extractor.n_samples:
         if window_samples % extractor.sampling_rate:
@@ -175,15 +182,14 @@ def _save_extractor(teacher_extractor: Path, config, out_dir: Path) -> None:
 
 
 def export_hf(student, teacher, out_dir: Path) -> dict[str, Any]:
-    """``student.model.save_pretrained(out_dir)`` + the teacher's feature extractor config;
+    """``student.model.save_pretrained(out_dir)`` + the student's feature extractor config;
     reloaded as a teacher (the teacher's model class) and checked layer by layer."""
     from colld_ds.models import load_teacher
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.model.save_pretrained(out_dir)
-    extractor = Path(teacher.path) / "preprocessor_config.json"
-    if extractor.is_file():
-        _save_extractor(extractor, student.model.config, out_dir)
+    _save_extractor(student.front_end.feature_extractor, student.model.config, out_dir)
+    from_teacher = (Path(teacher.path) / "preprocessor_config.json").is_file()
     reloaded = load_teacher(str(out_dir), list(range(1, student.num_layers + 1)),
                             dtype=torch.float32)
     wave, lengths = _probe_wave()
@@ -192,7 +198,8 @@ def export_hf(student, teacher, out_dir: Path) -> dict[str, Any]:
     got = reloaded(wave, lengths).features
     diffs = [_max_diff(e, g) for e, g in zip(expected, got)]
     result = {"dir": str(out_dir), "model_class": type(reloaded.model).__name__,
-              "preprocessor_config": extractor.is_file(), "max_abs_diff_per_layer": diffs,
+              "preprocessor_config": "the teacher's" if from_teacher else "family defaults",
+              "max_abs_diff_per_layer": diffs,
               "tolerance": HF_TOLERANCE, "ok": max(diffs) <= HF_TOLERANCE}
     if not result["ok"]:
         raise RuntimeError(f"exported model in {out_dir} differs from the checkpoint's student "
@@ -214,6 +221,23 @@ class _OnnxWrapper(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         out = self.model(**dict(zip(self.input_names, inputs)), output_hidden_states=True)
         return out.last_hidden_state, torch.stack(out.hidden_states)
+
+
+def _plain_weights(model: nn.Module) -> nn.Module:
+    """``model``, or where some of its weights are parametrised (the weight norm of the
+    positional conv of wav2vec 2.0, HuBERT, XLS-R) a copy with them folded into plain ones: the
+    same function, but the ONNX graph then stores the weight instead of computing it, which
+    onnxruntime's int8 quantizer needs ("Expected ... to be an initializer"). The copy is built
+    anew from the config, not deep-copied: removing a parametrisation edits the module's class,
+    which a deep copy shares with the original."""
+    if not any(parametrize.is_parametrized(module) for module in model.modules()):
+        return model
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    for module in [m for m in plain.modules() if parametrize.is_parametrized(m)]:
+        for name in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return plain.eval()
 
 
 def _model_inputs(student, wave: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -259,7 +283,8 @@ def export_onnx(student, out_dir: Path, quantize: bool = False) -> dict[str, Any
         stale.unlink()
     wrapper = _OnnxWrapper(model, names)
     with warnings_quiet(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=names,
+        torch.onnx.export(_OnnxWrapper(_plain_weights(model), names), tuple(inputs.values()),
+                          str(path), input_names=names,
                           output_names=["last_hidden_state", "hidden_states"],
                           dynamic_shapes={"inputs": dynamic}, dynamo=True, verbose=False)
     # Checked on other shapes than the traced ones: a batch of 3, another length.
@@ -334,19 +359,50 @@ def _export(checkpoint, out_dir, onnx, quantize, teacher_path) -> dict[str, Any]
     student = model.student
     report: dict[str, Any] = {"checkpoint": str(resolve_checkpoint(checkpoint)),
                               "parameters": sum(p.numel() for p in student.model.parameters())}
-    report["hf"] = export_hf(student, teacher, out_dir / "hf")
-    if onnx or quantize:
-        report["onnx"] = export_onnx(student, out_dir / "onnx", quantize=quantize)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    staging = out_dir / ".partial-export"           # moved into out_dir once all checks pass
+    shutil.rmtree(staging, ignore_errors=True)      # left by a killed export
+    try:
+        report["hf"] = export_hf(student, teacher, staging / "hf")
+        if onnx or quantize:
+            report["onnx"] = export_onnx(student, staging / "onnx", quantize=quantize)
+        _relocate(report, staging, out_dir)
+        (staging / "export.json").write_text(json.dumps(report, indent=2))
+        for name in ("export.json", "hf", "onnx"):  # the previous export goes as a whole
+            _remove(out_dir / name)
+        for name in ("hf", "onnx", "export.json"):  # export.json last: it marks a whole export
+            if (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _relocate(report: dict[str, Any], staging: Path, out_dir: Path) -> None:
+    """In place: the report's paths under ``staging`` as they will be under ``out_dir``."""
+    for key, value in report.items():
+        if isinstance(value, dict):
+            _relocate(value, staging, out_dir)
+        elif key in ("dir", "path"):
+            report[key] = str(out_dir / Path(value).relative_to(staging))
+
+
+def _remove(path: Path) -> None:
+    """The file or directory tree ``path``, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def format_export_report(report: dict[str, Any]) -> str:
     hf = report["hf"]
     lines = [f"[colld] exported {report['checkpoint']} ({report['parameters']:,} parameters)",
              f"  Hugging Face: {hf['dir']} ({hf['model_class']}); max |diff| vs checkpoint "
-             f"{max(hf['max_abs_diff_per_layer']):.2e} (<= {hf['tolerance']:g})"]
+             f"{max(hf['max_abs_diff_per_layer']):.2e} (<= {hf['tolerance']:g}); feature "
+             f"extractor config: {hf['preprocessor_config']}"]
+    if hf["preprocessor_config"] == "family defaults":
+        lines.append("  note: the teacher has no preprocessor_config.json; the one written holds "
+                     "the family defaults the student was trained with")
     onnx = report.get("onnx")
     if onnx:
         lat = onnx["latency_s"]

@@ -1,6 +1,7 @@
 """Training metrics: averaged over the frames each metric scores, across micro-batches and ranks
 (weighted by ``ObjectiveOutput.count``), every ``log_every`` steps, written by rank 0 to
-TensorBoard (``out_dir/tb``) and to ``out_dir/metrics.jsonl`` (one JSON object per logged step).
+TensorBoard (``out_dir/tb``) and to ``out_dir/metrics.jsonl`` (one JSON object per logged step;
+a resumed run first drops the rows after its checkpoint's step, so each step appears once).
 
 Metrics accumulate on the device between logs, so the hot path has no host sync.
 """
@@ -14,9 +15,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from colld_ds.atomic import write_text_atomic
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Rewrite ``path`` (a metrics.jsonl) atomically with only its rows of steps <= ``step``:
+    a run resumed from the checkpoint of ``step`` logs the later ones again. A row cut short
+    by a killed run is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
 
 class MetricsMonitor:
-    def __init__(self, out_dir: Path, rank: int, world_size: int, sample_rate: int = 16000):
+    def __init__(self, out_dir: Path, rank: int, world_size: int, sample_rate: int = 16000,
+                 start_step: int = 0):
+        """``start_step``: the step the run starts from (its checkpoint's, 0 when fresh); rank 0
+        drops the metrics.jsonl rows after it."""
         self.rank = rank
         self.world_size = world_size
         self.sample_rate = sample_rate
@@ -25,6 +48,7 @@ class MetricsMonitor:
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out_dir / "tb"))
+            keep_rows_up_to(out_dir / "metrics.jsonl", start_step)
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
         self._reset()
 

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpoint
-from colld_ds.config import ConfigError, TrainConfig, save_config
+from colld_ds.config import ConfigError, TrainConfig, check_num_negatives, save_config
 from colld_ds.data import AudioBatchStream, Batch
 from colld_ds.ds_config import build_ds_config
 from colld_ds.layer_map import LayerPair, resolve_layer_map
@@ -257,6 +257,8 @@ def build_run(config: TrainConfig, device: torch.device
     teacher = load_teacher(config.teacher.path, teacher_layers, config.teacher.target_kind,
                            dtype=_teacher_dtype(config, device), device=device,
                            window_seconds=config.teacher.window_seconds)
+    crop = torch.tensor(round(config.data.max_seconds * SAMPLE_RATE))
+    check_num_negatives(config, int(teacher.num_frames(crop)))
     torch.manual_seed(config.run.seed)          # identical initial weights on every rank
     init = config.student.init_from_teacher_layers
     width = config.student.hidden_size
@@ -325,7 +327,7 @@ def train(config: TrainConfig) -> TrainResult:
               f"{'resuming from ' + str(resume_from) if resume_from else 'starting'} at step "
               f"{step}", flush=True)
 
-    monitor = MetricsMonitor(out_dir, rank, world_size, SAMPLE_RATE)
+    monitor = MetricsMonitor(out_dir, rank, world_size, SAMPLE_RATE, start_step=step)
     progress = tqdm(total=config.optim.max_steps, initial=step, disable=rank != 0,
                     desc="distil", dynamic_ncols=True)
     batches = iter(stream)

@@ -209,7 +209,7 @@ class DataPrep:
 
 
 def main() -> None:
-    fire.Fire(DataPrep)
+    fire.Fire(DataPrep())     # an instance: --help lists the commands (a class shows __init__)
 
 
 if __name__ == "__main__":

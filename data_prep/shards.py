@@ -23,8 +23,8 @@ keys in file order), `"lengths"` (16 kHz audio samples of each, from the json `d
 `"mtime_ns"` (lets a refresh skip unchanged shards). wids readers ignore the extra fields. The
 loader takes per-shard counts and durations from it, so remote shards (http, s3, pipe:) need
 no header scan. Every writer of shards (`write_shards`, `data_prep.cache`) refreshes it
-atomically when it finishes, under a lock (`shardindex.json.lock`) so that concurrent
-cache-teacher ranks never lose one another's entries.
+atomically when it finishes, under a lock (`shardindex.json.lock`, removed on release:
+`exclusive_lock`) so that concurrent cache-teacher ranks never lose one another's entries.
 """
 
 from __future__ import annotations
@@ -120,13 +120,37 @@ def shard_index_entry(path: str) -> dict:
             "keys": list(keys), "lengths": [lengths[k] for k in keys]}
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `path`, created for it and removed on release, so no
+    empty lock file is left behind. A process that waited on a lock file removed meanwhile finds
+    after locking that `path` is no longer the file it holds, and locks the new one: two
+    holders never overlap. (A lock on the directory itself would leave nothing either, but NFS
+    emulates `flock` with POSIX locks, which need a file open for writing.)"""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    os.unlink(path)  # while still locked: a waiter then sees it is stale
+                return
+        finally:
+            os.close(fd)
+
+
 def write_shard_index(directory: str) -> str:
     """Write or refresh `directory/shardindex.json` for every `*.tar` in `directory`, atomically
     (temporary name, then rename); return its path. Entries whose shard has the same size and
     mtime as when indexed are kept without reading the shard again."""
     path = os.path.join(directory, SHARD_INDEX)
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent writers: each scans after the previous wrote
+    with exclusive_lock(path + ".lock"):  # concurrent writers: each scans after the previous wrote
         try:
             with open(path) as f:
                 previous = {e["url"]: e for e in json.load(f)["shardlist"]}

@@ -6,6 +6,7 @@ weights are dumped next to it as ``reference.pt``: consolidation is checked agai
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -15,10 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from colld_ds.export import CheckpointNotFoundError, export, load_student, resolve_checkpoint
+from colld_ds.export import (CheckpointNotFoundError, export, export_hf, export_onnx,
+                             load_student, resolve_checkpoint)
+from colld_ds.models import build_student, load_teacher
+from data_prep.tiny_teacher import make_tiny_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
+INT8_RELATIVE_ERROR = 0.1
+"""Dynamic int8 against fp32 on a tiny random student: ||int8 - fp32|| / ||fp32||."""
 
 _TRAIN = r"""
 import os, socket, sys
@@ -163,3 +169,84 @@ def test_windowed_whisper_export_carries_its_window(tmp_path):
         expected = student.model(**ours, output_hidden_states=True).hidden_states
     for e, g in zip(expected, got, strict=True):
         assert (e - g).abs().max() <= 1e-4
+
+
+def test_teacher_without_preprocessor_config_exports_the_student_front_ends(tmp_path):
+    """The exported preprocessor_config.json, run by HF's own extractor, gives the inputs the
+    student's front end computes (here the family defaults: the teacher has none)."""
+    from transformers import AutoFeatureExtractor
+
+    tiny = make_tiny_teacher("xlsr", str(tmp_path / "teacher"), seed=0, num_layers=2)
+    os.remove(os.path.join(tiny, "preprocessor_config.json"))
+    teacher = load_teacher(tiny, [1, 2])
+    student = build_student(teacher, 1, init_from_teacher_layers=[1]).eval()
+    report = export_hf(student, teacher, tmp_path / "hf")
+    assert report["ok"] and report["preprocessor_config"] == "family defaults"
+    extractor = AutoFeatureExtractor.from_pretrained(tmp_path / "hf")
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([24_000, 17_000])
+    wave = 0.1 * torch.randn(2, 24_000, generator=generator) + 0.05   # an offset to normalise
+    features = extractor([w[:n].numpy() for w, n in zip(wave, lengths.tolist())],
+                         sampling_rate=16_000, padding=True, return_tensors="pt")
+    ours, _ = student.front_end(wave, lengths)
+    assert torch.equal(features["attention_mask"].bool(), ours["attention_mask"].bool())
+    valid = ours["attention_mask"].bool()
+    diff = (features["input_values"] - ours["input_values"])[valid].abs().max()
+    assert diff <= 1e-5
+
+
+def test_onnx_int8_export_of_a_weight_normed_positional_conv(tmp_path):
+    """An XLS-R-shaped student (weight-normed positional conv, large enough that the exporter
+    does not fold it): every ONNX Conv weight is stored, so int8 quantisation takes it, and the
+    int8 model stays close to the PyTorch student."""
+    import onnx
+    import onnxruntime as ort
+    from torch.nn.utils import parametrize
+
+    tiny = make_tiny_teacher("xlsr", str(tmp_path / "teacher"), seed=0, num_layers=2,
+                             hidden_size=64)
+    student = build_student(load_teacher(tiny, [1, 2]), 2,
+                            init_from_teacher_layers=[1, 2]).eval()
+    conv = student.model.encoder.pos_conv_embed.conv
+    assert parametrize.is_parametrized(conv, "weight")
+    report = export_onnx(student, tmp_path / "onnx", quantize=True)
+    assert parametrize.is_parametrized(conv, "weight")             # exported from a copy
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    stored = {tensor.name for tensor in graph.initializer}
+    assert all(node.input[1] in stored for node in graph.node if node.op_type == "Conv")
+
+    generator = torch.Generator().manual_seed(3)
+    wave = 0.1 * torch.randn(2, 30_000, generator=generator)
+    inputs, _ = student.front_end(wave, torch.tensor([30_000, 21_000]))
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    with torch.inference_mode():
+        expected = student.model(**inputs).last_hidden_state
+    session = ort.InferenceSession(report["int8"]["path"], providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
+    relative = float((got - expected).norm() / expected.norm())
+    assert relative <= INT8_RELATIVE_ERROR, relative
+
+
+def test_a_failed_export_leaves_the_previous_one_and_no_partial_output(run, tmp_path,
+                                                                         monkeypatch):
+    import colld_ds.export as export_module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("onnx export failed")
+
+    def failed_export(out_dir):
+        with monkeypatch.context() as patch:
+            patch.setattr(export_module, "export_onnx", fail)
+            with pytest.raises(RuntimeError, match="onnx export failed"):
+                export(run["checkpoint"], out_dir, onnx=True)
+
+    failed_export(tmp_path / "fresh")                       # after hf/ was written and checked
+    assert not (tmp_path / "fresh").exists() or not os.listdir(tmp_path / "fresh")
+
+    export(run["checkpoint"], tmp_path / "previous")
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "previous").rglob("*")}
+    assert sorted(p.name for p in (tmp_path / "previous").iterdir()) == ["export.json", "hf"]
+    failed_export(tmp_path / "previous")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "previous").rglob("*")} == files
+    report = json.loads((tmp_path / "previous" / "export.json").read_text())
+    assert report["hf"]["dir"] == str(tmp_path / "previous" / "hf")

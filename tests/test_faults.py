@@ -31,6 +31,7 @@ import colld_ds.train as train_module
 from colld_ds.checkpoint import (COMPLETE_MARKER, CheckpointFallbackWarning, CheckpointLoadError,
                                  CheckpointWriteError, complete_checkpoints, load_checkpoint,
                                  resume_candidates, save_checkpoint)
+from colld_ds.monitor import keep_rows_up_to
 from test_train import CONFIG, REPO, assets, overrides  # noqa: F401  (assets: a fixture)
 
 
@@ -247,6 +248,15 @@ def test_permission_error_from_deepspeed_raises_a_clear_error(tmp_path):
     _assert_previous_intact(tmp_path)
 
 
+def test_metrics_rows_after_the_resumed_step_and_a_cut_row_are_dropped(tmp_path):
+    rows = [{"step": step, "loss/total": 1.0 / step} for step in range(1, 8)]
+    lines = [json.dumps(row) for row in rows]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:9])  # killed
+    keep_rows_up_to(tmp_path / "metrics.jsonl", 4)
+    assert _rows(tmp_path) == rows[:4]
+    assert [path.name for path in tmp_path.iterdir()] == ["metrics.jsonl"]   # no temporary
+
+
 # ---------------------------------------------------------------- kill -9 on 2 CPU ranks
 
 MAX_STEPS = 24
@@ -360,11 +370,11 @@ def killed(assets):
 def _resume_and_compare(assets, source, out_dir, expected_checkpoint, reference):
     if out_dir != source:
         shutil.copytree(source, out_dir)
-    before = len(_rows(out_dir))
     step = json.loads((expected_checkpoint / COMPLETE_MARKER).read_text())["step"]
     rows, output = _launch(assets, out_dir, **{"run.resume": "auto"})
-    resumed = {row["step"]: row["loss/total"] for row in rows[before:]}
-    assert sorted(resumed) == list(range(step + 1, MAX_STEPS + 1)), output[-3000:]
+    # the rows the killed run logged after the checkpoint are dropped: each step once
+    assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1)), output[-3000:]
+    resumed = {row["step"]: row["loss/total"] for row in rows[step:]}
     assert f"resuming from {out_dir / 'checkpoints' / expected_checkpoint.name}" in output
     for index in range(step + 1, MAX_STEPS + 1):
         assert resumed[index] == pytest.approx(reference[index], rel=1e-5, abs=1e-6), index

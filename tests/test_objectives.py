@@ -1,13 +1,16 @@
 """Objectives against hand computations and statistical expectations."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from colld_ds.config import ObjectiveConfig
 from colld_ds.layer_map import LayerPair
+from colld_ds.models import frame_mask
 from colld_ds.objectives import build_objective, sample_negatives
+from colld_ds.objectives.colld import ShortUtteranceWarning
 
 
 def identity_objective(name: str, dim: int, **kwargs):
@@ -54,6 +57,16 @@ def test_colld_loss_equals_hand_computation(anchor_frames, anchors):
     assert output.metrics["acc/s1_t1"].item() == pytest.approx(sum(hits) / len(anchors))
 
 
+def test_an_utterance_with_fewer_other_frames_than_negatives_warns():
+    objective = identity_objective("colld", 2, num_negatives=5)
+    mask_time = torch.zeros(2, 8, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        objective.select_frames(frame_mask(torch.tensor([8, 6]), 8), mask_time)   # 5 others
+    with pytest.warns(ShortUtteranceWarning, match="objective.num_negatives: 5 .*fewer than 6"):
+        objective.select_frames(frame_mask(torch.tensor([8, 5]), 8), mask_time)   # 4 others
+
+
 def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
     frame_lengths = torch.tensor([7, 3])
     batch_index = torch.tensor([0, 0, 1, 1])
@@ -69,6 +82,7 @@ def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
         assert (counts / counts.mean() - 1).abs().max() < 0.15   # uniform
 
 
+@pytest.mark.filterwarnings("ignore::colld_ds.objectives.colld.ShortUtteranceWarning")
 def test_padding_never_enters_the_loss():
     torch.manual_seed(0)
     student = torch.randn(2, 12, 8)

@@ -4,9 +4,11 @@
 import csv
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from webdataset import TarWriter
 import data_prep.manifest
 from colld_ds.data import read_samples
 from data_prep.cli import DataPrep
-from data_prep.shards import shard_keys
+from data_prep.shards import exclusive_lock, shard_keys
 
 GOOD = ["good_a", "good_b", "stereo44k", "good_c", "good_d"]
 
@@ -85,6 +87,38 @@ def test_make_shards_skips_bad_inputs_with_reasons(manifest, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         make(manifest, str(tmp_path / "strict"), strict=True)
     assert info.value.code not in (0, None) and "6 inputs were skipped" in str(info.value.code)
+
+
+def test_make_shards_leaves_no_lock_file(manifest, tmp_path):
+    out = str(tmp_path / "shards")
+    make(manifest, out)
+    assert "shardindex.json" in os.listdir(out)
+    assert not [name for name in os.listdir(out) if name.endswith(".lock")], os.listdir(out)
+
+
+def _count_under_lock(lock: str, counter: str, times: int) -> None:
+    for _ in range(times):
+        with exclusive_lock(lock):
+            value = int(open(counter).read())
+            time.sleep(0.001)                 # another holder would overwrite this increment
+            with open(counter, "w") as f:
+                f.write(str(value + 1))
+
+
+def test_exclusive_lock_excludes_while_removing_its_file(tmp_path):
+    lock, counter = str(tmp_path / "x.lock"), str(tmp_path / "counter")
+    with open(counter, "w") as f:
+        f.write("0")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_count_under_lock, args=(lock, counter, 40))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    assert open(counter).read() == "160"
+    assert not os.path.exists(lock)
 
 
 def test_split_long_inputs(manifest, tmp_path):

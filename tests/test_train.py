@@ -6,6 +6,7 @@ Each launch costs ~15 s (process start, DeepSpeed init); the runs are shared whe
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,6 +90,15 @@ def test_stopped_and_resumed_run_matches_uninterrupted(assets, uninterrupted):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+def test_a_run_resumed_after_a_crash_logs_each_step_once(assets):
+    out_dir = assets["root"] / "crashed"
+    first = launch(assets, out_dir, **{"run.stop_at_step": 12})
+    assert [row["step"] for row in first] == list(range(1, 13))
+    shutil.rmtree(out_dir / "checkpoints" / "step00000012")   # crashed before checkpointing 12
+    rows = launch(assets, out_dir, **{"run.resume": "auto"})      # resumes from step 8
+    assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1))
+
+
 @pytest.mark.parametrize("extra", [{"run.zero_stage": 1}, {"run.zero_stage": 3},
                                    {"run.zero_stage": 2, "run.offload_optimizer": True},
                                    {"run.zero_stage": 3, "student.freeze_front_end": True}],
@@ -116,6 +126,45 @@ def test_bad_input_is_refused_before_training(assets, tmp_path):
         build(**{"student.hidden_size": 64})
     with pytest.raises(ValueError, match="student.init_from_teacher_layers"):
         build(**{"student.hidden_size": 16, "student.init_from_teacher_layers": [1, 2]})
+
+
+def test_more_negatives_than_the_longest_crop_supplies_are_refused_at_start(assets, tmp_path):
+    teacher = json.loads((Path(assets["teacher"]) / "config.json").read_text())
+    crop_frames = round(load_config(CONFIG).data.max_seconds * 16000)
+    for kernel, stride in zip(teacher["conv_kernel"], teacher["conv_stride"], strict=True):
+        crop_frames = (crop_frames - kernel) // stride + 1            # the conv length formula
+
+    def build(num_negatives):
+        config = load_config(CONFIG, overrides(assets, tmp_path,
+                                               **{"objective.num_negatives": num_negatives}))
+        build_run(config, torch.device("cpu"))
+
+    build(crop_frames - 1)
+    limit = crop_frames - 1
+    with pytest.raises(ConfigError, match=rf"objective.num_negatives: {crop_frames} is more than "
+                                          rf"the {limit} other frames.* at most {limit} "):
+        build(crop_frames)
+
+
+def test_launch_sh_resolves_relative_paths_from_the_callers_directory(assets):
+    """Config, teacher, shards and out_dir given relative to where launch.sh is called from."""
+    cwd = assets["root"]
+    (cwd / "configs").mkdir(exist_ok=True)
+    shutil.copy(CONFIG, cwd / "configs" / "tiny.yaml")
+    relative = {"teacher.path": "teacher", "data.train_shards": "shards/*.tar",
+                "run.out_dir": "relative-run", "optim.max_steps": 2, "optim.warmup_steps": 1,
+                "run.log_every": 1}
+    command = [str(REPO / "launch.sh"), "--config", "configs/tiny.yaml"]
+    for key, value in relative.items():
+        command += [f"--{key}", str(value)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}     # as a user runs it
+    env.update(COLLD_CPU_RANKS="2", COLLD_PYTHON=sys.executable)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = (cwd / "relative-run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [1, 2]
+    assert not (REPO / "relative-run").exists()
 
 
 def run_cli(assets, out_dir, **extra):

@@ -7,6 +7,8 @@ same utterance, at the same layer: InfoNCE on cosine similarity / temperature.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from colld_ds.layer_map import LayerPair
@@ -47,6 +49,10 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
     return batch_index.unsqueeze(1) * num_frames + drawn
 
 
+class ShortUtteranceWarning(UserWarning):
+    """An utterance has fewer other frames than ``objective.num_negatives``."""
+
+
 class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
@@ -63,10 +69,22 @@ class ColldObjective(PairwiseObjective):
         return mask_time & frame_mask if self.anchor_frames == "masked" else frame_mask
 
     def select_frames(self, frame_mask, mask_time, seeds=None):
-        """The anchors; one draw of negatives serves every pair of the batch."""
+        """The anchors; one draw of negatives serves every pair of the batch.
+
+        An utterance with fewer other frames than ``num_negatives`` repeats some negatives:
+        that is a warning (once per process), not an error, since corpora hold utterances
+        shorter than the crop; the config is checked against the longest crop at start-up
+        (``config.check_num_negatives``)."""
         selection = super().select_frames(frame_mask, mask_time)
         selection.num_frames = frame_mask.shape[1]      # negatives stay in their utterance
-        selection.negatives = sample_negatives(frame_mask.sum(1), selection.batch_index,
+        frame_lengths = frame_mask.sum(1)
+        if bool((frame_lengths <= self.num_negatives).any()):
+            warnings.warn(
+                f"objective.num_negatives: {self.num_negatives} is more than the other frames "
+                f"of some utterances (fewer than {self.num_negatives + 1} frames): their "
+                f"negatives must repeat; lower objective.num_negatives or leave out short "
+                f"utterances (colld prep make_shards --min_seconds)", ShortUtteranceWarning)
+        selection.negatives = sample_negatives(frame_lengths, selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],
                                                self.num_negatives, seeds=seeds)
         return selection
