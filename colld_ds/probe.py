@@ -92,11 +92,20 @@ class ProbeConfig:
     """With a held-out selection split (``run_probe(dev=...)``): score the probe's error rate on
     it every this many steps and at the end, and keep the best state (early stopping on a
     held-out criterion); 0: keep the last state."""
+    restarts: int = 4
+    """Probes started from different seeds, each trained ``restart_steps`` steps; the one with
+    the lowest training loss over its last half of them goes on to ``steps``. A linear CTC
+    probe sometimes stalls near the all-blank loss for hundreds of steps, depending on its
+    initial state alone (measured: Whisper base teacher, 1 probe seed of 4 stalled at every lr
+    tried): without restarts one stalled probe passes for unreadable features."""
+    restart_steps: int = 100
+    """Steps of each restart before the choice (at most ``steps``; counted in ``steps`` for the
+    chosen one)."""
 
     def __post_init__(self) -> None:
         if self.select_every < 0:
             raise ValueError(f"probe select_every: must be >= 0, got {self.select_every}")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "restarts", "restart_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"probe {name}: must be >= 1, got {getattr(self, name)}")
         if self.lstm_hidden < 0 or not self.lr > 0 or not 0 <= self.dropout < 1:
@@ -257,48 +266,77 @@ class ProbeTraining(NamedTuple):
     probe: CTCProbe
     """In eval mode: the last state, or the best one on the selection split."""
     losses: list[float]
-    """The CTC loss of every step."""
+    """The CTC loss of every step of the chosen probe."""
     selection: list[tuple[int, float]]
     """(step, held-out error rate) at every check; empty without a selection split."""
+    restart_losses: list[float]
+    """Each restart's mean training loss over the last half of its ``restart_steps`` (the
+    lowest was chosen); empty without restarts."""
+
+
+class _ProbeRun:
+    """One probe with its optimiser, batch generator and losses, trained step by step."""
+
+    def __init__(self, features: Sequence[Tensor], targets: Sequence[Tensor], vocab_size: int,
+                 config: ProbeConfig, seed: int):
+        torch.manual_seed(seed)                     # initial state and dropout masks
+        num_layers, _, dim = features[0].shape
+        self.features, self.targets, self.batch_size = features, targets, config.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.probe = CTCProbe(num_layers, dim, vocab_size, config.lstm_hidden, config.dropout)
+        self.optimizer = torch.optim.Adam(self.probe.parameters(), lr=config.lr)
+        self.ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        rows = torch.randint(len(self.features), (self.batch_size,),
+                             generator=self.generator).tolist()
+        batch, lengths = _pad([self.features[i] for i in rows])
+        labels = [self.targets[i] for i in rows]
+        log_probs = self.probe(batch, lengths)                            # (B, T, V + 1)
+        loss = self.ctc(log_probs.transpose(0, 1), torch.cat(labels), lengths,
+                        torch.tensor([len(t) for t in labels]))
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.item())
 
 
 def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_size: int,
                 config: ProbeConfig,
                 select: Callable[[CTCProbe], float] | None = None) -> ProbeTraining:
     """Train a CTCProbe on ``features`` (each (L, T_i, D), standardised) and ``targets``
-    (each (N_i,) int64 in 1..V). ``select`` (probe in eval mode -> held-out error rate) is
-    called every ``config.select_every`` steps and at the end; the state with the lowest rate
+    (each (N_i,) int64 in 1..V). With ``config.restarts`` > 1, that many probes (seeds
+    ``seed * restarts + r``) train ``restart_steps`` steps and the one with the lowest loss
+    goes on. ``select`` (probe in eval mode -> held-out error rate) is called every
+    ``config.select_every`` steps after that and at the end; the state with the lowest rate
     (the earliest of equals) is the one returned."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    num_layers, _, dim = features[0].shape
-    probe = CTCProbe(num_layers, dim, vocab_size, config.lstm_hidden, config.dropout)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=config.lr)
-    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
-    losses: list[float] = []
+    restart_losses: list[float] = []
+    if config.restarts > 1:
+        runs = []
+        for restart in range(config.restarts):
+            runs.append(_ProbeRun(features, targets, vocab_size, config,
+                                  config.seed * config.restarts + restart))
+            for _ in range(min(config.restart_steps, config.steps)):
+                runs[-1].step()
+        restart_losses = [float(np.mean(run.losses[len(run.losses) // 2:])) for run in runs]
+        run = runs[int(np.argmin(restart_losses))]
+    else:
+        run = _ProbeRun(features, targets, vocab_size, config, config.seed)
     selection: list[tuple[int, float]] = []
     best: tuple[float, dict[str, Tensor]] | None = None
-    for step in range(1, config.steps + 1):
-        rows = torch.randint(len(features), (config.batch_size,), generator=generator).tolist()
-        batch, lengths = _pad([features[i] for i in rows])
-        labels = [targets[i] for i in rows]
-        log_probs = probe(batch, lengths)                                 # (B, T, V + 1)
-        loss = ctc(log_probs.transpose(0, 1), torch.cat(labels), lengths,
-                   torch.tensor([len(t) for t in labels]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    for step in range(len(run.losses) + 1, config.steps + 1):
+        run.step()
         if select is not None and config.select_every and (
                 step % config.select_every == 0 or step == config.steps):
-            score = select(probe.eval())
-            probe.train()
+            score = select(run.probe.eval())
+            run.probe.train()
             selection.append((step, score))
             if best is None or score < best[0]:
-                best = (score, {k: v.clone() for k, v in probe.state_dict().items()})
+                best = (score, {k: v.clone() for k, v in run.probe.state_dict().items()})
     if best is not None:
-        probe.load_state_dict(best[1])
-    return ProbeTraining(probe.eval(), losses, selection)
+        run.probe.load_state_dict(best[1])
+    return ProbeTraining(run.probe.eval(), run.losses, selection, restart_losses)
 
 
 def greedy_decode(log_probs: Tensor, length: int) -> list[int]:
@@ -388,10 +426,10 @@ def score_model(splits: ProbeSplits, tasks: ProbeTasks, test: Sequence[ProbeUtte
                 config: ProbeConfig, dev: Sequence[ProbeUtterance] | None = None
                 ) -> dict[str, Any]:
     """Train and score one model's probe for every task: ``{"rates": {task: {group: rate}},
-    "layer_weights", "final_train_loss", "selection"}`` (per task). With ``dev`` (and
+    "layer_weights", "final_train_loss", "selection", "restart_losses"}`` (per task). With ``dev`` (and
     ``config.select_every``) the probe state is chosen by the dev error rate."""
     result: dict[str, Any] = {"rates": {}, "layer_weights": {}, "final_train_loss": {},
-                              "selection": {}}
+                              "selection": {}, "restart_losses": {}}
     for task in TASKS:
         select = None
         if dev and splits.dev is not None and config.select_every:
@@ -405,6 +443,7 @@ def score_model(splits: ProbeSplits, tasks: ProbeTasks, test: Sequence[ProbeUtte
         result["final_train_loss"][task] = float(
             np.mean(training.losses[-max(1, config.steps // 10):]))
         result["selection"][task] = training.selection
+        result["restart_losses"][task] = training.restart_losses
     return result
 
 

@@ -100,7 +100,7 @@ def _separable_task(n, informative, seed, vocab=6, layers=3, dim=8):
 def _per(config, informative):
     train_features, train_targets = _separable_task(64, informative, seed=0)
     test_features, test_targets = _separable_task(32, informative, seed=1)
-    probe, losses, _ = train_probe(train_features, train_targets, 6, config)
+    probe, losses, _, _ = train_probe(train_features, train_targets, 6, config)
     hypotheses = decode(probe, test_features, batch_size=5)
     return (error_rates([[str(i) for i in h] for h in hypotheses],
                         [[str(i) for i in t.tolist()] for t in test_targets], ["x"] * 32)["x"],

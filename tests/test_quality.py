@@ -65,16 +65,40 @@ def test_probe_keeps_the_state_with_the_best_held_out_score():
         states.append({k: v.clone() for k, v in probe.state_dict().items()})
         return next(scores)
 
-    config = ProbeConfig(steps=8, select_every=3, batch_size=2, lr=0.1)
-    probe, losses, selection = train_probe(features, targets, 2, config, select)
+    config = ProbeConfig(steps=8, select_every=3, batch_size=2, lr=0.1, restarts=1)
+    probe, losses, selection, _ = train_probe(features, targets, 2, config, select)
     assert selection == [(3, 0.5), (6, 0.2), (8, 0.9)] and len(losses) == 8
     assert not probe.training
     for key, value in probe.state_dict().items():       # the state scored 0.2, not the last
         assert torch.equal(value, states[1][key])
     assert not torch.equal(states[1]["out.weight"], states[2]["out.weight"])
     # without a selection split, the last state
-    last, _, none = train_probe(features, targets, 2, ProbeConfig(steps=8, batch_size=2, lr=0.1))
+    last, _, none, _ = train_probe(features, targets, 2,
+                                   ProbeConfig(steps=8, batch_size=2, lr=0.1, restarts=1))
     assert none == [] and torch.equal(last.out.weight, states[2]["out.weight"])
+
+
+def test_restarts_continue_the_probe_with_the_lowest_early_loss():
+    """Against probes trained alone (restarts=1) from the restarts' seeds: the same early
+    losses, and the chosen one continued is the same probe (no dropout: nothing else draws
+    from the global generator)."""
+    torch.manual_seed(0)
+    features = [torch.randn(2, 10, 4) for _ in range(8)]
+    targets = [torch.randint(1, 4, (3,)) for _ in range(8)]
+    single = dict(batch_size=2, lr=0.05, dropout=0.0, restarts=1)
+    early = [train_probe(features, targets, 3, ProbeConfig(steps=6, seed=3 + r, **single))
+             for r in range(3)]                  # seeds seed * restarts + r, seed 1
+    means = [sum(run.losses[3:]) / 3 for run in early]
+    chosen = min(range(3), key=means.__getitem__)
+    alone = train_probe(features, targets, 3, ProbeConfig(steps=20, seed=3 + chosen, **single))
+    restarted = train_probe(features, targets, 3, ProbeConfig(
+        steps=20, seed=1, batch_size=2, lr=0.05, dropout=0.0, restarts=3, restart_steps=6))
+    assert restarted.restart_losses == pytest.approx(means)
+    assert restarted.losses == pytest.approx(alone.losses)
+    assert torch.equal(restarted.probe.out.weight, alone.probe.out.weight)
+    assert len(set(means)) == 3            # the choice was not a tie
+    with pytest.raises(ValueError, match="restart_steps"):
+        ProbeConfig(steps=20, restarts=2, restart_steps=0)
 
 
 def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, capfd):
