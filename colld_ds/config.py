@@ -94,6 +94,12 @@ class ObjectiveConfig:
     (``utterance``: data2vec's instance norm), which removes what all frames of an utterance
     share before the objective compares them (CoLLD's negatives lie in the same utterance);
     or the targets as they are (``none``)."""
+    position_negatives: bool = False
+    """CoLLD: also take, as negatives, the teacher frames at the anchor's frame index in the
+    other utterances of the micro-batch (B - 1 more per anchor). Same-utterance negatives differ
+    from the positive in position, which a student with absolute positional embeddings
+    (Whisper) can tell apart without reading content; these cannot be. Needs a backend that
+    takes negatives across utterances (not ``dense``)."""
     contrastive_backend: Literal["auto", "triton", "dense", "chunked"] = "auto"
     """Implementation of CoLLD's loss (``kernels.contrastive_loss``): ``auto`` = the fused Triton
     kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one (``triton``
@@ -334,6 +340,10 @@ def validate(config: TrainConfig) -> None:
                 "layer_map.teacher_layers: every student layer needs at least one teacher layer")
     require(config.objective.temperature > 0, "objective.temperature: must be > 0")
     require(config.objective.num_negatives >= 1, "objective.num_negatives: must be >= 1")
+    require(not (config.objective.position_negatives
+                 and config.objective.contrastive_backend == "dense"),
+            "objective.position_negatives: its negatives span utterances, which the dense "
+            "backend cannot take; set objective.contrastive_backend auto or chunked")
     require(0.0 <= config.masking.mask_prob <= 1.0, "masking.mask_prob: must be in [0, 1]")
     require(config.masking.span_length >= 1, "masking.span_length: must be >= 1")
     require(config.optim.head_warmup_steps >= 0, "optim.head_warmup_steps: must be >= 0")

@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 
-from colld_ds.config import ObjectiveConfig
+from colld_ds.config import ConfigError, ObjectiveConfig, load_config
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import frame_mask
 from colld_ds.objectives import build_objective, sample_negatives
-from colld_ds.objectives.colld import ShortUtteranceWarning
+from colld_ds.objectives.colld import ShortUtteranceWarning, same_position_negatives
 
 
 def identity_objective(name: str, dim: int, **kwargs):
@@ -80,6 +80,43 @@ def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
         assert set(drawn.tolist()) == allowed         # never t, never padding, every other frame
         counts = torch.bincount(drawn, minlength=9)[sorted(allowed)].float()
         assert (counts / counts.mean() - 1).abs().max() < 0.15   # uniform
+
+
+def test_same_position_negatives_by_hand():
+    frame_lengths = torch.tensor([5, 3, 4])                      # T = 6
+    batch_index = torch.tensor([0, 0, 1, 2])
+    frame_index = torch.tensor([1, 4, 2, 3])
+    fallback = torch.tensor([[2, 3], [0, 1], [6, 7], [12, 13]])   # same-utterance rows
+    rows = same_position_negatives(frame_lengths, batch_index, frame_index, 6, fallback)
+    assert rows.tolist() == [[6 + 1, 12 + 1],     # (0, 1): utterances 1 and 2 at frame 1
+                             [0, 1],              # (0, 4): both shorter -> fallback columns
+                             [12 + 2, 0 + 2],     # (1, 2): utterances 2 and 0
+                             [0 + 3, 13]]         # (2, 3): utterance 0; 1 is shorter: column 1
+
+
+def test_position_negatives_join_the_loss_and_refuse_the_dense_backend():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    mask = frame_mask(torch.tensor([6, 4]), 6)
+    objective = identity_objective("colld", 4, num_negatives=3, position_negatives=True,
+                                   temperature=0.5)
+    selection = objective.select_frames(mask, torch.zeros(2, 6, dtype=torch.bool))
+    assert selection.negatives.shape == (10, 4) and selection.num_frames is None
+    flat_teacher = teacher.reshape(12, 4)
+    for row, (b, t) in enumerate(zip(selection.batch_index.tolist(),
+                                     selection.frame_index.tolist())):
+        extra = selection.negatives[row, 3].item()
+        assert extra == ((1 - b) * 6 + t if t < [6, 4][1 - b] else selection.negatives[row, 0])
+    output = objective([student], {1: teacher}, selection)
+    logits = torch.stack([torch.cosine_similarity(
+        student.reshape(12, 4)[selection.rows].unsqueeze(1),
+        flat_teacher[torch.cat([selection.rows.unsqueeze(1), selection.negatives], 1)], dim=-1)
+        / 0.5])[0]
+    expected = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="objective.position_negatives"):
+        load_config(None, {"objective.position_negatives": True,
+                           "objective.contrastive_backend": "dense"})
 
 
 @pytest.mark.filterwarnings("ignore::colld_ds.objectives.colld.ShortUtteranceWarning")

@@ -17,7 +17,8 @@ def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim
         return ColldObjective(pairs, student_dim, teacher_dim, config.head, config.temperature,
                               config.num_negatives, weights, config.contrastive_backend,
                               anchor_frames=config.anchor_frames,
-                              target_norm=config.target_norm)
+                              target_norm=config.target_norm,
+                              position_negatives=config.position_negatives)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,
                                    config.cosine_weight, "one_minus", weights, config.target_norm)

@@ -1,8 +1,9 @@
 """CoLLD: masked contrastive layer-to-layer distillation (Chang et al., ICASSP 2024).
 
-For each pair, the projected student state at a masked frame must pick out the teacher's feature
-of the same frame (computed on the unmasked input) among K teacher features of other frames of the
-same utterance, at the same layer: InfoNCE on cosine similarity / temperature.
+For each pair, the projected student state at a scored frame (its input masked or not) must pick
+out the teacher's feature of the same frame (computed on the unmasked input) among K teacher
+features of other frames of the same utterance (optionally also the same frame index of the
+batch's other utterances), at the same layer: InfoNCE on cosine similarity / temperature.
 """
 
 from __future__ import annotations
@@ -49,6 +50,24 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
     return batch_index.unsqueeze(1) * num_frames + drawn
 
 
+def same_position_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
+                            frame_index: torch.Tensor, num_frames: int,
+                            fallback: torch.Tensor) -> torch.Tensor:
+    """For each anchor (b, t), frame t of every other utterance of the batch: (N, B - 1) rows
+    of the (B * T, D) flattened targets, utterances in the order b + 1, b + 2, ... (mod B).
+
+    Where an utterance has no frame t (it is shorter), the row is taken from ``fallback``
+    (N, K) (the anchor's same-utterance negatives; column j, or j mod K), so no padded frame is
+    ever a candidate. Such negatives share the positive's position: a student cannot reject
+    them by an absolute positional embedding (Whisper adds one after the mask)."""
+    batch_size = frame_lengths.shape[0]
+    columns = torch.arange(batch_size - 1)
+    other = (batch_index.unsqueeze(1) + 1 + columns) % batch_size          # (N, B - 1)
+    rows = other * num_frames + frame_index.unsqueeze(1)
+    present = frame_index.unsqueeze(1) < frame_lengths[other]
+    return torch.where(present, rows, fallback[:, columns % fallback.shape[1]])
+
+
 class ShortUtteranceWarning(UserWarning):
     """An utterance has fewer other frames than ``objective.num_negatives``."""
 
@@ -56,7 +75,8 @@ class ShortUtteranceWarning(UserWarning):
 class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
-                 backend: str = "auto", *, anchor_frames: str, target_norm: str):
+                 backend: str = "auto", *, anchor_frames: str, target_norm: str,
+                 position_negatives: bool = False):
         super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
         self.temperature = temperature
         self.num_negatives = num_negatives
@@ -64,6 +84,9 @@ class ColldObjective(PairwiseObjective):
         """``kernels.contrastive_loss``'s backend (``objective.contrastive_backend``)."""
         self.anchor_frames = anchor_frames
         """``masked`` or ``all`` (``objective.anchor_frames``)."""
+        self.position_negatives = position_negatives
+        """Add the frames at the anchor's index in the batch's other utterances as negatives
+        (``objective.position_negatives``)."""
 
     def anchors(self, frame_mask, mask_time):
         return mask_time & frame_mask if self.anchor_frames == "masked" else frame_mask
@@ -87,6 +110,11 @@ class ColldObjective(PairwiseObjective):
         selection.negatives = sample_negatives(frame_lengths, selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],
                                                self.num_negatives, seeds=seeds)
+        if self.position_negatives and frame_mask.shape[0] > 1:
+            selection.negatives = torch.cat([selection.negatives, same_position_negatives(
+                frame_lengths, selection.batch_index, selection.frame_index,
+                frame_mask.shape[1], selection.negatives)], dim=1)
+            selection.num_frames = None             # candidates span utterances
         return selection
 
     def pair_loss(self, predictions, targets, selection: FrameSelection):
