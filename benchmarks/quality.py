@@ -12,9 +12,10 @@ refused if started with other settings) of ``max(budgets)`` steps with a checkpo
 budget, so a learning curve is one run probed along its schedule. Each checkpoint, and the
 reference rows (teacher, random and init, once: with the first seed's config), are probed with
 ``colld_ds.probe`` (its state chosen on the dev split every ``--probe_select_every`` steps), all
-with the same probe seed (``--probe_seed``), so the spread over seeds is the distillation's: the
-CTC probe itself stalls on a blank plateau for some seeds (a probe's final training loss is
-reported). Results are cached per row under ``out_dir/probe`` (a re-run only probes what is
+with the same probe seed (``--probe_seed``), so the spread over seeds is the distillation's; each
+probe is the best early loss of ``--probe_restarts`` restarts (``ProbeConfig.restarts``: a CTC
+probe can stall near the all-blank loss from its initial state alone; a probe's final training
+loss is reported). Results are cached per row under ``out_dir/probe`` (a re-run only probes what is
 new) and summarised in ``quality.json``, ``quality.md`` and ``quality.png``: mean and sample
 standard deviation over seeds, and gap closed = (random - student) / (random - teacher) of the
 means.
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--probe_steps", type=int, default=ProbeConfig.steps)
     parser.add_argument("--probe_select_every", type=int, default=100)
     parser.add_argument("--probe_seed", type=int, default=0)
+    parser.add_argument("--probe_restarts", type=int, default=ProbeConfig.restarts)
     parser.add_argument("--train_only", action="store_true",
                         help="train the missing runs and stop (probe them in a later call)")
     args, rest = parser.parse_known_args(argv)
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         probe_train_shards=args.probe_train_shards, probe_dev_shards=args.probe_dev_shards,
         out_dir=args.out_dir, ranks=args.ranks,
         probe=ProbeConfig(steps=args.probe_steps, seed=args.probe_seed,
+                          restarts=args.probe_restarts,
                           select_every=args.probe_select_every if args.probe_dev_shards else 0),
         overrides=parse_overrides(rest))
     return run_protocol(settings, args.train_only)

@@ -142,3 +142,24 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
     assert log.count("training skipped") == 4 and "[quality] probe" not in log
     assert {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("*.json")} == probes
     assert again["rows"] == rows
+
+
+def test_probe_restarts_benchmark_plumbing(tmp_path, monkeypatch):
+    """benchmarks/probe_restarts.py on the tiny teacher: one row per (restarts, seed), the
+    restart losses only where there were restarts, and both files written."""
+    from benchmarks.probe_restarts import main as probe_restarts
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    teacher, train, heldout = tiny_teacher_and_shards(tmp_path)
+    out = tmp_path / "restarts"
+    report = probe_restarts(["--config", str(CONFIG), "--probe_train_shards", f"{train}/*.tar",
+                             "--probe_dev_shards", f"{heldout}/*.tar",
+                             "--eval_shards", f"{heldout}/*.tar", "--seeds", "0,1",
+                             "--restarts", "1,2", "--probe_steps", "4", "--out", str(out),
+                             "--teacher.path", teacher, "--data.train_shards", train])
+    assert [(r["restarts"], r["seed"]) for r in report["rows"]] == [(1, 0), (1, 1), (2, 0),
+                                                                     (2, 1)]
+    assert all(len(r["restart_losses"]["per"]) == (2 if r["restarts"] == 2 else 0)
+               for r in report["rows"])
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
+    assert "| 2 | 1 |" in out.with_suffix(".md").read_text()
