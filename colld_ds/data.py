@@ -3,9 +3,12 @@
 Shards are the audio shards of `data_prep.shards` (key `<utt_id>`, `flac` (or `wav`) 16 kHz
 mono + `json` with `lang`). `AudioBatchStream` yields `Batch`es forever, epoch after epoch.
 
-Where shards live: local files, or URLs that webdataset's `gopen` streams: `http(s)://...`
-(curl), `pipe:<command that writes the tar to stdout>`, and `s3://bucket/key.tar` (streamed as
-`pipe:aws s3 cp s3://bucket/key.tar -`). What the loader must know before reading a shard, its
+Where shards live: local files, or streamed URLs (`data_prep.remote`): `http(s)://...` (curl),
+`s3://bucket/key.tar` (the AWS CLI, `aws s3 cp s3://bucket/key.tar -`: the user's AWS
+credentials and `AWS_ENDPOINT_URL` apply) and `pipe:<command that writes the tar to stdout>`. A
+URL that cannot be read (404, no such bucket or key, a connection dropped mid-shard) is an error
+naming it, never a shard cut short in silence; the first shard is opened when the stream is
+built, so a wrong host, bucket or credentials fail before training starts. What the loader must know before reading a shard, its
 sample keys and each utterance's length, comes from the shard index (`data_prep.shards`,
 `shardindex.json`): the one given (`shard_index=`), else the one beside the first shard (its
 directory or URL directory). Index entries are matched to shards by file name
@@ -75,7 +78,6 @@ import itertools
 import json
 import os
 import re
-import shlex
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -86,10 +88,11 @@ import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
 from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_index, shard_index_entry
+from data_prep.remote import is_remote, open_stream
 from data_prep.shards import shard_keys
 
 FRAME_STRIDE = 320  # samples per frame (20 ms) of every supported teacher family
@@ -187,17 +190,6 @@ def check_teacher_identity(found: dict, expected: dict, where: str) -> None:
         )
 
 
-def is_remote(url: str) -> bool:
-    """Whether `url` is streamed by a command or over a network (`pipe:...`, `scheme://...`)."""
-    return url.startswith("pipe:") or "://" in url
-
-
-def opener_url(url: str) -> str:
-    """What webdataset's `gopen` opens for `url`: `s3://b/k.tar` -> `pipe:aws s3 cp s3://b/k.tar -`
-    (gopen has no s3 scheme); paths, `pipe:` and `http(s)://` (curl) as they are."""
-    return f"pipe:aws s3 cp {shlex.quote(url)} -" if url.startswith("s3://") else url
-
-
 def shard_name(url: str) -> str:
     """The shard's file name (the last `*.tar` name in a path, URL or `pipe:` command): the key
     of its shard index entry. ValueError when `url` names no `*.tar` file."""
@@ -268,10 +260,10 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
             raise ValueError(f"no shard index found for {streamed}: {fix}")
         return {u: _scanned(u, need_lengths) for u in urls}
     try:
-        entries = read_shard_index(opener_url(index))
+        entries = read_shard_index(index)
     except ValueError as exc:
         if streamed and not shard_index:  # the index we looked for beside them
-            raise ValueError(f"{exc}\n{fix}") from exc
+            raise ValueError(f"{exc}; if it is missing there: {fix}") from exc
         raise
     infos = {}
     for url in urls:
@@ -287,20 +279,32 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
     return infos
 
 
+def check_shards(urls: str | Sequence[str], shard_index: str | None = None) -> None:
+    """Fail fast, before a teacher is loaded: the shards match (`expand_urls`), and for streamed
+    ones the index and the first shard can be read (wrong host, bucket, key or credentials).
+    ValueError naming the pattern, index or URL."""
+    expanded = expand_urls(urls, allow_remote=True)
+    if is_remote(expanded[0]):
+        shard_infos(expanded[:1], shard_index, need_lengths=False)
+        next(read_samples(expanded[:1]), None)
+
+
 # --- pipeline stages (each an iterator -> iterator function) ---------------------------------
 
 
 def read_samples(urls: Sequence[str]) -> Iterator[dict]:
     """Shard paths or URLs -> raw samples `{"__key__", "__url__", "flac" | "wav": bytes,
-    "json": bytes, ...}`, streamed through webdataset's `gopen` (`opener_url`).
+    "json": bytes, ...}`, read with webdataset's tar iterators from `data_prep.remote.open_stream`.
 
     A corrupt, truncated or unreachable shard raises ValueError naming it.
     """
     for url in urls:
         try:
-            yield from tarfile_samples([{"url": opener_url(url)}])
+            with open_stream(url) as stream:
+                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         except Exception as exc:  # webdataset appends streams and urls to args: keep the message
-            detail = exc.args[0] if exc.args else repr(exc)
+            detail = getattr(exc, "message", None) or (exc.args[0] if exc.args else repr(exc))
+            detail = detail.removeprefix(f"cannot read {url}: ")
             raise ValueError(f"cannot read shard {url}: {detail}") from exc
 
 
@@ -550,6 +554,8 @@ class AudioBatchStream:
         self.shards = shard_infos(self.urls, shard_index, need_lengths=batch_seconds is not None)
         if expect_teacher is not None:  # fail now, not in a worker, on a wrong or missing cache
             next(decode_audio(read_samples(self.urls[:1]), expect_teacher), None)
+        elif is_remote(self.urls[0]):  # and on a wrong host, bucket or credentials
+            next(read_samples(self.urls[:1]), None)
         self.workers = max(1, num_workers)  # W: pipelines per rank
         groups = world_size * self.workers
         if len(self.urls) < groups:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpoint
 from colld_ds.config import ConfigError, TrainConfig, check_num_negatives, save_config
-from colld_ds.data import AudioBatchStream, Batch
+from colld_ds.data import AudioBatchStream, Batch, check_shards
 from colld_ds.ds_config import build_ds_config
 from colld_ds.layer_map import LayerPair, resolve_layer_map
 from colld_ds.models import Student, Teacher, build_student, load_teacher, read_num_layers
@@ -287,6 +287,8 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint_dir = out_dir / "checkpoints"
     candidates = resume_candidates(config.run.resume, checkpoint_dir)   # checked before long work
 
+    if config.data.teacher_cache or config.data.train_shards:   # shard URLs before the teacher
+        check_shards(config.data.teacher_cache or config.data.train_shards, config.data.shard_index or None)
     teacher, pairs, model = build_run(config, device)
     teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)

@@ -45,8 +45,9 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 from webdataset import TarWriter
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
+
+from data_prep.remote import open_stream
 
 SAMPLE_RATE = 16000
 AUDIO_EXTS = ("flac", "wav")  # members holding audio; we write flac, readers accept both
@@ -171,14 +172,15 @@ def write_shard_index(directory: str) -> str:
 
 
 def read_shard_index(url: str) -> dict[str, dict]:
-    """Entries of the shard index at `url` (a path or any URL webdataset's `gopen` opens), by
+    """Entries of the shard index at `url` (a path or a URL `data_prep.remote` streams), by
     shard file name. ValueError naming the index when it cannot be read or is not a wids
     shard index with colld's `keys` and `lengths`."""
     try:
-        with gopen(url) as stream:
+        with open_stream(url) as stream:
             index = json.load(stream)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read shard index {url}: {exc}") from exc
+        detail = str(getattr(exc, "message", exc)).removeprefix(f"cannot read {url}: ")
+        raise ValueError(f"cannot read shard index {url}: {detail}") from exc
     fix = "rewrite it with `colld prep index <shard directory>`"
     if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
         raise ValueError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
