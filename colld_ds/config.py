@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
+from colld_ds.errors import ColldError
 
-class ConfigError(ValueError):
+
+class ConfigError(ColldError, ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
 

@@ -91,6 +91,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
+from colld_ds.errors import DataError
 from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_index, shard_index_entry
 from data_prep.remote import is_remote, open_stream
 from data_prep.shards import shard_keys
@@ -167,22 +168,23 @@ def feature_member(layer: int, target_kind: str) -> str:
     return f"l{layer:02d}.{target_kind}.npy"
 
 
-def check_teacher_identity(found: dict, expected: dict, where: str) -> None:
+def check_teacher_identity(found: dict, expected: dict, where: str,
+                           fix: str = "re-run cache-teacher with the run's teacher, layers and "
+                                      "target kind") -> None:
     """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
     every expected layer cached, and the front end's output cached if `expected` has
-    `"front_end"`. ValueError printing both identities otherwise."""
+    `"front_end"`. DataError printing both identities and `fix` otherwise."""
     def show(identity):
         return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
 
     same = all(found.get(k) == expected.get(k) for k in _IDENTITY_KEYS)
     if not same or not set(expected["layers"]) <= set(found.get("layers", ())):
-        raise ValueError(
+        raise DataError(
             f"{where} was cached from a different teacher, layer list or target kind:\n"
-            f"  cache: {show(found)}\n  run:   {show(expected)}\n"
-            "re-run cache-teacher with the run's teacher, layers and target kind"
+            f"  cache: {show(found)}\n  run:   {show(expected)}\n{fix}"
         )
     if expected.get("front_end") and found.get("front_end") != expected["front_end"]:
-        raise ValueError(
+        raise DataError(
             f"{where} holds no front-end features of the teacher, which data.cached_front_end "
             f"reads:\n  cache: {show(found)}\n  run:   {show(expected)}\n"
             "re-run cache-teacher with --front_end true into a new directory, or set "
@@ -195,7 +197,7 @@ def shard_name(url: str) -> str:
     of its shard index entry. ValueError when `url` names no `*.tar` file."""
     names = _SHARD_NAME.findall(url)
     if not names:
-        raise ValueError(f"shard {url} names no *.tar file: shard index entries are matched by file name")
+        raise DataError(f"shard {url} names no *.tar file: shard index entries are matched by file name")
     return names[-1]
 
 
@@ -219,11 +221,15 @@ def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[s
         pattern, paths = repr(list(urls)), list(urls)
     remote = [p for p in paths if is_remote(p)]
     if remote and not allow_remote:
-        raise ValueError(f"shard {remote[0]} is not a local file: this command reads local shards only")
+        raise DataError(f"shard {remote[0]} is not a local file: this command reads local shards only")
     missing = [p for p in paths if not is_remote(p) and not os.path.isfile(p)]
     if not paths or missing:
         detail = f" (missing: {missing[:3]})" if missing else ""
-        raise ValueError(f"no shards matched {pattern}{detail}")
+        check = f"; check it with `ls {pattern}`" if isinstance(urls, str) else ""
+        raise DataError(
+            f"no shards matched {pattern}{detail}: give a directory of *.tar shards, a brace "
+            f"pattern (train-{{000000..000003}}.tar) or a glob (train-*.tar), relative to "
+            f"{os.getcwd()}{check}")
     return paths
 
 
@@ -257,13 +263,13 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
            "make_shards / cache-teacher write beside them, or set data.shard_index")
     if index is None:
         if streamed:
-            raise ValueError(f"no shard index found for {streamed}: {fix}")
+            raise DataError(f"no shard index found for {streamed}: {fix}")
         return {u: _scanned(u, need_lengths) for u in urls}
     try:
         entries = read_shard_index(index)
     except ValueError as exc:
         if streamed and not shard_index:  # the index we looked for beside them
-            raise ValueError(f"{exc}; if it is missing there: {fix}") from exc
+            raise DataError(f"{exc}; if it is missing there: {fix}") from exc
         raise
     infos = {}
     for url in urls:
@@ -273,7 +279,7 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
             infos[url] = _scanned(url, need_lengths)
         elif entry is None or (size is not None and entry.get("filesize", size) != size):
             problem = "has no entry for" if entry is None else "gives another file size for"
-            raise ValueError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
+            raise DataError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
         else:
             infos[url] = ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]))
     return infos
@@ -305,7 +311,7 @@ def read_samples(urls: Sequence[str]) -> Iterator[dict]:
         except Exception as exc:  # webdataset appends streams and urls to args: keep the message
             detail = getattr(exc, "message", None) or (exc.args[0] if exc.args else repr(exc))
             detail = detail.removeprefix(f"cannot read {url}: ")
-            raise ValueError(f"cannot read shard {url}: {detail}") from exc
+            raise DataError(f"cannot read shard {url}: {detail}") from exc
 
 
 def read_indexed(shards: Sequence[ShardInfo]) -> Iterator[dict]:
@@ -320,7 +326,7 @@ def read_indexed(shards: Sequence[ShardInfo]) -> Iterator[dict]:
                 def show(x):
                     return "the end of the shard" if x is end else repr(x)
 
-                raise ValueError(
+                raise DataError(
                     f"shard {shard.url} holds {show(found)} at sample {position} where its index or "
                     f"header scan said {show(key)}: the shard changed; {_REFRESH}"
                 )
@@ -341,10 +347,10 @@ def decode_wave(sample: dict) -> np.ndarray:
     audio = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
     if audio is None or "json" not in sample:
         members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"sample {key} in {url} needs a flac/wav and a json member: has {members}")
+        raise DataError(f"sample {key} in {url} needs a flac/wav and a json member: has {members}")
     wave, sr = sf.read(io.BytesIO(audio), dtype="float32")
     if sr != SAMPLE_RATE:
-        raise ValueError(f"sample {key} in {url} has sample rate {sr}, expected {SAMPLE_RATE}")
+        raise DataError(f"sample {key} in {url} has sample rate {sr}, expected {SAMPLE_RATE}")
     return wave.mean(axis=1) if wave.ndim == 2 else wave
 
 
@@ -353,7 +359,7 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
     the audio length (T = frames of the whole utterance)."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
-        raise ValueError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
+        raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
     check_teacher_identity(meta["teacher"], expect, f"sample {key} in {url}")
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
     frames = []
@@ -361,10 +367,10 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
         name = feature_member(layer, expect["target_kind"])
         if name not in sample:
             members = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"sample {key} in {url} has no member {name!r} (teacher layer {layer}): has {members}")
+            raise DataError(f"sample {key} in {url} has no member {name!r} (teacher layer {layer}): has {members}")
         array = np.load(io.BytesIO(sample[name]), allow_pickle=False)
         if array.ndim != 2 or array.shape[0] != num_frames:
-            raise ValueError(
+            raise DataError(
                 f"sample {key} in {url}: {name} has shape {array.shape}, expected ({num_frames}, D) "
                 f"for {num_samples} audio samples"
             )
@@ -378,12 +384,12 @@ def _cached_front_end(sample: dict, meta: dict, num_frames: int) -> np.ndarray:
     key, url, identity = sample["__key__"], sample.get("__url__"), meta["teacher"]
     if FRONT_END_MEMBER not in sample:
         members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"sample {key} in {url} has no member {FRONT_END_MEMBER!r}: has {members}")
+        raise DataError(f"sample {key} in {url} has no member {FRONT_END_MEMBER!r}: has {members}")
     array = np.load(io.BytesIO(sample[FRONT_END_MEMBER]), allow_pickle=False)
     if identity["front_end"] == "window":  # Whisper: all frames of its window
         num_frames = round(identity["window_seconds"] * identity["frame_rate"])
     if array.ndim != 2 or array.shape[0] != num_frames:
-        raise ValueError(f"sample {key} in {url}: {FRONT_END_MEMBER} has shape {array.shape}, "
+        raise DataError(f"sample {key} in {url}: {FRONT_END_MEMBER} has shape {array.shape}, "
                          f"expected ({num_frames}, C)")
     return array
 
@@ -400,7 +406,7 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) ->
     for sample in samples:
         wave, meta = decode_wave(sample), json.loads(sample["json"])
         if wave.shape[0] != sample.get("__length__", wave.shape[0]):
-            raise ValueError(
+            raise DataError(
                 f"sample {sample['__key__']} in {sample.get('__url__')} has {wave.shape[0]} audio "
                 f"samples where its shard index says {sample['__length__']}: {_REFRESH}"
             )
@@ -426,7 +432,7 @@ def random_crop(
         wave = sample["wave"]
         if max_samples is not None and wave.shape[0] > max_samples:
             if sample.get("front_end_frames") == "window":
-                raise ValueError(
+                raise DataError(
                     f"sample {sample['key']} ({wave.shape[0]} samples) would be cropped to "
                     f"{max_samples}, but its cached front end is Whisper's whole window, which a "
                     "crop changes: with data.cached_front_end set data.max_seconds to the window"
@@ -559,7 +565,7 @@ class AudioBatchStream:
         self.workers = max(1, num_workers)  # W: pipelines per rank
         groups = world_size * self.workers
         if len(self.urls) < groups:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.urls)} shards cannot feed world_size {world_size} x {self.workers} "
                 f"workers: write at least {groups} shards (smaller shard_size) or use fewer num_workers"
             )
@@ -601,7 +607,7 @@ class AudioBatchStream:
         epoch, consumed = int(state["epoch"]), int(state["batches_in_epoch"])
         if epoch < 0 or not 0 <= consumed <= self.epoch_length(epoch):
             length = self.epoch_length(epoch)
-            raise ValueError(f"state {state} does not fit this stream ({length} batches in epoch {epoch})")
+            raise DataError(f"state {state} does not fit this stream ({length} batches in epoch {epoch})")
         self._epoch, self._consumed = epoch, consumed
 
     def __iter__(self) -> Iterator[Batch]:

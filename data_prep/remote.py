@@ -23,11 +23,13 @@ import subprocess
 import sys
 import tempfile
 
+from colld_ds.errors import DataError
+
 CURL_ARGS = ("curl", "-f", "-sS", "-L", "--connect-timeout", "30", "--retry", "3",
              "--retry-delay", "2")
 
 
-class RemoteReadError(ValueError):
+class RemoteReadError(DataError):
     """A shard or index could not be read; `message` names its URL and the cause."""
 
     def __init__(self, message: str):

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
+from colld_ds.errors import ColldError, DataError
 from data_prep.remote import open_stream
 
 SAMPLE_RATE = 16000
@@ -180,10 +181,10 @@ def read_shard_index(url: str) -> dict[str, dict]:
             index = json.load(stream)
     except (OSError, ValueError) as exc:
         detail = str(getattr(exc, "message", exc)).removeprefix(f"cannot read {url}: ")
-        raise ValueError(f"cannot read shard index {url}: {detail}") from exc
+        raise DataError(f"cannot read shard index {url}: {detail}") from exc
     fix = "rewrite it with `colld prep index <shard directory>`"
     if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
-        raise ValueError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
+        raise DataError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
     entries = {}
     for entry in index.get("shardlist", []):
         name = os.path.basename(str(entry.get("url", "")))
@@ -191,9 +192,9 @@ def read_shard_index(url: str) -> dict[str, dict]:
         if not isinstance(keys, list) or not isinstance(lengths, list) or not (
             len(keys) == len(lengths) == entry.get("nsamples")
         ):
-            raise ValueError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
+            raise DataError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
         if name in entries:
-            raise ValueError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
+            raise DataError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
         entries[name] = entry
     return entries
 
@@ -215,7 +216,7 @@ def shard_stats(paths: Iterable[str]) -> dict:
             "hours_per_lang": per_lang}
 
 
-class ShardWriteError(OSError):
+class ShardWriteError(ColldError, OSError):
     """A shard could not be written (disk full, permissions); earlier shards are intact and no
     partial file is left behind."""
 
