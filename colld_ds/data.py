@@ -78,20 +78,22 @@ import itertools
 import json
 import os
 import re
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import braceexpand
 import numpy as np
 import soundfile as sf
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
-from colld_ds.errors import DataError
+from colld_ds.errors import ColldError, DataError, verbose
 from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_index, shard_index_entry
 from data_prep.remote import is_remote, open_stream
 from data_prep.shards import shard_keys
@@ -126,6 +128,8 @@ class Batch:
     teacher_features: list[torch.Tensor] | None = None
     frame_lengths: torch.Tensor | None = None
     front_end_features: torch.Tensor | None = None
+    damaged: list[DamagedShard] = field(default_factory=list)
+    """`on_bad_shard="skip"`: shards found damaged since the worker's previous batch."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with the tensors on `device`."""
@@ -314,25 +318,46 @@ def read_samples(urls: Sequence[str]) -> Iterator[dict]:
             raise DataError(f"cannot read shard {url}: {detail}") from exc
 
 
-def read_indexed(shards: Sequence[ShardInfo]) -> Iterator[dict]:
+@dataclass(frozen=True)
+class DamagedShard:
+    """A shard that failed mid-read under `on_bad_shard="skip"`: its samples from the failure
+    on (`skipped`, by its index) were left out; `reason`: the error."""
+
+    url: str
+    skipped: int
+    reason: str
+
+
+def read_indexed(shards: Sequence[ShardInfo], damaged: list[DamagedShard] | None = None
+                 ) -> Iterator[dict]:
     """Shards -> raw samples (`read_samples`) plus `"__length__"` (16 kHz audio samples, from
-    the index) when known. ValueError naming the shard when its keys differ from `ShardInfo`'s."""
+    the index) when known. DataError naming the shard when it cannot be read or its keys differ
+    from `ShardInfo`'s; with a `damaged` list, such a shard is recorded there instead and the
+    next one read."""
     end = object()
     for shard in shards:
-        pairs = itertools.zip_longest(read_samples([shard.url]), shard.keys, fillvalue=end)
-        for position, (sample, key) in enumerate(pairs):
-            found = end if sample is end else sample["__key__"]
-            if found != key:
-                def show(x):
-                    return "the end of the shard" if x is end else repr(x)
+        read = 0
+        try:
+            pairs = itertools.zip_longest(read_samples([shard.url]), shard.keys, fillvalue=end)
+            for position, (sample, key) in enumerate(pairs):
+                found = end if sample is end else sample["__key__"]
+                if found != key:
+                    def show(x):
+                        return "the end of the shard" if x is end else repr(x)
 
-                raise DataError(
-                    f"shard {shard.url} holds {show(found)} at sample {position} where its index or "
-                    f"header scan said {show(key)}: the shard changed; {_REFRESH}"
-                )
-            if shard.lengths is not None:
-                sample["__length__"] = shard.lengths[position]
-            yield sample
+                    raise DataError(
+                        f"shard {shard.url} holds {show(found)} at sample {position} where its index "
+                        f"or header scan said {show(key)}: it is damaged (restore it, or set "
+                        f"data.on_bad_shard skip) or was changed on purpose ({_REFRESH})"
+                    )
+                if shard.lengths is not None:
+                    sample["__length__"] = shard.lengths[position]
+                read += 1
+                yield sample
+        except DataError as exc:
+            if damaged is None:
+                raise
+            damaged.append(DamagedShard(shard.url, len(shard.keys) - read, str(exc)))
 
 
 def take_range(items: Iterator, start: int, stop: int) -> Iterator:
@@ -494,11 +519,45 @@ class _EpochDataset(IterableDataset):
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.skip) % num
         skipped = max(0, (self.skip - logical + num - 1) // num)  # batches i < skip with i % W == l
-        samples = read_indexed([s.shards[url] for url in self.worker_shards[logical]])
-        batches = s.batching.batches(samples, s.planner.rng_key(self.epoch, s.rank, logical))
+        shards = [s.shards[url] for url in self.worker_shards[logical]]
+        key = s.planner.rng_key(self.epoch, s.rank, logical)
+        damaged: list[DamagedShard] = []
+        if s.on_bad_shard == "skip":
+            batches = self._refilled(shards, key, damaged)
+        else:
+            batches = s.batching.batches(read_indexed(shards), key)
         for raw in take_range(batches, skipped, self.batches_per_worker):
             decoded = random_crop(decode_audio(raw, s.expect_teacher), s.max_samples, s.seed, self.epoch)
-            yield collate(list(decoded))
+            batch = collate(list(decoded))
+            batch.damaged, damaged[:] = list(damaged), []     # reported with the next batch
+            yield batch
+
+    def _refilled(self, shards: list[ShardInfo], key: str, damaged: list[DamagedShard]
+                  ) -> Iterator[list[dict]]:
+        """`on_bad_shard="skip"`: the worker's batches without the damaged shards' remaining
+        samples, then, only if that left it short of its planned count, batches of its samples
+        read again (reshuffled each pass): every worker still yields its count, so ranks step
+        together. Damage is recorded in `damaged` on the first pass."""
+        for attempt in itertools.count():
+            made = 0
+            samples = read_indexed(shards, damaged if attempt == 0 else [])
+            for batch in self.stream.batching.batches(samples, key if attempt == 0 else f"{key}:again{attempt}"):
+                made += 1
+                yield batch
+            if made == 0:
+                raise DataError(
+                    f"rank {self.stream.rank}: every shard of one of its workers in epoch "
+                    f"{self.epoch} is damaged ({[d.url for d in damaged] or [s.url for s in shards]}): "
+                    "nothing is left to keep the ranks in step; restore the shards and resume")
+
+
+def _unwrapped(error: ColldError) -> ColldError:
+    """A user error from a DataLoader worker with its own message again: torch puts the
+    worker's traceback into the message, which the CLI prints alone (kept with --verbose)."""
+    text, marker = str(error), f"{type(error).__module__}.{type(error).__qualname__}: "
+    if verbose() or not text.startswith("Caught ") or marker not in text:
+        return error
+    return type(error)(text[text.rindex(marker) + len(marker):].rstrip())
 
 
 class AudioBatchStream:
@@ -525,6 +584,9 @@ class AudioBatchStream:
         bucket_buffer: dynamic batching: samples sorted by length together (per worker, raw
             samples held in memory at once).
         shard_index: the shards' index (path or URL); None: `shardindex.json` beside them.
+        on_bad_shard: a shard that fails while streaming (truncated, corrupt, unreachable):
+            `"stop"` raises; `"skip"` leaves out its remaining samples, reports it in
+            `Batch.damaged` and refills the worker's batches (`_EpochDataset._refilled`).
 
     Raises ValueError when there are fewer shards than `world_size * max(1, num_workers)`, or
     some worker cannot fill one batch. Iterate one iterator at a time: `state_dict()`
@@ -545,7 +607,11 @@ class AudioBatchStream:
         batch_seconds: float | None = None,
         bucket_buffer: int = 256,
         shard_index: str | None = None,
+        on_bad_shard: str = "stop",
     ):
+        if on_bad_shard not in ("stop", "skip"):
+            raise ValueError(f"on_bad_shard {on_bad_shard!r}: choose stop or skip")
+        self.on_bad_shard = on_bad_shard
         if not 0 <= rank < world_size or num_workers < 0:
             raise ValueError(f"bad rank={rank} of world_size={world_size} or num_workers={num_workers}")
         self.max_samples = None if max_seconds is None else round(max_seconds * SAMPLE_RATE)
@@ -617,13 +683,52 @@ class AudioBatchStream:
             expected = self.epoch_length(epoch)
             dataset = _EpochDataset(self, epoch, consumed)  # fresh workers each epoch
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
-            for batch in loader:
-                consumed += 1
-                self._epoch, self._consumed = epoch, consumed
-                yield batch
+            try:
+                for batch in loader:
+                    consumed += 1
+                    self._epoch, self._consumed = epoch, consumed
+                    yield batch
+            except ColldError as error:
+                raise _unwrapped(error) from None
             if consumed != expected:
                 raise RuntimeError(
                     f"rank {self.rank} epoch {epoch}: got {consumed} batches, expected {expected} "
                     "(did shards change on disk?)"
                 )
             self._epoch, self._consumed = epoch + 1, 0
+
+
+class DamageReport:
+    """The damaged shards one rank met under `data.on_bad_shard: skip`: each printed when met
+    (`watch`), all ranks' summed in one line at the end (`summary`)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.shards: list[DamagedShard] = []
+
+    def watch(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The same batches; their `damaged` shards recorded and printed to stderr."""
+        for batch in batches:
+            for shard in batch.damaged:
+                self.shards.append(shard)
+                print(f"[colld] rank {self.rank}: skipped the {shard.skipped} remaining samples of "
+                      f"damaged shard {shard.url} (data.on_bad_shard skip): {shard.reason}",
+                      file=sys.stderr, flush=True)
+            yield batch
+
+    def summary(self) -> str | None:
+        """One line over all ranks (collective when torch.distributed is initialised: every
+        rank calls it), or None when no shard was damaged."""
+        parts = [self.shards]
+        if dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.shards)
+        shards = [shard for part in parts for shard in part]
+        if not shards:
+            return None
+        per_url: dict[str, int] = {}
+        for shard in shards:
+            per_url[shard.url] = per_url.get(shard.url, 0) + shard.skipped
+        listed = ", ".join(f"{url} ({count})" for url, count in per_url.items())
+        return (f"[colld] data.on_bad_shard skip: {sum(per_url.values())} samples of "
+                f"{len(per_url)} damaged shard(s) were skipped: {listed}")
