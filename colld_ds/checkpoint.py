@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from colld_ds.errors import ColldError
+
 COMPLETE_MARKER = "complete.json"
 _TAG = re.compile(r"^step(\d{8})$")
 _STALE = (".partial-step", ".deleting-step", ".replaced-step")
@@ -55,11 +57,11 @@ _WRITE_FAILURE = re.compile(r"PytorchStreamWriter|file write failed|No space lef
                             r"Permission denied|Read-only file system|Disk quota")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(ColldError, OSError):
     """A checkpoint could not be written; the previous complete ones are intact."""
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(ColldError, RuntimeError):
     """No candidate checkpoint could be loaded on every rank."""
 
 
@@ -67,7 +69,7 @@ class CheckpointFallbackWarning(UserWarning):
     """A checkpoint could not be loaded and was skipped for an older one."""
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(ColldError, RuntimeError):
     """A checkpoint file asks to unpickle more than tensors, containers and DeepSpeed's state
     types: it could run code, so it is not loaded."""
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import fire
 
-from colld_ds.config import ConfigError, describe_config, load_config
+from colld_ds.config import describe_config, load_config
+from colld_ds.errors import run_command
 
 
 def train(config: str | None = None, **overrides):
@@ -141,12 +142,12 @@ def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = F
 
 
 def main() -> None:
+    """``colld``: a user error (``colld_ds.errors``) prints one line and exits 1; ``--verbose``
+    or ``COLLD_VERBOSE=1`` shows its traceback."""
     from data_prep.cli import DataPrep
-    try:
-        fire.Fire({"train": train, "demo": demo, "eval": eval, "compare": compare,
-                   "export": export, "prep": DataPrep()})
-    except ConfigError as error:          # a bad value: say which, without a traceback
-        raise SystemExit(f"colld: config error: {error}") from None
+    run_command(lambda: fire.Fire({"train": train, "demo": demo, "eval": eval,
+                                   "compare": compare, "export": export, "prep": DataPrep()}),
+                "colld")
 
 
 if __name__ == "__main__":

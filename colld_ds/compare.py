@@ -36,6 +36,7 @@ import yaml
 from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import COMPLETE_MARKER, checkpoint_tag, complete_checkpoints
 from colld_ds.config import ConfigError, TrainConfig, load_config
+from colld_ds.errors import ColldError
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("colld", "l2l", "distilhubert")
@@ -55,7 +56,7 @@ _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
                  "MASTER_PORT")
 
 
-class RunFailedError(RuntimeError):
+class RunFailedError(ColldError, RuntimeError):
     """A run's training process failed; the finished runs are kept and it can resume."""
 
 

@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
+from colld_ds.errors import ColldError
 
-class ConfigError(ValueError):
+
+class ConfigError(ColldError, ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
 
@@ -142,6 +144,15 @@ class DataConfig:
     """Shard index (path or URL) of the shards read (``train_shards`` or ``teacher_cache``).
     Empty: ``shardindex.json`` beside them (written by ``make_shards`` and ``cache-teacher``);
     local shards without one are scanned at start-up, streamed ones need one."""
+    on_bad_shard: Literal["stop", "skip"] = "stop"
+    """A shard that fails while training reads it (truncated, corrupt, unreachable mid-run):
+    ``stop`` (default) ends the run with an error naming it (checkpoints stay intact; restore it
+    and ``--run.resume auto``): a damaged shard usually means a storage problem worth fixing,
+    and a run that silently sees less data than planned is not reproducible. ``skip``: for long
+    multi-node runs where one bad shard must not cost the job: its remaining samples are left
+    out, counted, logged by the rank that met it and summed in the run's final summary; that
+    worker refills its steps with its other samples read again, so ranks still take equal
+    steps (a resume re-reads the same damage and continues exactly)."""
     batch_size: int = 8
     """Utterances per micro-batch per rank (unused when ``batch_seconds`` is set)."""
     batch_seconds: float | None = None

@@ -3,9 +3,12 @@
 Shards are the audio shards of `data_prep.shards` (key `<utt_id>`, `flac` (or `wav`) 16 kHz
 mono + `json` with `lang`). `AudioBatchStream` yields `Batch`es forever, epoch after epoch.
 
-Where shards live: local files, or URLs that webdataset's `gopen` streams: `http(s)://...`
-(curl), `pipe:<command that writes the tar to stdout>`, and `s3://bucket/key.tar` (streamed as
-`pipe:aws s3 cp s3://bucket/key.tar -`). What the loader must know before reading a shard, its
+Where shards live: local files, or streamed URLs (`data_prep.remote`): `http(s)://...` (curl),
+`s3://bucket/key.tar` (the AWS CLI, `aws s3 cp s3://bucket/key.tar -`: the user's AWS
+credentials and `AWS_ENDPOINT_URL` apply) and `pipe:<command that writes the tar to stdout>`. A
+URL that cannot be read (404, no such bucket or key, a connection dropped mid-shard) is an error
+naming it, never a shard cut short in silence; the first shard is opened when the stream is
+built, so a wrong host, bucket or credentials fail before training starts. What the loader must know before reading a shard, its
 sample keys and each utterance's length, comes from the shard index (`data_prep.shards`,
 `shardindex.json`): the one given (`shard_index=`), else the one beside the first shard (its
 directory or URL directory). Index entries are matched to shards by file name
@@ -75,21 +78,24 @@ import itertools
 import json
 import os
 import re
-import shlex
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import braceexpand
 import numpy as np
 import soundfile as sf
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
+from colld_ds.errors import ColldError, DataError, verbose
 from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_index, shard_index_entry
+from data_prep.remote import is_remote, open_stream
 from data_prep.shards import shard_keys
 
 FRAME_STRIDE = 320  # samples per frame (20 ms) of every supported teacher family
@@ -122,6 +128,8 @@ class Batch:
     teacher_features: list[torch.Tensor] | None = None
     frame_lengths: torch.Tensor | None = None
     front_end_features: torch.Tensor | None = None
+    damaged: list[DamagedShard] = field(default_factory=list)
+    """`on_bad_shard="skip"`: shards found damaged since the worker's previous batch."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with the tensors on `device`."""
@@ -164,22 +172,23 @@ def feature_member(layer: int, target_kind: str) -> str:
     return f"l{layer:02d}.{target_kind}.npy"
 
 
-def check_teacher_identity(found: dict, expected: dict, where: str) -> None:
+def check_teacher_identity(found: dict, expected: dict, where: str,
+                           fix: str = "re-run cache-teacher with the run's teacher, layers and "
+                                      "target kind") -> None:
     """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
     every expected layer cached, and the front end's output cached if `expected` has
-    `"front_end"`. ValueError printing both identities otherwise."""
+    `"front_end"`. DataError printing both identities and `fix` otherwise."""
     def show(identity):
         return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
 
     same = all(found.get(k) == expected.get(k) for k in _IDENTITY_KEYS)
     if not same or not set(expected["layers"]) <= set(found.get("layers", ())):
-        raise ValueError(
+        raise DataError(
             f"{where} was cached from a different teacher, layer list or target kind:\n"
-            f"  cache: {show(found)}\n  run:   {show(expected)}\n"
-            "re-run cache-teacher with the run's teacher, layers and target kind"
+            f"  cache: {show(found)}\n  run:   {show(expected)}\n{fix}"
         )
     if expected.get("front_end") and found.get("front_end") != expected["front_end"]:
-        raise ValueError(
+        raise DataError(
             f"{where} holds no front-end features of the teacher, which data.cached_front_end "
             f"reads:\n  cache: {show(found)}\n  run:   {show(expected)}\n"
             "re-run cache-teacher with --front_end true into a new directory, or set "
@@ -187,23 +196,12 @@ def check_teacher_identity(found: dict, expected: dict, where: str) -> None:
         )
 
 
-def is_remote(url: str) -> bool:
-    """Whether `url` is streamed by a command or over a network (`pipe:...`, `scheme://...`)."""
-    return url.startswith("pipe:") or "://" in url
-
-
-def opener_url(url: str) -> str:
-    """What webdataset's `gopen` opens for `url`: `s3://b/k.tar` -> `pipe:aws s3 cp s3://b/k.tar -`
-    (gopen has no s3 scheme); paths, `pipe:` and `http(s)://` (curl) as they are."""
-    return f"pipe:aws s3 cp {shlex.quote(url)} -" if url.startswith("s3://") else url
-
-
 def shard_name(url: str) -> str:
     """The shard's file name (the last `*.tar` name in a path, URL or `pipe:` command): the key
     of its shard index entry. ValueError when `url` names no `*.tar` file."""
     names = _SHARD_NAME.findall(url)
     if not names:
-        raise ValueError(f"shard {url} names no *.tar file: shard index entries are matched by file name")
+        raise DataError(f"shard {url} names no *.tar file: shard index entries are matched by file name")
     return names[-1]
 
 
@@ -227,11 +225,15 @@ def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[s
         pattern, paths = repr(list(urls)), list(urls)
     remote = [p for p in paths if is_remote(p)]
     if remote and not allow_remote:
-        raise ValueError(f"shard {remote[0]} is not a local file: this command reads local shards only")
+        raise DataError(f"shard {remote[0]} is not a local file: this command reads local shards only")
     missing = [p for p in paths if not is_remote(p) and not os.path.isfile(p)]
     if not paths or missing:
         detail = f" (missing: {missing[:3]})" if missing else ""
-        raise ValueError(f"no shards matched {pattern}{detail}")
+        check = f"; check it with `ls {pattern}`" if isinstance(urls, str) else ""
+        raise DataError(
+            f"no shards matched {pattern}{detail}: give a directory of *.tar shards, a brace "
+            f"pattern (train-{{000000..000003}}.tar) or a glob (train-*.tar), relative to "
+            f"{os.getcwd()}{check}")
     return paths
 
 
@@ -265,13 +267,13 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
            "make_shards / cache-teacher write beside them, or set data.shard_index")
     if index is None:
         if streamed:
-            raise ValueError(f"no shard index found for {streamed}: {fix}")
+            raise DataError(f"no shard index found for {streamed}: {fix}")
         return {u: _scanned(u, need_lengths) for u in urls}
     try:
-        entries = read_shard_index(opener_url(index))
+        entries = read_shard_index(index)
     except ValueError as exc:
         if streamed and not shard_index:  # the index we looked for beside them
-            raise ValueError(f"{exc}\n{fix}") from exc
+            raise DataError(f"{exc}; if it is missing there: {fix}") from exc
         raise
     infos = {}
     for url in urls:
@@ -281,10 +283,20 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
             infos[url] = _scanned(url, need_lengths)
         elif entry is None or (size is not None and entry.get("filesize", size) != size):
             problem = "has no entry for" if entry is None else "gives another file size for"
-            raise ValueError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
+            raise DataError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
         else:
             infos[url] = ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]))
     return infos
+
+
+def check_shards(urls: str | Sequence[str], shard_index: str | None = None) -> None:
+    """Fail fast, before a teacher is loaded: the shards match (`expand_urls`), and for streamed
+    ones the index and the first shard can be read (wrong host, bucket, key or credentials).
+    ValueError naming the pattern, index or URL."""
+    expanded = expand_urls(urls, allow_remote=True)
+    if is_remote(expanded[0]):
+        shard_infos(expanded[:1], shard_index, need_lengths=False)
+        next(read_samples(expanded[:1]), None)
 
 
 # --- pipeline stages (each an iterator -> iterator function) ---------------------------------
@@ -292,37 +304,60 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
 
 def read_samples(urls: Sequence[str]) -> Iterator[dict]:
     """Shard paths or URLs -> raw samples `{"__key__", "__url__", "flac" | "wav": bytes,
-    "json": bytes, ...}`, streamed through webdataset's `gopen` (`opener_url`).
+    "json": bytes, ...}`, read with webdataset's tar iterators from `data_prep.remote.open_stream`.
 
     A corrupt, truncated or unreachable shard raises ValueError naming it.
     """
     for url in urls:
         try:
-            yield from tarfile_samples([{"url": opener_url(url)}])
+            with open_stream(url) as stream:
+                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         except Exception as exc:  # webdataset appends streams and urls to args: keep the message
-            detail = exc.args[0] if exc.args else repr(exc)
-            raise ValueError(f"cannot read shard {url}: {detail}") from exc
+            detail = getattr(exc, "message", None) or (exc.args[0] if exc.args else repr(exc))
+            detail = detail.removeprefix(f"cannot read {url}: ")
+            raise DataError(f"cannot read shard {url}: {detail}") from exc
 
 
-def read_indexed(shards: Sequence[ShardInfo]) -> Iterator[dict]:
+@dataclass(frozen=True)
+class DamagedShard:
+    """A shard that failed mid-read under `on_bad_shard="skip"`: its samples from the failure
+    on (`skipped`, by its index) were left out; `reason`: the error."""
+
+    url: str
+    skipped: int
+    reason: str
+
+
+def read_indexed(shards: Sequence[ShardInfo], damaged: list[DamagedShard] | None = None
+                 ) -> Iterator[dict]:
     """Shards -> raw samples (`read_samples`) plus `"__length__"` (16 kHz audio samples, from
-    the index) when known. ValueError naming the shard when its keys differ from `ShardInfo`'s."""
+    the index) when known. DataError naming the shard when it cannot be read or its keys differ
+    from `ShardInfo`'s; with a `damaged` list, such a shard is recorded there instead and the
+    next one read."""
     end = object()
     for shard in shards:
-        pairs = itertools.zip_longest(read_samples([shard.url]), shard.keys, fillvalue=end)
-        for position, (sample, key) in enumerate(pairs):
-            found = end if sample is end else sample["__key__"]
-            if found != key:
-                def show(x):
-                    return "the end of the shard" if x is end else repr(x)
+        read = 0
+        try:
+            pairs = itertools.zip_longest(read_samples([shard.url]), shard.keys, fillvalue=end)
+            for position, (sample, key) in enumerate(pairs):
+                found = end if sample is end else sample["__key__"]
+                if found != key:
+                    def show(x):
+                        return "the end of the shard" if x is end else repr(x)
 
-                raise ValueError(
-                    f"shard {shard.url} holds {show(found)} at sample {position} where its index or "
-                    f"header scan said {show(key)}: the shard changed; {_REFRESH}"
-                )
-            if shard.lengths is not None:
-                sample["__length__"] = shard.lengths[position]
-            yield sample
+                    raise DataError(
+                        f"shard {shard.url} holds {show(found)} at sample {position} where its index "
+                        f"or header scan said {show(key)}: it is damaged (restore it, or set "
+                        f"data.on_bad_shard skip) or was changed on purpose ({_REFRESH})"
+                    )
+                if shard.lengths is not None:
+                    sample["__length__"] = shard.lengths[position]
+                read += 1
+                yield sample
+        except DataError as exc:
+            if damaged is None:
+                raise
+            damaged.append(DamagedShard(shard.url, len(shard.keys) - read, str(exc)))
 
 
 def take_range(items: Iterator, start: int, stop: int) -> Iterator:
@@ -337,10 +372,10 @@ def decode_wave(sample: dict) -> np.ndarray:
     audio = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
     if audio is None or "json" not in sample:
         members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"sample {key} in {url} needs a flac/wav and a json member: has {members}")
+        raise DataError(f"sample {key} in {url} needs a flac/wav and a json member: has {members}")
     wave, sr = sf.read(io.BytesIO(audio), dtype="float32")
     if sr != SAMPLE_RATE:
-        raise ValueError(f"sample {key} in {url} has sample rate {sr}, expected {SAMPLE_RATE}")
+        raise DataError(f"sample {key} in {url} has sample rate {sr}, expected {SAMPLE_RATE}")
     return wave.mean(axis=1) if wave.ndim == 2 else wave
 
 
@@ -349,7 +384,7 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
     the audio length (T = frames of the whole utterance)."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
-        raise ValueError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
+        raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
     check_teacher_identity(meta["teacher"], expect, f"sample {key} in {url}")
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
     frames = []
@@ -357,10 +392,10 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
         name = feature_member(layer, expect["target_kind"])
         if name not in sample:
             members = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"sample {key} in {url} has no member {name!r} (teacher layer {layer}): has {members}")
+            raise DataError(f"sample {key} in {url} has no member {name!r} (teacher layer {layer}): has {members}")
         array = np.load(io.BytesIO(sample[name]), allow_pickle=False)
         if array.ndim != 2 or array.shape[0] != num_frames:
-            raise ValueError(
+            raise DataError(
                 f"sample {key} in {url}: {name} has shape {array.shape}, expected ({num_frames}, D) "
                 f"for {num_samples} audio samples"
             )
@@ -374,12 +409,12 @@ def _cached_front_end(sample: dict, meta: dict, num_frames: int) -> np.ndarray:
     key, url, identity = sample["__key__"], sample.get("__url__"), meta["teacher"]
     if FRONT_END_MEMBER not in sample:
         members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"sample {key} in {url} has no member {FRONT_END_MEMBER!r}: has {members}")
+        raise DataError(f"sample {key} in {url} has no member {FRONT_END_MEMBER!r}: has {members}")
     array = np.load(io.BytesIO(sample[FRONT_END_MEMBER]), allow_pickle=False)
     if identity["front_end"] == "window":  # Whisper: all frames of its window
         num_frames = round(identity["window_seconds"] * identity["frame_rate"])
     if array.ndim != 2 or array.shape[0] != num_frames:
-        raise ValueError(f"sample {key} in {url}: {FRONT_END_MEMBER} has shape {array.shape}, "
+        raise DataError(f"sample {key} in {url}: {FRONT_END_MEMBER} has shape {array.shape}, "
                          f"expected ({num_frames}, C)")
     return array
 
@@ -396,7 +431,7 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) ->
     for sample in samples:
         wave, meta = decode_wave(sample), json.loads(sample["json"])
         if wave.shape[0] != sample.get("__length__", wave.shape[0]):
-            raise ValueError(
+            raise DataError(
                 f"sample {sample['__key__']} in {sample.get('__url__')} has {wave.shape[0]} audio "
                 f"samples where its shard index says {sample['__length__']}: {_REFRESH}"
             )
@@ -422,7 +457,7 @@ def random_crop(
         wave = sample["wave"]
         if max_samples is not None and wave.shape[0] > max_samples:
             if sample.get("front_end_frames") == "window":
-                raise ValueError(
+                raise DataError(
                     f"sample {sample['key']} ({wave.shape[0]} samples) would be cropped to "
                     f"{max_samples}, but its cached front end is Whisper's whole window, which a "
                     "crop changes: with data.cached_front_end set data.max_seconds to the window"
@@ -484,11 +519,45 @@ class _EpochDataset(IterableDataset):
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.skip) % num
         skipped = max(0, (self.skip - logical + num - 1) // num)  # batches i < skip with i % W == l
-        samples = read_indexed([s.shards[url] for url in self.worker_shards[logical]])
-        batches = s.batching.batches(samples, s.planner.rng_key(self.epoch, s.rank, logical))
+        shards = [s.shards[url] for url in self.worker_shards[logical]]
+        key = s.planner.rng_key(self.epoch, s.rank, logical)
+        damaged: list[DamagedShard] = []
+        if s.on_bad_shard == "skip":
+            batches = self._refilled(shards, key, damaged)
+        else:
+            batches = s.batching.batches(read_indexed(shards), key)
         for raw in take_range(batches, skipped, self.batches_per_worker):
             decoded = random_crop(decode_audio(raw, s.expect_teacher), s.max_samples, s.seed, self.epoch)
-            yield collate(list(decoded))
+            batch = collate(list(decoded))
+            batch.damaged, damaged[:] = list(damaged), []     # reported with the next batch
+            yield batch
+
+    def _refilled(self, shards: list[ShardInfo], key: str, damaged: list[DamagedShard]
+                  ) -> Iterator[list[dict]]:
+        """`on_bad_shard="skip"`: the worker's batches without the damaged shards' remaining
+        samples, then, only if that left it short of its planned count, batches of its samples
+        read again (reshuffled each pass): every worker still yields its count, so ranks step
+        together. Damage is recorded in `damaged` on the first pass."""
+        for attempt in itertools.count():
+            made = 0
+            samples = read_indexed(shards, damaged if attempt == 0 else [])
+            for batch in self.stream.batching.batches(samples, key if attempt == 0 else f"{key}:again{attempt}"):
+                made += 1
+                yield batch
+            if made == 0:
+                raise DataError(
+                    f"rank {self.stream.rank}: every shard of one of its workers in epoch "
+                    f"{self.epoch} is damaged ({[d.url for d in damaged] or [s.url for s in shards]}): "
+                    "nothing is left to keep the ranks in step; restore the shards and resume")
+
+
+def _unwrapped(error: ColldError) -> ColldError:
+    """A user error from a DataLoader worker with its own message again: torch puts the
+    worker's traceback into the message, which the CLI prints alone (kept with --verbose)."""
+    text, marker = str(error), f"{type(error).__module__}.{type(error).__qualname__}: "
+    if verbose() or not text.startswith("Caught ") or marker not in text:
+        return error
+    return type(error)(text[text.rindex(marker) + len(marker):].rstrip())
 
 
 class AudioBatchStream:
@@ -515,6 +584,9 @@ class AudioBatchStream:
         bucket_buffer: dynamic batching: samples sorted by length together (per worker, raw
             samples held in memory at once).
         shard_index: the shards' index (path or URL); None: `shardindex.json` beside them.
+        on_bad_shard: a shard that fails while streaming (truncated, corrupt, unreachable):
+            `"stop"` raises; `"skip"` leaves out its remaining samples, reports it in
+            `Batch.damaged` and refills the worker's batches (`_EpochDataset._refilled`).
 
     Raises ValueError when there are fewer shards than `world_size * max(1, num_workers)`, or
     some worker cannot fill one batch. Iterate one iterator at a time: `state_dict()`
@@ -535,7 +607,11 @@ class AudioBatchStream:
         batch_seconds: float | None = None,
         bucket_buffer: int = 256,
         shard_index: str | None = None,
+        on_bad_shard: str = "stop",
     ):
+        if on_bad_shard not in ("stop", "skip"):
+            raise ValueError(f"on_bad_shard {on_bad_shard!r}: choose stop or skip")
+        self.on_bad_shard = on_bad_shard
         if not 0 <= rank < world_size or num_workers < 0:
             raise ValueError(f"bad rank={rank} of world_size={world_size} or num_workers={num_workers}")
         self.max_samples = None if max_seconds is None else round(max_seconds * SAMPLE_RATE)
@@ -550,10 +626,12 @@ class AudioBatchStream:
         self.shards = shard_infos(self.urls, shard_index, need_lengths=batch_seconds is not None)
         if expect_teacher is not None:  # fail now, not in a worker, on a wrong or missing cache
             next(decode_audio(read_samples(self.urls[:1]), expect_teacher), None)
+        elif is_remote(self.urls[0]):  # and on a wrong host, bucket or credentials
+            next(read_samples(self.urls[:1]), None)
         self.workers = max(1, num_workers)  # W: pipelines per rank
         groups = world_size * self.workers
         if len(self.urls) < groups:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.urls)} shards cannot feed world_size {world_size} x {self.workers} "
                 f"workers: write at least {groups} shards (smaller shard_size) or use fewer num_workers"
             )
@@ -595,7 +673,7 @@ class AudioBatchStream:
         epoch, consumed = int(state["epoch"]), int(state["batches_in_epoch"])
         if epoch < 0 or not 0 <= consumed <= self.epoch_length(epoch):
             length = self.epoch_length(epoch)
-            raise ValueError(f"state {state} does not fit this stream ({length} batches in epoch {epoch})")
+            raise DataError(f"state {state} does not fit this stream ({length} batches in epoch {epoch})")
         self._epoch, self._consumed = epoch, consumed
 
     def __iter__(self) -> Iterator[Batch]:
@@ -605,13 +683,52 @@ class AudioBatchStream:
             expected = self.epoch_length(epoch)
             dataset = _EpochDataset(self, epoch, consumed)  # fresh workers each epoch
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
-            for batch in loader:
-                consumed += 1
-                self._epoch, self._consumed = epoch, consumed
-                yield batch
+            try:
+                for batch in loader:
+                    consumed += 1
+                    self._epoch, self._consumed = epoch, consumed
+                    yield batch
+            except ColldError as error:
+                raise _unwrapped(error) from None
             if consumed != expected:
                 raise RuntimeError(
                     f"rank {self.rank} epoch {epoch}: got {consumed} batches, expected {expected} "
                     "(did shards change on disk?)"
                 )
             self._epoch, self._consumed = epoch + 1, 0
+
+
+class DamageReport:
+    """The damaged shards one rank met under `data.on_bad_shard: skip`: each printed when met
+    (`watch`), all ranks' summed in one line at the end (`summary`)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.shards: list[DamagedShard] = []
+
+    def watch(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The same batches; their `damaged` shards recorded and printed to stderr."""
+        for batch in batches:
+            for shard in batch.damaged:
+                self.shards.append(shard)
+                print(f"[colld] rank {self.rank}: skipped the {shard.skipped} remaining samples of "
+                      f"damaged shard {shard.url} (data.on_bad_shard skip): {shard.reason}",
+                      file=sys.stderr, flush=True)
+            yield batch
+
+    def summary(self) -> str | None:
+        """One line over all ranks (collective when torch.distributed is initialised: every
+        rank calls it), or None when no shard was damaged."""
+        parts = [self.shards]
+        if dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.shards)
+        shards = [shard for part in parts for shard in part]
+        if not shards:
+            return None
+        per_url: dict[str, int] = {}
+        for shard in shards:
+            per_url[shard.url] = per_url.get(shard.url, 0) + shard.skipped
+        listed = ", ".join(f"{url} ({count})" for url, count in per_url.items())
+        return (f"[colld] data.on_bad_shard skip: {sum(per_url.values())} samples of "
+                f"{len(per_url)} damaged shard(s) were skipped: {listed}")

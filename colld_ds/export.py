@@ -47,12 +47,13 @@ from torch.nn.utils import parametrize
 from colld_ds.checkpoint import (COMPLETE_MARKER, complete_checkpoints, safe_load,
                                  validate_checkpoint, verify_checkpoint, weights_only_loads)
 from colld_ds.config import TrainConfig, load_config
+from colld_ds.errors import ColldError
 
 HF_TOLERANCE = 1e-5
 ONNX_TOLERANCE = 1e-4
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(ColldError, FileNotFoundError):
     """The path is not a complete colld checkpoint (and holds none)."""
 
 

@@ -1,7 +1,8 @@
 """Training metrics: averaged over the frames each metric scores, across micro-batches and ranks
 (weighted by ``ObjectiveOutput.count``), every ``log_every`` steps, written by rank 0 to
 TensorBoard (``out_dir/tb``) and to ``out_dir/metrics.jsonl`` (one JSON object per logged step;
-a resumed run first drops the rows after its checkpoint's step, so each step appears once).
+a resumed run first drops the rows, and TensorBoard the events, after its checkpoint's step, so
+each step appears once).
 
 Metrics accumulate on the device between logs, so the hot path has no host sync.
 """
@@ -39,7 +40,7 @@ class MetricsMonitor:
     def __init__(self, out_dir: Path, rank: int, world_size: int, sample_rate: int = 16000,
                  start_step: int = 0):
         """``start_step``: the step the run starts from (its checkpoint's, 0 when fresh); rank 0
-        drops the metrics.jsonl rows after it."""
+        drops the metrics.jsonl rows and TensorBoard events after it."""
         self.rank = rank
         self.world_size = world_size
         self.sample_rate = sample_rate
@@ -47,7 +48,10 @@ class MetricsMonitor:
         self.jsonl = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / "tb"))
+            # a resumed run logs from start_step + 1 again: TensorBoard drops the crashed
+            # run's events from there on (purge_step), as keep_rows_up_to does for the jsonl
+            self.writer = SummaryWriter(str(out_dir / "tb"),
+                                        purge_step=start_step + 1 if start_step else None)
             keep_rows_up_to(out_dir / "metrics.jsonl", start_step)
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
         self._reset()

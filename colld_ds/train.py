@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpoint
 from colld_ds.config import ConfigError, TrainConfig, check_num_negatives, save_config
-from colld_ds.data import AudioBatchStream, Batch
+from colld_ds.data import AudioBatchStream, Batch, DamageReport, check_shards
 from colld_ds.ds_config import build_ds_config
+from colld_ds.errors import DataError
 from colld_ds.layer_map import LayerPair, resolve_layer_map
 from colld_ds.models import Student, Teacher, build_student, load_teacher, read_num_layers
 from colld_ds.models import frame_mask, utterance_span_masks
@@ -160,19 +161,21 @@ def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, confi
 
 
 def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device,
-                    stop_requested: bool = False) -> tuple[float, bool]:
-    """(accumulation x world size) / frames scored by the whole step on all ranks, and whether
-    any rank was asked to stop (``StopRequest``); one all-reduce carries both (collective).
+                    stop_requested: bool = False, data_failed: bool = False
+                    ) -> tuple[float, bool, bool]:
+    """(accumulation x world size) / frames scored by the whole step on all ranks, whether any
+    rank was asked to stop (``StopRequest``) and whether any rank's data failed (a damaged
+    shard under ``data.on_bad_shard: stop``); one all-reduce carries all three (collective).
 
     DeepSpeed divides each backward by the accumulation steps and averages gradients over
     ranks; backward of ``loss * count * scale`` then yields the gradient of the mean over every
     scored frame of the step."""
     count = sum(m.selection.count for m in micro_batches)
-    totals = torch.tensor([float(count), float(stop_requested)], device=device)
+    totals = torch.tensor([float(count), float(stop_requested), float(data_failed)], device=device)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    total, stops = totals.tolist()
-    return len(micro_batches) * world_size / max(total, 1.0), stops > 0
+    total, stops, failures = totals.tolist()
+    return len(micro_batches) * world_size / max(total, 1.0), stops > 0, failures > 0
 
 
 class StopRequest:
@@ -287,6 +290,8 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint_dir = out_dir / "checkpoints"
     candidates = resume_candidates(config.run.resume, checkpoint_dir)   # checked before long work
 
+    if config.data.teacher_cache or config.data.train_shards:   # shard URLs before the teacher
+        check_shards(config.data.teacher_cache or config.data.train_shards, config.data.shard_index or None)
     teacher, pairs, model = build_run(config, device)
     teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)
@@ -300,6 +305,7 @@ def train(config: TrainConfig) -> TrainResult:
                               rank=rank, world_size=world_size,
                               num_workers=config.data.num_workers,
                               shuffle_buffer=config.data.shuffle_buffer,
+                              on_bad_shard=config.data.on_bad_shard,
                               expect_teacher=(teacher.cache_identity(config.data.cached_front_end)
                                               if cached else None))
     if cached:
@@ -330,7 +336,8 @@ def train(config: TrainConfig) -> TrainResult:
     monitor = MetricsMonitor(out_dir, rank, world_size, SAMPLE_RATE, start_step=step)
     progress = tqdm(total=config.optim.max_steps, initial=step, disable=rank != 0,
                     desc="distil", dynamic_ncols=True)
-    batches = iter(stream)
+    damage = DamageReport(rank)
+    batches = damage.watch(iter(stream))
     row: dict[str, float] = {}
     checkpoint = resume_from
     last_step = config.run.stop_at_step or config.optim.max_steps
@@ -338,10 +345,17 @@ def train(config: TrainConfig) -> TrainResult:
     stop = False
     try:
         while step < last_step and not stop:
-            micro_batches = [mask_batch(next(batches), teacher, config, step, model.objective)
-                             for _ in range(accumulation)]
-            loss_scale, stop = step_loss_scale(micro_batches, world_size, device,
-                                               stop_request.requested)
+            data_error = None
+            try:
+                micro_batches = [mask_batch(next(batches), teacher, config, step, model.objective)
+                                 for _ in range(accumulation)]
+            except DataError as error:       # all ranks learn of it below and stop together
+                micro_batches, data_error = [], error
+            loss_scale, stop, data_failed = step_loss_scale(
+                micro_batches, world_size, device, stop_request.requested, data_error is not None)
+            if data_failed:
+                raise data_error or DataError(
+                    f"rank {rank} stops with the rank whose data failed (its error is above)")
             for micro, masked in enumerate(micro_batches):
                 output = train_step(engine, teacher, masked.to(device), config, teacher_layers,
                                     step_seed(config, rank, step * accumulation + micro),
@@ -367,6 +381,9 @@ def train(config: TrainConfig) -> TrainResult:
         stop_request.restore()
         progress.close()
         monitor.close()
+    damage_summary = damage.summary()            # collective: every rank gets here
+    if rank == 0 and damage_summary:
+        print(damage_summary, file=sys.stderr, flush=True)
     if stop:
         signum = stop_request.signum or signal.SIGTERM    # the signal may have reached another rank
         if rank == 0:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from colld_ds.data import FrameGeometry, check_teacher_identity, decode_wave, expand_urls
 from colld_ds.data import FRONT_END_MEMBER, feature_member, read_samples
+from colld_ds.errors import DataError, TeacherError
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from data_prep.shards import SAMPLE_RATE, atomic_shard, count_samples, write_shard_index
 
@@ -49,12 +50,22 @@ _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": t
 
 
 def parse_layers(layers: int | str | Sequence[int], teacher_dir: str) -> list[int]:
-    """`all`, `4`, `"2,4"` or `[2, 4]` -> 1-based teacher layers."""
+    """`all`, `4`, `"2,4"` or `[2, 4]` -> 1-based teacher layers; TeacherError naming
+    `--layers` when one is not a layer of the teacher."""
+    num_layers = read_num_layers(teacher_dir)
     if layers == "all":
-        return list(range(1, read_num_layers(teacher_dir) + 1))
-    if isinstance(layers, str):
-        return [int(x) for x in layers.split(",")]
-    return [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
+        return list(range(1, num_layers + 1))
+    fix = f"the teacher at {teacher_dir!r} has layers 1..{num_layers}: give --layers all, 4 or 2,4"
+    try:
+        items = layers.split(",") if isinstance(layers, str) else (
+            [layers] if isinstance(layers, int) else list(layers))
+        parsed = [int(x) for x in items]
+    except (TypeError, ValueError):
+        raise TeacherError(f"--layers {layers!r} is not a list of layer numbers; {fix}") from None
+    bad = [layer for layer in parsed if not 1 <= layer <= num_layers]
+    if bad or not parsed:
+        raise TeacherError(f"--layers {layers!r}: no teacher layer {bad or ''}; {fix}")
+    return parsed
 
 
 def frame_geometry(teacher: Teacher) -> FrameGeometry:
@@ -65,7 +76,7 @@ def frame_geometry(teacher: Teacher) -> FrameGeometry:
     frames = teacher.num_frames(lengths).clamp(min=0)
     geometry = FrameGeometry(stride, int(lengths[frames >= 1][0]))
     if frames.tolist() != [geometry.num_frames(int(s)) for s in lengths]:
-        raise ValueError(f"teacher {teacher.path}: front end frames are not {geometry}")
+        raise TeacherError(f"teacher {teacher.path}: front end frames are not {geometry}")
     return geometry
 
 
@@ -119,7 +130,7 @@ def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict) -> dic
         members.append((FRONT_END_MEMBER, "the teacher's front end"))
     for (member, what), array in zip(members, frames, strict=True):
         if not np.isfinite(array).all():
-            raise ValueError(f"sample {key} in {url}: {what} overflows float16")
+            raise DataError(f"sample {key} in {url}: {what} overflows float16")
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
         out[member] = buf.getvalue()
@@ -150,9 +161,11 @@ def _is_complete(path: str, identity: dict) -> bool:
     first = next(read_samples([path]), None)
     found = json.loads(first["json"]).get("teacher", {}) if first else {}
     teacher_only = {k: v for k, v in identity.items() if k != "front_end"}
-    check_teacher_identity(found, teacher_only, f"existing cache shard {path}")
+    check_teacher_identity(found, teacher_only, f"existing cache shard {path}",
+                           fix=f"write this cache to another out_dir, or delete the cache shards "
+                               f"in {os.path.dirname(path) or '.'} to replace them")
     if found.get("front_end") != identity.get("front_end"):
-        raise ValueError(
+        raise DataError(
             f"existing cache shard {path} was written with "
             f"front_end={bool(found.get('front_end'))}, this run has "
             f"front_end={bool(identity.get('front_end'))}: a cache is all with or "

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import fire
 
+from colld_ds.errors import run_command
 from data_prep.generated_audio import generate_utterances
 from data_prep.manifest import Done, prepared_samples, read_inputs, write_skip_report
 from data_prep.shards import finished_keys, shard_stats, write_audio_shards, write_shards
@@ -209,7 +210,8 @@ class DataPrep:
 
 
 def main() -> None:
-    fire.Fire(DataPrep())     # an instance: --help lists the commands (a class shows __init__)
+    """A user error (``colld_ds.errors``) prints one line and exits 1 (``--verbose``: traceback)."""
+    run_command(lambda: fire.Fire(DataPrep()), "colld prep")  # an instance: --help lists commands
 
 
 if __name__ == "__main__":

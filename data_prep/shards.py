@@ -45,8 +45,10 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 from webdataset import TarWriter
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
+
+from colld_ds.errors import ColldError, DataError
+from data_prep.remote import open_stream
 
 SAMPLE_RATE = 16000
 AUDIO_EXTS = ("flac", "wav")  # members holding audio; we write flac, readers accept both
@@ -171,17 +173,18 @@ def write_shard_index(directory: str) -> str:
 
 
 def read_shard_index(url: str) -> dict[str, dict]:
-    """Entries of the shard index at `url` (a path or any URL webdataset's `gopen` opens), by
+    """Entries of the shard index at `url` (a path or a URL `data_prep.remote` streams), by
     shard file name. ValueError naming the index when it cannot be read or is not a wids
     shard index with colld's `keys` and `lengths`."""
     try:
-        with gopen(url) as stream:
+        with open_stream(url) as stream:
             index = json.load(stream)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read shard index {url}: {exc}") from exc
+        detail = str(getattr(exc, "message", exc)).removeprefix(f"cannot read {url}: ")
+        raise DataError(f"cannot read shard index {url}: {detail}") from exc
     fix = "rewrite it with `colld prep index <shard directory>`"
     if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
-        raise ValueError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
+        raise DataError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
     entries = {}
     for entry in index.get("shardlist", []):
         name = os.path.basename(str(entry.get("url", "")))
@@ -189,9 +192,9 @@ def read_shard_index(url: str) -> dict[str, dict]:
         if not isinstance(keys, list) or not isinstance(lengths, list) or not (
             len(keys) == len(lengths) == entry.get("nsamples")
         ):
-            raise ValueError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
+            raise DataError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
         if name in entries:
-            raise ValueError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
+            raise DataError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
         entries[name] = entry
     return entries
 
@@ -213,7 +216,7 @@ def shard_stats(paths: Iterable[str]) -> dict:
             "hours_per_lang": per_lang}
 
 
-class ShardWriteError(OSError):
+class ShardWriteError(ColldError, OSError):
     """A shard could not be written (disk full, permissions); earlier shards are intact and no
     partial file is left behind."""
 

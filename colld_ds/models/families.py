@@ -58,6 +58,8 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
+from colld_ds.errors import TeacherError
+
 SAMPLE_RATE = 16000
 # SeamlessM4TFeatureExtractor: 25 ms Povey window, 10 ms hop (fixed in its code).
 _FBANK_WINDOW, _FBANK_HOP = 400, 160
@@ -122,7 +124,7 @@ class Family:
         finally:
             hf_logging.set_verbosity(verbosity)
         if info["missing_keys"] or info["mismatched_keys"]:
-            raise ValueError(
+            raise TeacherError(
                 f"{path!r}: the {self.model_class.__name__} weights are not all in the checkpoint "
                 f"(looked for them with the prefixes {self.weight_prefixes} or none); missing: "
                 f"{sorted(info['missing_keys'])[:8]}, shape mismatch: "
@@ -166,7 +168,7 @@ FAMILIES: dict[str, Family] = {
 def family_of(model_type: str) -> Family:
     """The :class:`Family` of a ``config.model_type``; ValueError listing the supported ones."""
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise TeacherError(
             f"unsupported teacher model_type {model_type!r}; "
             f"supported: {', '.join(sorted(FAMILIES))}"
         )

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from colld_ds.errors import TeacherError, TeacherFilesError
+
 from colld_ds.models.families import (
     SAMPLE_RATE,
     Family,
@@ -56,6 +58,8 @@ from colld_ds.models.families import (
 
 TARGET_KINDS = ("layer_output", "ffn")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # what from_pretrained reads, any one
 # Written by save_pretrained but not part of the architecture: excluded from the config hash.
 _VOLATILE_CONFIG_KEYS = (
     "transformers_version",
@@ -80,7 +84,7 @@ class TeacherOutput:
 def _read_config_json(path: str) -> dict[str, Any]:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(
+        raise TeacherFilesError(
             f"teacher path {path!r} is not a local Hugging Face model directory: expected "
             f"{config_file} (config.json + weights, as written by save_pretrained)"
         )
@@ -93,11 +97,21 @@ def _config_and_family(path: str) -> tuple[dict[str, Any], Family]:
     return raw, family_of(str(raw.get("model_type")))
 
 
+def check_weight_files(path: str) -> None:
+    """TeacherFilesError naming ``path`` and the files expected when it holds no weights
+    (transformers' own OSError would not say what colld reads)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise TeacherFilesError(
+            f"teacher path {path!r} has a config.json but no weights: expected one of "
+            f"{', '.join(WEIGHT_FILES)} beside it (what save_pretrained writes); copy the "
+            "model's weights there")
+
+
 def read_num_layers(path: str) -> int:
     """Number of transformer layers of the teacher at ``path``, without loading its weights."""
     raw, family = _config_and_family(path)
     if family.layers_field not in raw:
-        raise ValueError(
+        raise TeacherError(
             f"teacher config {os.path.join(path, 'config.json')} (model_type "
             f"{family.model_type!r}) has no {family.layers_field!r}: not a complete "
             f"{family.model_class.__name__} config"
@@ -169,7 +183,7 @@ class Teacher:
         ``"window"`` (W frames, Whisper's whole window). ValueError for a family without a
         convolutional front end (w2v-BERT)."""
         if not self.family.conv_front_end:
-            raise ValueError(
+            raise TeacherError(
                 f"teacher {self.path} ({self.family.model_type}) has no convolutional front end "
                 "whose output could be cached (its fbank input is computed from the audio): drop "
                 "cache-teacher's --front_end and data.cached_front_end"
@@ -230,28 +244,29 @@ def load_teacher(
     raw, family = _config_and_family(path)
     num_layers = read_num_layers(path)
     if target_kind not in TARGET_KINDS:
-        raise ValueError(
+        raise TeacherError(
             f"teacher.target_kind {target_kind!r}: choose one of {', '.join(TARGET_KINDS)}"
         )
     if not layers:
-        raise ValueError("layer_map: no teacher layers requested")
+        raise TeacherError("layer_map: no teacher layers requested")
     for layer in layers:
         if not 1 <= layer <= num_layers:
-            raise ValueError(
+            raise TeacherError(
                 f"layer_map: teacher layer {layer} is out of range; the teacher at {path!r} has "
                 f"{num_layers} layers ({family.layers_field}), so use layers 1..{num_layers}"
             )
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype not in _DTYPES:
-        raise ValueError(f"teacher dtype {dtype}: choose one of {_DTYPES}")
+        raise TeacherError(f"teacher dtype {dtype}: choose one of {_DTYPES}")
     if window_seconds is not None and family.model_type != "whisper":
-        raise ValueError(
+        raise TeacherError(
             f"teacher.window_seconds is {window_seconds}, but the teacher at {path!r} is a "
             f"{family.model_type} model: the window applies to Whisper teachers only; set it to "
             "null"
         )
 
+    check_weight_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # no code from it
     model = family.load(path, config).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
