@@ -31,11 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import COMPLETE_MARKER, checkpoint_tag, complete_checkpoints
 from colld_ds.config import ConfigError, TrainConfig, load_config
+from colld_ds.evaluate import evaluate
+from colld_ds.layer_map import resolve_layer_map
+from colld_ds.models import read_num_layers
+from colld_ds.probe import ProbeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("colld", "l2l", "distilhubert")
@@ -102,7 +107,6 @@ class CompareSettings:
         ``COLLD_CPU_RANKS`` or 2 CPU ranks)."""
         if self.ranks is not None:
             return self.ranks
-        import torch
         return torch.cuda.device_count() or int(os.environ.get("COLLD_CPU_RANKS", 2))
 
     def command(self) -> str:
@@ -144,9 +148,6 @@ def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
     taken from the current directory: the runs start in the repository).
 
     Raises ConfigError (naming the field) before anything is trained."""
-    from colld_ds.layer_map import resolve_layer_map
-    from colld_ds.models import read_num_layers
-
     base = load_config(settings.config, {**settings.overrides, "objective.name": "l2l"})
     base.teacher.path = absolute_path(base.teacher.path)
     num_teacher_layers = read_num_layers(base.teacher.path)
@@ -242,8 +243,6 @@ def evaluate_run(name: str, checkpoint: Path, eval_shards: str,
                  probe_train_shards: str | None, probe_steps: int | None) -> dict[str, Any]:
     """``evaluate`` of ``checkpoint`` into ``<run>/eval``; an earlier report of the same
     checkpoint (not older than it), shards and probe settings is reused."""
-    from colld_ds.probe import ProbeConfig
-
     probe_config = ProbeConfig() if probe_steps is None else ProbeConfig(steps=probe_steps)
     out = checkpoint.parent.parent / "eval"
     cached = out / "fidelity.json"
@@ -260,8 +259,6 @@ def evaluate_run(name: str, checkpoint: Path, eval_shards: str,
             return report
     except (OSError, ValueError):      # none yet, or half written by a killed evaluation
         pass
-    from colld_ds.evaluate import evaluate
-
     print(f"[compare] {name}: evaluating {checkpoint} on {eval_shards}", flush=True)
     return evaluate(checkpoint, eval_shards, out, probe_train_shards=probe_train_shards,
                     probe=probe_config)

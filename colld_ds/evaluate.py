@@ -36,7 +36,6 @@ temporary name and renamed: ``fidelity.json``, ``fidelity.md`` (also printed),
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -50,9 +49,10 @@ from torch import Tensor
 
 from colld_ds.atomic import write_atomic, write_text_atomic
 from colld_ds.data import decode_audio, expand_urls, read_samples
+from colld_ds.distill import DistillationModel, fresh_model, step0_init
+from colld_ds.formats import SAMPLE_RATE
 from colld_ds.layer_map import LayerPair
-from colld_ds.models import SAMPLE_RATE, Student, Teacher, build_student
-from colld_ds.objectives import build_objective
+from colld_ds.models import Teacher
 from colld_ds.objectives.base import utterance_norm
 from colld_ds.probe import (
     Encoder,
@@ -63,6 +63,7 @@ from colld_ds.probe import (
     read_probe_split,
     run_probe,
 )
+from colld_ds.trained import load_student, resolve_checkpoint, torch_threads
 
 # --- linear CKA ----------------------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class EvalBatch:
     wave_lengths: Tensor  # (B,)
 
 
-def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
+def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list[LayerPair],
              batches: Iterable[EvalBatch], timed: str | None = None) -> dict[str, Any]:
     """Cosine per pair and the K x L CKA matrix of each model (a DistillationModel: ``.student``
     and ``.objective.heads``) against ``teacher``, which must return all L layers in order.
@@ -243,50 +244,8 @@ def eval_batches(shards: str, batch_size: int = 4, max_seconds: float | None = N
 # --- the command ---------------------------------------------------------------------------------
 
 
-def fresh_model(config, teacher: Teacher, pairs: list[LayerPair], init: list[int] | None,
-                random_front_end: bool = False):
-    """The run's DistillationModel as ``build_run`` makes it at step 0 (same seed), with the
-    student's transformer layers copied from teacher layers ``init`` (None: random layers).
-    ``random_front_end``: nothing at all copied from the teacher (the fully random floor)."""
-    from colld_ds.train import DistillationModel
-
-    torch.manual_seed(config.run.seed)
-    student = build_student(teacher, config.student.num_layers, config.student.hidden_size,
-                            config.student.num_attention_heads,
-                            config.student.intermediate_size, init_from_teacher_layers=init)
-    if random_front_end:
-        torch.manual_seed(config.run.seed)
-        hf_config = student.model.config.__class__.from_dict(student.model.config.to_dict())
-        student = Student(teacher.family.model_class(hf_config).float(), teacher.family,
-                          teacher.path)
-    objective = build_objective(config.objective, pairs, student.hidden_size,
-                                teacher.hidden_size, config.layer_map.weights)
-    return DistillationModel(student, objective).eval()
-
-
-def step0_init(config, teacher: Teacher) -> list[int]:
-    """The teacher layers build_run copies into the student at step 0 ([] = random)."""
-    init = config.student.init_from_teacher_layers
-    if init is None:
-        width = config.student.hidden_size
-        same_width = width is None or width == teacher.hidden_size
-        init = list(range(1, config.student.num_layers + 1)) if same_width else []
-    return init
-
-
 def _parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def all_layers_teacher(teacher: Teacher) -> Teacher:
@@ -296,7 +255,7 @@ def all_layers_teacher(teacher: Teacher) -> Teacher:
                    teacher.target_kind, dict(teacher.identity, layers=layers))
 
 
-def student_encoder(model) -> Encoder:
+def student_encoder(model: DistillationModel) -> Encoder:
     """A DistillationModel's student as a probe Encoder: its K layers, (B, T, D_s) each."""
     def encode(wave: Tensor, wave_lengths: Tensor) -> tuple[list[Tensor], Tensor]:
         output = model.student(wave, wave_lengths)
@@ -324,8 +283,6 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
 
     The probe scores whole utterances of ``shards`` (the first ``max_utterances``;
     ``max_seconds`` does not apply: a cut utterance would not match its transcript)."""
-    from colld_ds.export import load_student, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(checkpoint)
     probe_data = None
     probe_skipped = ("no probe-training split given (`--probe_train_shards`, shards with "
@@ -409,6 +366,7 @@ def read_loss_curves(run_dir: Path) -> tuple[dict[str, tuple[list[int], list[flo
     tb, jsonl = run_dir / "tb", run_dir / "metrics.jsonl"
     by_step: dict[str, dict[int, float]] = {}
     if tb.is_dir() and any(tb.glob("events.out.tfevents.*")):
+        # tensorboard's reader: only for runs that logged to TensorBoard
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(tb), size_guidance={"scalars": 0})
@@ -433,7 +391,7 @@ def read_loss_curves(run_dir: Path) -> tuple[dict[str, tuple[list[int], list[flo
 
 def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
     """Loss (total and per pair) and accuracy or cosine per pair vs step, one panel each."""
-    import matplotlib
+    import matplotlib     # plots only: --plot false never loads it
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -533,7 +491,7 @@ def format_markdown(report: dict[str, Any], images: dict[str, str] | None = None
 
 
 def plot_cka(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib     # plots only: --plot false never loads it
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -561,5 +519,5 @@ def plot_cka(report: dict[str, Any], path: Path) -> None:
 
 
 __all__ = ["EvalBatch", "Moments", "cka_from_moments", "eval_batches", "evaluate", "fidelity",
-           "format_markdown", "fresh_model", "linear_cka", "plot_cka", "plot_loss_curves",
+           "format_markdown", "linear_cka", "plot_cka", "plot_loss_curves",
            "read_loss_curves"]

@@ -6,7 +6,7 @@ import torch
 
 from colld_ds.config import load_config
 from colld_ds.data import AudioBatchStream
-from colld_ds.train import build_run, distillation_loss, mask_batch
+from colld_ds.distill import build_run, distillation_loss, mask_batch
 from data_prep.cache import cache_teacher
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards

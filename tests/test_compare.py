@@ -13,16 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from colld_ds.compare import (
-    CompareSettings,
-    RunOutcome,
-    build_table,
-    compare,
-    final_training_loss,
-    format_markdown,
-)
+from colld_ds.compare import (CompareSettings, RunOutcome, build_table, check_earlier_run, compare,
+                              final_training_loss, format_markdown, objective_configs)
 from colld_ds.config import ConfigError
-from tiny_run import tiny_teacher_and_shards
+from helpers import tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
@@ -272,8 +266,6 @@ def test_compare_three_objectives_on_equal_terms_then_skip_then_resume(assets, c
 
 
 def test_a_run_started_with_other_settings_is_refused(assets, tmp_path):
-    from colld_ds.compare import check_earlier_run, objective_configs
-
     settings = CompareSettings(config=str(CONFIG), eval_shards=assets["heldout"],
                                out_dir=str(tmp_path), objectives="l2l",
                                overrides=_overrides(assets))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_resources import ARCHS, DTYPES, KERNELS
+from benchmarks.kernel_resources import ARCHS, DTYPES, KERNELS, launch_for
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_REGISTERS_PER_THREAD = 255  # sm_80 and sm_90
@@ -71,7 +71,6 @@ def test_signature_matches_triton_specialisation():
     from triton.backends.compiler import BaseBackend
     from triton.runtime import jit
 
-    from benchmarks.kernel_resources import launch_for
     from kernels.contrastive import triton_signature
 
     specialize = getattr(jit, "native_specialize_impl", None)

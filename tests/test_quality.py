@@ -12,7 +12,7 @@ import torch
 from benchmarks.quality import QualitySettings, main, summarise
 from colld_ds.config import ConfigError
 from colld_ds.probe import ProbeConfig, train_probe
-from tiny_run import tiny_teacher_and_shards
+from helpers import tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"

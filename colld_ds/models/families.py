@@ -58,7 +58,8 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
-SAMPLE_RATE = 16000
+from colld_ds.formats import SAMPLE_RATE
+
 # SeamlessM4TFeatureExtractor: 25 ms Povey window, 10 ms hop (fixed in its code).
 _FBANK_WINDOW, _FBANK_HOP = 400, 160
 WHISPER_MEL_HOP = 160

@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from colld_ds.formats import SAMPLE_RATE
 from colld_ds.models.families import (
-    SAMPLE_RATE,
     Family,
     FrontEnd,
     build_front_end,
