@@ -49,6 +49,7 @@ from colld_ds.checkpoint import checkpoint_tag, complete_checkpoints
 from colld_ds.data import read_samples
 from colld_ds.evaluate import evaluate
 from colld_ds.formats import SHARD_INDEX
+from colld_ds.report import FidelityReport
 from data_prep.generated_audio import generate_utterances
 from data_prep.real_recordings import PREFIX as REAL_PREFIX, write_real_shards
 from data_prep.shards import write_audio_shards, write_shards
@@ -177,26 +178,24 @@ def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_
         raise RuntimeError(f"cache-teacher failed on rank(s) {failed} (output above)")
 
 
-def _print_fidelity(report: dict, data: str) -> None:
+def _print_fidelity(report: FidelityReport, data: str) -> None:
     """Per layer pair: linear CKA (no head, so trained, step-0 init and random compare on equal
     terms) and cosine through the pair's head (trained only for the trained student)."""
-    names = [p["name"] for p in report["pairs"]]
-    models = report["models"]
-    print(f"\n[demo] fidelity to the teacher on {data} ({report['utterances']} "
-          f"utterances, {report['audio_seconds']:.0f} s), per layer pair (student layer -> "
+    models = report.models
+    print(f"\n[demo] fidelity to the teacher on {data} ({report.utterances} "
+          f"utterances, {report.audio_seconds:.0f} s), per layer pair (student layer -> "
           "teacher layer): linear CKA of the states themselves (no head: the models compare "
           "on equal terms), and cosine through the pair's head (only the trained student's "
           "heads are trained); random = same shape, all random")
     print(f"{'pair':<12}" + "".join(f"{'CKA ' + m:>14}" for m in models)
           + "".join(f"{'cos ' + m:>14}" for m in models))
-    for pair in names:
-        print(f"{pair:<12}" + "".join(f"{models[m]['cka_pairs'][pair]:>14.3f}" for m in models)
-              + "".join(f"{models[m]['cosine'][pair]:>14.3f}" for m in models))
-    probe = report.get("probe")
-    if probe:
-        print(f"[demo] probe (CTC on frozen features, {probe['steps']} steps): "
+    for pair in (p.name for p in report.pairs):
+        print(f"{pair:<12}" + "".join(f"{models[m].cka_pairs[pair]:>14.3f}" for m in models)
+              + "".join(f"{models[m].cosine[pair]:>14.3f}" for m in models))
+    if report.probe:
+        print(f"[demo] probe (CTC on frozen features, {report.probe['steps']} steps): "
               + ", ".join(f"{m} PER {v['per']['overall']:.3f}"
-                          for m, v in probe["models"].items()))
+                          for m, v in report.probe["models"].items()))
 
 
 def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
@@ -263,9 +262,9 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
         if run:
             evaluate(final, _split_pattern(real_dir, REAL_PREFIX), real_eval_dir, batch_size=4,
                      threads=ranks)
-    _print_fidelity(json.loads((eval_dir / "fidelity.json").read_text()), "the test split")
-    _print_fidelity(json.loads((real_eval_dir / "fidelity.json").read_text()),
-                    "the real recordings")
+    for directory, data in ((eval_dir, "the test split"), (real_eval_dir, "the real recordings")):
+        report = json.loads((directory / "fidelity.json").read_text())
+        _print_fidelity(FidelityReport.from_json(report), data)
     stages.report()
     _print_paths(run_dir, final)
     print(f"[demo] evaluation:      {eval_dir / 'fidelity.md'} (+ plots beside it)")

@@ -2,11 +2,14 @@
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from colld_ds.checkpoint import save_checkpoint
+from colld_ds.layer_map import LayerPair
+from colld_ds.report import EncoderSize, FidelityReport, LossCurves, ModelFidelity
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
 from data_prep.tiny_teacher import make_tiny_teacher
@@ -37,6 +40,20 @@ def tiny_teacher_and_shards(root: Path) -> tuple[str, str, str]:
     write_audio_shards(generate_utterances(6, seed=2), str(root / "heldout"), prefix="test",
                        max_count=8, progress=False)
     return teacher, str(root / "train"), str(root / "heldout")
+
+
+def fidelity_report(pairs: list[str], models: dict[str, ModelFidelity], student_parameters=1000,
+                    **fields) -> FidelityReport:
+    """A hand-made eval report of ``models`` on pairs named ``s<k>_t<l>``; the other fields are
+    placeholders unless given."""
+    values = dict(
+        checkpoint="/runs/x/checkpoints/step00000006", shards="test", utterances=6,
+        audio_seconds=9.0, frames=400, target_kind="layer_output",
+        pairs=[LayerPair(*map(int, re.findall(r"\d+", name))) for name in pairs],
+        teacher=EncoderSize(4, 5000, 0.02, 0.1, "teacher"),
+        student=EncoderSize(2, student_parameters, 0.004, 0.05), cpu_threads=1, models=models,
+        loss_curves=LossCurves("no training logs", {}))
+    return FidelityReport(**{**values, **fields})
 
 
 def take(stream, n):

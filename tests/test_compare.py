@@ -16,29 +16,23 @@ import yaml
 from colld_ds.compare import (CompareSettings, RunOutcome, build_table, check_earlier_run, compare,
                               final_training_loss, format_markdown, objective_configs)
 from colld_ds.config import ConfigError
-from helpers import tiny_teacher_and_shards
+from colld_ds.report import ModelFidelity
+from helpers import fidelity_report, tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
 
 
-def report(pairs, trained, random, probe=None, student_parameters=1000, init=None):
+def report(pairs, trained, random, probe=None, init=None):
     """A hand-made eval report: ``trained``/``random``/``init`` map pair -> (cosine, CKA)."""
     def model(values):
-        return {"cosine": {p: values[p][0] for p in pairs},
-                "cka_pairs": {p: values[p][1] for p in pairs}}
+        return ModelFidelity({p: values[p][0] for p in pairs}, {p: values[p][1] for p in pairs},
+                             cka=[])
 
-    made = {"checkpoint": "/runs/x/checkpoints/step00000006", "utterances": 6,
-            "audio_seconds": 9.0, "frames": 400,
-            "pairs": [{"name": p} for p in pairs],
-            "teacher": {"parameters": 5000, "layers": 4},
-            "student": {"parameters": student_parameters},
-            "models": {"trained": model(trained), "random": model(random),
-                       "init": model(init or random)}}
-    if probe is not None:
-        made["probe"] = {"train_shards": "dev", "steps": 50, "languages": ["en", "de"],
-                         "models": probe}
-    return made
+    probe = probe and {"train_shards": "dev", "steps": 50, "languages": ["en", "de"],
+                       "models": probe}
+    return fidelity_report(pairs, {"trained": model(trained), "random": model(random),
+                                   "init": model(init or random)}, probe=probe)
 
 
 def rates(per, cer):
@@ -136,8 +130,8 @@ def test_table_gaps_match_hand_computation():
 def test_table_without_probe_has_no_probe_section():
     outcomes = hand_made_outcomes()
     for outcome in outcomes.values():
-        del outcome.report["probe"]
-        outcome.report["probe_skipped"] = "no probe-training split given"
+        outcome.report.probe = None
+        outcome.report.probe_skipped = "no probe-training split given"
     table = build_table(outcomes)
     assert table["probe"] is None and all("per" not in row for row in table["rows"])
     markdown = format_markdown(table)

@@ -16,6 +16,7 @@ from colld_ds.evaluate import (EvalBatch, FidelityAccumulator, Moments, cka_from
 from colld_ds.formats import SAMPLE_RATE
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import load_teacher
+from colld_ds.report import FidelityReport
 from colld_ds.trained import torch_threads
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
@@ -66,11 +67,11 @@ def test_a_student_that_is_the_teacher_scores_above_random(trained_run):
     with torch_threads(1):
         result = fidelity({"copy": copy, "random": random}, teacher, pairs, batches)["models"]
     for name in ("s1_t1", "s2_t2"):
-        assert result["copy"]["cosine"][name] == pytest.approx(1.0, abs=1e-5)
-        assert result["copy"]["cka_pairs"][name] == pytest.approx(1.0, abs=1e-6)
-        assert result["random"]["cosine"][name] < 0.5
-        assert result["random"]["cka_pairs"][name] < result["copy"]["cka_pairs"][name] - 0.3
-    assert len(result["copy"]["cka"]) == 2 and len(result["copy"]["cka"][0]) == 4
+        assert result["copy"].cosine[name] == pytest.approx(1.0, abs=1e-5)
+        assert result["copy"].cka_pairs[name] == pytest.approx(1.0, abs=1e-6)
+        assert result["random"].cosine[name] < 0.5
+        assert result["random"].cka_pairs[name] < result["copy"].cka_pairs[name] - 0.3
+    assert len(result["copy"].cka) == 2 and len(result["copy"].cka[0]) == 4
 
 
 def test_eval_command_writes_table_json_and_heatmap(trained_run, tmp_path, capsys):
@@ -78,6 +79,7 @@ def test_eval_command_writes_table_json_and_heatmap(trained_run, tmp_path, capsy
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "fidelity.json").read_text())
     assert set(report["models"]) == {"trained", "random", "init"}
+    assert FidelityReport.from_json(report).to_json() == report          # the typed report
     assert report["utterances"] == 6 and report["frames"] > 100
     for values in report["models"].values():
         assert set(values["cosine"]) == {"s1_t2", "s2_t4"}
@@ -176,7 +178,7 @@ def test_head_cosine_is_to_what_the_heads_were_trained_on():
     with_norm.add([student], {"s1_t1": normalised}, [teacher], head_targets=[normalised])
     moments = Moments()
     moments.add(teacher)
-    assert with_norm.result([moments])["cosine"]["s1_t1"] == pytest.approx(1.0)
-    assert plain.result([moments])["cosine"]["s1_t1"] < 0.5
+    assert with_norm.result([moments]).cosine["s1_t1"] == pytest.approx(1.0)
+    assert plain.result([moments]).cosine["s1_t1"] < 0.5
     # CKA reads the states themselves, whatever the heads' targets
-    assert with_norm.result([moments])["cka"] == plain.result([moments])["cka"]
+    assert with_norm.result([moments]).cka == plain.result([moments]).cka
