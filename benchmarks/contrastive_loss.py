@@ -30,7 +30,7 @@ H100, 50 MB of L2 holds M*D fp16 for M=16384, D=1024). Writes (the (N, D) fp32 g
 saved state) are not counted. On CUDA each row also has the achieved ``gbps_*`` = read bytes /
 forward+backward time and ``frac_copy_*`` = that over ``copy_gbps``, the device's bandwidth
 for a 1 GiB device-to-device ``copy_`` measured in the same run (bytes read + written / time).
-The issue's goal is Triton within 2x of the bandwidth bound: ``frac_copy >= 0.5``.
+The target is Triton within 2x of the bandwidth bound: ``frac_copy >= 0.5``.
 
     python benchmarks/contrastive_loss.py --quick   # CPU-sized subset
     python benchmarks/contrastive_loss.py --dtype bfloat16,float16   # N {1024, 4096, 16384}

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
 from colld_ds.data import AudioBatchStream  # noqa: E402
+from colld_ds.formats import SAMPLE_RATE  # noqa: E402
 from colld_ds.models import load_teacher  # noqa: E402
 from data_prep.cache import cache_teacher  # noqa: E402
 from data_prep.generated_audio import generate_utterances  # noqa: E402
@@ -34,7 +35,7 @@ def read_epoch(stream: AudioBatchStream) -> tuple[float, int, float]:
     started = time.perf_counter()
     for _, batch in zip(range(batches), stream):
         audio_samples += int(batch.wave_lengths.sum())
-    return audio_samples / 16000, batches, time.perf_counter() - started
+    return audio_samples / SAMPLE_RATE, batches, time.perf_counter() - started
 
 
 def main():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything a session lent a GPU runs in ONE device call (benchmarks/GPU.md says how to call it
-# and what to do with what comes back): the kernel tests, the contrastive-loss grid (issue 4) and
-# the full-shape training throughput (issue 7), each under a time limit, the whole within
+# Everything the GPU run needs in ONE device call (benchmarks/GPU.md says how to call it and what
+# to do with what comes back): the kernel tests, the contrastive-loss grid and the full-shape
+# training throughput, each under a time limit, the whole within
 # SUITE_BUDGET_S (under the device's 10-minute command limit).
 #
 #   bash benchmarks/gpu_suite.sh           # on the device machine: carry .whl (scripts/device_wheels.sh)

@@ -10,7 +10,7 @@ put anything there: where ``ptxas -v`` reported "4 bytes spill stores", cuobjdum
 ``SHARED`` static shared bytes/block (0 on sm_80, 1024 on sm_90: the kernels declare none).
 Triton's dynamic shared bytes and ``num_warps`` come from the compiled metadata.
 
-One row per distinct (kernel, dtype, arch, BLOCK_K, BLOCK_D, D_ALIGN) among the issue's shapes,
+One row per distinct (kernel, dtype, arch, BLOCK_K, BLOCK_D, D_ALIGN) among the production shapes,
 D in {768, 1000, 1024, 1280} x K in {1, 50, 100, 512}: the tile ``_block_sizes`` picks and the
 power of two the kernel is told divides D (16, or 8 for D = 1000); ``D``, ``K`` name the
 shape compiled for the row, ``shapes`` every shape with the same key. Triton also specialises
@@ -71,7 +71,7 @@ def launch_for(kernel, dtype, D, K, **_):
 
 def cases(kernels=KERNELS, dtypes=DTYPES, archs=ARCHS, shapes=ISSUE_SHAPES):
     """One dict per (kernel, dtype, arch, BLOCK_K, BLOCK_D, D_ALIGN) among ``shapes``: ``D``,
-    ``K`` the first shape with it (the issue's N=4096, K=100, D=1024 first), ``shapes`` all."""
+    ``K`` the first shape with it (N=4096, K=100, D=1024 first), ``shapes`` all."""
     out = {}
     for arch in archs:
         for kernel in kernels:

@@ -25,10 +25,10 @@ from benchmarks.quality import parse_overrides  # noqa: E402
 from colld_ds.atomic import write_text_atomic  # noqa: E402
 from colld_ds.compare import make_paths_absolute  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
+from colld_ds.distill import build_run  # noqa: E402
 from colld_ds.evaluate import all_layers_teacher, teacher_encoder  # noqa: E402
 from colld_ds.probe import (TASKS, ProbeConfig, ProbeTasks, extract_splits,  # noqa: E402
                             read_probe_split, score_model)
-from colld_ds.train import build_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -40,12 +40,11 @@ from colld_ds.atomic import write_atomic, write_text_atomic
 from colld_ds.checkpoint import checkpoint_tag
 from colld_ds.compare import make_paths_absolute, train_run
 from colld_ds.config import ConfigError, TrainConfig, load_config
-from colld_ds.evaluate import (all_layers_teacher, fresh_model, step0_init, student_encoder,
-                               teacher_encoder)
-from colld_ds.export import load_student
+from colld_ds.distill import build_run, fresh_model, step0_init
+from colld_ds.evaluate import all_layers_teacher, student_encoder, teacher_encoder
 from colld_ds.probe import (TASKS, ProbeConfig, ProbeSplits, ProbeTasks, extract_splits,
                             read_probe_split, score_model)
-from colld_ds.train import build_run
+from colld_ds.trained import load_student
 
 REFERENCE_ROWS = ("teacher", "random", "init")
 

@@ -2,7 +2,7 @@
 
 One process, side by side on the same batches and the same student:
 
-* (a) ``online``: the real run (``colld_ds.train.build_run``) with the teacher run on each
+* (a) ``online``: the real run (``colld_ds.distill.build_run``) with the teacher run on each
   batch's audio (``distillation_loss`` with the teacher), CoLLD objective;
 * (b) ``cached``: the same student and objective fed from teacher-cache shards written by the
   real ``data_prep.cache.cache_teacher`` (``distillation_loss`` with ``teacher=None``);
@@ -65,8 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
 from colld_ds.data import AudioBatchStream  # noqa: E402
+from colld_ds.formats import SAMPLE_RATE  # noqa: E402
 from colld_ds.objectives import build_objective  # noqa: E402
-from colld_ds.train import (  # noqa: E402
+from colld_ds.distill import (  # noqa: E402
     DistillationModel,
     build_run,
     distillation_loss,
@@ -226,7 +227,7 @@ def main():
                     times[i].append(time.perf_counter() - tic)
                 losses[i] = float(output.loss.detach())
 
-    audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / 16000 for b in audio_batches)
+    audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / SAMPLE_RATE for b in audio_batches)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     teacher_params = sum(p.numel() for p in teacher.model.parameters())
     info = machine_info(device)

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
 from colld_ds.data import decode_audio, expand_urls, read_samples  # noqa: E402
+from colld_ds.formats import SAMPLE_RATE  # noqa: E402
 from colld_ds.models import load_teacher, read_num_layers  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main():
                 cos_min[window][i] = min(cos_min[window][i], cos.min())
 
     info = machine_info(torch.device("cpu"))
-    audio_seconds = sum(len(w) for w in waves) / 16000
+    audio_seconds = sum(len(w) for w in waves) / SAMPLE_RATE
     rows = []
     for window in windows:
         for i, layer in enumerate(layers):

@@ -1,7 +1,7 @@
 """Bytes each rank holds under ZeRO stages 0/1/2/3: parameters, gradients, optimizer state, RSS.
 
 For each stage, 2 fresh CPU ranks (``torch.multiprocessing`` spawn, gloo, ``DS_ACCELERATOR=cpu``)
-build the real run (``colld_ds.train.build_run``) on a tiny random XLS-R-style teacher
+build the real run (``colld_ds.distill.build_run``) on a tiny random XLS-R-style teacher
 (``--teacher_width``, ``--teacher_layers``; student ``--student_layers`` at the teacher's width,
 CoLLD objective, online teacher), ``deepspeed.initialize`` it with ``build_ds_config`` (the
 ``ds_configs/zero{stage}.json`` templates, fp32, AdamW) and take ``--steps`` training steps on
@@ -49,6 +49,12 @@ import torch.multiprocessing as mp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
+from colld_ds.config import load_config  # noqa: E402
+from colld_ds.data import Batch  # noqa: E402
+from colld_ds.distill import build_run, distillation_loss, mask_batch, step_seed  # noqa: E402
+from colld_ds.ds_config import build_ds_config  # noqa: E402
+from colld_ds.formats import SAMPLE_RATE  # noqa: E402
+from data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
 
 MIB = 2**20
 
@@ -145,11 +151,6 @@ def rank_main(rank: int, world_size: int, port: int, stage: int, args, teacher_d
     import deepspeed
     import torch.distributed as dist
 
-    from colld_ds.config import load_config
-    from colld_ds.data import Batch
-    from colld_ds.ds_config import build_ds_config
-    from colld_ds.train import build_run, distillation_loss, mask_batch, step_seed
-
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config(None, {
         "teacher.path": teacher_dir, "data.train_shards": "unused",
@@ -166,7 +167,7 @@ def rank_main(rank: int, world_size: int, port: int, stage: int, args, teacher_d
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=build_ds_config(config))
 
-    samples = int(args.seconds * 16000)
+    samples = int(args.seconds * SAMPLE_RATE)
     generator = torch.Generator().manual_seed(rank)
     counter = StorageCounter()
     grad_bytes = 0
@@ -209,9 +210,6 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/zero_memory_cpu.json")
     args = parser.parse_args()
-
-    from data_prep.tiny_teacher import make_tiny_teacher
-
     info = machine_info(torch.device("cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

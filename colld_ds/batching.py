@@ -33,7 +33,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from data_prep.shards import SAMPLE_RATE
+from colld_ds.formats import SAMPLE_RATE
 
 
 def shuffle_samples(samples: Iterable[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -93,7 +93,7 @@ class Batching:
     batches. Exactly one of `batch_size` and `budget` is set.
 
     batch_size: utterances per batch (B).
-    budget: padded 16 kHz audio samples per batch (`batch_seconds * 16000`).
+    budget: padded 16 kHz audio samples per batch (`batch_seconds * SAMPLE_RATE`).
     bucket_buffer: samples sorted by length together (dynamic batching).
     max_samples: the stream's crop length (None: no crop); the budget counts cropped lengths.
     shuffle_buffer: sample shuffle buffer (0: shard order).

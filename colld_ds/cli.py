@@ -7,7 +7,6 @@ Any config field can be overridden with a dotted flag: ``--objective.temperature
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import fire
 
@@ -92,12 +91,12 @@ def eval(checkpoint: str, shards: str, out_dir: str | None = None, batch_size: i
 
     probe_overrides = {"steps": probe_steps, "lstm_hidden": probe_lstm_hidden}
     probe = ProbeConfig(**{k: v for k, v in probe_overrides.items() if v is not None})
-    report = evaluate(checkpoint, shards, out_dir, batch_size=batch_size,
-                      max_seconds=max_seconds, max_utterances=max_utterances,
-                      teacher_path=teacher_path, threads=threads,
-                      probe_train_shards=probe_train_shards, probe=probe)
-    print((Path(report["out_dir"]) / "fidelity.md").read_text())
-    print(f"[colld] fidelity report written to {report['out_dir']}")
+    done = evaluate(checkpoint, shards, out_dir, batch_size=batch_size,
+                    max_seconds=max_seconds, max_utterances=max_utterances,
+                    teacher_path=teacher_path, threads=threads,
+                    probe_train_shards=probe_train_shards, probe=probe)
+    print((done.out_dir / "fidelity.md").read_text())
+    print(f"[colld] fidelity report written to {done.out_dir}")
 
 
 def compare(config: str, eval_shards: str, objectives: str = "colld,l2l,distilhubert",

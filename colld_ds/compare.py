@@ -31,12 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import COMPLETE_MARKER, checkpoint_tag, complete_checkpoints
 from colld_ds.config import ConfigError, TrainConfig, load_config
 from colld_ds.errors import ColldError
+from colld_ds.evaluate import evaluate
+from colld_ds.layer_map import resolve_layer_map
+from colld_ds.models import read_num_layers
+from colld_ds.probe import ProbeConfig
+from colld_ds.report import FidelityReport, ModelFidelity
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("colld", "l2l", "distilhubert")
@@ -103,7 +109,6 @@ class CompareSettings:
         ``COLLD_CPU_RANKS`` or 2 CPU ranks)."""
         if self.ranks is not None:
             return self.ranks
-        import torch
         return torch.cuda.device_count() or int(os.environ.get("COLLD_CPU_RANKS", 2))
 
     def command(self) -> str:
@@ -145,9 +150,6 @@ def objective_configs(settings: CompareSettings) -> dict[str, TrainConfig]:
     taken from the current directory: the runs start in the repository).
 
     Raises ConfigError (naming the field) before anything is trained."""
-    from colld_ds.layer_map import resolve_layer_map
-    from colld_ds.models import read_num_layers
-
     base = load_config(settings.config, {**settings.overrides, "objective.name": "l2l"})
     base.teacher.path = absolute_path(base.teacher.path)
     num_teacher_layers = read_num_layers(base.teacher.path)
@@ -240,32 +242,28 @@ def train_run(name: str, config: TrainConfig, ranks: int | None) -> Path:
 
 
 def evaluate_run(name: str, checkpoint: Path, eval_shards: str,
-                 probe_train_shards: str | None, probe_steps: int | None) -> dict[str, Any]:
+                 probe_train_shards: str | None, probe_steps: int | None) -> FidelityReport:
     """``evaluate`` of ``checkpoint`` into ``<run>/eval``; an earlier report of the same
     checkpoint (not older than it), shards and probe settings is reused."""
-    from colld_ds.probe import ProbeConfig
-
     probe_config = ProbeConfig() if probe_steps is None else ProbeConfig(steps=probe_steps)
     out = checkpoint.parent.parent / "eval"
     cached = out / "fidelity.json"
     try:
-        report = json.loads(cached.read_text())
+        report = FidelityReport.from_json(json.loads(cached.read_text()))
         fresh = cached.stat().st_mtime >= (checkpoint / COMPLETE_MARKER).stat().st_mtime
-        probe = report.get("probe") or {}
+        probe = report.probe or {}
         same_probe = (probe.get("train_shards") == probe_train_shards
                       and (not probe or probe.get("steps") == probe_config.steps))
-        if (fresh and report.get("checkpoint") == str(checkpoint)
-                and report.get("shards") == eval_shards and same_probe):
+        if (fresh and report.checkpoint == str(checkpoint) and report.shards == eval_shards
+                and same_probe):
             print(f"[compare] {name}: evaluation of {checkpoint.name} found ({cached}); reused",
                   flush=True)
             return report
-    except (OSError, ValueError):      # none yet, or half written by a killed evaluation
+    except (OSError, ValueError, KeyError, TypeError):   # none yet, half written, or not one
         pass
-    from colld_ds.evaluate import evaluate
-
     print(f"[compare] {name}: evaluating {checkpoint} on {eval_shards}", flush=True)
     return evaluate(checkpoint, eval_shards, out, probe_train_shards=probe_train_shards,
-                    probe=probe_config)
+                    probe=probe_config).report
 
 
 def final_training_loss(run_dir: Path, step: int) -> float | None:
@@ -284,10 +282,31 @@ def final_training_loss(run_dir: Path, step: int) -> float | None:
 
 @dataclass(kw_only=True)
 class RunOutcome:
-    report: dict[str, Any]
-    """The run's ``evaluate`` report (fidelity.json; ``probe`` section optional)."""
+    report: FidelityReport
+    """The run's ``evaluate`` report."""
     final_loss: float | None
     """``loss/total`` at the last step (each objective's own loss)."""
+
+
+METRICS = ("per", "cer")
+NOTES = [
+    "Fidelity on the held-out shards, mean over each run's own layer pairs: cosine through "
+    "the pair's trained projection head, linear CKA of the raw student state vs the teacher "
+    "feature. `distilhubert`'s pairs are its heads on the last student layer, predicting the "
+    "same teacher layers as the others.",
+    "Gap closed = (student - random) / (teacher - random); for error rates (PER, CER) = "
+    "(random - student) / (random - teacher). 0 = no better than the random floor, 1 = the "
+    "teacher. For fidelity the teacher ceiling is 1 by definition (the teacher against "
+    "itself: cosine through an identity head and CKA are both 1).",
+    "`random`: a student of the same shape and seed with every weight random and random "
+    "heads (colld eval's floor). `init`: the student every run starts from (step 0: front "
+    "end and, where widths match, layers copied from the teacher; untrained heads), so a "
+    "high `init` CKA is the copy, not training. One row of each per pair layout, as the "
+    "heads differ.",
+    "Final training loss: `loss/total` at the last step. Each objective has its own loss "
+    "(InfoNCE for colld, L1 + cosine terms for l2l and distilhubert): compare it within "
+    "an objective, not across rows.",
+]
 
 
 def _finite(value) -> bool:
@@ -311,116 +330,76 @@ def gap_closed(student: float | None, floor: float | None,
     return (student - floor) / (ceiling - floor)
 
 
-def _fidelity(model: dict[str, Any], pairs: list[str]) -> dict[str, float | None]:
-    return {"cosine": _mean(model["cosine"][p] for p in pairs),
-            "cka": _mean(model["cka_pairs"][p] for p in pairs)}
+def _fidelity(model: ModelFidelity, pairs: list[str]) -> dict[str, float | None]:
+    return {"cosine": _mean(model.cosine[p] for p in pairs),
+            "cka": _mean(model.cka_pairs[p] for p in pairs)}
 
 
 def build_table(outcomes: dict[str, RunOutcome], settings: dict[str, Any] | None = None,
                 command: str = "") -> dict[str, Any]:
     """The comparison from each objective's eval report: rows per objective, ``init`` (the
-    student at step 0; with probe rates when its report probed it), ``random`` (the floor),
-    both once per pair layout since cosine goes through the pairs' heads, and ``teacher`` (the ceiling: fidelity 1 by
-    definition; probe error rates from the reports).
+    student at step 0; with probe rates when its report probed it) and ``random`` (the floor),
+    both once per pair layout since cosine goes through the pairs' heads, and ``teacher`` (the
+    ceiling: fidelity 1 by definition; probe error rates from the reports).
 
     Fidelity gaps use the random row of the objective's pair layout; probe gaps use the
     random and teacher probe rows of the first report with a probe, so every gap can be
     recomputed from the rows shown."""
-    first = next(iter(outcomes.values())).report
-    probes = {name: o.report.get("probe") for name, o in outcomes.items() if o.report.get("probe")}
+    probes = {name: o.report.probe for name, o in outcomes.items() if o.report.probe}
     probe = next(iter(probes.values()), None)
-    languages: list[str] = []
-    for section in probes.values():
-        languages += [lang for lang in section["languages"] if lang not in languages]
-    metrics = ("per", "cer")
+    languages = list(dict.fromkeys(lang for p in probes.values() for lang in p["languages"]))
 
-    def probe_values(model: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
-        return {m: {key: (model or {}).get(m, {}).get(key) for key in ["overall", *languages]}
-                for m in metrics}
+    def rates(model: str, section: dict[str, Any] | None = probe) -> dict[str, dict]:
+        """PER and CER of ``model`` in a probe section, {} if it has none."""
+        if section is None or model not in section["models"]:
+            return {}
+        values = section["models"][model]
+        return {m: {key: values.get(m, {}).get(key) for key in ["overall", *languages]}
+                for m in METRICS}
 
-    floor_probe = probe_values(probe["models"]["random"]) if probe else None
-    ceiling_probe = probe_values(probe["models"]["teacher"]) if probe else None
+    floor_rates, ceiling_rates = rates("random"), rates("teacher")
 
-    floors: dict[tuple[str, ...], dict[str, Any]] = {}
-    starts: dict[tuple[str, ...], dict[str, Any]] = {}
+    def with_gaps(row: dict[str, Any], row_rates: dict[str, dict], floor: dict[str, Any]
+                  ) -> dict[str, Any]:
+        gaps = {key: gap_closed(row[key], floor[key], 1.0) for key in ("cosine", "cka")}
+        gaps |= {m: {key: gap_closed(value, floor_rates[m][key], ceiling_rates[m][key])
+                     for key, value in values.items()} for m, values in row_rates.items()}
+        return {**row, "gap_closed": gaps, **row_rates}
+
+    trained, starts, floors = [], {}, {}
     for name, outcome in outcomes.items():
         report = outcome.report
-        pairs = tuple(p["name"] for p in report["pairs"])
-        if pairs not in floors:
-            floors[pairs] = {"row": "random", "pairs": list(pairs), "floor_of": [],
-                             "parameters": report["student"]["parameters"],
-                             **_fidelity(report["models"]["random"], list(pairs)),
-                             "final_loss": None, **(floor_probe or {})}
-            if "init" in report["models"]:
-                starts[pairs] = {"row": "init", "pairs": list(pairs),
-                                 "parameters": report["student"]["parameters"],
-                                 **_fidelity(report["models"]["init"], list(pairs)),
-                                 "final_loss": None}
-                starts[pairs]["gap_closed"] = {
-                    key: gap_closed(starts[pairs][key], floors[pairs][key], 1.0)
-                    for key in ("cosine", "cka")}
-                init_probe = (probes.get(name) or {}).get("models", {}).get("init")
-                if init_probe:               # the probe does not depend on the heads
-                    starts[pairs].update(probe_values(init_probe))
-                    for m in metrics:
-                        starts[pairs]["gap_closed"][m] = {
-                            key: gap_closed(starts[pairs][m][key], floor_probe[m][key],
-                                            ceiling_probe[m][key])
-                            for key in starts[pairs][m]}
-        floors[pairs]["floor_of"].append(name)
+        pairs = [p.name for p in report.pairs]
+        size = report.student.parameters
+        if tuple(pairs) not in floors:
+            floor = floors[tuple(pairs)] = {
+                "row": "random", "pairs": pairs, "floor_of": [], "parameters": size,
+                **_fidelity(report.models["random"], pairs), "final_loss": None, **floor_rates}
+            if "init" in report.models:     # the probe does not depend on the heads
+                starts[tuple(pairs)] = with_gaps(
+                    {"row": "init", "pairs": pairs, "parameters": size,
+                     **_fidelity(report.models["init"], pairs), "final_loss": None},
+                    rates("init", probes.get(name)), floor)
+        floors[tuple(pairs)]["floor_of"].append(name)
+        trained.append(with_gaps(
+            {"row": name, "pairs": pairs, "parameters": size,
+             **_fidelity(report.models["trained"], pairs), "final_loss": outcome.final_loss,
+             "checkpoint": report.checkpoint},
+            rates("trained", probes.get(name)), floors[tuple(pairs)]))
+    teacher = {"row": "teacher", "pairs": [],
+               "parameters": next(iter(outcomes.values())).report.teacher.parameters,
+               "cosine": 1.0, "cka": 1.0, "final_loss": None, **ceiling_rates}
 
-    rows = []
-    for name, outcome in outcomes.items():
-        report = outcome.report
-        pairs = [p["name"] for p in report["pairs"]]
-        floor = floors[tuple(pairs)]
-        row = {"row": name, "pairs": pairs, "parameters": report["student"]["parameters"],
-               **_fidelity(report["models"]["trained"], pairs), "final_loss": outcome.final_loss,
-               "checkpoint": report["checkpoint"]}
-        row["gap_closed"] = {key: gap_closed(row[key], floor[key], 1.0)
-                             for key in ("cosine", "cka")}
-        if name in probes:
-            row.update(probe_values(probes[name]["models"]["trained"]))
-            for m in metrics:
-                row["gap_closed"][m] = {key: gap_closed(row[m][key], floor_probe[m][key],
-                                                        ceiling_probe[m][key])
-                                        for key in row[m]}
-        rows.append(row)
-    rows += list(starts.values()) + list(floors.values())
-    teacher = {"row": "teacher", "pairs": [], "parameters": first["teacher"]["parameters"],
-               "cosine": 1.0, "cka": 1.0, "final_loss": None}
-    if ceiling_probe:
-        teacher.update(ceiling_probe)
-    rows.append(teacher)
-
-    notes = [
-        "Fidelity on the held-out shards, mean over each run's own layer pairs: cosine through "
-        "the pair's trained projection head, linear CKA of the raw student state vs the teacher "
-        "feature. `distilhubert`'s pairs are its heads on the last student layer, predicting the "
-        "same teacher layers as the others.",
-        "Gap closed = (student - random) / (teacher - random); for error rates (PER, CER) = "
-        "(random - student) / (random - teacher). 0 = no better than the random floor, 1 = the "
-        "teacher. For fidelity the teacher ceiling is 1 by definition (the teacher against "
-        "itself: cosine through an identity head and CKA are both 1).",
-        "`random`: a student of the same shape and seed with every weight random and random "
-        "heads (colld eval's floor). `init`: the student every run starts from (step 0: front "
-        "end and, where widths match, layers copied from the teacher; untrained heads), so a "
-        "high `init` CKA is the copy, not training. One row of each per pair layout, as the "
-        "heads differ.",
-        "Final training loss: `loss/total` at the last step. Each objective has its own loss "
-        "(InfoNCE for colld, L1 + cosine terms for l2l and distilhubert): compare it within "
-        "an objective, not across rows.",
-    ]
+    notes = list(NOTES)
     if probes and len(probes) < len(outcomes):
         notes.append("Only " + ", ".join(probes) + " have a probe in their eval report.")
-    skipped = {o.report["probe_skipped"] for o in outcomes.values()
-               if o.report.get("probe_skipped")}
+    skipped = {o.report.probe_skipped for o in outcomes.values() if o.report.probe_skipped}
     if not probes and skipped:
         notes.append("No probe: " + "; ".join(sorted(skipped)))
     return {"command": command, "settings": settings or {}, "languages": languages,
             "probe": ({"train_shards": probe["train_shards"], "steps": probe["steps"]}
                       if probe else None),
-            "rows": rows, "notes": notes}
+            "rows": [*trained, *starts.values(), *floors.values(), teacher], "notes": notes}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -473,7 +452,7 @@ def format_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_settings(config: TrainConfig, world_size: int, report: dict[str, Any],
+def describe_settings(config: TrainConfig, world_size: int, report: FidelityReport,
                       eval_shards: str) -> dict[str, str]:
     """What every run shared, for the table's notes (``config``: any of the runs')."""
     s, d, o = config.student, config.data, config.optim
@@ -490,7 +469,7 @@ def describe_settings(config: TrainConfig, world_size: int, report: dict[str, An
                    f"{s.intermediate_size or 'as teacher'}, init from teacher layers "
                    f"{init if init is not None else 'first K when widths match'}, front end "
                    f"{'frozen' if s.freeze_front_end else 'trained'}",
-        "Teacher": f"`{config.teacher.path}` ({report['teacher']['layers']} layers, targets "
+        "Teacher": f"`{config.teacher.path}` ({report.teacher.layers} layers, targets "
                    f"`{config.teacher.target_kind}`); teacher layers predicted per student "
                    f"layer {config.layer_map.teacher_layers}",
         "Corpus": f"`{d.teacher_cache or d.train_shards}`"
@@ -502,8 +481,8 @@ def describe_settings(config: TrainConfig, world_size: int, report: dict[str, An
                             f"{config.objective.temperature}, {config.objective.num_negatives} "
                             f"negatives; l2l distance {config.objective.distance}; cosine "
                             f"weight {config.objective.cosine_weight}",
-        "Held-out": f"`{eval_shards}`: {report['utterances']} utterances, "
-                    f"{report['audio_seconds']:.1f} s, {report['frames']} frames",
+        "Held-out": f"`{eval_shards}`: {report.utterances} utterances, "
+                    f"{report.audio_seconds:.1f} s, {report.frames} frames",
     }
 
 

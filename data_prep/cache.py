@@ -2,14 +2,14 @@
 
 Format: one cache shard per audio shard, with the same file name, in another directory. Each
 sample keeps the audio shard's members as they are (`flac`/`wav`, `json`) and adds, per cached
-teacher layer i, `<key>.l{i:02d}.{target_kind}.npy` (`colld_ds.data.feature_member`): the
+teacher layer i, `<key>.l{i:02d}.{target_kind}.npy` (`colld_ds.formats.feature_member`): the
 float16 (T, D_t) features of the whole utterance, T = frames of its S samples. The json gains
 `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate, frame_stride,
-receptive_field, num_frames}` (`frame_stride`, `receptive_field`: `colld_ds.data.FrameGeometry`).
+receptive_field, num_frames}` (`frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
 output of its convolutional front end (`colld_ds.models.teacher`), stored as
-`<key>.front_end.npy` (`colld_ds.data.FRONT_END_MEMBER`): float16 (T, C) for wav2vec2-like
+`<key>.front_end.npy` (`colld_ds.formats.FRONT_END_MEMBER`): float16 (T, C) for wav2vec2-like
 teachers (C = 512 for released models), (W, D) for Whisper (conv2's GELU output over the whole
 window of W frames). The identity then records `"front_end": "utterance"` or `"window"`; a
 re-run with the other setting refuses the existing shards (a cache is all with or all without).
@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from colld_ds.data import FrameGeometry, check_teacher_identity, decode_wave, expand_urls
-from colld_ds.data import FRONT_END_MEMBER, feature_member, read_samples
+from colld_ds.data import decode_wave, expand_urls, read_samples
 from colld_ds.errors import DataError, TeacherError
+from colld_ds.formats import (FRONT_END_MEMBER, SAMPLE_RATE, FrameGeometry, check_teacher_identity,
+                              feature_member)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
-from data_prep.shards import SAMPLE_RATE, atomic_shard, count_samples, write_shard_index
+from data_prep.shards import atomic_shard, count_samples, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

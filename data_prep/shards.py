@@ -1,30 +1,15 @@
-"""Audio tar shards: the format, an atomic resumable writer, and audio file I/O.
+"""Writing audio tar shards: an atomic, resumable writer, the shard index, and audio file I/O.
 
-Shard format (webdataset tar, read by `colld_ds.data`):
+The format is ``colld_ds.formats``. A shard is written to ``<name>.tar.tmp`` and renamed to
+``<name>.tar`` only when complete, so a file named ``*.tar`` is always a whole shard. A re-run
+skips shards whose final file exists: the samples of a skipped shard are counted from the shard
+itself and consumed from the input without encoding, so a killed prep job resumes with exactly
+the same sample-to-shard assignment (given the same input order and limits). A stray
+``*.tar.tmp`` is never read as a shard and is overwritten by the next run.
 
-- Files are named `{prefix}-{index:06d}.tar` (`train-000000.tar`, ...), indices from 0.
-- One sample per utterance, key `<utt_id>` (no `.` or `/` in it: webdataset splits member
-  names at the first dot), with two members:
-  - `<utt_id>.flac`: the waveform, 16 kHz, mono, 16-bit FLAC (written with soundfile);
-  - `<utt_id>.json`: `{"utt_id", "lang", "text", "phones" (only if given), "duration"
-    (seconds, float), "sample_rate" (16000)}`.
-- A shard is written to `<name>.tar.tmp` and renamed to `<name>.tar` only when complete, so a
-  file named `*.tar` is always a whole shard. A re-run skips shards whose final file exists:
-  the samples of a skipped shard are counted from the shard itself and consumed from the input
-  without encoding, so a killed prep job resumes with exactly the same sample-to-shard
-  assignment (given the same input order and limits). A stray `*.tar.tmp` is never read as a
-  shard and is overwritten by the next run.
-
-Shard index (`shardindex.json` beside the shards; `write_shard_index`, `read_shard_index`):
-webdataset's wids shard-index format, `{"__kind__": "wids-shard-index-v1", "wids_version": 1,
-"shardlist": [{"url", "nsamples", "filesize"}, ...]}` with `url` the shard's file name
-(relative to the index, as wids resolves it), extended per shard with colld's `"keys"` (sample
-keys in file order), `"lengths"` (16 kHz audio samples of each, from the json `duration`) and
-`"mtime_ns"` (lets a refresh skip unchanged shards). wids readers ignore the extra fields. The
-loader takes per-shard counts and durations from it, so remote shards (http, s3, pipe:) need
-no header scan. Every writer of shards (`write_shards`, `data_prep.cache`) refreshes it
-atomically when it finishes, under a lock (`shardindex.json.lock`, removed on release:
-`exclusive_lock`) so that concurrent cache-teacher ranks never lose one another's entries.
+Every writer of shards (``write_shards``, ``data_prep.cache``) refreshes the directory's shard
+index atomically when it finishes, under a lock (``shardindex.json.lock``, removed on release:
+``exclusive_lock``) so that concurrent cache-teacher ranks never lose one another's entries.
 """
 
 from __future__ import annotations
@@ -45,42 +30,14 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 from webdataset import TarWriter
-from webdataset.tariterators import base_plus_ext
 
-from colld_ds.errors import ColldError, DataError
-from data_prep.remote import open_stream
-
-SAMPLE_RATE = 16000
-AUDIO_EXTS = ("flac", "wav")  # members holding audio; we write flac, readers accept both
-SHARD_INDEX = "shardindex.json"  # wids' default index name
-SHARD_INDEX_KIND = "wids-shard-index-v1"
+from colld_ds.errors import ColldError
+from colld_ds.formats import SAMPLE_RATE, SHARD_INDEX, SHARD_INDEX_KIND, shard_index_entry, shard_keys
 
 
 def shard_path(out_dir: str, prefix: str, index: int) -> str:
     """The final path of shard `index`: `{out_dir}/{prefix}-{index:06d}.tar`."""
     return os.path.join(out_dir, f"{prefix}-{index:06d}.tar")
-
-
-def _checked_members(path: str) -> list[tarfile.TarInfo]:
-    """Regular-file members of a local tar; raises ValueError naming a corrupt/truncated shard."""
-    try:
-        with tarfile.open(path, "r:") as tar:
-            members = tar.getmembers()
-            # a complete tar ends with two zero blocks; tarfile silently stops without them
-            end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
-            tar.fileobj.seek(end)
-            if tar.fileobj.read(1024) != bytes(1024):
-                raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
-    except (tarfile.TarError, OSError) as exc:
-        raise ValueError(f"corrupt or truncated shard {path}: {exc}") from exc
-    return [m for m in members if m.isreg()]
-
-
-def shard_keys(path: str) -> list[str]:
-    """Sample keys of the local tar shard `path` in file order, from its headers only."""
-    keys = dict.fromkeys(base_plus_ext(m.name)[0] for m in _checked_members(path))
-    keys.pop(None, None)
-    return list(keys)
 
 
 def count_samples(path: str) -> int:
@@ -94,32 +51,6 @@ def finished_keys(out_dir: str, prefix: str) -> frozenset[str]:
         return frozenset()
     names = [n for n in os.listdir(out_dir) if n.startswith(f"{prefix}-") and n.endswith(".tar")]
     return frozenset(k for n in names for k in shard_keys(os.path.join(out_dir, n)))
-
-
-def shard_index_entry(path: str) -> dict:
-    """The shard index entry of the local shard `path` (module docstring), from its headers and
-    json members; ValueError naming the shard and key when a sample has no json `duration`."""
-    members = _checked_members(path)
-    keys, lengths = {}, {}
-    with open(path, "rb") as f:
-        for member in members:
-            key, ext = base_plus_ext(member.name)
-            if key is None:
-                continue
-            keys.setdefault(key, None)
-            if ext == "json":
-                f.seek(member.offset_data)
-                duration = json.loads(f.read(member.size)).get("duration")
-                if isinstance(duration, (int, float)):
-                    lengths[key] = round(duration * SAMPLE_RATE)
-    missing = [k for k in keys if k not in lengths]
-    if missing:
-        raise ValueError(
-            f"sample {missing[0]} in {path} has no json member with a numeric 'duration' "
-            f"({len(missing)} such samples): write the shards with `colld prep make_shards`"
-        )
-    return {"url": os.path.basename(path), "nsamples": len(keys), "filesize": os.path.getsize(path),
-            "keys": list(keys), "lengths": [lengths[k] for k in keys]}
 
 
 @contextlib.contextmanager
@@ -170,33 +101,6 @@ def write_shard_index(directory: str) -> str:
             json.dump(index, f)
         os.replace(path + ".tmp", path)
     return path
-
-
-def read_shard_index(url: str) -> dict[str, dict]:
-    """Entries of the shard index at `url` (a path or a URL `data_prep.remote` streams), by
-    shard file name. ValueError naming the index when it cannot be read or is not a wids
-    shard index with colld's `keys` and `lengths`."""
-    try:
-        with open_stream(url) as stream:
-            index = json.load(stream)
-    except (OSError, ValueError) as exc:
-        detail = str(getattr(exc, "message", exc)).removeprefix(f"cannot read {url}: ")
-        raise DataError(f"cannot read shard index {url}: {detail}") from exc
-    fix = "rewrite it with `colld prep index <shard directory>`"
-    if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
-        raise DataError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
-    entries = {}
-    for entry in index.get("shardlist", []):
-        name = os.path.basename(str(entry.get("url", "")))
-        keys, lengths = entry.get("keys"), entry.get("lengths")
-        if not isinstance(keys, list) or not isinstance(lengths, list) or not (
-            len(keys) == len(lengths) == entry.get("nsamples")
-        ):
-            raise DataError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
-        if name in entries:
-            raise DataError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
-        entries[name] = entry
-    return entries
 
 
 def shard_stats(paths: Iterable[str]) -> dict:
@@ -307,7 +211,7 @@ def write_shards(
 
 
 def encode_audio_sample(sample: dict) -> dict:
-    """Audio sample dict -> webdataset dict with `flac` and `json` members (format above).
+    """Audio sample dict -> webdataset dict with `flac` and `json` members (`colld_ds.formats`).
 
     `sample`: `{"utt_id": str, "wave": (S,) float32 at 16 kHz or a zero-argument callable
     returning it, "lang": str, "text": str, "phones": str (optional)}`. Samples beyond

@@ -33,7 +33,8 @@ import soundfile as sf
 import soxr
 import wordfreq
 
-from data_prep.shards import SAMPLE_RATE, write_audio_shards
+from colld_ds.formats import SAMPLE_RATE
+from data_prep.shards import write_audio_shards
 
 _LATIN = r"a-zà-ɏḀ-ỿ\u0300-\u036f"
 # code -> (language family, characters a word may contain)

@@ -21,7 +21,7 @@ from colld_ds.errors import DataError
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
 from data_prep.tiny_teacher import make_tiny_teacher
-from stream_helpers import keys_of, take
+from helpers import keys_of, take
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"

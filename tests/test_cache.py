@@ -11,9 +11,11 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from colld_ds.data import AudioBatchStream, FrameGeometry, decode_wave, read_samples
+from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.formats import FrameGeometry
 from colld_ds.models import load_teacher
 from data_prep.cache import cache_teacher, frame_geometry, padding_invariant
+from data_prep.cli import DataPrep
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
 from data_prep.tiny_teacher import make_tiny_teacher
@@ -168,8 +170,6 @@ def test_group_norm_teacher_is_cached_one_at_a_time(tmp_path, setup):
 
 
 def test_inspect_shows_the_teacher_and_flags_a_bad_array(setup, tmp_path, capsys):
-    from data_prep.cli import DataPrep
-
     DataPrep().inspect(setup["cache"])
     printed = capsys.readouterr().out
     assert "3 shards, 12 samples" in printed and "all members valid" in printed

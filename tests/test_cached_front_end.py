@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from colld_ds.config import ConfigError, load_config
-from colld_ds.data import FRONT_END_MEMBER, AudioBatchStream, decode_wave, read_samples
+from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.formats import FRONT_END_MEMBER
 from colld_ds.models import build_student, load_teacher, utterance_span_masks
-from colld_ds.train import build_run, distillation_loss, mask_batch, step_seed
+from colld_ds.distill import build_run, distillation_loss, mask_batch, step_seed
 from data_prep.cache import cache_teacher
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards

@@ -13,38 +13,26 @@ from pathlib import Path
 import pytest
 import yaml
 
-from colld_ds.compare import (
-    CompareSettings,
-    RunOutcome,
-    build_table,
-    compare,
-    final_training_loss,
-    format_markdown,
-)
+from colld_ds.compare import (CompareSettings, RunOutcome, build_table, check_earlier_run, compare,
+                              final_training_loss, format_markdown, objective_configs)
 from colld_ds.config import ConfigError
-from tiny_run import tiny_teacher_and_shards
+from colld_ds.report import ModelFidelity
+from helpers import fidelity_report, tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
 
 
-def report(pairs, trained, random, probe=None, student_parameters=1000, init=None):
+def report(pairs, trained, random, probe=None, init=None):
     """A hand-made eval report: ``trained``/``random``/``init`` map pair -> (cosine, CKA)."""
     def model(values):
-        return {"cosine": {p: values[p][0] for p in pairs},
-                "cka_pairs": {p: values[p][1] for p in pairs}}
+        return ModelFidelity({p: values[p][0] for p in pairs}, {p: values[p][1] for p in pairs},
+                             cka=[])
 
-    made = {"checkpoint": "/runs/x/checkpoints/step00000006", "utterances": 6,
-            "audio_seconds": 9.0, "frames": 400,
-            "pairs": [{"name": p} for p in pairs],
-            "teacher": {"parameters": 5000, "layers": 4},
-            "student": {"parameters": student_parameters},
-            "models": {"trained": model(trained), "random": model(random),
-                       "init": model(init or random)}}
-    if probe is not None:
-        made["probe"] = {"train_shards": "dev", "steps": 50, "languages": ["en", "de"],
-                         "models": probe}
-    return made
+    probe = probe and {"train_shards": "dev", "steps": 50, "languages": ["en", "de"],
+                       "models": probe}
+    return fidelity_report(pairs, {"trained": model(trained), "random": model(random),
+                                   "init": model(init or random)}, probe=probe)
 
 
 def rates(per, cer):
@@ -142,8 +130,8 @@ def test_table_gaps_match_hand_computation():
 def test_table_without_probe_has_no_probe_section():
     outcomes = hand_made_outcomes()
     for outcome in outcomes.values():
-        del outcome.report["probe"]
-        outcome.report["probe_skipped"] = "no probe-training split given"
+        outcome.report.probe = None
+        outcome.report.probe_skipped = "no probe-training split given"
     table = build_table(outcomes)
     assert table["probe"] is None and all("per" not in row for row in table["rows"])
     markdown = format_markdown(table)
@@ -272,8 +260,6 @@ def test_compare_three_objectives_on_equal_terms_then_skip_then_resume(assets, c
 
 
 def test_a_run_started_with_other_settings_is_refused(assets, tmp_path):
-    from colld_ds.compare import check_earlier_run, objective_configs
-
     settings = CompareSettings(config=str(CONFIG), eval_shards=assets["heldout"],
                                out_dir=str(tmp_path), objectives="l2l",
                                overrides=_overrides(assets))

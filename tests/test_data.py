@@ -13,9 +13,10 @@ import torch
 from webdataset import TarWriter
 
 from colld_ds.data import AudioBatchStream, Batch, expand_urls, read_samples
+from colld_ds.formats import SAMPLE_RATE
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import count_samples, load_audio, shard_stats, write_audio_shards
-from stream_helpers import keys_of, take
+from helpers import keys_of, take
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_generated_audio_is_deterministic_per_seed():
         np.testing.assert_array_equal(x["wave"], y["wave"])
     assert not any(np.array_equal(x["wave"], z["wave"]) for x, z in zip(a, c))
     for x in a:
-        assert x["wave"].dtype == np.float32 and 1.0 <= len(x["wave"]) / 16000 <= 3.0
+        assert x["wave"].dtype == np.float32 and 1.0 <= len(x["wave"]) / SAMPLE_RATE <= 3.0
         assert np.abs(x["wave"]).max() <= 1.0 and x["text"]
 
 
@@ -82,12 +83,12 @@ def test_shard_sample_format(tmp_path):
     (raw,) = read_samples([path])
     assert raw["__key__"] == sample["utt_id"] and set(raw) >= {"flac", "json"}
     wave, sr = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
-    assert sr == 16000 and wave.shape == sample["wave"].shape
+    assert sr == SAMPLE_RATE and wave.shape == sample["wave"].shape
     np.testing.assert_allclose(wave, sample["wave"], atol=1 / 32767)
     meta = json.loads(raw["json"])
     assert meta["utt_id"] == sample["utt_id"] and meta["lang"] == "de" and meta["text"] == sample["text"]
-    assert meta["phones"] == sample["phones"] and meta["sample_rate"] == 16000
-    assert meta["duration"] == pytest.approx(len(sample["wave"]) / 16000)
+    assert meta["phones"] == sample["phones"] and meta["sample_rate"] == SAMPLE_RATE
+    assert meta["duration"] == pytest.approx(len(sample["wave"]) / SAMPLE_RATE)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_load_audio_downmixes_and_resamples(tmp_path):
     sf.write(path, stereo, 44100, subtype="PCM_16")
     wave = load_audio(path)
     assert wave.dtype == np.float32 and wave.shape == (24000,)
-    t16 = np.arange(24000) / 16000
+    t16 = np.arange(24000) / SAMPLE_RATE
     expected = 0.3 * np.sin(2 * np.pi * 440 * t16) + 0.1  # mean of the two channels
     np.testing.assert_allclose(wave[1000:-1000], expected[1000:-1000], atol=2e-3)
 

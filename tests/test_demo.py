@@ -14,8 +14,10 @@ import pytest
 from colld_ds.checkpoint import complete_checkpoints
 from colld_ds.data import read_samples
 from colld_ds.demo import _check_window, _mix_shards, _print_fidelity, _synthesise
+from colld_ds.report import ModelFidelity
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
+from helpers import fidelity_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,14 +93,14 @@ def test_corpus_made_with_other_flags_is_refused(tmp_path):
 
 def test_fidelity_table_shows_head_free_cka_for_every_model(capsys):
     """The closing table compares trained, init and random on equal terms (CKA, no head)."""
-    models = {name: {"cka_pairs": {"s1_t3": cka, "s2_t6": cka / 2},
-                     "cosine": {"s1_t3": cos, "s2_t6": cos}}
+    models = {name: ModelFidelity(cosine={"s1_t3": cos, "s2_t6": cos},
+                                  cka_pairs={"s1_t3": cka, "s2_t6": cka / 2}, cka=[])
               for name, cka, cos in (("trained", 0.62, 0.264), ("random", 0.332, 0.013),
                                      ("init", 0.52, 0.021))}
-    report = {"pairs": [{"name": "s1_t3"}, {"name": "s2_t6"}], "models": models,
-              "utterances": 50, "audio_seconds": 161.0,
-              "probe": {"steps": 300, "models": {"trained": {"per": {"overall": 0.65}},
-                                                 "init": {"per": {"overall": 0.7}}}}}
+    report = fidelity_report(
+        ["s1_t3", "s2_t6"], models, utterances=50, audio_seconds=161.0,
+        probe={"steps": 300, "models": {"trained": {"per": {"overall": 0.65}},
+                                        "init": {"per": {"overall": 0.7}}}})
     _print_fidelity(report, "the test split")
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("pair"))

@@ -16,16 +16,16 @@ import torch
 
 from colld_ds.batching import ShardInfo, bucket_batches
 from colld_ds.config import ConfigError, load_config
-from colld_ds.data import AudioBatchStream, FrameGeometry, read_samples, shard_name
+from colld_ds.data import AudioBatchStream, read_samples, shard_name
 from colld_ds.ds_config import build_ds_config
+from colld_ds.formats import SAMPLE_RATE, SHARD_INDEX, FrameGeometry, shard_keys
 from colld_ds.models import load_teacher
-from data_prep.generated_audio import generate_utterances
 from data_prep.cache import cache_teacher
-from data_prep.shards import SHARD_INDEX, shard_keys, write_audio_shards, write_shard_index
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import write_audio_shards, write_shard_index
 from data_prep.tiny_teacher import make_tiny_teacher
-from stream_helpers import keys_of, take
+from helpers import keys_of, take
 
-SR = 16000
 NAMES = "train-{000000..000007}.tar"
 
 
@@ -101,17 +101,17 @@ def test_dynamic_batches_fit_the_budget_with_padding_and_lengths(shard_dir):
             lengths.update(decoded_lengths(os.path.join(shard_dir, path)))
     for batch in batches:
         B, S = batch.wave.shape
-        assert B * S <= 3.0 * SR and S == int(batch.wave_lengths.max())
+        assert B * S <= 3.0 * SAMPLE_RATE and S == int(batch.wave_lengths.max())
         for row, key, n in zip(batch.wave, batch.keys, batch.wave_lengths.tolist()):
-            assert n == min(lengths[key], 2 * SR) and not row[n:].any() and row[:n].abs().sum() > 0
+            assert n == min(lengths[key], 2 * SAMPLE_RATE) and not row[n:].any() and row[:n].abs().sum() > 0
 
 
 def test_an_utterance_longer_than_the_budget_forms_a_batch_alone(shard_dir):
     stream = dynamic(shard_dir, batch_seconds=1.0, max_seconds=None)
     batches = take(stream, stream.epoch_length(0))
-    long = [b for b in batches if int(b.wave_lengths.max()) > SR]
+    long = [b for b in batches if int(b.wave_lengths.max()) > SAMPLE_RATE]
     assert long and all(len(b.keys) == 1 for b in long)
-    assert all(b.wave.numel() <= SR for b in batches if int(b.wave_lengths.max()) <= SR)
+    assert all(b.wave.numel() <= SAMPLE_RATE for b in batches if int(b.wave_lengths.max()) <= SAMPLE_RATE)
 
 
 def test_two_ranks_two_workers_equal_steps_plan_and_accounting(shard_dir):
@@ -187,7 +187,7 @@ def test_cache_teacher_indexes_its_shards_for_dynamic_cached_batches(tmp_path):
     for batch in batches:
         B, S = batch.wave.shape
         frames = [FrameGeometry().num_frames(n) for n in batch.wave_lengths.tolist()]
-        assert B * S <= 2 * SR and batch.frame_lengths.tolist() == frames
+        assert B * S <= 2 * SAMPLE_RATE and batch.frame_lengths.tolist() == frames
         assert batch.teacher_features[0].shape[:2] == (B, max(frames))
 
 

@@ -6,20 +6,20 @@ import math
 
 import pytest
 import torch
-from test_export import trained_run
+from torch.utils.tensorboard import SummaryWriter
 
-from colld_ds.evaluate import (
-    EvalBatch,
-    FidelityAccumulator,
-    Moments,
-    cka_from_moments,
-    eval_batches,
-    fidelity,
-    fresh_model,
-    linear_cka,
-    torch_threads,
-)
+from colld_ds import cli
+from colld_ds.config import load_config
+from colld_ds.distill import fresh_model
+from colld_ds.evaluate import (EvalBatch, FidelityAccumulator, Moments, cka_from_moments,
+                               eval_batches, fidelity, linear_cka, read_loss_curves)
+from colld_ds.formats import SAMPLE_RATE
 from colld_ds.layer_map import LayerPair
+from colld_ds.models import load_teacher
+from colld_ds.report import FidelityReport
+from colld_ds.trained import torch_threads
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import write_audio_shards
 
 
 def test_cka_of_itself_and_of_a_rotation_is_one_and_of_noise_is_small():
@@ -51,18 +51,9 @@ def test_streamed_cka_equals_the_one_shot_value():
     assert linear_cka(x, y) == pytest.approx(float(gram_form), abs=1e-10)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-def test_a_student_that_is_the_teacher_scores_above_random(run):
-    from colld_ds.config import load_config
-    from colld_ds.layer_map import LayerPair
-    from colld_ds.models import load_teacher
-
-    teacher = load_teacher(run["teacher"], [1, 2, 3, 4])
-    config = load_config(None, {"teacher.path": run["teacher"], "data.train_shards": "x",
+def test_a_student_that_is_the_teacher_scores_above_random(trained_run):
+    teacher = load_teacher(trained_run["teacher"], [1, 2, 3, 4])
+    config = load_config(None, {"teacher.path": trained_run["teacher"], "data.train_shards": "x",
                                 "student.num_layers": 2, "objective.target_norm": "none"})
     pairs = [LayerPair(1, 1), LayerPair(2, 2)]
     copy = fresh_model(config, teacher, pairs, [1, 2])      # student layer k = teacher layer k
@@ -71,25 +62,24 @@ def test_a_student_that_is_the_teacher_scores_above_random(run):
             head.weight.copy_(torch.eye(head.weight.shape[0]))
             head.bias.zero_()
     random = fresh_model(config, teacher, pairs, None, random_front_end=True)
-    batches = list(eval_batches(run["heldout"], batch_size=4))
+    batches = list(eval_batches(trained_run["heldout"], batch_size=4))
     assert [b.wave.shape[0] for b in batches] == [4, 2]      # every utterance, tail included
     with torch_threads(1):
         result = fidelity({"copy": copy, "random": random}, teacher, pairs, batches)["models"]
     for name in ("s1_t1", "s2_t2"):
-        assert result["copy"]["cosine"][name] == pytest.approx(1.0, abs=1e-5)
-        assert result["copy"]["cka_pairs"][name] == pytest.approx(1.0, abs=1e-6)
-        assert result["random"]["cosine"][name] < 0.5
-        assert result["random"]["cka_pairs"][name] < result["copy"]["cka_pairs"][name] - 0.3
-    assert len(result["copy"]["cka"]) == 2 and len(result["copy"]["cka"][0]) == 4
+        assert result["copy"].cosine[name] == pytest.approx(1.0, abs=1e-5)
+        assert result["copy"].cka_pairs[name] == pytest.approx(1.0, abs=1e-6)
+        assert result["random"].cosine[name] < 0.5
+        assert result["random"].cka_pairs[name] < result["copy"].cka_pairs[name] - 0.3
+    assert len(result["copy"].cka) == 2 and len(result["copy"].cka[0]) == 4
 
 
-def test_eval_command_writes_table_json_and_heatmap(run, tmp_path, capsys):
-    from colld_ds import cli
-
-    cli.eval(str(run["root"] / "run"), run["heldout"], out_dir=str(tmp_path), threads=1)
+def test_eval_command_writes_table_json_and_heatmap(trained_run, tmp_path, capsys):
+    cli.eval(str(trained_run["root"] / "run"), trained_run["heldout"], out_dir=str(tmp_path), threads=1)
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "fidelity.json").read_text())
     assert set(report["models"]) == {"trained", "random", "init"}
+    assert FidelityReport.from_json(report).to_json() == report          # the typed report
     assert report["utterances"] == 6 and report["frames"] > 100
     for values in report["models"].values():
         assert set(values["cosine"]) == {"s1_t2", "s2_t4"}
@@ -114,19 +104,14 @@ def test_eval_command_writes_table_json_and_heatmap(run, tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp")) + list(tmp_path.glob(".*.tmp"))
 
 
-def test_eval_with_a_probe_split_writes_per_and_cer_per_language(run, tmp_path):
-    from data_prep.generated_audio import generate_utterances
-    from data_prep.shards import write_audio_shards
-
-    from colld_ds import cli
-
+def test_eval_with_a_probe_split_writes_per_and_cer_per_language(trained_run, tmp_path):
     # Generated audio with made-up CV-syllable phones and text, in two languages.
     write_audio_shards(generate_utterances(8, seed=3, langs=("aa", "bb")),
                        str(tmp_path / "dev"), prefix="dev", progress=False)
     write_audio_shards(generate_utterances(6, seed=4, langs=("aa", "bb")),
                        str(tmp_path / "test"), prefix="test", progress=False)
     out = tmp_path / "eval"
-    cli.eval(str(run["root"] / "run"), str(tmp_path / "test"), out_dir=str(out), threads=1,
+    cli.eval(str(trained_run["root"] / "run"), str(tmp_path / "test"), out_dir=str(out), threads=1,
              probe_train_shards=str(tmp_path / "dev"), probe_steps=20)
     report = json.loads((out / "fidelity.json").read_text())
     probe = report["probe"]
@@ -153,10 +138,6 @@ def test_eval_with_a_probe_split_writes_per_and_cer_per_language(run, tmp_path):
 
 
 def test_loss_curves_from_tensorboard_after_a_resume_and_from_jsonl(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    from colld_ds.evaluate import read_loss_curves
-
     for steps, losses in (([1, 2, 3], [3.0, 2.0, 1.0]), ([3, 4], [0.5, 0.25])):  # resumed at 2
         writer = SummaryWriter(str(tmp_path / "run" / "tb"))
         for step, loss in zip(steps, losses):
@@ -180,12 +161,10 @@ def test_loss_curves_from_tensorboard_after_a_resume_and_from_jsonl(tmp_path):
         {}, f"no training logs found in {tmp_path / 'nothing'} (tb/ or metrics.jsonl)")
 
 
-def test_fidelity_refuses_a_teacher_without_all_layers(run):
-    from colld_ds.models import load_teacher
-
-    teacher = load_teacher(run["teacher"], [2, 4])
+def test_fidelity_refuses_a_teacher_without_all_layers(trained_run):
+    teacher = load_teacher(trained_run["teacher"], [2, 4])
     with pytest.raises(ValueError, match="all its layers"):
-        fidelity({}, teacher, [], [EvalBatch(torch.zeros(1, 16000), torch.tensor([16000]))])
+        fidelity({}, teacher, [], [EvalBatch(torch.zeros(1, SAMPLE_RATE), torch.tensor([SAMPLE_RATE]))])
 
 
 def test_head_cosine_is_to_what_the_heads_were_trained_on():
@@ -199,7 +178,7 @@ def test_head_cosine_is_to_what_the_heads_were_trained_on():
     with_norm.add([student], {"s1_t1": normalised}, [teacher], head_targets=[normalised])
     moments = Moments()
     moments.add(teacher)
-    assert with_norm.result([moments])["cosine"]["s1_t1"] == pytest.approx(1.0)
-    assert plain.result([moments])["cosine"]["s1_t1"] < 0.5
+    assert with_norm.result([moments]).cosine["s1_t1"] == pytest.approx(1.0)
+    assert plain.result([moments]).cosine["s1_t1"] < 0.5
     # CKA reads the states themselves, whatever the heads' targets
-    assert with_norm.result([moments])["cka"] == plain.result([moments])["cka"]
+    assert with_norm.result([moments]).cka == plain.result([moments]).cka

@@ -1,84 +1,28 @@
-"""Loading a trained student out of a DeepSpeed checkpoint, and exporting it (HF, ONNX, int8).
+"""Loading a trained student out of a DeepSpeed checkpoint (``trained_run``, conftest.py),
+and exporting it (HF, ONNX, int8); consolidation is checked against the weights it saved."""
 
-One tiny run (1 CPU process, ZeRO-3, 3 steps (DeepSpeed's linear warm-up gives lr 0 to the first two), through the real ``train``) is shared by this
-module and test_evaluate.py (``trained_run``). While it saves, the live engine's gathered
-weights are dumped next to it as ``reference.pt``: consolidation is checked against them.
-"""
-
-import functools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from colld_ds.export import (CheckpointNotFoundError, export, export_hf, export_onnx,
-                             load_student, resolve_checkpoint)
+import colld_ds.export as export_module
+from colld_ds.distill import build_run
+from colld_ds.export import export, export_hf, export_onnx
+from colld_ds.formats import SAMPLE_RATE
 from colld_ds.models import build_student, load_teacher
+from colld_ds.trained import CheckpointNotFoundError, load_student, resolve_checkpoint
 from data_prep.tiny_teacher import make_tiny_teacher
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
 INT8_RELATIVE_ERROR = 0.1
 """Dynamic int8 against fp32 on a tiny random student: ||int8 - fp32|| / ||fp32||."""
 
-_TRAIN = r"""
-import os, socket, sys
-import torch
-root, config, teacher, shards = sys.argv[1:5]
-s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-import deepspeed
-import colld_ds.train as train_module
-from colld_ds.config import load_config
-
-save = train_module.save_checkpoint
-def save_and_dump(engine, *args, **kwargs):
-    path = save(engine, *args, **kwargs)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    torch.save(state, os.path.join(root, "reference.pt"))
-    return path
-train_module.save_checkpoint = save_and_dump
-train_module.train(load_config(config, {
-    "teacher.path": teacher, "data.train_shards": shards, "run.out_dir": os.path.join(root, "run"),
-    "optim.max_steps": 3, "optim.warmup_steps": 1, "run.save_every": 3, "data.num_workers": 0,
-    "run.zero_stage": 3, "optim.lr": 5e-3}))
-"""
-
-
-@functools.cache
-def _trained_run(root: Path) -> dict:
-    from tiny_run import tiny_teacher_and_shards
-
-    teacher, train, _ = tiny_teacher_and_shards(root)
-    done = subprocess.run([sys.executable, "-c", _TRAIN, str(root), str(CONFIG), teacher, train], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"root": root, "teacher": teacher, "heldout": str(root / "heldout"),
-            "checkpoint": root / "run" / "checkpoints" / "step00000003",
-            "reference": torch.load(root / "reference.pt")}
-
-
-def trained_run(tmp_path_factory) -> dict:
-    """The shared tiny ZeRO-3 run (made once per session)."""
-    return _trained_run(tmp_path_factory.getbasetemp() / "colld-trained-run")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-def test_zero3_checkpoint_consolidates_to_the_trained_weights(run):
-    config, teacher, pairs, model = load_student(run["checkpoint"])
-    reference = run["reference"]
+def test_zero3_checkpoint_consolidates_to_the_trained_weights(trained_run):
+    config, teacher, pairs, model = load_student(trained_run["checkpoint"])
+    reference = trained_run["reference"]
     state = model.state_dict()
     assert sorted(state) == sorted(reference)
     for key, value in reference.items():
@@ -86,13 +30,12 @@ def test_zero3_checkpoint_consolidates_to_the_trained_weights(run):
     assert not model.training and config.run.zero_stage == 3
     assert [p.name for p in pairs] == ["s1_t2", "s2_t4"]
     # The weights moved: what was loaded is not build_run's step-0 model.
-    from colld_ds.train import build_run
     _, _, initial = build_run(config, torch.device("cpu"))
     moved = [k for k, v in initial.state_dict().items() if not torch.equal(v, state[k])]
     assert any(k.startswith("student.model.encoder.layers") for k in moved)
     assert any(k.startswith("objective.heads") for k in moved)
     # A run directory resolves to its newest complete checkpoint.
-    assert resolve_checkpoint(run["root"] / "run") == run["checkpoint"]
+    assert resolve_checkpoint(trained_run["root"] / "run") == trained_run["checkpoint"]
 
 
 def test_missing_or_incomplete_checkpoint_is_named(tmp_path):
@@ -105,17 +48,17 @@ def test_missing_or_incomplete_checkpoint_is_named(tmp_path):
         load_student(partial)
 
 
-def test_export_reloads_equal_and_onnx_matches(run, tmp_path):
+def test_export_reloads_equal_and_onnx_matches(trained_run, tmp_path):
     from transformers import AutoModel
 
-    report = export(run["checkpoint"], tmp_path, onnx=True, quantize=True, threads=1)
+    report = export(trained_run["checkpoint"], tmp_path, onnx=True, quantize=True, threads=1)
     assert report["hf"]["ok"] and report["onnx"]["ok"]
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
     assert (tmp_path / "export.json").is_file()
 
     # Independent checks, against the live engine's weights (reference.pt).
-    config, _, _, model = load_student(run["checkpoint"])
-    model.load_state_dict(run["reference"])
+    config, _, _, model = load_student(trained_run["checkpoint"])
+    model.load_state_dict(trained_run["reference"])
     student = model.student
     generator = torch.Generator().manual_seed(5)
     wave = 0.1 * torch.randn(2, 27_000, generator=generator)
@@ -148,9 +91,6 @@ def test_windowed_whisper_export_carries_its_window(tmp_path):
     2 s, and HF's own extractor + encoder reproduce the student's states."""
     from transformers import WhisperFeatureExtractor
 
-    from colld_ds.export import export_hf
-    from colld_ds.models import build_student, load_teacher
-    from data_prep.tiny_teacher import make_tiny_teacher
 
     tiny = make_tiny_teacher("whisper", str(tmp_path / "teacher"), seed=0, num_layers=2)
     teacher = load_teacher(tiny, [1, 2], window_seconds=2.0)
@@ -159,7 +99,7 @@ def test_windowed_whisper_export_carries_its_window(tmp_path):
     assert report["ok"]
     extractor = WhisperFeatureExtractor.from_pretrained(tmp_path / "hf")
     wave = 0.1 * torch.randn(24_000, generator=torch.Generator().manual_seed(0))
-    features = extractor(wave.numpy(), sampling_rate=16_000, return_tensors="pt").input_features
+    features = extractor(wave.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     assert features.shape[-1] == 200                            # 2 s of 10 ms log-mel frames
     ours, _ = student.front_end(wave[None], torch.tensor([24_000]))   # colld's log-mel front end
     assert (ours["input_features"] - features).abs().max() <= 1e-4
@@ -187,7 +127,7 @@ def test_teacher_without_preprocessor_config_exports_the_student_front_ends(tmp_
     lengths = torch.tensor([24_000, 17_000])
     wave = 0.1 * torch.randn(2, 24_000, generator=generator) + 0.05   # an offset to normalise
     features = extractor([w[:n].numpy() for w, n in zip(wave, lengths.tolist())],
-                         sampling_rate=16_000, padding=True, return_tensors="pt")
+                         sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt")
     ours, _ = student.front_end(wave, lengths)
     assert torch.equal(features["attention_mask"].bool(), ours["attention_mask"].bool())
     valid = ours["attention_mask"].bool()
@@ -227,9 +167,8 @@ def test_onnx_int8_export_of_a_weight_normed_positional_conv(tmp_path):
     assert relative <= INT8_RELATIVE_ERROR, relative
 
 
-def test_a_failed_export_leaves_the_previous_one_and_no_partial_output(run, tmp_path,
+def test_a_failed_export_leaves_the_previous_one_and_no_partial_output(trained_run, tmp_path,
                                                                          monkeypatch):
-    import colld_ds.export as export_module
 
     def fail(*args, **kwargs):
         raise RuntimeError("onnx export failed")
@@ -238,12 +177,12 @@ def test_a_failed_export_leaves_the_previous_one_and_no_partial_output(run, tmp_
         with monkeypatch.context() as patch:
             patch.setattr(export_module, "export_onnx", fail)
             with pytest.raises(RuntimeError, match="onnx export failed"):
-                export(run["checkpoint"], out_dir, onnx=True)
+                export(trained_run["checkpoint"], out_dir, onnx=True)
 
     failed_export(tmp_path / "fresh")                       # after hf/ was written and checked
     assert not (tmp_path / "fresh").exists() or not os.listdir(tmp_path / "fresh")
 
-    export(run["checkpoint"], tmp_path / "previous")
+    export(trained_run["checkpoint"], tmp_path / "previous")
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "previous").rglob("*")}
     assert sorted(p.name for p in (tmp_path / "previous").iterdir()) == ["export.json", "hf"]
     failed_export(tmp_path / "previous")

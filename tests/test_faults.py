@@ -22,48 +22,22 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import colld_ds.checkpoint as checkpoint
 import colld_ds.train as train_module
+import data_prep.shards as shards
 from colld_ds.checkpoint import (COMPLETE_MARKER, CheckpointFallbackWarning, CheckpointLoadError,
                                  CheckpointWriteError, complete_checkpoints, load_checkpoint,
-                                 resume_candidates, save_checkpoint)
+                                 resume_candidates)
+from colld_ds.formats import shard_keys
 from colld_ds.monitor import keep_rows_up_to
-from test_train import CONFIG, REPO, assets, overrides  # noqa: F401  (assets: a fixture)
-
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-
-
-class FakeEngine:
-    """What save_checkpoint / load_checkpoint use of a DeepSpeed engine: files on disk, loaded
-    as DeepSpeed's TorchCheckpointEngine does (``weights_only=False``)."""
-
-    def __init__(self, fail_save: BaseException | None = None, fail_load: set[str] = ()):
-        self.fail_save, self.fail_load, self.loaded = fail_save, set(fail_load), []
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        directory = Path(save_dir) / tag
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": {"weight": torch.zeros(8)}}, directory / MODEL_STATES)
-        if self.fail_save is not None:      # half written, then the disk is full
-            raise self.fail_save
-        torch.save({"optimizer_state_dict": {"exp_avg": torch.zeros(16)}},
-                   directory / OPTIM_STATES)
-        (directory / "client.json").write_text(json.dumps(client_state))
-
-    def load_checkpoint(self, load_dir, tag):
-        directory = Path(load_dir) / tag
-        self.loaded.append(tag)
-        if tag in self.fail_load:
-            raise RuntimeError("PytorchStreamReader failed reading zip archive")
-        for name in (MODEL_STATES, OPTIM_STATES):
-            torch.load(directory / name, weights_only=False)
-        return str(directory), json.loads((directory / "client.json").read_text())
+from data_prep.cache import cache_teacher
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import ShardWriteError, write_audio_shards
+from data_prep.tiny_teacher import make_tiny_teacher
+from helpers import CONFIG, MODEL_STATES, OPTIM_STATES, REPO, FakeEngine, overrides, save
 
 
 def latest(resume, directory):
@@ -75,10 +49,6 @@ def latest(resume, directory):
 def load_checkpoint_auto(engine, directory):
     """What train() does with --run.resume auto."""
     return load_checkpoint(engine, resume_candidates("auto", directory))
-
-
-def save(engine, directory, step, keep=3):
-    return save_checkpoint(engine, directory, step, {"step": step, "data": {}}, keep)
 
 
 # ---------------------------------------------------------------- half-written checkpoints
@@ -263,8 +233,8 @@ MAX_STEPS = 24
 SAVE_EVERY = 3
 
 
-def _command(assets, out_dir, **extra):
-    values = overrides(assets, out_dir, **{"optim.max_steps": MAX_STEPS,
+def _command(train_assets, out_dir, **extra):
+    values = overrides(train_assets, out_dir, **{"optim.max_steps": MAX_STEPS,
                                            "run.save_every": SAVE_EVERY, **extra})
     command = [str(REPO / "launch.sh"), "--config", str(CONFIG)]
     for key, value in values.items():
@@ -277,8 +247,8 @@ def _rows(out_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(assets, out_dir, **extra) -> tuple[list[dict], str]:
-    command, env = _command(assets, out_dir, **extra)
+def _launch(train_assets, out_dir, **extra) -> tuple[list[dict], str]:
+    command, env = _command(train_assets, out_dir, **extra)
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return _rows(out_dir), done.stdout + done.stderr
@@ -310,16 +280,16 @@ def _rank_process(launcher: subprocess.Popen, rank: str) -> psutil.Process:
 
 
 @pytest.fixture(scope="module")
-def reference(assets):
-    rows, _ = _launch(assets, assets["root"] / "reference")
+def reference(train_assets):
+    rows, _ = _launch(train_assets, train_assets["root"] / "reference")
     assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1))
     return {row["step"]: row["loss/total"] for row in rows}
 
 
 @contextlib.contextmanager
-def _running(assets, out_dir):
+def _running(train_assets, out_dir):
     """A 2-rank launch.sh run in its own process group, killed whole on the way out."""
-    command, env = _command(assets, out_dir)
+    command, env = _command(train_assets, out_dir)
     launcher = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -345,10 +315,10 @@ def _signal_rank_1(launcher, ready, what: str, signum: int, timeout: float) -> s
 
 
 @pytest.fixture(scope="module")
-def killed(assets):
+def killed(train_assets):
     """A 2-rank run whose rank 1 got SIGKILL once two checkpoints were complete."""
-    out_dir = assets["root"] / "killed"
-    with _running(assets, out_dir) as launcher:
+    out_dir = train_assets["root"] / "killed"
+    with _running(train_assets, out_dir) as launcher:
         output = _signal_rank_1(
             launcher, lambda: len(complete_checkpoints(out_dir / "checkpoints")) >= 2,
             "two checkpoints", signal.SIGKILL, timeout=60)
@@ -367,11 +337,11 @@ def killed(assets):
     return out_dir
 
 
-def _resume_and_compare(assets, source, out_dir, expected_checkpoint, reference):
+def _resume_and_compare(train_assets, source, out_dir, expected_checkpoint, reference):
     if out_dir != source:
         shutil.copytree(source, out_dir)
     step = json.loads((expected_checkpoint / COMPLETE_MARKER).read_text())["step"]
-    rows, output = _launch(assets, out_dir, **{"run.resume": "auto"})
+    rows, output = _launch(train_assets, out_dir, **{"run.resume": "auto"})
     # the rows the killed run logged after the checkpoint are dropped: each step once
     assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1)), output[-3000:]
     resumed = {row["step"]: row["loss/total"] for row in rows[step:]}
@@ -381,21 +351,21 @@ def _resume_and_compare(assets, source, out_dir, expected_checkpoint, reference)
     return output
 
 
-def test_killed_rank_then_resume_auto_matches_uninterrupted(assets, killed, reference):
+def test_killed_rank_then_resume_auto_matches_uninterrupted(train_assets, killed, reference):
     latest = complete_checkpoints(killed / "checkpoints")[-1]
-    _resume_and_compare(assets, killed, assets["root"] / "killed-resumed", latest, reference)
+    _resume_and_compare(train_assets, killed, train_assets["root"] / "killed-resumed", latest, reference)
 
 
-def test_corrupt_latest_after_kill_resumes_from_previous(assets, killed, reference):
+def test_corrupt_latest_after_kill_resumes_from_previous(train_assets, killed, reference):
     if train_module.__dict__.get("load_checkpoint") is not load_checkpoint:
         pytest.skip("colld_ds/train.py does not load through checkpoint.load_checkpoint yet")
-    out_dir = assets["root"] / "killed-corrupt"
+    out_dir = train_assets["root"] / "killed-corrupt"
     shutil.copytree(killed, out_dir)
     *_, previous, latest = complete_checkpoints(out_dir / "checkpoints")
     model_file = next(latest.glob("*model_states.pt"))
     with open(model_file, "r+b") as file:      # same size: DeepSpeed's own load must fail
         file.write(bytes(4096))
-    output = _resume_and_compare(assets, out_dir, out_dir, previous, reference)
+    output = _resume_and_compare(train_assets, out_dir, out_dir, previous, reference)
     assert f"checkpoint {latest} could not be loaded" in output, output[-3000:]
     assert f"falling back to {previous}" in output, output[-3000:]
 
@@ -406,8 +376,6 @@ def test_corrupt_latest_after_kill_resumes_from_previous(assets, killed, referen
 def test_disk_full_while_writing_a_shard_keeps_finished_ones(tmp_path, monkeypatch):
     from webdataset import TarWriter
 
-    from data_prep.generated_audio import generate_utterances
-    from data_prep.shards import ShardWriteError, shard_keys, write_audio_shards
 
     out = tmp_path / "shards"
     real_write, writes = TarWriter.write, []
@@ -437,11 +405,6 @@ def test_disk_full_while_writing_a_shard_keeps_finished_ones(tmp_path, monkeypat
 
 
 def test_permission_error_while_writing_a_cache_shard_is_clear(tmp_path, monkeypatch):
-    import data_prep.shards as shards
-    from data_prep.cache import cache_teacher
-    from data_prep.generated_audio import generate_utterances
-    from data_prep.tiny_teacher import make_tiny_teacher
-
     teacher = make_tiny_teacher("wav2vec2", str(tmp_path / "teacher"), num_layers=2)
     shards.write_audio_shards(generate_utterances(4, seed=0), str(tmp_path / "audio"),
                               max_count=2, progress=False)
@@ -458,15 +421,15 @@ def test_permission_error_while_writing_a_cache_shard_is_clear(tmp_path, monkeyp
                                                      r"permissions of"):
         cache_teacher(str(tmp_path / "audio"), teacher, "1,2", str(out), progress=False)
     assert sorted(p.name for p in out.glob("*.tar*")) == ["train-000000.tar"]
-    assert shards.shard_keys(str(out / "train-000000.tar"))
+    assert shard_keys(str(out / "train-000000.tar"))
 
 
-def test_sigterm_to_one_rank_stops_all_at_a_checkpoint_of_that_step(assets, reference):
+def test_sigterm_to_one_rank_stops_all_at_a_checkpoint_of_that_step(train_assets, reference):
     """A scheduler's SIGTERM (or SIGUSR1) reaching one rank: every rank finishes the step, they
     save a checkpoint of it together and exit 143; resuming from it matches the uninterrupted
     run (no step lost, no batch skipped)."""
-    out_dir = assets["root"] / "sigterm"
-    with _running(assets, out_dir) as launcher:
+    out_dir = train_assets["root"] / "sigterm"
+    with _running(train_assets, out_dir) as launcher:
         output = _signal_rank_1(
             launcher, lambda: (out_dir / "metrics.jsonl").is_file() and len(_rows(out_dir)) >= 4,
             "four steps", signal.SIGTERM, timeout=120)
@@ -476,4 +439,4 @@ def test_sigterm_to_one_rank_stops_all_at_a_checkpoint_of_that_step(assets, refe
     assert stopped < MAX_STEPS, "the signal came too late"
     latest = complete_checkpoints(out_dir / "checkpoints")[-1]
     assert json.loads((latest / COMPLETE_MARKER).read_text())["step"] == stopped
-    _resume_and_compare(assets, out_dir, assets["root"] / "sigterm-resumed", latest, reference)
+    _resume_and_compare(train_assets, out_dir, train_assets["root"] / "sigterm-resumed", latest, reference)

@@ -2,7 +2,7 @@
 
 ``benchmarks/kernel_resources.py`` compiles the forward and both backward variants (targets
 with and without grad) to cubins for sm_80 and sm_90, in fp32/fp16/bf16, for every tile the
-issue's shapes launch, with the arguments a real launch passes, and reads each cubin's resource
+production shapes launch, with the arguments a real launch passes, and reads each cubin's resource
 usage with ``cuobjdump``. It runs once, in a subprocess with a fresh Triton cache under
 ``tmp_path`` (what CI's clean machine sees), and the tests below read its rows: a compile the
 interpreter tests cannot catch (a construct the compiler refuses, register spills, a block too
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_resources import ARCHS, DTYPES, KERNELS
+from benchmarks.kernel_resources import ARCHS, DTYPES, KERNELS, launch_for
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_REGISTERS_PER_THREAD = 255  # sm_80 and sm_90
 REGISTERS_PER_SM = 65536
 
-# By hand from the shapes (D in 768, 1000, 1024, 1280; K in 1, 50, 100, 512):
+# By hand from the production shapes (D in 768, 1000, 1024, 1280; K in 1, 50, 100, 512):
 # BLOCK_K = min(32, next power of two >= K+1) is 2 for K=1, 32 otherwise; BLOCK_D =
 # min(128, next power of two >= D) is 128; D_ALIGN = gcd(D, 16) is 8 for D=1000, else 16.
 EXPECTED_TILES = {(2, 128, 16), (2, 128, 8), (32, 128, 16), (32, 128, 8)}
@@ -71,7 +71,6 @@ def test_signature_matches_triton_specialisation():
     from triton.backends.compiler import BaseBackend
     from triton.runtime import jit
 
-    from benchmarks.kernel_resources import launch_for
     from kernels.contrastive import triton_signature
 
     specialize = getattr(jit, "native_specialize_impl", None)

@@ -246,7 +246,7 @@ def test_triton_interpreted_matches_reference(triton_results, case):
     assert not results[case], "\n".join(results[case])
 
 
-# name -> (dtype, N, M, D, K, targets_grad, tiny_rows): the D and K, production tiles.
+# name -> (dtype, N, M, D, K, targets_grad, tiny_rows): production D and K, production tiles.
 CUDA_CASES = {
     "fp32_D1000_K100": ("float32", 256, 600, 1000, 100, True, False),
     "fp32_D768_K1_tiny_rows": ("float32", 64, 80, 768, 1, True, True),

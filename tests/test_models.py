@@ -14,13 +14,15 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
-from colld_ds.models import build_student, load_teacher, read_num_layers
+from colld_ds.formats import SAMPLE_RATE
+from colld_ds.models import build_student, family_of, load_teacher, read_num_layers
+from colld_ds.models.families import record_outputs
 from data_prep.tiny_teacher import TINY_FAMILIES, make_tiny_teacher
 
 # Padding-invariant: an attention mask, and nothing else mixing frames across the padding edge
 # (data2vec's stacked positional convs turn zeroed padded frames non-zero between layers).
 PADDING_INVARIANT = ("xlsr", "w2v-bert")
-S = 16000
+S = SAMPLE_RATE
 
 
 @pytest.fixture(scope="session")
@@ -343,8 +345,6 @@ def test_student_of_half_precision_teacher_gets_exact_fp32_weights(tiny):
 
 
 def test_whisper_is_a_registered_family(tmp_path):
-    from colld_ds.models import family_of
-
     family = family_of("whisper")
     assert (family.layers_field, family.width_field, family.ffn_attr) == (
         "encoder_layers",
@@ -364,7 +364,6 @@ def test_student_forward_equals_hf_forward_with_its_mask(tiny, family):
     """The student runs HF's forward piece by piece (mask embedding by torch.where): its layer
     outputs equal those of HF's own ``model(**inputs, mask_time_indices=...)`` on a padded,
     masked batch, at every valid frame (HF leaves padded frames as they are; we zero them)."""
-    from colld_ds.models.families import record_outputs
 
     student = build_student(load_teacher(tiny[family], [1]), 2, init_from_teacher_layers=[1, 2])
     student.eval()

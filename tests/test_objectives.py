@@ -10,6 +10,7 @@ from colld_ds.config import ConfigError, ObjectiveConfig, load_config
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import frame_mask
 from colld_ds.objectives import build_objective, sample_negatives
+from colld_ds.objectives.base import utterance_norm
 from colld_ds.objectives.colld import ShortUtteranceWarning, same_position_negatives
 
 
@@ -208,8 +209,6 @@ def test_objective_step_never_reads_device_values(name, backend):
 
 
 def test_utterance_norm_equals_instance_norm_over_each_utterances_valid_frames():
-    from colld_ds.objectives.base import utterance_norm
-
     torch.manual_seed(0)
     features = torch.randn(2, 7, 5) * 3 + 10
     features[1, 4:] = float("nan")                       # padding: never read

@@ -18,13 +18,15 @@ from webdataset import TarWriter
 
 import data_prep.manifest
 from colld_ds.data import read_samples
+from colld_ds.formats import SAMPLE_RATE, shard_keys
 from data_prep.cli import DataPrep
-from data_prep.shards import exclusive_lock, shard_keys
+from data_prep.shards import exclusive_lock
+from data_prep.tiny_teacher import make_tiny_teacher
 
 GOOD = ["good_a", "good_b", "stereo44k", "good_c", "good_d"]
 
 
-def tone(seconds, sr=16000):
+def tone(seconds, sr=SAMPLE_RATE):
     t = np.arange(int(seconds * sr)) / sr
     return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
@@ -34,16 +36,16 @@ def manifest(tmp_path):
     """5 good inputs (one 44.1 kHz stereo) and 6 bad ones, in a TSV manifest."""
     audio = tmp_path / "audio"
     audio.mkdir()
-    sf.write(audio / "good_a.wav", tone(1.0), 16000)
-    sf.write(audio / "good_b.flac", tone(0.8), 16000)
+    sf.write(audio / "good_a.wav", tone(1.0), SAMPLE_RATE)
+    sf.write(audio / "good_b.flac", tone(0.8), SAMPLE_RATE)
     sf.write(audio / "stereo44k.wav", np.stack([tone(1.2, 44100), tone(1.2, 44100)], 1), 44100)
-    sf.write(audio / "good_c.wav", tone(0.6), 16000)
-    sf.write(audio / "good_d.wav", tone(0.7), 16000)
+    sf.write(audio / "good_c.wav", tone(0.6), SAMPLE_RATE)
+    sf.write(audio / "good_d.wav", tone(0.7), SAMPLE_RATE)
     (audio / "corrupt.wav").write_bytes(b"RIFF\x00\x00 this is not audio")
-    sf.write(audio / "empty.wav", np.zeros(0, np.float32), 16000)
-    sf.write(audio / "short.wav", tone(0.1), 16000)
-    sf.write(audio / "nan.wav", np.array([0.1, np.nan] * 8000, np.float32), 16000, subtype="FLOAT")
-    sf.write(audio / "long.wav", tone(3.0), 16000)
+    sf.write(audio / "empty.wav", np.zeros(0, np.float32), SAMPLE_RATE)
+    sf.write(audio / "short.wav", tone(0.1), SAMPLE_RATE)
+    sf.write(audio / "nan.wav", np.array([0.1, np.nan] * 8000, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    sf.write(audio / "long.wav", tone(3.0), SAMPLE_RATE)
     names = ["good_a.wav", "corrupt.wav", "good_b.flac", "empty.wav", "stereo44k.wav", "missing.wav",
              "short.wav", "good_c.wav", "nan.wav", "long.wav", "good_d.wav"]
     path = tmp_path / "manifest.tsv"
@@ -80,7 +82,7 @@ def test_make_shards_skips_bad_inputs_with_reasons(manifest, tmp_path, capsys):
     assert "de " in printed and "en " in printed  # hours per language
     (stereo,) = [s for s in read_samples(paths) if s["__key__"] == "stereo44k"]
     wave, sr = sf.read(io.BytesIO(stereo["flac"]))
-    assert sr == 16000 and wave.ndim == 1 and wave.shape[0] == 19200
+    assert sr == SAMPLE_RATE and wave.ndim == 1 and wave.shape[0] == 19200
 
     same, same_keys = make(manifest, str(tmp_path / "one_worker"), workers=1)
     assert same_keys == keys and read_report(str(tmp_path / "one_worker")) == report
@@ -158,7 +160,7 @@ def test_killed_make_shards_resumes_without_rewriting(manifest, tmp_path, monkey
 def test_make_shards_from_a_directory_tree(tmp_path):
     for sub in ("en/spk1", "de"):
         os.makedirs(tmp_path / "tree" / sub)
-        sf.write(tmp_path / "tree" / sub / "utt.1.wav", tone(0.6), 16000)
+        sf.write(tmp_path / "tree" / sub / "utt.1.wav", tone(0.6), SAMPLE_RATE)
     (tmp_path / "tree" / "notes.txt").write_text("not audio")
     _, keys = make(str(tmp_path / "tree"), str(tmp_path / "out"), lang="xx")
     assert keys == ["de_utt_1", "en_spk1_utt_1"]
@@ -171,7 +173,7 @@ def test_inspect_reports_and_flags_a_corrupt_member(manifest, tmp_path, capsys):
     DataPrep().inspect(out)
     printed = capsys.readouterr().out
     assert "3 shards, 5 samples" in printed and "all members valid" in printed
-    assert "de: 4 samples" in printed and "en: 1 samples" in printed and ".flac: flac audio, 16000 Hz mono" in printed
+    assert "de: 4 samples" in printed and "en: 1 samples" in printed and f".flac: flac audio, {SAMPLE_RATE} Hz mono" in printed
 
     samples = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples([paths[0]])]
     samples[1]["flac"] = samples[1]["flac"][:40] + b"garbage" * 10
@@ -206,7 +208,7 @@ def test_index_command_refreshes_the_shard_index(tmp_path, capsys):
         path = os.path.join(out, entry["url"])
         assert entry["keys"] == shard_keys(path)
         durations = [json.loads(s["json"])["duration"] for s in read_samples([path])]
-        assert entry["lengths"] == [round(d * 16000) for d in durations]
+        assert entry["lengths"] == [round(d * SAMPLE_RATE) for d in durations]
     with pytest.raises(SystemExit, match="not a directory of shards"):
         DataPrep().index(str(tmp_path / "missing"))
 
@@ -216,7 +218,6 @@ def test_cache_teacher_command_takes_command_line_flags(tmp_path, capsys):
     the help shows the library function's own parameters, nothing is printed back."""
     import fire
 
-    from data_prep.tiny_teacher import make_tiny_teacher
 
     shards = str(tmp_path / "gen")
     DataPrep().generate(shards, num_utterances=2, shard_size=2)

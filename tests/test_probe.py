@@ -4,17 +4,10 @@ that a probe learns a linearly decodable task and not noise."""
 import pytest
 import torch
 
-from colld_ds.probe import (
-    ProbeConfig,
-    ProbeUnavailable,
-    char_tokens,
-    decode,
-    error_rates,
-    greedy_decode,
-    phone_tokens,
-    read_probe_split,
-    train_probe,
-)
+from colld_ds.formats import SAMPLE_RATE
+from colld_ds.probe import (ProbeConfig, ProbeUnavailable, char_tokens, decode, error_rates,
+                            greedy_decode, phone_tokens, read_probe_split, train_probe)
+from data_prep.shards import write_audio_shards
 
 
 def test_phone_tokens_of_espeak_ipa():
@@ -129,14 +122,13 @@ def test_probe_config_refuses_an_empty_budget():
 def test_read_probe_split_tokenises_and_names_a_sample_without_phones(tmp_path):
     import numpy as np
 
-    from data_prep.shards import write_audio_shards
 
-    wave = np.zeros(16000, dtype=np.float32)
+    wave = np.zeros(SAMPLE_RATE, dtype=np.float32)
     good = [{"utt_id": "a1", "wave": wave, "lang": "en", "text": "Hi, you.",
              "phones": "hˈaɪ juː"}]
     write_audio_shards(good, str(tmp_path / "good"), progress=False)
     [utterance] = read_probe_split(str(tmp_path / "good"))
-    assert utterance.lang == "en" and utterance.wave.shape == (16000,)
+    assert utterance.lang == "en" and utterance.wave.shape == (SAMPLE_RATE,)
     assert utterance.targets == {"per": ["h", "a", "ɪ", "j", "uː"], "cer": list("hi you")}
     write_audio_shards(good + [{"utt_id": "b2", "wave": wave, "lang": "en", "text": "No."}],
                        str(tmp_path / "bad"), progress=False)

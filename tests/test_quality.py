@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.probe_restarts import main as probe_restarts
 from benchmarks.quality import QualitySettings, main, summarise
 from colld_ds.config import ConfigError
 from colld_ds.probe import ProbeConfig, train_probe
-from tiny_run import tiny_teacher_and_shards
+from helpers import tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
@@ -147,8 +148,6 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
 def test_probe_restarts_benchmark_plumbing(tmp_path, monkeypatch):
     """benchmarks/probe_restarts.py on the tiny teacher: one row per (restarts, seed), the
     restart losses only where there were restarts, and both files written."""
-    from benchmarks.probe_restarts import main as probe_restarts
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     teacher, train, heldout = tiny_teacher_and_shards(tmp_path)
     out = tmp_path / "restarts"

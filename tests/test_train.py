@@ -17,42 +17,19 @@ import torch
 
 from colld_ds.config import ConfigError, load_config
 from colld_ds.data import AudioBatchStream
-from colld_ds.train import build_run, distillation_loss, mask_batch
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
+from colld_ds.distill import build_run, distillation_loss, mask_batch
+from colld_ds.formats import SAMPLE_RATE
 from data_prep.tiny_teacher import make_tiny_teacher
+from helpers import CONFIG, MAX_STEPS, REPO, overrides
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
-MAX_STEPS = 16
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    teacher = make_tiny_teacher("wav2vec2", str(root / "teacher"), seed=0, num_layers=4,
-                                hidden_size=32)
-    write_audio_shards(generate_utterances(32, seed=1), str(root / "shards"), max_count=8,
-                       progress=False)
-    return {"root": root, "teacher": teacher, "shards": str(root / "shards")}
-
-
-def overrides(assets, out_dir, **extra):
-    values = {"teacher.path": assets["teacher"], "data.train_shards": assets["shards"],
-              "run.out_dir": str(out_dir), "optim.max_steps": MAX_STEPS, "run.log_every": 1,
-              "run.save_every": 8, "optim.warmup_steps": 2, "optim.lr": 1e-3}
-    values.update(extra)
-    return values
-
-
-def launch(assets, out_dir, **extra) -> list[dict]:
+def launch(train_assets, out_dir, **extra) -> list[dict]:
     """Run ./launch.sh on 2 CPU ranks; return the metrics.jsonl rows of out_dir. The run must
     not leave DeepSpeed's per-rank shared-memory segments behind (64 MiB of RAM each)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [str(REPO / "launch.sh"), "--master_port", str(port), "--config", str(CONFIG)]
-    for key, value in overrides(assets, out_dir, **extra).items():
+    for key, value in overrides(train_assets, out_dir, **extra).items():
         command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = dict(os.environ, COLLD_CPU_RANKS="2", COLLD_PYTHON=sys.executable)
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
@@ -63,8 +40,8 @@ def launch(assets, out_dir, **extra) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(assets):
-    return launch(assets, assets["root"] / "full")
+def uninterrupted(train_assets):
+    return launch(train_assets, train_assets["root"] / "full")
 
 
 def test_zero2_two_ranks_lower_the_colld_loss(uninterrupted):
@@ -75,14 +52,14 @@ def test_zero2_two_ranks_lower_the_colld_loss(uninterrupted):
                for row in uninterrupted)
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted(assets, uninterrupted):
-    out_dir = assets["root"] / "resumed"
-    first = launch(assets, out_dir, **{"run.stop_at_step": 8})
+def test_stopped_and_resumed_run_matches_uninterrupted(train_assets, uninterrupted):
+    out_dir = train_assets["root"] / "resumed"
+    first = launch(train_assets, out_dir, **{"run.stop_at_step": 8})
     assert [row["step"] for row in first] == list(range(1, 9))
     checkpoints = sorted(p.name for p in (out_dir / "checkpoints").iterdir()
                          if p.name.startswith(("step", ".partial")))
     assert checkpoints == ["step00000008"]
-    rows = launch(assets, out_dir, **{"run.resume": "auto"})
+    rows = launch(train_assets, out_dir, **{"run.resume": "auto"})
     resumed = {row["step"]: row["loss/total"] for row in rows[8:]}
     reference = {row["step"]: row["loss/total"] for row in uninterrupted}
     assert sorted(resumed) == list(range(9, MAX_STEPS + 1))
@@ -90,12 +67,12 @@ def test_stopped_and_resumed_run_matches_uninterrupted(assets, uninterrupted):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
-def test_a_run_resumed_after_a_crash_logs_each_step_once(assets):
-    out_dir = assets["root"] / "crashed"
-    first = launch(assets, out_dir, **{"run.stop_at_step": 12})
+def test_a_run_resumed_after_a_crash_logs_each_step_once(train_assets):
+    out_dir = train_assets["root"] / "crashed"
+    first = launch(train_assets, out_dir, **{"run.stop_at_step": 12})
     assert [row["step"] for row in first] == list(range(1, 13))
     shutil.rmtree(out_dir / "checkpoints" / "step00000012")   # crashed before checkpointing 12
-    rows = launch(assets, out_dir, **{"run.resume": "auto"})      # resumes from step 8
+    rows = launch(train_assets, out_dir, **{"run.resume": "auto"})      # resumes from step 8
     assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1))
 
 
@@ -103,16 +80,16 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(assets):
                                    {"run.zero_stage": 2, "run.offload_optimizer": True},
                                    {"run.zero_stage": 3, "student.freeze_front_end": True}],
                          ids=["zero1", "zero3", "zero2-offload", "zero3-frozen-front-end"])
-def test_other_zero_stages_complete(assets, tmp_path, extra):
-    rows = launch(assets, tmp_path, **{"optim.max_steps": 3, **extra})
+def test_other_zero_stages_complete(train_assets, tmp_path, extra):
+    rows = launch(train_assets, tmp_path, **{"optim.max_steps": 3, **extra})
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(row["loss/total"])) for row in rows)
     assert (tmp_path / "checkpoints" / "step00000003" / "complete.json").is_file()
 
 
-def test_bad_input_is_refused_before_training(assets, tmp_path):
+def test_bad_input_is_refused_before_training(train_assets, tmp_path):
     def build(**extra):
-        build_run(load_config(CONFIG, overrides(assets, tmp_path, **extra)), torch.device("cpu"))
+        build_run(load_config(CONFIG, overrides(train_assets, tmp_path, **extra)), torch.device("cpu"))
 
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build(**{"teacher.path": str(tmp_path / "does-not-exist")})
@@ -128,14 +105,14 @@ def test_bad_input_is_refused_before_training(assets, tmp_path):
         build(**{"student.hidden_size": 16, "student.init_from_teacher_layers": [1, 2]})
 
 
-def test_more_negatives_than_the_longest_crop_supplies_are_refused_at_start(assets, tmp_path):
-    teacher = json.loads((Path(assets["teacher"]) / "config.json").read_text())
-    crop_frames = round(load_config(CONFIG).data.max_seconds * 16000)
+def test_more_negatives_than_the_longest_crop_supplies_are_refused_at_start(train_assets, tmp_path):
+    teacher = json.loads((Path(train_assets["teacher"]) / "config.json").read_text())
+    crop_frames = round(load_config(CONFIG).data.max_seconds * SAMPLE_RATE)
     for kernel, stride in zip(teacher["conv_kernel"], teacher["conv_stride"], strict=True):
         crop_frames = (crop_frames - kernel) // stride + 1            # the conv length formula
 
     def build(num_negatives):
-        config = load_config(CONFIG, overrides(assets, tmp_path,
+        config = load_config(CONFIG, overrides(train_assets, tmp_path,
                                                **{"objective.num_negatives": num_negatives}))
         build_run(config, torch.device("cpu"))
 
@@ -146,9 +123,9 @@ def test_more_negatives_than_the_longest_crop_supplies_are_refused_at_start(asse
         build(crop_frames)
 
 
-def test_launch_sh_resolves_relative_paths_from_the_callers_directory(assets):
+def test_launch_sh_resolves_relative_paths_from_the_callers_directory(train_assets):
     """Config, teacher, shards and out_dir given relative to where launch.sh is called from."""
-    cwd = assets["root"]
+    cwd = train_assets["root"]
     (cwd / "configs").mkdir(exist_ok=True)
     shutil.copy(CONFIG, cwd / "configs" / "tiny.yaml")
     relative = {"teacher.path": "teacher", "data.train_shards": "shards/*.tar",
@@ -167,29 +144,29 @@ def test_launch_sh_resolves_relative_paths_from_the_callers_directory(assets):
     assert not (REPO / "relative-run").exists()
 
 
-def run_cli(assets, out_dir, **extra):
+def run_cli(train_assets, out_dir, **extra):
     """`colld train` run directly: one process, no launcher."""
     command = [sys.executable, "-m", "colld_ds.cli", "train", "--config", str(CONFIG)]
-    for key, value in overrides(assets, out_dir, **extra).items():
+    for key, value in overrides(train_assets, out_dir, **extra).items():
         command += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_trains_without_launcher_and_reports_config_errors_plainly(assets, tmp_path):
-    done = run_cli(assets, tmp_path, **{"optim.max_steps": 2, "optim.warmup_steps": 1})
+def test_cli_trains_without_launcher_and_reports_config_errors_plainly(train_assets, tmp_path):
+    done = run_cli(train_assets, tmp_path, **{"optim.max_steps": 2, "optim.warmup_steps": 1})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "step00000002" / "complete.json").is_file()
-    bad = run_cli(assets, tmp_path, **{"objective.name": "mse"})
+    bad = run_cli(train_assets, tmp_path, **{"objective.name": "mse"})
     assert bad.returncode != 0
     assert "colld: config error: objective.name: 'mse' is not allowed" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "whisper", "w2v-bert"])
-def test_freeze_front_end(assets, tmp_path, family):
+def test_freeze_front_end(train_assets, tmp_path, family):
     teacher_dir = make_tiny_teacher(family, str(tmp_path / family), seed=0, num_layers=4)
-    config = load_config(CONFIG, overrides(assets, tmp_path, **{
+    config = load_config(CONFIG, overrides(train_assets, tmp_path, **{
         "teacher.path": teacher_dir, "student.freeze_front_end": True}))
     if family == "w2v-bert":
         with pytest.raises(ValueError, match="no convolutional front end to freeze"):
@@ -201,7 +178,7 @@ def test_freeze_front_end(assets, tmp_path, family):
         return {name for name, p in model.named_parameters() if not p.requires_grad}
 
     newly_frozen = frozen_parameters(config) - frozen_parameters(
-        load_config(CONFIG, overrides(assets, tmp_path, **{"teacher.path": teacher_dir})))
+        load_config(CONFIG, overrides(train_assets, tmp_path, **{"teacher.path": teacher_dir})))
     front = ("feature_extractor.",) if family == "wav2vec2" else ("conv1.", "conv2.")
     assert newly_frozen
     assert all(any(f".model.{prefix}" in name for prefix in front) for name in newly_frozen)
@@ -210,19 +187,19 @@ def test_freeze_front_end(assets, tmp_path, family):
 @pytest.mark.parametrize("family,cached_front_end", [("wav2vec2", False), ("hubert", False),
                                                      ("wav2vec2", True), ("whisper", False)])
 def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
-        assets, tmp_path, family, cached_front_end):
+        train_assets, tmp_path, family, cached_front_end):
     """The cached-mode step (student forward, objective, backward) with the model and the batch
     on the meta device: an op mixing a CPU tensor with a device tensor, or reading a value back
     to the host (`.item()`, `nonzero`, a boolean-mask index), raises there, as it would fail or
     cost a sync on a GPU. (Where HF reads the attention mask back, xlsr-style models, the step
     is not covered.)"""
     teacher_dir = make_tiny_teacher(family, str(tmp_path / family), seed=0, num_layers=4)
-    config = load_config(CONFIG, overrides(assets, tmp_path, **{
+    config = load_config(CONFIG, overrides(train_assets, tmp_path, **{
         "teacher.path": teacher_dir, "objective.contrastive_backend": "chunked",
         "student.freeze_front_end": cached_front_end}))
     config.data.cached_front_end = cached_front_end          # (validated for a teacher_cache run)
     teacher, _, model = build_run(config, torch.device("cpu"))
-    stream = AudioBatchStream(assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
+    stream = AudioBatchStream(train_assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
                               num_workers=0, shuffle_buffer=0)
     batch = next(iter(stream))
     with torch.no_grad():                                   # what the cache would hold
@@ -240,12 +217,12 @@ def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
     assert loss.loss.device.type == "meta" and no_grad == unused
 
 
-def test_head_warmup_steps_train_the_heads_only(assets, tmp_path):
+def test_head_warmup_steps_train_the_heads_only(train_assets, tmp_path):
     """Before optim.head_warmup_steps the loss reaches the projection heads and nothing of the
     student; from that step on, both."""
-    config = load_config(CONFIG, overrides(assets, tmp_path, **{"optim.head_warmup_steps": 2}))
+    config = load_config(CONFIG, overrides(train_assets, tmp_path, **{"optim.head_warmup_steps": 2}))
     teacher, _, model = build_run(config, torch.device("cpu"))
-    stream = AudioBatchStream(assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
+    stream = AudioBatchStream(train_assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
                               num_workers=0, shuffle_buffer=0)
     batch = next(iter(stream))
     for step, student_learns in ((1, False), (2, True)):

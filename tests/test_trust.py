@@ -1,7 +1,7 @@
 """What colld refuses to unpickle: a checkpoint crafted to run code, at eval, export and resume;
 a teacher directory with code or pickled weights.
 
-The crafted checkpoints are copies of the shared tiny ZeRO-3 run (test_export.py) with one file
+The crafted checkpoints are copies of the shared tiny ZeRO-3 run (conftest.py) with one file
 rewritten to carry a payload whose unpickling creates a file, and with ``complete.json``
 rewritten to match, as whoever crafts one would. Refused means: an UnsafeCheckpointError naming
 the file and what it asked for, and the payload's file never appears.
@@ -23,8 +23,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 from safetensors.torch import load_file
-from test_export import CONFIG, REPO, trained_run
-from test_faults import OPTIM_STATES, FakeEngine, save
 
 from colld_ds.checkpoint import (COMPLETE_MARKER, UnsafeCheckpointError, load_checkpoint,
                                  resume_candidates, safe_load, validate_checkpoint,
@@ -33,6 +31,7 @@ from colld_ds.evaluate import evaluate
 from colld_ds.export import export
 from colld_ds.models import load_teacher
 from data_prep.tiny_teacher import make_tiny_teacher
+from helpers import CONFIG, OPTIM_STATES, REPO, FakeEngine, save
 
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
@@ -59,11 +58,6 @@ def plant(file: Path, pwned: Path) -> None:
     marker.write_text(json.dumps(record))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
 def crafted_run(run: dict, root: Path, file_name: str) -> tuple[Path, Path]:
     """A copy of the shared run whose checkpoint file ``file_name`` carries a payload ->
     (the copy's checkpoint, the file the payload would create)."""
@@ -75,13 +69,13 @@ def crafted_run(run: dict, root: Path, file_name: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("file_name", [ZERO3_MODEL_STATES, OPTIM_STATES])
-def test_export_and_eval_refuse_a_checkpoint_that_runs_code(run, tmp_path, file_name):
-    checkpoint, pwned = crafted_run(run, tmp_path, file_name)
+def test_export_and_eval_refuse_a_checkpoint_that_runs_code(trained_run, tmp_path, file_name):
+    checkpoint, pwned = crafted_run(trained_run, tmp_path, file_name)
     refused = rf"{file_name} asks to unpickle posix\.system.*colld refuses it"
     with pytest.raises(UnsafeCheckpointError, match=refused):
         export(checkpoint, tmp_path / "export")
     with pytest.raises(UnsafeCheckpointError, match=refused):
-        evaluate(tmp_path / "run", run["heldout"], tmp_path / "eval", threads=1)
+        evaluate(tmp_path / "run", trained_run["heldout"], tmp_path / "eval", threads=1)
     assert not pwned.exists()
     assert not (tmp_path / "export").exists() and not (tmp_path / "eval").exists()
 
@@ -100,9 +94,9 @@ def _resume(run: dict, out_dir: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_resume_refuses_a_checkpoint_that_runs_code(run, tmp_path):
-    checkpoint, pwned = crafted_run(run, tmp_path, ZERO3_MODEL_STATES)
-    done = _resume(run, tmp_path / "run")
+def test_resume_refuses_a_checkpoint_that_runs_code(trained_run, tmp_path):
+    checkpoint, pwned = crafted_run(trained_run, tmp_path, ZERO3_MODEL_STATES)
+    done = _resume(trained_run, tmp_path / "run")
     assert done.returncode != 0, done.stdout[-3000:]
     assert (f"colld: error: {checkpoint / ZERO3_MODEL_STATES} asks to unpickle "
             "posix.system") in done.stderr, done.stderr[-3000:]     # a user error: one line
@@ -111,9 +105,9 @@ def test_resume_refuses_a_checkpoint_that_runs_code(run, tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "step00000004").exists()
 
 
-def test_a_colld_checkpoint_still_resumes(run, tmp_path):
-    shutil.copytree(run["root"] / "run", tmp_path / "run")
-    done = _resume(run, tmp_path / "run")
+def test_a_colld_checkpoint_still_resumes(trained_run, tmp_path):
+    shutil.copytree(trained_run["root"] / "run", tmp_path / "run")
+    done = _resume(trained_run, tmp_path / "run")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step00000003'} at step 3" \
         in done.stdout
@@ -133,8 +127,8 @@ def test_deepspeed_loads_inside_weights_only_loads_are_weights_only(tmp_path, mo
     assert not pwned.exists()
 
 
-def test_every_file_of_a_colld_checkpoint_is_weights_only(run, tmp_path):
-    validate_checkpoint(run["checkpoint"])          # ZeRO-3 (test_export.py)
+def test_every_file_of_a_colld_checkpoint_is_weights_only(trained_run, tmp_path):
+    validate_checkpoint(trained_run["checkpoint"])          # ZeRO-3 (conftest.py)
     # fp16's dynamic loss scaler, which no CPU run pickles
     scaler = DynamicLossScaler(2.0**16, 1000, 1, 2, False)
     torch.save({"loss_scaler": scaler}, tmp_path / "optim_states.pt")

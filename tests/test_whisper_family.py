@@ -10,10 +10,12 @@ from torch import nn
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from colld_ds.config import ConfigError, load_config
+from colld_ds.formats import SAMPLE_RATE, check_teacher_identity
 from colld_ds.models import build_student, load_teacher, read_num_layers
 from data_prep.tiny_teacher import make_tiny_teacher
 
-S = 16000
+S = SAMPLE_RATE
 REAL_TINY_EN = os.path.expanduser("~/.cache/colld/whisper-tiny.en-hf")
 
 
@@ -349,8 +351,6 @@ def test_short_window_pads_to_the_window_and_keeps_valid_frames(tiny):
 
 
 def test_window_is_part_of_the_teacher_identity(tiny):
-    from colld_ds.data import check_teacher_identity
-
     identities = {w: load_teacher(tiny, [2], window_seconds=w).identity for w in (None, 2.0, 3.0)}
     hashes = {w: identity["config_hash"] for w, identity in identities.items()}
     assert len(set(hashes.values())) == 3
@@ -367,7 +367,7 @@ def test_utterance_longer_than_the_window_is_a_clear_error(tiny):
     assert teacher(exact, torch.tensor([S])).features[0].shape == (1, 50, 32)  # fills it exactly
     long = torch.randn(2, S + S // 2) * 0.1
     for model in (teacher, student):
-        with pytest.raises(ValueError, match=r"1\.50 s long.*1 s window \(16000 samples.*"
+        with pytest.raises(ValueError, match=rf"1\.50 s long.*1 s window \({SAMPLE_RATE} samples.*"
                                              r"teacher\.window_seconds"):
             model(long, torch.tensor([S + S // 2, S]))
 
@@ -402,8 +402,6 @@ def test_student_inherits_the_window(tiny, dtype):
 
 
 def test_config_window_must_hold_the_training_crops():
-    from colld_ds.config import ConfigError, load_config
-
     config = load_config(None, {"teacher.window_seconds": 8, "data.max_seconds": 8.0})
     assert config.teacher.window_seconds == 8.0
     with pytest.raises(ConfigError, match=r"data\.max_seconds 9\.0 is longer than "

