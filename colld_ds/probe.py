@@ -99,8 +99,8 @@ class ProbeConfig:
     initial state alone (measured: Whisper base teacher, 1 probe seed of 4 stalled at every lr
     tried): without restarts one stalled probe passes for unreadable features."""
     restart_steps: int = 100
-    """Steps of each restart before the choice (at most ``steps``; counted in ``steps`` for the
-    chosen one)."""
+    """Steps of each restart before the choice (at most half of ``steps``, so that the chosen
+    probe's held-out checks still have steps to choose from; counted in ``steps`` for it)."""
 
     def __post_init__(self) -> None:
         if self.select_every < 0:
@@ -317,7 +317,7 @@ def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_siz
         for restart in range(config.restarts):
             runs.append(_ProbeRun(features, targets, vocab_size, config,
                                   config.seed * config.restarts + restart))
-            for _ in range(min(config.restart_steps, config.steps)):
+            for _ in range(min(config.restart_steps, config.steps // 2) or 1):
                 runs[-1].step()
         restart_losses = [float(np.mean(run.losses[len(run.losses) // 2:])) for run in runs]
         run = runs[int(np.argmin(restart_losses))]

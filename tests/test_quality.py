@@ -111,7 +111,7 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
     argv = ["--config", str(CONFIG), "--variants", str(variants), "--seeds", "0,1",
             "--budgets", "2,4", "--eval_shards", heldout, "--probe_train_shards", train,
             "--probe_dev_shards", heldout, "--out_dir", str(out), "--ranks", "1",
-            "--probe_steps", "6", "--probe_select_every", "3",
+            "--probe_steps", "6", "--probe_select_every", "3", "--probe_restarts", "1",
             "--teacher.path", teacher, "--data.train_shards", train, "--optim.warmup_steps", "1",
             "--data.num_workers", "0"]
     summary = main(argv)
