@@ -204,15 +204,18 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
     means: (random - row) / (random - teacher)."""
     rows: dict[str, dict[str, Any]] = {}
     for (row, seed), result in results.items():
-        entry = rows.setdefault(row, {task: {} for task in TASKS} | {"loss": {}})
+        entry = rows.setdefault(row, {task: {} for task in TASKS} | {"loss": {}, "restarts": {}})
         for task in TASKS:
             entry[task][str(seed)] = result["rates"][task]["overall"]
             entry["loss"].setdefault(task, []).append(result["final_train_loss"][task])
+            entry["restarts"].setdefault(task, {})[str(seed)] = \
+                result.get("restart_losses", {}).get(task, [])
     table = {}
     for row, entry in rows.items():
         table[row] = {task: _stats(list(entry[task].values())) | {
             "per_seed": entry[task],
-            "probe_final_train_loss": statistics.fmean(entry["loss"][task])}
+            "probe_final_train_loss": statistics.fmean(entry["loss"][task]),
+            "probe_restart_losses": entry["restarts"][task]}
             for task in TASKS}
     for row, entry in table.items():
         for task in TASKS:
@@ -266,6 +269,15 @@ def format_markdown(summary: dict[str, Any]) -> str:
                   "| row | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
         lines += [f"| {row} | " + " | ".join(f"{checks[row].get(step, float('nan')):.3f}"
                                              for step in steps) + " |" for row in checks]
+    restarted = [(name, row) for name, row in table.items()
+                 if any(row["per"]["probe_restart_losses"].values())]
+    if restarted:
+        lines += ["", "## Probe restarts: each restart's early PER-probe loss (the lowest goes "
+                  "on; a stalled start stays above 5)", "", "| row | seed | restart losses |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {seed} | " + " ".join(f"{x:.2f}" for x in losses) + " |"
+                  for name, row in restarted
+                  for seed, losses in row["per"]["probe_restart_losses"].items()]
     lines += ["", "## Variants", ""]
     lines += [f"- `{name}`: {json.dumps(overrides) if overrides else 'the config as it is'}"
               for name, overrides in settings["variants"].items()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.probe_restarts import main as probe_restarts
-from benchmarks.quality import QualitySettings, main, summarise
+from benchmarks.quality import QualitySettings, format_markdown, main, summarise
 from colld_ds.config import ConfigError
 from colld_ds.probe import ProbeConfig, train_probe
 from helpers import tiny_teacher_and_shards
@@ -31,7 +31,11 @@ def test_summary_means_spreads_and_gaps_match_hand_computation():
                ("random", 0): _result(1.0, 0.9), ("random", 1): _result(0.9, 0.9),
                ("init", 0): _result(0.8, 0.7), ("init", 1): _result(0.7, 0.8),
                ("a@5", 0): _result(0.6, 0.6), ("a@5", 1): _result(0.5, 0.8)}
-    rows = summarise(results, settings)["rows"]
+    results["a@5", 1]["restart_losses"] = {"per": [5.6, 3.1], "cer": [4.9, 4.8]}
+    summary = summarise(results, settings)
+    rows = summary["rows"]
+    assert rows["a@5"]["per"]["probe_restart_losses"] == {"0": [], "1": [5.6, 3.1]}
+    assert "| a@5 | 1 | 5.60 3.10 |" in format_markdown(summary)
     per = rows["a@5"]["per"]
     assert per["mean"] == pytest.approx(0.55)
     assert per["std"] == pytest.approx(statistics.stdev([0.6, 0.5]))      # sample std
