@@ -7,7 +7,8 @@ over several probe seeds, without restarts and with ``ProbeConfig.restarts``.
         [--section.field value ...]
 
 Writes ``<out>.json`` and ``<out>.md``: per setting and seed the test PER/CER (state chosen on
-the dev split), the probe's final training loss and each restart's early loss.
+the dev split), the probe's final training loss and each restart's early loss. ``<out>.json`` is
+written after every row; a re-run with the same probe steps only probes the rows it lacks.
 """
 
 from __future__ import annotations
@@ -21,14 +22,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script, like the others
 from benchmarks.harness import machine_info  # noqa: E402
-from benchmarks.quality import parse_overrides  # noqa: E402
+from benchmarks.quality import parse_overrides, read_splits  # noqa: E402
 from colld_ds.atomic import write_text_atomic  # noqa: E402
 from colld_ds.compare import make_paths_absolute  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
 from colld_ds.distill import build_run  # noqa: E402
 from colld_ds.evaluate import all_layers_teacher, teacher_encoder  # noqa: E402
-from colld_ds.probe import (TASKS, ProbeConfig, ProbeTasks, extract_splits,  # noqa: E402
-                            read_probe_split, score_model)
+from colld_ds.probe import TASKS, ProbeConfig, extract_splits, score_model  # noqa: E402
+
+
+def previous_rows(path: Path, probe_steps: int) -> list[dict]:
+    """The rows of an earlier run of this script at ``path`` made with the same probe steps."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return found["rows"] if found.get("probe_steps") == probe_steps else []
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,25 +54,32 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     config = load_config(args.config, parse_overrides(rest))
     make_paths_absolute(config)
-    train, dev, test = (read_probe_split(shards) for shards in
-                        (args.probe_train_shards, args.probe_dev_shards, args.eval_shards))
-    tasks = ProbeTasks.from_split(train)
-    teacher, _, _ = build_run(config, torch.device("cpu"))
-    splits = extract_splits(teacher_encoder(all_layers_teacher(teacher)), train, test, dev)
-    rows = []
-    for restarts in (int(r) for r in args.restarts.split(",")):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            probe = ProbeConfig(steps=args.probe_steps, seed=seed, restarts=restarts,
-                                select_every=100)
-            result = score_model(splits, tasks, test, probe, dev)
-            rows.append({"restarts": restarts, "seed": seed,
-                         **{task: result["rates"][task]["overall"] for task in TASKS},
-                         "final_train_loss": result["final_train_loss"],
-                         "restart_losses": result["restart_losses"]})
-            print(json.dumps(rows[-1]), flush=True)
+    train, dev, test, tasks = read_splits(args.probe_train_shards, args.probe_dev_shards,
+                                          args.eval_shards)
     report = {"command": " ".join(sys.argv), "config": args.config, "overrides": rest,
               "probe_steps": args.probe_steps, "stamp": machine_info(torch.device("cpu")),
-              "rows": rows}
+              "rows": previous_rows(Path(f"{args.out}.json"), args.probe_steps)}
+    done = {(row["restarts"], row["seed"]) for row in report["rows"]}
+    wanted = [(int(restarts), int(seed)) for restarts in args.restarts.split(",")
+              for seed in args.seeds.split(",")]
+    splits = None
+    for restarts, seed in (key for key in wanted if key not in done):
+        if splits is None:                       # the teacher runs only if a row is missing
+            teacher, _, _ = build_run(config, torch.device("cpu"))
+            splits = extract_splits(teacher_encoder(all_layers_teacher(teacher)), train, test,
+                                    dev)
+        probe = ProbeConfig(steps=args.probe_steps, seed=seed, restarts=restarts,
+                            select_every=100)
+        result = score_model(splits, tasks, test, probe, dev)
+        report["rows"].append({"restarts": restarts, "seed": seed,
+                               **{task: result["rates"][task]["overall"] for task in TASKS},
+                               "final_train_loss": result["final_train_loss"],
+                               "restart_losses": result["restart_losses"]})
+        print(json.dumps(report["rows"][-1]), flush=True)
+        write_text_atomic(Path(f"{args.out}.json"), json.dumps(report, indent=1))
+    report["rows"] = rows = sorted(
+        (row for row in report["rows"] if (row["restarts"], row["seed"]) in wanted),
+        key=lambda row: (row["restarts"], row["seed"]))
     write_text_atomic(Path(f"{args.out}.json"), json.dumps(report, indent=1))
     lines = ["# CTC probe of the teacher over probe seeds, without and with restarts", "",
              f"`{report['command']}`; {report['stamp']['machine']}, commit "

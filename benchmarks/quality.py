@@ -98,6 +98,14 @@ def run_configs(settings: QualitySettings) -> dict[tuple[str, int], TrainConfig]
     return configs
 
 
+def read_splits(train_shards: str, dev_shards: str | None, test_shards: str):
+    """The probe's (train, dev or None, test) splits and the tasks (vocabularies) of train."""
+    train = read_probe_split(train_shards)
+    dev = read_probe_split(dev_shards) if dev_shards else None
+    test = read_probe_split(test_shards)
+    return train, dev, test, ProbeTasks.from_split(train)
+
+
 class ProbeRows:
     """Probe results per row, cached as ``out_dir/probe/<row>/seed<k>.json`` together with
     the probe settings they were made with (other settings: probed again)."""
@@ -123,10 +131,7 @@ class ProbeRows:
     def splits(self):
         if self._splits is None:
             s = self.settings
-            train = read_probe_split(s.probe_train_shards)
-            dev = read_probe_split(s.probe_dev_shards) if s.probe_dev_shards else None
-            test = read_probe_split(s.eval_shards)
-            self._splits = (train, dev, test, ProbeTasks.from_split(train))
+            self._splits = read_splits(s.probe_train_shards, s.probe_dev_shards, s.eval_shards)
         return self._splits
 
     def probe(self, row: str, seeds: list[int], encoder) -> None:

@@ -133,8 +133,9 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint_dir = out_dir / "checkpoints"
     candidates = resume_candidates(config.run.resume, checkpoint_dir)   # checked before long work
 
-    if config.data.teacher_cache or config.data.train_shards:   # shard URLs before the teacher
-        check_shards(config.data.teacher_cache or config.data.train_shards, config.data.shard_index or None)
+    train_shards = config.data.teacher_cache or config.data.train_shards
+    if train_shards:                                  # shard URLs checked before the teacher
+        check_shards(train_shards, config.data.shard_index or None)
     teacher, pairs, model = build_run(config, device)
     teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)

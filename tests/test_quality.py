@@ -149,20 +149,33 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
     assert again["rows"] == rows
 
 
-def test_probe_restarts_benchmark_plumbing(tmp_path, monkeypatch):
+def test_probe_restarts_benchmark_plumbing(tmp_path, monkeypatch, capfd):
     """benchmarks/probe_restarts.py on the tiny teacher: one row per (restarts, seed), the
-    restart losses only where there were restarts, and both files written."""
+    restart losses only where there were restarts, both files written, and a re-run with one
+    more seed probes only that seed's rows."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     teacher, train, heldout = tiny_teacher_and_shards(tmp_path)
     out = tmp_path / "restarts"
-    report = probe_restarts(["--config", str(CONFIG), "--probe_train_shards", f"{train}/*.tar",
-                             "--probe_dev_shards", f"{heldout}/*.tar",
-                             "--eval_shards", f"{heldout}/*.tar", "--seeds", "0,1",
-                             "--restarts", "1,2", "--probe_steps", "4", "--out", str(out),
-                             "--teacher.path", teacher, "--data.train_shards", train])
+
+    def run(seeds):
+        return probe_restarts([
+            "--config", str(CONFIG), "--probe_train_shards", f"{train}/*.tar",
+            "--probe_dev_shards", f"{heldout}/*.tar", "--eval_shards", f"{heldout}/*.tar",
+            "--seeds", seeds, "--restarts", "1,2", "--probe_steps", "4", "--out", str(out),
+            "--teacher.path", teacher, "--data.train_shards", train])
+
+    report = run("0,1")
     assert [(r["restarts"], r["seed"]) for r in report["rows"]] == [(1, 0), (1, 1), (2, 0),
                                                                      (2, 1)]
     assert all(len(r["restart_losses"]["per"]) == (2 if r["restarts"] == 2 else 0)
                for r in report["rows"])
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
     assert "| 2 | 1 |" in out.with_suffix(".md").read_text()
+    capfd.readouterr()
+    again = run("0,1,2")
+    probed = [json.loads(line) for line in capfd.readouterr().out.splitlines()
+              if line.startswith("{")]
+    assert [(r["restarts"], r["seed"]) for r in probed] == [(1, 2), (2, 2)]
+    assert [r for r in again["rows"] if r["seed"] < 2] == report["rows"]
+    assert [(r["restarts"], r["seed"]) for r in again["rows"]] == [
+        (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]

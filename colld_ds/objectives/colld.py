@@ -76,7 +76,7 @@ class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
                  backend: str = "auto", *, anchor_frames: str, target_norm: str,
-                 position_negatives: bool = False):
+                 position_negatives: bool):
         super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
         self.temperature = temperature
         self.num_negatives = num_negatives
