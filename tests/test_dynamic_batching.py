@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from benchmarks.batch_fill import main as batch_fill
 from colld_ds.batching import ShardInfo, bucket_batches
 from colld_ds.config import ConfigError, load_config
 from colld_ds.data import AudioBatchStream, read_samples, shard_name
@@ -300,3 +301,18 @@ def test_batch_seconds_config():
     assert build_ds_config(config)["train_micro_batch_size_per_gpu"] == 3  # nominal: 12 s / 4 s
     with pytest.raises(ConfigError, match="data.batch_seconds"):
         load_config(overrides={"data.batch_seconds": 0})
+
+
+def test_batch_fill_benchmark_plumbing(tmp_path):
+    """benchmarks/batch_fill.py: equal lengths fill every batch exactly, whatever the batching;
+    on long-tailed lengths dynamic batches hold more real audio than fixed ones."""
+    equal = batch_fill(["--utterances", "96", "--per_shard", "24", "--min_s", "3", "--max_s",
+                        "3", "--budgets_s", "12", "--ranks", "1", "--workers", "1",
+                        "--out", str(tmp_path / "equal.json")])
+    assert [row["real_over_padded"] for row in equal] == [1.0, 1.0]
+    assert [row["left_out"] for row in equal] == [0.0, 0.0]          # 96 = 12 x 8 = 24 x 4
+    tailed = batch_fill(["--utterances", "400", "--per_shard", "50", "--budgets_s", "60",
+                         "--out", str(tmp_path / "tailed.json")])
+    fixed, dynamic = (row["real_over_padded"] for row in tailed)
+    assert 0 < fixed < dynamic <= 1
+    assert json.loads((tmp_path / "tailed.json").read_text()) == tailed
