@@ -1,53 +1,15 @@
 """Training throughput: teacher online vs teacher cache, and CoLLD vs l2l step time.
 
-One process, side by side on the same batches and the same student:
-
-* (a) ``online``: the real run (``colld_ds.distill.build_run``) with the teacher run on each
-  batch's audio (``distillation_loss`` with the teacher), CoLLD objective;
-* (b) ``cached``: the same student and objective fed from teacher-cache shards written by the
-  real ``data_prep.cache.cache_teacher`` (``distillation_loss`` with ``teacher=None``);
-* (c) ``cached_l2l``: the same student (same initial weights, same span masks) with the ``l2l``
-  objective from the cache, so the teacher is out of the picture and only the objective differs;
-* (d) ``cached_front_end`` (only with ``--freeze_front_end``): (b) with ``data.cached_front_end``:
-  the cache also holds the teacher's conv front-end output (``cache_teacher(front_end=True)``) and
-  the frozen student starts from it instead of running its own conv front end;
-* (e) ``cached_<backend>``, one per further entry of ``--contrastive_backends`` (``auto``,
-  ``triton``, ``dense``, ``chunked``: ``objective.contrastive_backend``): (b) with CoLLD's loss on
-  that backend (same head weights). The first entry is the backend of (a), (b) and (d); on a GPU
-  ``auto`` is the Triton kernel, so ``--contrastive_backends auto,dense`` compares Triton, the
-  dense per-utterance matmul and l2l in one call.
-
-The teacher has the XLS-R 300M shape (``Wav2Vec2Config``: ``do_stable_layer_norm=True``,
-``feat_extract_norm="layer"``, 24 layers, hidden 1024, 16 heads, FFN 4096, conv front end 512 x 7,
-positional conv 128 / 16 groups) with random weights, built from its config and written with
-``save_pretrained`` into a temporary directory, so it loads through ``load_teacher`` like a hub
-checkpoint. ``--full`` uses exactly that shape; by default (for a CPU run of a few minutes) it is
-shrunk with ``--teacher_layers`` / ``--teacher_width`` (heads = width / 64, FFN = 4 x width; the
-512-channel conv front end is kept). The student has ``--student_layers`` (3) layers at the
-teacher's width, initialised from teacher layers 1..3 as ``build_run`` does, predicting teacher
-layers round(k * L / 3).
-
-What is timed: one optimiser step = ``distillation_loss`` (teacher forward in online mode, span
-mask, student forward, objective) + ``backward`` + grad-norm clipping + ``torch.optim.AdamW.step``
-(``fused=True``, as in the DeepSpeed templates) on the ``DistillationModel``'s parameters. No
-DeepSpeed: this isolates the per-step compute; DeepSpeed's own overhead (its engine, ZeRO
-bookkeeping, communication) is the same in both modes and for both objectives. Batches are read
-from the shards once before timing (the loader's rate is ``data_throughput.py``'s business: far
-above what a CPU student consumes) and then replayed; utterances are at least ``--max_seconds``
-long, so every crop, and every step, has the same shape. The runs take their steps interleaved
-(online, cached, cached_l2l, ..., online, ...), so load from other processes on the machine hits
-all of them alike. ``--warmup`` steps per run are excluded; the figure is the median of ``--steps``
-steps. Masks and negatives are drawn from (seed, step, utterance key) (``mask_batch``): identical
-across runs. The per-round ratios (median over rounds of the ratio of back-to-back steps) are in
-the JSON next to the ratios of medians.
-
-CPU threads: ``--threads 1`` by default. On the shared 2-core development machine (load ~4),
-torch's default of 2 OpenMP threads made every step ~5x slower and 3x noisier (a thread waits at
-each barrier for a core that another process holds); 1 thread gave +-5% step times.
+One process times, side by side on the same batches and student, optimiser steps with the
+teacher run online, from the teacher cache, with l2l instead of CoLLD, from a cached front end
+(`--freeze_front_end`) and on other contrastive backends (`--contrastive_backends`), for an
+XLS-R 300M-shaped teacher with random weights (`--full`; shrunk by default). Steps are
+interleaved across runs, medians reported with per-round ratios. What is timed and why:
+"How train_throughput.py measures" in `benchmarks/README.md`.
 
     python benchmarks/train_throughput.py            # CPU default: 24 x 256 teacher, ~1.5 min
     python benchmarks/train_throughput.py --freeze_front_end   # + the cached_front_end row
-    python benchmarks/train_throughput.py --full --freeze_front_end \
+    python benchmarks/train_throughput.py --full --freeze_front_end \\
         --contrastive_backends auto,dense --out benchmarks/results/train_throughput_gpu.json
 """
 

@@ -23,7 +23,7 @@ incomplete last group).
 
 `EpochPlanner` lays out an epoch over all ranks and workers (shard split, per-worker plans,
 the number of batches every worker yields, and where the other utterances go): steps 1-4 of
-`colld_ds.data`'s module docstring.
+`docs/data.md`.
 """
 
 from __future__ import annotations

@@ -1,73 +1,12 @@
 """Streaming audio batches from webdataset tar shards, deterministic and exactly resumable.
 
-Shards are the audio shards of `colld_ds.formats` (key `<utt_id>`, `flac` (or `wav`) 16 kHz
-mono + `json` with `lang`). `AudioBatchStream` yields `Batch`es forever, epoch after epoch.
-
-Where shards live: local files, or streamed URLs (`colld_ds.remote`): `http(s)://...` (curl),
-`s3://bucket/key.tar` (the AWS CLI, `aws s3 cp s3://bucket/key.tar -`: the user's AWS
-credentials and `AWS_ENDPOINT_URL` apply) and `pipe:<command that writes the tar to stdout>`. A
-URL that cannot be read (404, no such bucket or key, a connection dropped mid-shard) is an error
-naming it, never a shard cut short in silence; the first shard is opened when the stream is
-built, so a wrong host, bucket or credentials fail before training starts. What the loader must know before reading a shard, its
-sample keys and each utterance's length, comes from the shard index (`colld_ds.formats`,
-`shardindex.json`): the one given (`shard_index=`), else the one beside the first shard (its
-directory or URL directory). Index entries are matched to shards by file name
-(`train-000000.tar`), so one index serves a directory, its http mirror, an s3 copy or `pipe:`
-commands naming the files. Local shards without an index entry are scanned at construction
-(tar headers, plus the json members' durations for dynamic batching); streamed shards without
-one are refused with the fix. While streaming, every shard's keys (and decoded lengths) are checked
-against the index: a shard changed since it was indexed raises an error naming it.
-
-Cached mode (`expect_teacher=` a teacher identity): the shards are teacher-cache shards of
-`colld_ds.formats` (audio + one fp16 `(T, D)` array per teacher layer, whole utterance). Each
-sample's cache identity must match (`check_teacher_identity`), and batches also carry the
-cached frames. Crops start at a whole frame `f0` (audio offset `f0 * stride`) and keep frames
-`[f0, f0 + num_frames(crop length))` of the whole-utterance features: exactly the frames the
-student's front end produces for the cropped audio (`FrameGeometry`). Audio mode crops at whole
-frames too (20 ms, all supported families), so both modes cut the same audio. When the expected
-identity has `"front_end"` (`Teacher.cache_identity(front_end=True)`, for
-`data.cached_front_end`), batches also carry the cached front-end output (`FRONT_END_MEMBER`):
-`"utterance"` arrays (T, C) are cropped like the layers; `"window"` arrays (Whisper: W, D, the
-whole window) cannot be cropped, and a sample that would be is an error.
-
-How one epoch is laid out, for rank `r` of `R` with `W = max(1, num_workers)` workers:
-
-1. All shards are shuffled with `Random(seed, epoch)` (identical on every rank). If their
-   number is not a multiple of `R * W`, the last `len % (R * W)` shards of this order sit out
-   the epoch (a warning says so once; the order changes every epoch, so none is lost for good).
-2. Explicit node split `shards[r::R]`, then worker split `[w::W]`: every (rank, worker) gets
-   the same number of shards, and no shard is read by two of them.
-3. Batching (`colld_ds.batching`): each worker shuffles its samples with
-   `Random(seed, epoch, rank, worker)` and cuts them into batches of exactly `batch_size`
-   utterances, or (`batch_seconds`) into length-bucketed batches of at most `batch_seconds`
-   padded audio (longest cropped utterance x count; one utterance longer than that forms a
-   batch alone). Batching is a pure function of the index metadata (key, length), so the stream
-   plans every (rank, worker) of an epoch up front without reading audio (`plan`).
-4. Equal step counts: each worker yields exactly `n = min over all (rank, worker) of its
-   planned batches` batches; every rank yields `epoch_length(epoch) = n * W` batches, so
-   DeepSpeed ranks step together. The rest is not seen this epoch: with fixed batches the
-   samples after a worker's first `n * batch_size`, with dynamic batches whole planned batches
-   after its first `n` (their order is shuffled, so they are of all lengths). `accounting(epoch)`
-   counts them (used, dropped, sitting out), and rank 0 warns with the counts of epoch 0; orders
-   change every epoch, so no sample is lost for good.
-5. Per worker, a pipeline of named stages (`read_indexed` -> `Batching.batches` -> `take_range`
-   -> per batch `decode_audio` -> `random_crop` -> `collate`); the DataLoader returns worker
-   batches in round-robin order (worker 0, 1, ..., W-1, 0, ...), so batch `i` of the epoch is
-   batch `i // W` of worker `i % W`. The crop offset is drawn from
-   `default_rng(seed, epoch, crc32(key))`: nothing depends on timing.
-
-Exact resume: `state_dict()` is `{"epoch", "batches_in_epoch"}` of the batches handed to the
-caller. A stream loaded with it restarts epoch `e` with each worker skipping its batches
-already consumed (after the shuffle and batching, before decoding) and with the worker roles
-rotated so that the DataLoader's round robin starts at the worker that owns batch `k`. Cost of
-a resume: each worker re-reads (tar read + shuffle, no FLAC decode) up to `k / W` batches of
-samples of the current epoch.
-
-Each epoch starts a fresh DataLoader (workers fork again, a fraction of a second). Errors name
-their source: no shards matched (the pattern), streamed shards without an index (the fix), a
-stale index (index and shard), a corrupt or truncated shard (its path or URL, at construction
-from the header scan, or while streaming), a sample without audio/json (its key), a cache of
-another teacher (both identities), a sample missing a layer (its member name).
+`AudioBatchStream` yields `Batch`es (padded waves `(B, S)`, lengths, and in cached mode the
+teacher's frames `(B, T, D)` per layer) forever, epoch after epoch, from local shards or
+streamed URLs (`colld_ds.remote`). Every (rank, worker) takes the same number of batches per
+epoch, planned from the shard index before any audio is read (`colld_ds.batching`), and
+`state_dict()` / `load_state_dict()` resume mid-epoch exactly. Errors name the shard, URL,
+sample or member at fault. The epoch layout, cropping rules and resume mechanics:
+`docs/data.md`.
 """
 
 from __future__ import annotations
@@ -515,7 +454,7 @@ class AudioBatchStream:
     Args:
         urls: shards: a list, a directory (all `*.tar`) or a brace pattern
             (`data/train-{000000..000003}.tar`) of local paths or streamed URLs (`http(s)://`,
-            `s3://`, `pipe:`; these need a shard index, see the module docstring).
+            `s3://`, `pipe:`; these need a shard index, see `docs/data.md`).
         batch_size: fixed batching: utterances per batch (B).
         max_seconds: crop longer utterances to this many seconds (random offset); None: no crop.
         seed: seeds shard order, sample shuffle, batch order and crops (with the epoch).
@@ -604,7 +543,7 @@ class AudioBatchStream:
         self._epoch, self._consumed = 0, 0
 
     def batches_per_worker(self, epoch: int) -> int:
-        """Batches every worker of every rank yields in `epoch` (module docstring, step 4)."""
+        """Batches every worker of every rank yields in `epoch` (`docs/data.md`, step 4)."""
         return self.planner.accounting(epoch).batches_per_worker
 
     def epoch_length(self, epoch: int) -> int:

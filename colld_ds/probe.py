@@ -1,44 +1,11 @@
 """SUPERB-style frozen-feature probe: phone (PER) and character (CER) recognition with CTC.
 
-For each model (teacher, trained student, random floor, step-0 init) and each task:
-
-1. Features: the outputs of every transformer layer of the frozen model (student layers 1..K,
-   teacher layers 1..L), extracted once per split under ``no_grad`` and kept in memory as fp32
-   ``(L, T, D)`` per utterance (4 L D bytes per frame), whole utterances (they must fit a
-   Whisper teacher's window). The front-end output (SUPERB's "layer 0") is not included: the
-   Teacher and Student wrappers return transformer layers only.
-2. Each layer is standardised per dimension with the mean and standard deviation of the
-   probe-training frames (a fixed affine map: it changes nothing that is decodable, and puts
-   every model on the same scale for the same learning rate).
-3. A learnable softmax-weighted sum of the layers (weights start equal), dropout (training
-   only), then the head: by default one linear layer to the vocabulary plus the CTC blank
-   (index 0), as SUPERB's phoneme-recognition task; optionally a 1-layer BiLSTM before it
-   (``lstm_hidden``).
-4. Training: Adam (constant lr), ``steps`` steps of ``batch_size`` utterances drawn with
-   replacement from the probe-training split by a generator seeded with ``seed``, CTC loss
-   (``zero_infinity``: an utterance with more tokens than frames contributes nothing). Every
-   model gets exactly the same budget, batches and seed; only the features differ.
-5. Decoding: greedy (frame argmax, repeats collapsed, blanks removed). Error rate = Levenshtein
-   distance (rapidfuzz, on token lists) / reference tokens, **corpus level**: the edits of all
-   utterances of a language summed over the sum of their reference lengths (long utterances
-   weigh more; not a mean of per-utterance rates). ``overall`` pools every utterance the same
-   way.
-
-Tokens (the vocabulary is the set of tokens of the probe-training split; a test token never
-seen there can only count as an error, and its rate is reported):
-
-- phones (``json["phones"]``, espeak-ng ``--ipa`` output: words separated by spaces, phonemes
-  *not* separated inside a word): one token per base character (letter or tone digit) with the
-  combining marks and modifier letters that follow it (``aː``, ``tʲ``, ``ũ``, ``dʰ``); stress
-  marks (ˈ ˌ), spaces, punctuation and espeak's language-switch markers ``(en)`` are dropped.
-  Affricates without a tie bar count as two phones (``tʃ`` -> t, ʃ), as espeak writes them. A
-  space-separated phone string (``p a t o``) gives the same tokens.
-- characters (``json["text"]``): NFC, case-folded, punctuation and symbols removed, runs of
-  whitespace -> one space token; one token per Unicode code point (Devanagari vowel signs are
-  their own tokens).
-
-Hand-written instead of a library: the IPA segmentation is ~15 lines over ``unicodedata``;
-``ipatok`` would do the same with one more dependency.
+Every transformer layer of a frozen model, `(L, T, D)` per utterance, standardised per
+dimension, goes through a learnable softmax-weighted layer sum and a linear CTC head (optionally
+a BiLSTM first), trained with the same budget, batches and seed for every model; the state is
+chosen on a held-out split, and error rates are corpus-level Levenshtein distances over
+espeak-ng phones and case-folded characters. The steps, the tokenisation and why it is
+hand-written: `docs/probe.md`.
 """
 
 from __future__ import annotations
@@ -121,7 +88,7 @@ class ProbeUnavailable(Exception):
 
 
 def phone_tokens(phones: str) -> list[str]:
-    """espeak-ng IPA (or space-separated phones) -> phone tokens (module docstring)."""
+    """espeak-ng IPA (or space-separated phones) -> phone tokens (`docs/probe.md`)."""
     tokens: list[str] = []
     for char in unicodedata.normalize("NFD", _LANGUAGE_SWITCH.sub(" ", phones)):
         category = unicodedata.category(char)
