@@ -190,7 +190,8 @@ def test_estimate_matches_the_cache_written(caches, tmp_path, capsys, codec, fro
 
 def test_cache_refuses_when_the_disk_will_not_fit_it(caches, tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr("data_prep.cache_size.shutil.disk_usage", lambda path: usage(10**9, 0, 50_000))
+    monkeypatch.setattr("data_prep.cache_size.shutil.disk_usage",
+                        lambda path: usage(10**9, 0, 50_000))
     out = str(tmp_path / "cache")
     with pytest.raises(ShardWriteError, match=r"need about .* but .*cache has 50\.0 kB free"):
         cache_teacher(caches["audio"], caches["teacher_dir"], LAYERS, out, progress=False)
