@@ -1,8 +1,8 @@
 """Streaming audio batches from webdataset tar shards, deterministic and exactly resumable.
 
 `AudioBatchStream` yields `Batch`es (padded waves `(B, S)`, lengths, and in cached mode the
-teacher's frames `(B, T, D)` per layer) forever, epoch after epoch, from local shards or
-streamed URLs (`colld_ds.remote`). Every (rank, worker) takes the same number of batches per
+teacher's frames `(B, T, D)` per layer, decoded from fp16 or int8 by `colld_ds.codecs`) forever,
+epoch after epoch, from local shards or streamed URLs (`colld_ds.remote`). Every (rank, worker) takes the same number of batches per
 epoch, planned from the shard index before any audio is read (`colld_ds.batching`), and
 `state_dict()` / `load_state_dict()` resume mid-epoch exactly. Errors name the shard, URL,
 sample or member at fault. The epoch layout, cropping rules and resume mechanics:
@@ -32,10 +32,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
+from colld_ds.codecs import decode
 from colld_ds.errors import ColldError, DataError, verbose
 from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, SAMPLE_RATE, SHARD_INDEX, FrameGeometry,
-                              check_teacher_identity, feature_member, read_shard_index,
-                              shard_index_entry, shard_keys)
+                              cache_codec, check_teacher_identity, layer_members,
+                              read_shard_index, shard_index_entry, shard_keys)
 from colld_ds.remote import is_remote, open_stream
 
 _SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
@@ -269,22 +270,31 @@ def decode_wave(sample: dict) -> np.ndarray:
 
 def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> list[np.ndarray]:
     """The (T, D) float16 arrays of `expect["layers"]`, checked against the cache identity and
-    the audio length (T = frames of the whole utterance)."""
+    the audio length (T = frames of the whole utterance), decoded from the cache's codec
+    (`colld_ds.codecs`)."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
         raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
-    check_teacher_identity(meta["teacher"], expect, f"sample {key} in {url}")
+    where = f"sample {key} in {url}"
+    check_teacher_identity(meta["teacher"], expect, where)
+    codec = cache_codec(meta["teacher"], where)
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
     frames = []
     for layer in expect["layers"]:
-        name = feature_member(layer, expect["target_kind"])
-        if name not in sample:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            raise DataError(f"sample {key} in {url} has no member {name!r} (teacher layer {layer}): has {members}")
-        array = np.load(io.BytesIO(sample[name]), allow_pickle=False)
-        if array.ndim != 2 or array.shape[0] != num_frames:
+        names = layer_members(layer, expect["target_kind"], codec)
+        for name in names:
+            if name not in sample:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                raise DataError(
+                    f"{where} has no member {name!r} (teacher layer {layer}): has {members}")
+        try:
+            arrays = [np.load(io.BytesIO(sample[n]), allow_pickle=False) for n in names]
+            array = decode(arrays, codec)
+        except ValueError as exc:
+            raise DataError(f"{where}: {', '.join(names)}: {exc}") from exc
+        if array.shape[0] != num_frames:
             raise DataError(
-                f"sample {key} in {url}: {name} has shape {array.shape}, expected ({num_frames}, D) "
+                f"{where}: {names[0]} has shape {array.shape}, expected ({num_frames}, D) "
                 f"for {num_samples} audio samples"
             )
         frames.append(array)

@@ -6,10 +6,12 @@ Audio shards: webdataset tars ``{prefix}-{index:06d}.tar``, one sample per utter
 ``<utt_id>.json`` ``{"utt_id", "lang", "text", "phones" (optional), "duration" (s),
 "sample_rate"}``.
 
-Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, the float16
-(T, D) array ``feature_member(layer, target_kind)`` of the whole utterance (and optionally
-``FRONT_END_MEMBER``); the json gains ``"teacher"``, the cache's teacher identity
-(``check_teacher_identity``), which records the front end's ``FrameGeometry``.
+Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, the members
+``layer_members(layer, target_kind, codec)`` holding its (T, D) features of the whole utterance
+(and optionally ``FRONT_END_MEMBER``, float16 whatever the codec); the json gains
+``"teacher"``, the cache's teacher identity (``check_teacher_identity``), which records the front
+end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
+fp16). Every tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
 
 Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
 SHARD_INDEX_KIND, "wids_version": 1, "shardlist": [{"url", "nsamples", "filesize"}, ...]}``,
@@ -36,6 +38,9 @@ FRONT_END_MEMBER = "front_end.npy"  # cache member: the teacher's conv front-end
 SHARD_INDEX = "shardindex.json"  # wids' default index name
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 IDENTITY_KEYS = ("config_hash", "target_kind")  # equal in cache and run; the run's layers cached
+CODECS = ("fp16", "int8")  # how a cache stores its layers: ``layer_members``, ``colld_ds.codecs``
+TAR_BLOCK = 512  # tar data is padded to whole blocks
+TAR_MEMBER_HEADER = 3 * TAR_BLOCK  # webdataset's TarWriter: pax header (float mtime) + ustar header
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,49 @@ def feature_member(layer: int, target_kind: str) -> str:
     return f"l{layer:02d}.{target_kind}.npy"
 
 
+def layer_members(layer: int, target_kind: str, codec: str) -> tuple[str, ...]:
+    """Cache members of teacher ``layer`` stored with ``codec``, each one ``.npy`` array:
+
+    - ``fp16``: ``(l04.layer_output.npy,)``, the float16 (T, D) features (``feature_member``).
+    - ``int8``: ``(l04.layer_output.int8.npy, l04.layer_output.scale.npy)``: int8 codes (T, D)
+      and float16 scales (1, D), one per channel; features = codes * scales.
+    """
+    member = feature_member(layer, target_kind)
+    if codec == "fp16":
+        return (member,)
+    stem = member.removesuffix(".npy")
+    return (f"{stem}.int8.npy", f"{stem}.scale.npy")
+
+
+def layer_arrays(codec: str, num_frames: int, width: int
+                 ) -> tuple[tuple[tuple[int, int], str], ...]:
+    """(shape, dtype) of each ``layer_members`` array of a layer of width D over T frames: fp16
+    ``((T, D), float16)``; int8 ``((T, D), int8), ((1, D), float16)``."""
+    if codec == "fp16":
+        return (((num_frames, width), "float16"),)
+    return (((num_frames, width), "int8"), ((1, width), "float16"))
+
+
+def cache_codec(identity: dict, where: str) -> str:
+    """The ``codec`` of a cache identity (``fp16`` when absent); DataError naming the field, the
+    file and the fix when this colld cannot read it."""
+    codec = identity.get("codec", "fp16")
+    if codec not in CODECS:
+        raise DataError(
+            f"{where}: teacher.codec {codec!r} in its json is not a codec this colld reads "
+            f"({', '.join(CODECS)}): re-cache with `colld prep cache-teacher --codec fp16` (or "
+            "int8) into a new out_dir, or read it with the colld version that wrote it"
+        )
+    return codec
+
+
 def check_teacher_identity(found: dict, expected: dict, where: str,
                            fix: str = "re-run cache-teacher with the run's teacher, layers and "
                                       "target kind") -> None:
     """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
     every expected layer cached, and the front end's output cached if ``expected`` has
-    ``"front_end"``. DataError printing both identities and ``fix`` otherwise."""
+    ``"front_end"``. DataError printing both identities and ``fix`` otherwise; a codec this
+    colld cannot read: ``cache_codec``'s one-line DataError."""
     def show(identity):
         return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
 
@@ -85,6 +127,7 @@ def check_teacher_identity(found: dict, expected: dict, where: str,
             "re-run cache-teacher with --front_end true into a new directory, or set "
             "data.cached_front_end false"
         )
+    cache_codec(found, where)
 
 
 # --- local shards and the shard index ------------------------------------------------------------

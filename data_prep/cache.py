@@ -2,10 +2,12 @@
 
 Format: one cache shard per audio shard, with the same file name, in another directory. Each
 sample keeps the audio shard's members as they are (`flac`/`wav`, `json`) and adds, per cached
-teacher layer i, `<key>.l{i:02d}.{target_kind}.npy` (`colld_ds.formats.feature_member`): the
-float16 (T, D_t) features of the whole utterance, T = frames of its S samples. The json gains
-`"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate, frame_stride,
-receptive_field, num_frames}` (`frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
+teacher layer i, the (T, D_t) features of the whole utterance (T = frames of its S samples)
+stored with the cache's `codec` (`colld_ds.codecs`): `fp16` (default) as the float16 array
+`<key>.l{i:02d}.{target_kind}.npy`, `int8` as int8 codes and float16 per-channel scales
+(`colld_ds.formats.layer_members`). The json gains `"teacher"`: `{name, model_type, config_hash,
+layers, target_kind, frame_rate, frame_stride, receptive_field, codec, num_frames}`
+(`frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
 output of its convolutional front end (`colld_ds.models.teacher`), stored as
@@ -19,8 +21,11 @@ or (`batch_size > 1`) padded in batches only if the teacher passes a padding che
 of an utterance alone == the same utterance padded with 1 s of zeros). Group-norm wav2vec2 /
 HuBERT models fail it and fall back to one at a time, with a warning.
 
-Shards are written to `<name>.tar.tmp` and renamed when complete; a re-run skips complete
-shards (after checking their teacher identity), so a killed job resumes. The shard list is
+Before it starts, `cache_teacher` estimates the size of the shards still missing (of all ranks,
+`data_prep.cache_size`) and refuses when `shutil.disk_usage` of `out_dir` says it will not fit;
+`estimate=True` prints that estimate for all the shards and writes nothing. Shards are written
+to `<name>.tar.tmp` and renamed when complete; a re-run skips complete shards (after checking
+their teacher identity and codec), so a killed job resumes. The shard list is
 split across processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun
 or DeepSpeed): process r caches shards r, r + world_size, ... Each process refreshes the
 directory's shard index when it finishes (`data_prep.shards.write_shard_index`, locked).
@@ -40,11 +45,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from colld_ds.data import decode_wave, expand_urls, read_samples
+from colld_ds.codecs import encode
+from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos
 from colld_ds.errors import DataError, TeacherError
-from colld_ds.formats import (FRONT_END_MEMBER, SAMPLE_RATE, FrameGeometry, check_teacher_identity,
-                              feature_member)
+from colld_ds.formats import (CODECS, FRONT_END_MEMBER, SAMPLE_RATE, FrameGeometry,
+                              check_teacher_identity, layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
+from data_prep.cache_size import CacheShape, check_free_space, estimate_cache
 from data_prep.shards import atomic_shard, count_samples, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -118,23 +125,25 @@ def padding_invariant(teacher: Teacher, wave: np.ndarray, front_end: bool = Fals
 
 
 def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict) -> dict:
-    """Raw audio sample + its per-layer frames (+ front end, last) -> the cache sample (module
-    docstring)."""
+    """Raw audio sample + its per-layer float16 frames (+ front end, last) -> the cache sample
+    (module docstring), the layers encoded with `identity["codec"]`."""
     key, url = sample["__key__"], sample["__url__"]
     meta = json.loads(sample["json"])
     meta["teacher"] = {**identity, "num_frames": frames[0].shape[0]}
     out = {k: v for k, v in sample.items() if not k.startswith("__")}
     out.update(__key__=key, json=json.dumps(meta).encode())
-    members = [(feature_member(layer, identity["target_kind"]), f"teacher layer {layer}")
-               for layer in identity["layers"]]
+    codec, kind = identity["codec"], identity["target_kind"]
+    layers = [(layer_members(layer, kind, codec), f"teacher layer {layer}", codec)
+              for layer in identity["layers"]]
     if identity.get("front_end"):
-        members.append((FRONT_END_MEMBER, "the teacher's front end"))
-    for (member, what), array in zip(members, frames, strict=True):
+        layers.append(((FRONT_END_MEMBER,), "the teacher's front end", "fp16"))
+    for (members, what, stored_as), array in zip(layers, frames, strict=True):
         if not np.isfinite(array).all():
             raise DataError(f"sample {key} in {url}: {what} overflows float16")
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        out[member] = buf.getvalue()
+        for member, encoded in zip(members, encode(array, stored_as), strict=True):
+            buf = io.BytesIO()
+            np.save(buf, encoded, allow_pickle=False)
+            out[member] = buf.getvalue()
     return out
 
 
@@ -161,7 +170,7 @@ def _is_complete(path: str, identity: dict) -> bool:
         return False
     first = next(read_samples([path]), None)
     found = json.loads(first["json"]).get("teacher", {}) if first else {}
-    teacher_only = {k: v for k, v in identity.items() if k != "front_end"}
+    teacher_only = {k: v for k, v in identity.items() if k not in ("front_end", "codec")}
     check_teacher_identity(found, teacher_only, f"existing cache shard {path}",
                            fix=f"write this cache to another out_dir, or delete the cache shards "
                                f"in {os.path.dirname(path) or '.'} to replace them")
@@ -172,7 +181,27 @@ def _is_complete(path: str, identity: dict) -> bool:
             f"front_end={bool(identity.get('front_end'))}: a cache is all with or "
             "all without the front end's output; use the same --front_end or another out_dir"
         )
+    if found.get("codec", "fp16") != identity["codec"]:
+        raise DataError(
+            f"existing cache shard {path} was written with --codec {found.get('codec', 'fp16')}, "
+            f"this run has --codec {identity['codec']}: a cache is all one codec; use the same "
+            "--codec or another out_dir"
+        )
     return True
+
+
+def cache_shape(teacher: Teacher, identity: dict) -> CacheShape:
+    """What a cache of `teacher` with `identity` stores per utterance, its widths probed with
+    one forward of 10 frames of silence."""
+    geometry = FrameGeometry.of(identity)
+    probe = np.zeros(geometry.receptive_field + 9 * geometry.stride, np.float32)
+    (arrays,) = features(teacher, [probe], bool(identity.get("front_end")))
+    widths = tuple(a.shape[1] for a in arrays[: len(identity["layers"])])
+    front_end = None
+    if identity.get("front_end"):
+        rows, width = arrays[-1].shape
+        front_end = (rows if identity["front_end"] == "window" else None, width)
+    return CacheShape(identity, widths, geometry, front_end)
 
 
 def cache_teacher(
@@ -188,23 +217,41 @@ def cache_teacher(
     progress: bool = True,
     window_seconds: float | None = None,
     front_end: bool = False,
+    codec: str = "fp16",
+    estimate: bool = False,
 ) -> list[str]:
     """Cache `teacher`'s `layers` (`all`, `4`, `2,4`) over this process's share of the audio
     `shards`; return the cache paths of that share. `dtype`: `auto` (fp16 on CUDA, fp32 on
     CPU), `fp32`, `fp16`, `bf16`. `window_seconds`: a Whisper teacher's window
     (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. `front_end`:
     also store the teacher's conv front-end output (module docstring), for runs with
-    `data.cached_front_end`. Prints audio seconds per second at the end."""
+    `data.cached_front_end`. `codec`: how the layers are stored, `fp16` or `int8`
+    (`colld_ds.codecs`; the front end is float16 either way). `estimate`: print the size of the
+    whole cache and per hour of audio, write nothing and return []. Refuses to start when the
+    shards still missing will not fit in `out_dir`'s free space. Prints audio seconds per second
+    at the end."""
+    if codec not in CODECS:
+        raise DataError(f"--codec {codec!r}: use one of {', '.join(CODECS)}")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    urls = expand_urls(shards)[rank::world_size]
+    all_urls = expand_urls(shards)
+    urls = all_urls[rank::world_size]
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     model = load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype], device,
                          window_seconds)
     geometry = frame_geometry(model)
     identity = {**model.cache_identity(front_end), "frame_stride": geometry.stride,
-                "receptive_field": geometry.receptive_field}
+                "receptive_field": geometry.receptive_field, "codec": codec}
+    shape = cache_shape(model, identity)
+    if estimate:
+        print(estimate_cache(list(shard_infos(all_urls, None, True).values()), shape).report())
+        return []
     os.makedirs(out_dir, exist_ok=True)
+    missing = [u for u in all_urls
+               if not os.path.exists(os.path.join(out_dir, os.path.basename(u)))]
+    if missing:  # of all ranks: they share out_dir
+        check_free_space(out_dir, estimate_cache(list(shard_infos(missing, None, True).values()),
+                                                 shape))
     paths = [os.path.join(out_dir, os.path.basename(url)) for url in urls]
     todo = [(u, p) for u, p in zip(urls, paths) if not _is_complete(p, identity)]
     if batch_size > 1 and todo:

@@ -4,7 +4,8 @@ Prints the shard and sample counts, hours and utterances per language, the schem
 sample (each member's kind, shape and dtype), the teacher identity of cache shards, and one
 line per invalid member `<shard>: <key>.<member>: <problem>`: audio that does not decode to
 finite 16 kHz mono, an array that is not a finite float16 (T, D) with T = the json's
-`num_frames`, bad json, a missing audio/json/layer member, a truncated or corrupt tar.
+`num_frames` (int8 caches: int8 (T, D) codes and finite float16 (1, D) scales), bad json, a
+missing audio/json/layer member, a codec this colld cannot read, a truncated or corrupt tar.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import soundfile as sf
 from webdataset.tariterators import base_plus_ext
 
 from colld_ds.data import expand_urls
-from colld_ds.formats import AUDIO_EXTS, SAMPLE_RATE, checked_members, feature_member
+from colld_ds.errors import DataError
+from colld_ds.formats import AUDIO_EXTS, SAMPLE_RATE, cache_codec, checked_members, layer_members
 
 
 def describe_member(ext: str, data: bytes) -> str:
@@ -32,6 +34,15 @@ def describe_member(ext: str, data: bytes) -> str:
         return f"{kind} audio, {sr} Hz mono"
     if kind == "npy":
         array = np.load(io.BytesIO(data), allow_pickle=False)
+        if ext.endswith(".int8.npy"):
+            if array.ndim != 2 or array.dtype != np.int8:
+                raise ValueError(f"expected int8 (T, D) codes, got {array.dtype} {array.shape}")
+            return f"int8 (T, {array.shape[1]}) codes"
+        if ext.endswith(".scale.npy"):
+            if array.shape[:1] != (1,) or array.dtype != np.float16 or not np.isfinite(array).all():
+                raise ValueError(f"expected finite float16 (1, D) scales, got {array.dtype} "
+                                 f"{array.shape}")
+            return f"float16 (1, {array.shape[1]}) scales"
         if array.ndim != 2 or array.dtype != np.float16 or not np.isfinite(array).all():
             raise ValueError(f"expected a finite float16 (T, D) array, got {array.dtype} {array.shape}")
         return f"float16 (T, {array.shape[1]})"
@@ -53,11 +64,17 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
     if not meta or not any(ext in members for ext in AUDIO_EXTS):
         problems.append(f"{where}: {key}: needs an audio and a json member, has {sorted(members)}")
     teacher = meta.get("teacher")
+    try:
+        codec = cache_codec(teacher or {}, f"{where}: {key}")
+    except DataError as exc:
+        problems.append(str(exc))
+        return meta
     for layer in teacher["layers"] if teacher else ():
-        ext = feature_member(layer, teacher["target_kind"])
-        if ext not in members:
-            problems.append(f"{where}: {key}.{ext}: missing (teacher layer {layer})")
-        elif ext in valid and np.load(io.BytesIO(valid[ext]),
+        exts = layer_members(layer, teacher["target_kind"], codec)  # first: (T, D) features/codes
+        ext = exts[0]
+        for absent in (e for e in exts if e not in members):
+            problems.append(f"{where}: {key}.{absent}: missing (teacher layer {layer})")
+        if ext in valid and np.load(io.BytesIO(valid[ext]),
                                       allow_pickle=False).shape[0] != teacher["num_frames"]:
             problems.append(f"{where}: {key}.{ext}: frames differ from num_frames {teacher['num_frames']}")
     return meta

@@ -60,6 +60,7 @@ def test_cache_holds_the_teachers_features(setup):
             wave = decode_wave(sample)
             expected = whole(teacher, wave)
             assert meta["teacher"] == {**teacher.identity, "frame_stride": 320, "receptive_field": 400,
+                                       "codec": "fp16",
                                        "num_frames": int(teacher.num_frames(torch.tensor(wave.shape[0])))}
             for layer, ref in zip(LAYERS, expected):
                 cached = np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.npy"]))

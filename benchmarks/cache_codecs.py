@@ -1,0 +1,135 @@
+"""Teacher-cache codecs on a real fp16 cache: per layer, how well int8 (per-channel vs per-frame
+scales) reconstructs the fp16 features, bytes per frame per layer, and the projected size of an
+XLS-R 300M cache (1024-d, 50 frames/s, 3 layers) per 10,000 hours.
+
+Per layer and codec: the mean and lowest per-frame cosine of decoded vs fp16 features, the
+relative L2 error ``||decoded - fp16|| / ||fp16||`` over all frames, bytes per frame on disk
+(tar and npy headers included, at this cache's utterance lengths) and of payload alone, and the
+loader's decode time per frame. The projection uses the same utterance lengths at D = 1024.
+
+    python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import machine_info, write_rows  # noqa: E402
+from colld_ds.codecs import dequantise_int8, quantise_int8  # noqa: E402
+from colld_ds.data import expand_urls, read_samples  # noqa: E402
+from colld_ds.errors import DataError  # noqa: E402
+from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
+from data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
+
+VARIANTS = ("fp16", "int8-channel", "int8-frame")  # int8-channel is the cache's `int8`
+XLSR_WIDTH, XLSR_FRAME_RATE, XLSR_LAYERS = 1024, 50.0, 3
+
+
+def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
+    """(bytes on disk with tar and npy headers, payload bytes) of one layer of one utterance."""
+    if variant == "int8-frame":  # not a cache codec: int8 codes and float16 (T, 1) scales
+        arrays = (((num_frames, width), "int8"), ((num_frames, 1), "float16"))
+    else:
+        arrays = layer_arrays(variant.removesuffix("-channel"), num_frames, width)
+    disk = sum(member_bytes(npy_bytes(shape, dtype)) for shape, dtype in arrays)
+    payload = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays)
+    return disk, payload
+
+
+def roundtrip(x: np.ndarray, variant: str) -> tuple[np.ndarray, float]:
+    """float16 (T, D) -> (decoded float32 (T, D), decode seconds)."""
+    if variant == "fp16":
+        return x.astype(np.float32), 0.0
+    codes, scale = quantise_int8(x, per=variant.removeprefix("int8-"))
+    start = time.perf_counter()
+    decoded = dequantise_int8(codes, scale)
+    return decoded.astype(np.float32), time.perf_counter() - start
+
+
+class Tally:
+    """Running sums of one (layer, variant)."""
+
+    def __init__(self) -> None:
+        self.cosines: list[np.ndarray] = []
+        self.err = self.ref = self.seconds = 0.0
+        self.frames = self.disk = self.payload = self.xlsr_disk = 0
+
+    def add(self, x: np.ndarray, decoded: np.ndarray, seconds: float, variant: str) -> None:
+        ref = x.astype(np.float32)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(decoded, axis=1)
+        self.cosines.append((ref * decoded).sum(1) / np.maximum(norms, 1e-12))
+        self.err += float(((decoded - ref) ** 2).sum())
+        self.ref += float((ref**2).sum())
+        self.seconds += seconds
+        self.frames += x.shape[0]
+        disk, payload = stored_bytes(variant, *x.shape)
+        self.disk, self.payload = self.disk + disk, self.payload + payload
+        self.xlsr_disk += stored_bytes(variant, x.shape[0], XLSR_WIDTH)[0]
+
+    def row(self) -> dict:
+        cosines = np.concatenate(self.cosines)
+        xlsr = self.xlsr_disk / self.frames
+        return {
+            "frames": self.frames,
+            "cosine_mean": float(cosines.mean()),
+            "cosine_min": float(cosines.min()),
+            "rel_l2": float(np.sqrt(self.err / self.ref)),
+            "bytes_per_frame": self.disk / self.frames,
+            "payload_bytes_per_frame": self.payload / self.frames,
+            "decode_ns_per_frame": 1e9 * self.seconds / self.frames,
+            "xlsr300m_bytes_per_frame": xlsr,
+            "xlsr300m_tb_per_10k_h_3_layers": xlsr * XLSR_FRAME_RATE * 3600 * 1e4 * XLSR_LAYERS
+            / 1e12,
+        }
+
+
+def measure(cache: str, max_utterances: int | None) -> list[dict]:
+    """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring)."""
+    tallies: dict[tuple[int, str], Tally] = {}
+    identity = None
+    for n, sample in enumerate(read_samples(expand_urls(cache))):
+        if max_utterances is not None and n >= max_utterances:
+            break
+        identity = json.loads(sample["json"])["teacher"]
+        if cache_codec(identity, f"{sample['__url__']}") != "fp16":
+            raise DataError(f"{cache} is not an fp16 cache: the reference must be fp16")
+        for layer in identity["layers"]:
+            member = sample[feature_member(layer, identity["target_kind"])]
+            x = np.load(io.BytesIO(member), allow_pickle=False)  # (T, D) float16
+            for variant in VARIANTS:
+                decoded, seconds = roundtrip(x, variant)
+                tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
+    return [{"teacher": identity["name"], "layer": layer, "codec": variant, **tally.row()}
+            for (layer, variant), tally in tallies.items()]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", default="demo_out/whisper/cache", help="an fp16 teacher cache")
+    parser.add_argument("--max_utterances", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
+    args = parser.parse_args(argv)
+    stamp = machine_info(torch.device("cpu"))
+    rows = [{**row, "cache": args.cache, **stamp}
+            for row in measure(args.cache, args.max_utterances)]
+    print("layer | codec        | cosine mean | cosine min | rel L2  | B/frame | decode ns/frame |"
+          " XLS-R TB/10k h")
+    for r in rows:
+        print(f"{r['layer']:>5} | {r['codec']:<12} | {r['cosine_mean']:.6f}    | "
+              f"{r['cosine_min']:.6f}   | {r['rel_l2']:.5f} | {r['bytes_per_frame']:7.1f} | "
+              f"{r['decode_ns_per_frame']:15.0f} | {r['xlsr300m_tb_per_10k_h_3_layers']:.2f}")
+    write_rows(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
