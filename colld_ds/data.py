@@ -2,11 +2,11 @@
 
 `AudioBatchStream` yields `Batch`es (padded waves `(B, S)`, lengths, and in cached mode the
 teacher's frames `(B, T, D)` per layer, decoded from fp16 or int8 by `colld_ds.codecs`) forever,
-epoch after epoch, from local shards or streamed URLs (`colld_ds.remote`). Every (rank, worker) takes the same number of batches per
-epoch, planned from the shard index before any audio is read (`colld_ds.batching`), and
-`state_dict()` / `load_state_dict()` resume mid-epoch exactly. Errors name the shard, URL,
-sample or member at fault. The epoch layout, cropping rules and resume mechanics:
-`docs/data.md`.
+epoch after epoch, from local shards or streamed URLs (`colld_ds.remote`). Every (rank, worker)
+takes the same number of batches per epoch, planned from the shard index before any audio is
+read (`colld_ds.batching`), and `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
+Errors name the shard, URL, sample or member at fault. The epoch layout, cropping rules and
+resume mechanics: `docs/data.md`.
 """
 
 from __future__ import annotations
