@@ -125,10 +125,13 @@ def _rows(out_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _run(cluster, command, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=dict(cluster["env"], COLLD_CPU_RANKS="2", **env),
+                          cwd=cluster["job"], capture_output=True, text=True, timeout=300)
+
+
 def _launch(cluster, assets, out_dir, nodes: bool, **extra) -> tuple[list[dict], str]:
-    done = subprocess.run(_command(cluster, assets, out_dir, nodes, **extra),
-                          env=dict(cluster["env"], COLLD_CPU_RANKS="2"), cwd=cluster["job"],
-                          capture_output=True, text=True, timeout=300)
+    done = _run(cluster, _command(cluster, assets, out_dir, nodes, **extra))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return _rows(out_dir), done.stdout + done.stderr
 
@@ -204,3 +207,16 @@ def test_a_node_rank_killed_then_resume_auto_matches_one_node(cluster, train_ass
     assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1)), output[-3000:]
     for step, loss in _losses(rows).items():
         assert loss == pytest.approx(one_node[step], rel=1e-5, abs=1e-6), step
+
+
+def test_colld_verbose_reaches_the_ranks_of_every_node(cluster, train_assets):
+    """ssh carries no environment: launch.sh passes COLLD_VERBOSE on as --verbose."""
+    out_dir = train_assets["root"] / "two-nodes-verbose"
+    command = _command(cluster, train_assets, out_dir, nodes=True,
+                       **{"data.train_shards": str(train_assets["root"] / "no-such-dir")})
+    done = _run(cluster, command, COLLD_VERBOSE="1")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    for rank, node in enumerate(HOSTS):       # the traceback, from each node's rank
+        for line in ("Traceback", "colld_ds.errors.DataError: no shards matched"):
+            assert f"{node}: [rank{rank}]: {line}" in output, output[-3000:]
