@@ -183,9 +183,9 @@ def test_a_node_rank_killed_then_resume_auto_matches_one_node(cluster, train_ass
             assert launcher.poll() is None, launcher.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "not two checkpoints within 120 s"
             time.sleep(0.02)
-        rank_1 = [p for p in _ranks(cluster, out_dir) if p.environ()["RANK"] == "1"]
-        assert len(rank_1) == 1, rank_1
-        rank_1[0].send_signal(signal.SIGKILL)           # node2's only rank
+        node2 = [p for p in _ranks(cluster, out_dir) if p.environ()["CROSS_RANK"] == "1"]
+        assert [p.environ()["RANK"] for p in node2] == ["1"], node2
+        node2[0].send_signal(signal.SIGKILL)
         output = launcher.communicate(timeout=60)[0].decode()
     finally:
         try:
