@@ -34,7 +34,13 @@ have_hostfile=0
 have_count=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --hostfile) have_hostfile=1; launcher_args+=("$1" "$2"); shift 2 ;;
+    --hostfile)
+      if [[ ! -f "${2:-}" ]]; then   # DeepSpeed would warn and run on this machine alone
+        echo "colld: error: --hostfile '${2:-}' is not a file: give the path of a DeepSpeed" \
+          "hostfile, one 'hostname slots=N' line per node (README \"Multi-node\")" >&2
+        exit 1
+      fi
+      have_hostfile=1; launcher_args+=("$1" "$2"); shift 2 ;;
     --num_gpus|--num_accelerators) have_count=1; launcher_args+=("$1" "$2"); shift 2 ;;
     --num_nodes|--master_addr|--master_port|--launcher|--include|--exclude)
       launcher_args+=("$1" "$2"); shift 2 ;;
@@ -59,4 +65,6 @@ if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
   # it: without this, every CPU run would leave RAM behind until the next reboot.
   trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_$(id -u)_*_"$port"_*' EXIT
 fi
+# COLLD_VERBOSE reaches every rank as --verbose: ssh to the other nodes does not carry it
+[[ "${COLLD_VERBOSE:-0}" == 0 ]] || set -- "$@" --verbose
 "$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank --module colld_ds.cli train "$@"

@@ -236,7 +236,7 @@ def load_checkpoint(engine, candidates: list[Path]) -> tuple[Path, dict[str, Any
         error: str | None = None
         unsafe: UnsafeCheckpointError | None = None
         client_state: Any = None
-        try:      # the node's ranks split its files: shared or node-local storage alike
+        try:      # the ranks of each node split the files between them
             verify_checkpoint(path)
             validate_checkpoint(path, int(os.environ.get("LOCAL_RANK", 0)),
                                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -326,7 +326,9 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[
         shutil.rmtree(partial, ignore_errors=True)   # the space it took, back
         raise _write_error(err, checkpoint_dir, f"write checkpoint {tag}") from err
     _barrier()
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and partial.is_dir():
+    # DeepSpeed writes the model states from rank 0 only, so a checkpoint is whole on a shared
+    # file system alone, and rank 0 alone completes it (one writer per node raced there).
+    if _rank() == 0:
         replaced = None
         try:
             marker = {"step": step, "time": time.time(), "files": _file_sizes(partial)}
@@ -335,10 +337,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[
                 replaced = final.with_name(f".replaced-{tag}")
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)
-            try:
-                os.replace(partial, final)
-            except FileNotFoundError:  # another node renamed it first on a shared file system
-                pass
+            os.replace(partial, final)
         except OSError as err:
             if replaced is not None and replaced.exists() and not final.exists():
                 os.replace(replaced, final)          # the previous one, back under its name

@@ -6,9 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null && ! command -v espeak-ng >/dev/null; then
-  echo "[setup] installing Debian packages: espeak-ng (speech synthesis for the demo corpus)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+# espeak-ng: speech synthesis for the demo corpus. openssh-server and pdsh: DeepSpeed's
+# multi-node launcher, which tests/test_multinode.py runs over an sshd of its own on loopback.
+packages=()
+command -v espeak-ng >/dev/null || packages+=(espeak-ng)
+[[ -x /usr/sbin/sshd ]] || packages+=(openssh-server)
+command -v pdsh >/dev/null || packages+=(pdsh)
+if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null && [[ ${#packages[@]} -gt 0 ]]; then
+  echo "[setup] installing Debian packages: ${packages[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 [[ -x .venv/bin/python ]] || python3 -m venv .venv

@@ -105,3 +105,11 @@ def test_launch_sh_user_error_is_one_line_per_rank_without_traceback(assets):
     lines = [line for line in output.splitlines() if line.startswith("colld: ")]
     assert len(lines) == 2 and len(set(lines)) == 1, output[-3000:]   # one per rank
     assert lines[0].startswith("colld: error: no shards matched no-such-dir"), lines
+
+
+def test_launch_sh_missing_hostfile_is_an_error_not_a_run_on_this_machine(tmp_path):
+    done = subprocess.run([str(REPO / "launch.sh"), "--hostfile", "hosts", "--config", str(CONFIG)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, COLLD_PYTHON=sys.executable))
+    line = one_error_line(done)
+    assert line.startswith("colld: error: --hostfile 'hosts' is not a file"), line

@@ -153,6 +153,38 @@ def test_all_ranks_skip_a_checkpoint_any_rank_cannot_load(tmp_path):
                              1: ("step00000004", 4, ["step00000008", "step00000004"])}
 
 
+def _two_nodes_save_worker(rank, world_size, init_file, directory, errors):
+    """One rank per node (LOCAL_RANK 0 on both) saving into one shared out_dir; rank 0 is the
+    slower of the two to look at the finished checkpoint."""
+    os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        if rank == 0:
+            sizes = checkpoint._file_sizes
+
+            def slow_sizes(path):
+                time.sleep(1)
+                return sizes(path)
+
+            checkpoint._file_sizes = slow_sizes
+        save(FakeEngine(), Path(directory), 3)
+    except Exception as err:
+        errors[rank] = f"{type(err).__name__}: {err}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_nodes_on_a_shared_file_system_complete_a_checkpoint_once(tmp_path):
+    errors = mp.Manager().dict()
+    mp.start_processes(_two_nodes_save_worker, nprocs=2, join=True, start_method="fork",
+                       args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt"), errors))
+    assert dict(errors) == {}
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step00000003"]
+    marker = json.loads((tmp_path / "ckpt" / "step00000003" / COMPLETE_MARKER).read_text())
+    assert sorted(marker["files"]) == ["client.json", MODEL_STATES, OPTIM_STATES]
+
+
 # ---------------------------------------------------------------- unwritable checkpoints
 
 def _assert_previous_intact(directory):
