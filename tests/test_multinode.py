@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.skipif(
         SSHD is None or not all(map(shutil.which, ("ssh", "ssh-keygen", "pdsh"))),
         reason="needs openssh-server, openssh-client and pdsh "
-               "(apt-get install openssh-server pdsh, as scripts/setup.sh does as root)"),
+               "(apt-get install openssh-server pdsh, as scripts/setup.sh --tests does as root)"),
 ]
 MAX_STEPS = 24
 SAVE_EVERY = 3
