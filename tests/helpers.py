@@ -2,7 +2,10 @@
 
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -102,3 +105,13 @@ class FakeEngine:
 def save(engine, directory, step, keep=3):
     """``save_checkpoint`` of step ``step`` with a minimal client state."""
     return save_checkpoint(engine, directory, step, {"step": step, "data": {}}, keep)
+
+
+def kill_group(launcher: subprocess.Popen) -> None:
+    """SIGKILL the process group ``launcher`` leads (started with ``start_new_session``) and
+    reap it: no rank outlives a test."""
+    try:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    launcher.wait()

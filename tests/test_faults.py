@@ -37,7 +37,8 @@ from data_prep.cache import cache_teacher
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import ShardWriteError, write_audio_shards
 from data_prep.tiny_teacher import make_tiny_teacher
-from helpers import CONFIG, MODEL_STATES, OPTIM_STATES, REPO, FakeEngine, overrides, save
+from helpers import (CONFIG, MODEL_STATES, OPTIM_STATES, REPO, FakeEngine, kill_group, overrides,
+                     save)
 
 
 def latest(resume, directory):
@@ -327,11 +328,7 @@ def _running(train_assets, out_dir):
     try:
         yield launcher
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        launcher.wait()
+        kill_group(launcher)
 
 
 def _signal_rank_1(launcher, ready, what: str, signum: int, timeout: float) -> str:

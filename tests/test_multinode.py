@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from colld_ds.checkpoint import complete_checkpoints
-from helpers import CONFIG, REPO, overrides
+from helpers import CONFIG, REPO, kill_group, overrides
 
 SSHD = shutil.which("sshd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin")
 pytestmark = [
@@ -188,11 +188,7 @@ def test_a_node_rank_killed_then_resume_auto_matches_one_node(cluster, train_ass
         node2[0].send_signal(signal.SIGKILL)
         output = launcher.communicate(timeout=60)[0].decode()
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        launcher.wait()
+        kill_group(launcher)
     assert launcher.returncode != 0, output[-3000:]
     deadline = time.monotonic() + 15      # node1's rank sees its peer gone and ends too
     while _ranks(cluster, out_dir) and time.monotonic() < deadline:
