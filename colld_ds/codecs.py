@@ -14,22 +14,40 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   codecs") per-channel scales give a 1.6-1.9x lower relative L2 error (0.0051 vs 0.0080 at
   layer 3, 0.0138 vs 0.0268 at layer 6) at the same mean cosine (within 2e-5; lowest frame
   0.9980 vs 0.9988 at layer 6) and 1 % more bytes: one int8 codec, per channel.
+- ``pq``: product quantisation. A layer's D channels are cut into M sub-vectors of D / M
+  (``x_t = [x_t^1 ... x_t^M]``); each is stored as the uint8 index of its nearest centroid
+  (squared L2) in that sub-space's codebook of 256: ``code_tm = argmin_k ||x_t^m - C[m, k]||``,
+  features ``[C[1, code_t1] ... C[M, code_tM]]`` (M bytes per frame). The per-layer codebooks
+  (M, 256, D / M) are learned by k-means before caching (``data_prep.pq``, faiss) and stored
+  once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards,
+  read without pickle and checked against the sha256 the identity records (``read_codebook``).
 
 Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
 per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded
 2-core development CPU) in the DataLoader workers, which overlap the step; every consumer keeps
 reading float16 (B, T, D) ``Batch.teacher_features``. In the step it would only halve the
 host-to-device copy of the targets, a small part of a step that runs a student forward and
-backward.
+backward. The same holds for this increment's pq decode, a gather of M rows of D / M floats
+per frame (``pq_decode``). Moving it to the device is what makes pq pay off on the host side
+too (the loader would ship (B, T, M) uint8 codes, D / M times fewer bytes than int8): it would
+go in the training step, after the batch reaches the device and before the teacher targets are
+read (``colld_ds.train``), one ``codebook[m, codes]`` gather per layer with the codebooks held
+on the device.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import os
 from typing import Literal
 
 import numpy as np
 
-from colld_ds.formats import layer_arrays
+from colld_ds.errors import DataError
+from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, layer_arrays
+from colld_ds.remote import open_stream
 
 INT8_MAX = 127  # symmetric: codes in [-127, 127]
 
@@ -52,19 +70,75 @@ def dequantise_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float32) * scale.astype(np.float32)).astype(np.float16)
 
 
-def encode(features: np.ndarray, codec: str) -> list[np.ndarray]:
-    """float16 (T, D) features -> the arrays of ``formats.layer_members(..., codec)``, in order."""
+def pq_encode(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """(T, D) float features and a layer's float32 codebook (M, 256, D / M) -> uint8 codes
+    (T, M): per sub-vector the nearest centroid, ``argmin_k ||c_k||^2 - 2 x . c_k``."""
+    num_sub, _, sub = codebook.shape
+    parts = np.asarray(x, np.float32).reshape(-1, num_sub, sub).transpose(1, 0, 2)  # (M, T, d)
+    dots = parts @ codebook.transpose(0, 2, 1)  # (M, T, 256)
+    dist = (codebook**2).sum(-1)[:, None, :] - 2 * dots
+    return dist.argmin(-1).T.astype(np.uint8)
+
+
+def pq_decode(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """uint8 codes (T, M) and a layer's codebook (M, 256, D / M) -> float16 (T, D): the gather
+    ``codebook[m, codes[t, m]]`` concatenated over m."""
+    rows = codebook[np.arange(codebook.shape[0]), codes]  # (T, M, D / M)
+    return rows.reshape(codes.shape[0], -1).astype(np.float16)
+
+
+def encode(features: np.ndarray, codec: str, codebook: np.ndarray | None = None
+           ) -> list[np.ndarray]:
+    """float16 (T, D) features -> the arrays of ``formats.layer_members(..., codec)``, in order
+    (pq: with the layer's ``codebook`` (M, 256, D / M))."""
     if codec == "fp16":
         return [features]
-    return list(quantise_int8(features))
+    return [pq_encode(features, codebook)] if codec == "pq" else list(quantise_int8(features))
 
 
-def decode(arrays: list[np.ndarray], codec: str) -> np.ndarray:
-    """The arrays of one layer's members (``encode``'s) -> float16 (T, D) features; ValueError
-    naming the array that breaks ``formats.layer_arrays``."""
+def decode(arrays: list[np.ndarray], codec: str, codebook: np.ndarray | None = None
+           ) -> np.ndarray:
+    """The arrays of one layer's members (``encode``'s) -> float16 (T, D) features (pq: with the
+    layer's ``codebook`` (M, 256, D / M)); ValueError naming the array that breaks
+    ``formats.layer_arrays``."""
     first = arrays[0].shape if arrays[0].ndim == 2 else (0, 0)
-    expected = layer_arrays(codec, *first)
+    if codec == "pq":
+        num_sub, _, sub = codebook.shape
+        expected = layer_arrays(codec, first[0], num_sub * sub, num_sub)
+    else:
+        expected = layer_arrays(codec, *first)
     for array, (shape, dtype) in zip(arrays, expected, strict=True):
         if array.shape != shape or array.dtype != dtype:
             raise ValueError(f"expected {dtype} {shape}, got {array.dtype} {array.shape}")
+    if codec == "pq":
+        return pq_decode(arrays[0], codebook)
     return arrays[0] if codec == "fp16" else dequantise_int8(*arrays)
+
+
+def codebook_path(shard_url: str) -> str:
+    """Where the pq codebook of the cache holding ``shard_url`` is: ``PQ_CODEBOOK`` beside it."""
+    return os.path.join(os.path.dirname(shard_url), PQ_CODEBOOK)
+
+
+@functools.lru_cache(maxsize=8)
+def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> np.ndarray:
+    """The float32 (L, M, 256, D / M) pq codebook at ``path`` (a path or a URL), read without
+    pickle (once per process); DataError naming ``teacher.pq.codebook_sha256`` and the fix when
+    it cannot be read, is not that shape, or its bytes do not hash to ``sha256``."""
+    fix = ("copy the pq_codebook.npy the cache was written with beside its shards, or re-cache "
+           "with `colld prep cache-teacher --codec pq` into a new out_dir")
+    try:
+        with open_stream(path) as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise DataError(f"cannot read the pq codebook {path} (teacher.pq.codebook_sha256 "
+                        f"{sha256[:12]}...): {exc}: {fix}") from exc
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise DataError(f"pq codebook {path} has sha256 {found[:12]}..., the cache's json "
+                        f"records teacher.pq.codebook_sha256 {sha256[:12]}...: {fix}")
+    codebook = np.load(io.BytesIO(data), allow_pickle=False)
+    if codebook.ndim != 4 or codebook.shape[:3] != (num_layers, subvectors, PQ_CENTROIDS):
+        raise DataError(f"pq codebook {path} has shape {codebook.shape}, expected ({num_layers}, "
+                        f"{subvectors}, {PQ_CENTROIDS}, D / M): {fix}")
+    return codebook.astype(np.float32, copy=False)

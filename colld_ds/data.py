@@ -1,7 +1,7 @@
 """Streaming audio batches from webdataset tar shards, deterministic and exactly resumable.
 
 `AudioBatchStream` yields `Batch`es (padded waves `(B, S)`, lengths, and in cached mode the
-teacher's frames `(B, T, D)` per layer, decoded from fp16 or int8 by `colld_ds.codecs`) forever,
+teacher's frames `(B, T, D)` per layer, decoded from fp16, int8 or pq by `colld_ds.codecs`) forever,
 epoch after epoch, from local shards or streamed URLs (`colld_ds.remote`). Every (rank, worker)
 takes the same number of batches per epoch, planned from the shard index before any audio is
 read (`colld_ds.batching`), and `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
-from colld_ds.codecs import decode
+from colld_ds.codecs import codebook_path, decode, read_codebook
 from colld_ds.errors import ColldError, DataError, verbose
 from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, SAMPLE_RATE, SHARD_INDEX, FrameGeometry,
-                              cache_codec, check_teacher_identity, layer_members,
+                              cache_codec, check_teacher_identity, layer_members, pq_identity,
                               read_shard_index, shard_index_entry, shard_keys)
 from colld_ds.remote import is_remote, open_stream
 
@@ -271,7 +271,7 @@ def decode_wave(sample: dict) -> np.ndarray:
 def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> list[np.ndarray]:
     """The (T, D) float16 arrays of `expect["layers"]`, checked against the cache identity and
     the audio length (T = frames of the whole utterance), decoded from the cache's codec
-    (`colld_ds.codecs`)."""
+    (`colld_ds.codecs`; pq: with the codebook beside the shard)."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
         raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
@@ -279,6 +279,11 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
     check_teacher_identity(meta["teacher"], expect, where)
     codec = cache_codec(meta["teacher"], where)
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
+    cached_layers, codebooks = list(meta["teacher"]["layers"]), None
+    if codec == "pq":
+        pq = pq_identity(meta["teacher"], where)
+        codebooks = read_codebook(codebook_path(url), pq["codebook_sha256"], len(cached_layers),
+                                  pq["subvectors"])  # (L, M, 256, D / M)
     frames = []
     for layer in expect["layers"]:
         names = layer_members(layer, expect["target_kind"], codec)
@@ -289,7 +294,8 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
                     f"{where} has no member {name!r} (teacher layer {layer}): has {members}")
         try:
             arrays = [np.load(io.BytesIO(sample[n]), allow_pickle=False) for n in names]
-            array = decode(arrays, codec)
+            array = decode(arrays, codec, None if codebooks is None
+                           else codebooks[cached_layers.index(layer)])
         except ValueError as exc:
             raise DataError(f"{where}: {', '.join(names)}: {exc}") from exc
         if array.shape[0] != num_frames:

@@ -11,7 +11,8 @@ Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, t
 (and optionally ``FRONT_END_MEMBER``, float16 whatever the codec); the json gains
 ``"teacher"``, the cache's teacher identity (``check_teacher_identity``), which records the front
 end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
-fp16). Every tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
+fp16), with ``pq`` also ``"pq": {"version", "subvectors", "codebook_sha256"}``: the codebook
+``PQ_CODEBOOK`` beside the shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
 
 Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
 SHARD_INDEX_KIND, "wids_version": 1, "shardlist": [{"url", "nsamples", "filesize"}, ...]}``,
@@ -38,7 +39,10 @@ FRONT_END_MEMBER = "front_end.npy"  # cache member: the teacher's conv front-end
 SHARD_INDEX = "shardindex.json"  # wids' default index name
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 IDENTITY_KEYS = ("config_hash", "target_kind")  # equal in cache and run; the run's layers cached
-CODECS = ("fp16", "int8")  # how a cache stores its layers: ``layer_members``, ``colld_ds.codecs``
+CODECS = ("fp16", "int8", "pq")  # how a cache stores its layers: ``layer_members``, ``codecs``
+PQ_VERSION = 1  # of the pq codebook and its identity fields; a reader refuses other versions
+PQ_CENTROIDS = 256  # per sub-vector codebook: one uint8 code
+PQ_CODEBOOK = "pq_codebook.npy"  # beside the cache shards: float32 (L, M, 256, D / M)
 TAR_BLOCK = 512  # tar data is padded to whole blocks
 TAR_MEMBER_HEADER = 3 * TAR_BLOCK  # webdataset's TarWriter: pax header (float mtime) + ustar header
 
@@ -74,32 +78,55 @@ def layer_members(layer: int, target_kind: str, codec: str) -> tuple[str, ...]:
     - ``fp16``: ``(l04.layer_output.npy,)``, the float16 (T, D) features (``feature_member``).
     - ``int8``: ``(l04.layer_output.int8.npy, l04.layer_output.scale.npy)``: int8 codes (T, D)
       and float16 scales (1, D), one per channel; features = codes * scales.
+    - ``pq``: ``(l04.layer_output.pq.npy,)``: uint8 codes (T, M), one centroid per sub-vector of
+      the layer's codebook in ``PQ_CODEBOOK``.
     """
     member = feature_member(layer, target_kind)
     if codec == "fp16":
         return (member,)
     stem = member.removesuffix(".npy")
-    return (f"{stem}.int8.npy", f"{stem}.scale.npy")
+    return (f"{stem}.pq.npy",) if codec == "pq" else (f"{stem}.int8.npy", f"{stem}.scale.npy")
 
 
-def layer_arrays(codec: str, num_frames: int, width: int
+def layer_arrays(codec: str, num_frames: int, width: int, subvectors: int = 0
                  ) -> tuple[tuple[tuple[int, int], str], ...]:
     """(shape, dtype) of each ``layer_members`` array of a layer of width D over T frames: fp16
-    ``((T, D), float16)``; int8 ``((T, D), int8), ((1, D), float16)``."""
+    ``((T, D), float16)``; int8 ``((T, D), int8), ((1, D), float16)``; pq with M ``subvectors``
+    ``((T, M), uint8)``."""
     if codec == "fp16":
         return (((num_frames, width), "float16"),)
+    if codec == "pq":
+        return (((num_frames, subvectors), "uint8"),)
     return (((num_frames, width), "int8"), ((1, width), "float16"))
+
+
+def pq_identity(identity: dict, where: str) -> dict:
+    """The ``"pq"`` fields of a pq cache identity, ``{"version", "subvectors",
+    "codebook_sha256"}``; DataError naming the field, the file and the fix when this colld
+    cannot read them."""
+    pq = identity.get("pq")
+    fields = ("version", "subvectors", "codebook_sha256")
+    if not isinstance(pq, dict) or any(k not in pq for k in fields):
+        problem = f"has no teacher.pq {{{', '.join(fields)}}}"
+    elif pq["version"] != PQ_VERSION:
+        problem = f"has teacher.pq.version {pq['version']!r}, this colld reads {PQ_VERSION}"
+    else:
+        return pq
+    raise DataError(f"{where}: its json {problem}: re-cache with `colld prep cache-teacher --codec "
+                    "pq` into a new out_dir, or read it with the colld version that wrote it")
 
 
 def cache_codec(identity: dict, where: str) -> str:
     """The ``codec`` of a cache identity (``fp16`` when absent); DataError naming the field, the
-    file and the fix when this colld cannot read it."""
+    file and the fix when this colld cannot read it (pq: ``pq_identity`` too)."""
     codec = identity.get("codec", "fp16")
-    if codec not in CODECS:
+    if codec == "pq":
+        pq_identity(identity, where)
+    elif codec not in CODECS:
         raise DataError(
             f"{where}: teacher.codec {codec!r} in its json is not a codec this colld reads "
             f"({', '.join(CODECS)}): re-cache with `colld prep cache-teacher --codec fp16` (or "
-            "int8) into a new out_dir, or read it with the colld version that wrote it"
+            "int8, pq) into a new out_dir, or read it with the colld version that wrote it"
         )
     return codec
 

@@ -4,10 +4,15 @@ Format: one cache shard per audio shard, with the same file name, in another dir
 sample keeps the audio shard's members as they are (`flac`/`wav`, `json`) and adds, per cached
 teacher layer i, the (T, D_t) features of the whole utterance (T = frames of its S samples)
 stored with the cache's `codec` (`colld_ds.codecs`): `fp16` (default) as the float16 array
-`<key>.l{i:02d}.{target_kind}.npy`, `int8` as int8 codes and float16 per-channel scales
-(`colld_ds.formats.layer_members`). The json gains `"teacher"`: `{name, model_type, config_hash,
-layers, target_kind, frame_rate, frame_stride, receptive_field, codec, num_frames}`
-(`frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
+`<key>.l{i:02d}.{target_kind}.npy`, `int8` as int8 codes and float16 per-channel scales, `pq`
+as uint8 (T, M) codes into the cache's codebook (`colld_ds.formats.layer_members`). The json
+gains `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate,
+frame_stride, receptive_field, codec, num_frames}` (pq: and `pq`, `formats.pq_identity`;
+`frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
+
+`--codec pq` first learns the codebook (`data_prep.pq`: `--pq_subvectors` M, `--pq_train_frames`,
+`--seed`) into `out_dir`, or reuses the one there; with several ranks it must be there already
+(`train_pq`, `colld prep train-pq`), so that they all share it.
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
 output of its convolutional front end (`colld_ds.models.teacher`), stored as
@@ -25,7 +30,7 @@ Before it starts, `cache_teacher` estimates the size of the shards still missing
 `data_prep.cache_size`) and refuses when `shutil.disk_usage` of `out_dir` says it will not fit;
 `estimate=True` prints that estimate for all the shards and writes nothing. Shards are written
 to `<name>.tar.tmp` and renamed when complete; a re-run skips complete shards (after checking
-their teacher identity and codec), so a killed job resumes. The shard list is
+their teacher identity, codec and pq codebook), so a killed job resumes. The shard list is
 split across processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun
 or DeepSpeed): process r caches shards r, r + world_size, ... Each process refreshes the
 directory's shard index when it finishes (`data_prep.shards.write_shard_index`, locked).
@@ -48,10 +53,11 @@ from tqdm import tqdm
 from colld_ds.codecs import encode
 from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos
 from colld_ds.errors import DataError, TeacherError
-from colld_ds.formats import (CODECS, FRONT_END_MEMBER, SAMPLE_RATE, FrameGeometry,
-                              check_teacher_identity, layer_members)
+from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, SAMPLE_RATE,
+                              FrameGeometry, check_teacher_identity, layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from data_prep.cache_size import CacheShape, check_free_space, estimate_cache
+from data_prep.pq import codebook_for
 from data_prep.shards import atomic_shard, count_samples, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -124,23 +130,26 @@ def padding_invariant(teacher: Teacher, wave: np.ndarray, front_end: bool = Fals
     )
 
 
-def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict) -> dict:
+def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict,
+                  codebook: np.ndarray | None) -> dict:
     """Raw audio sample + its per-layer float16 frames (+ front end, last) -> the cache sample
-    (module docstring), the layers encoded with `identity["codec"]`."""
+    (module docstring), the layers encoded with `identity["codec"]` (pq: with `codebook`
+    (L, M, 256, D / M))."""
     key, url = sample["__key__"], sample["__url__"]
     meta = json.loads(sample["json"])
     meta["teacher"] = {**identity, "num_frames": frames[0].shape[0]}
     out = {k: v for k, v in sample.items() if not k.startswith("__")}
     out.update(__key__=key, json=json.dumps(meta).encode())
     codec, kind = identity["codec"], identity["target_kind"]
-    layers = [(layer_members(layer, kind, codec), f"teacher layer {layer}", codec)
-              for layer in identity["layers"]]
+    layers = [(layer_members(layer, kind, codec), f"teacher layer {layer}", codec,
+               None if codebook is None else codebook[i])
+              for i, layer in enumerate(identity["layers"])]
     if identity.get("front_end"):
-        layers.append(((FRONT_END_MEMBER,), "the teacher's front end", "fp16"))
-    for (members, what, stored_as), array in zip(layers, frames, strict=True):
+        layers.append(((FRONT_END_MEMBER,), "the teacher's front end", "fp16", None))
+    for (members, what, stored_as, book), array in zip(layers, frames, strict=True):
         if not np.isfinite(array).all():
             raise DataError(f"sample {key} in {url}: {what} overflows float16")
-        for member, encoded in zip(members, encode(array, stored_as), strict=True):
+        for member, encoded in zip(members, encode(array, stored_as, book), strict=True):
             buf = io.BytesIO()
             np.save(buf, encoded, allow_pickle=False)
             out[member] = buf.getvalue()
@@ -148,8 +157,9 @@ def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict) -> dic
 
 
 def cache_shard(teacher: Teacher, identity: dict, url: str, path: str, batch_size: int,
-                bar: tqdm) -> float:
-    """Write the cache shard of audio shard `url` to `path` atomically; return audio seconds."""
+                bar: tqdm, codebook: np.ndarray | None = None) -> float:
+    """Write the cache shard of audio shard `url` to `path` atomically (pq: with `codebook`
+    (L, M, 256, D / M)); return audio seconds."""
     seconds, samples = 0.0, read_samples([url])
     with atomic_shard(path) as writer:
         while chunk := list(itertools.islice(samples, batch_size)):
@@ -158,7 +168,7 @@ def cache_shard(teacher: Teacher, identity: dict, url: str, path: str, batch_siz
             front_end = bool(identity.get("front_end"))
             frames = dict(zip(order, features(teacher, [waves[i] for i in order], front_end)))
             for i, sample in enumerate(chunk):
-                writer.write(_cache_sample(sample, frames[i], identity))
+                writer.write(_cache_sample(sample, frames[i], identity, codebook))
                 seconds += waves[i].shape[0] / SAMPLE_RATE
             bar.update(len(chunk))
     return seconds
@@ -170,7 +180,7 @@ def _is_complete(path: str, identity: dict) -> bool:
         return False
     first = next(read_samples([path]), None)
     found = json.loads(first["json"]).get("teacher", {}) if first else {}
-    teacher_only = {k: v for k, v in identity.items() if k not in ("front_end", "codec")}
+    teacher_only = {k: v for k, v in identity.items() if k not in ("front_end", "codec", "pq")}
     check_teacher_identity(found, teacher_only, f"existing cache shard {path}",
                            fix=f"write this cache to another out_dir, or delete the cache shards "
                                f"in {os.path.dirname(path) or '.'} to replace them")
@@ -186,6 +196,12 @@ def _is_complete(path: str, identity: dict) -> bool:
             f"existing cache shard {path} was written with --codec {found.get('codec', 'fp16')}, "
             f"this run has --codec {identity['codec']}: a cache is all one codec; use the same "
             "--codec or another out_dir"
+        )
+    if found.get("pq") != identity.get("pq"):
+        raise DataError(
+            f"existing cache shard {path} was written with the pq codebook {found.get('pq')}, "
+            f"this run's codebook is {identity.get('pq')}: a cache is all one codebook; restore "
+            "the pq_codebook.npy/.json it was written with, or use another out_dir"
         )
     return True
 
@@ -204,6 +220,54 @@ def cache_shape(teacher: Teacher, identity: dict) -> CacheShape:
     return CacheShape(identity, widths, geometry, front_end)
 
 
+def _load(teacher: str, layers: int | str | Sequence[int], target_kind: str, dtype: str,
+          window_seconds: float | None) -> Teacher:
+    """The teacher on this process's device (`LOCAL_RANK`'s GPU, else the CPU)."""
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    return load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype],
+                        device, window_seconds)
+
+
+def _cache_shape(model: Teacher, front_end: bool, codec: str, subvectors: int) -> CacheShape:
+    """The `CacheShape` of a cache of `model` with `codec` (identity included; pq: with a
+    placeholder `codebook_sha256` until the codebook is known); DataError when the pq
+    `subvectors` do not divide a cached layer's width."""
+    geometry = frame_geometry(model)
+    identity = {**model.cache_identity(front_end), "frame_stride": geometry.stride,
+                "receptive_field": geometry.receptive_field, "codec": codec}
+    if codec == "pq":
+        identity["pq"] = {"version": PQ_VERSION, "subvectors": subvectors,
+                          "codebook_sha256": "0" * 64}
+    shape = cache_shape(model, identity)
+    if codec == "pq" and any(width % subvectors for width in shape.widths):
+        raise DataError(f"--pq_subvectors {subvectors} does not divide the teacher's width "
+                        f"{shape.widths[0]}: use a divisor of it (e.g. 16, 32, 64)")
+    return shape
+
+
+def train_pq(
+    shards: str | Sequence[str],
+    teacher: str,
+    layers: int | str | Sequence[int],
+    out_dir: str,
+    target_kind: str = "layer_output",
+    dtype: str = "auto",
+    window_seconds: float | None = None,
+    pq_subvectors: int = 32,
+    pq_train_frames: int = 65536,
+    seed: int = 0,
+) -> str:
+    """Learn the pq codebook of a `--codec pq` cache of `teacher`'s `layers` over the audio
+    `shards` into `out_dir` (`data_prep.pq`), before `cache-teacher --codec pq` with the same
+    arguments caches into it: once for all ranks. Reuses a complete codebook of the same
+    settings there; returns its path."""
+    model = _load(teacher, layers, target_kind, dtype, window_seconds)
+    _cache_shape(model, False, "pq", pq_subvectors)
+    codebook_for(model, expand_urls(shards), out_dir, pq_subvectors, pq_train_frames, seed,
+                 learn=True)
+    return os.path.join(out_dir, PQ_CODEBOOK)
+
+
 def cache_teacher(
     shards: str | Sequence[str],
     teacher: str,
@@ -219,14 +283,19 @@ def cache_teacher(
     front_end: bool = False,
     codec: str = "fp16",
     estimate: bool = False,
+    pq_subvectors: int = 32,
+    pq_train_frames: int = 65536,
+    seed: int = 0,
 ) -> list[str]:
     """Cache `teacher`'s `layers` (`all`, `4`, `2,4`) over this process's share of the audio
     `shards`; return the cache paths of that share. `dtype`: `auto` (fp16 on CUDA, fp32 on
     CPU), `fp32`, `fp16`, `bf16`. `window_seconds`: a Whisper teacher's window
     (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. `front_end`:
     also store the teacher's conv front-end output (module docstring), for runs with
-    `data.cached_front_end`. `codec`: how the layers are stored, `fp16` or `int8`
-    (`colld_ds.codecs`; the front end is float16 either way). `estimate`: print the size of the
+    `data.cached_front_end`. `codec`: how the layers are stored, `fp16`, `int8` or `pq`
+    (`colld_ds.codecs`; the front end is float16 either way). `pq_subvectors` (M, dividing the
+    teacher's width), `pq_train_frames`, `seed`: the pq codebook (`train_pq`), learned here
+    first when `out_dir` has none and `world_size` is 1. `estimate`: print the size of the
     whole cache and per hour of audio, write nothing and return []. Refuses to start when the
     shards still missing will not fit in `out_dir`'s free space. Prints audio seconds per second
     at the end."""
@@ -236,13 +305,9 @@ def cache_teacher(
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     all_urls = expand_urls(shards)
     urls = all_urls[rank::world_size]
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    model = load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype], device,
-                         window_seconds)
-    geometry = frame_geometry(model)
-    identity = {**model.cache_identity(front_end), "frame_stride": geometry.stride,
-                "receptive_field": geometry.receptive_field, "codec": codec}
-    shape = cache_shape(model, identity)
+    model = _load(teacher, layers, target_kind, dtype, window_seconds)
+    shape = _cache_shape(model, front_end, codec, pq_subvectors)
+    identity = shape.identity
     if estimate:
         print(estimate_cache(list(shard_infos(all_urls, None, True).values()), shape).report())
         return []
@@ -252,6 +317,10 @@ def cache_teacher(
     if missing:  # of all ranks: they share out_dir
         check_free_space(out_dir, estimate_cache(list(shard_infos(missing, None, True).values()),
                                                  shape))
+    codebook = None
+    if codec == "pq":  # the placeholder hash becomes the codebook's (same length)
+        identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
+                                                pq_train_frames, seed, learn=world_size == 1)
     paths = [os.path.join(out_dir, os.path.basename(url)) for url in urls]
     todo = [(u, p) for u, p in zip(urls, paths) if not _is_complete(p, identity)]
     if batch_size > 1 and todo:
@@ -263,7 +332,7 @@ def cache_teacher(
                desc=f"cache rank {rank}")
     start, seconds = time.perf_counter(), 0.0
     for url, path in todo:
-        seconds += cache_shard(model, identity, url, path, batch_size, bar)
+        seconds += cache_shard(model, identity, url, path, batch_size, bar, codebook)
     bar.close()
     write_shard_index(out_dir)
     elapsed = time.perf_counter() - start

@@ -5,7 +5,8 @@ A cache shard holds its audio shard's members (the audio shard's file size stand
 plus, per utterance of S samples and T = `FrameGeometry.num_frames(S)` frames: per cached
 layer one tar member per array of `colld_ds.formats.layer_arrays` (`.npy` header and data,
 padded to `TAR_BLOCK`, after `TAR_MEMBER_HEADER`), the front end's float16 array if cached
-((T, C), or Whisper's whole window (W, D)), and the teacher identity added to its json. Exact
+((T, C), or Whisper's whole window (W, D)), and the teacher identity added to its json; a pq
+cache adds its codebook once (`PQ_CODEBOOK`, float32 (L, M, 256, D / M), and its json). Exact
 but for the json (its growth is counted without the block padding) and the end-of-archive
 padding of each tar (under 10 KiB).
 """
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from colld_ds.batching import ShardInfo
-from colld_ds.formats import (SAMPLE_RATE, TAR_BLOCK, TAR_MEMBER_HEADER, FrameGeometry,
-                              layer_arrays)
+from colld_ds.formats import (PQ_CENTROIDS, SAMPLE_RATE, TAR_BLOCK, TAR_MEMBER_HEADER,
+                              FrameGeometry, layer_arrays)
 from data_prep.shards import ShardWriteError
+
+PQ_META_BYTES = 512  # about what data_prep.pq's pq_codebook.json takes
 
 def npy_bytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of `np.save` of an array of `shape` and `dtype` (format 1.0 header + data)."""
@@ -51,11 +54,24 @@ class CacheShape:
     geometry: FrameGeometry
     front_end: tuple[int | None, int] | None = None
 
+    @property
+    def subvectors(self) -> int:
+        """pq: the M sub-vectors of a frame (0 for the other codecs)."""
+        return self.identity.get("pq", {}).get("subvectors", 0)
+
     def layer_bytes(self, num_frames: int) -> int:
         """Bytes of the members of all cached layers of an utterance of `num_frames` frames."""
-        arrays = [array for width in self.widths
-                  for array in layer_arrays(self.identity["codec"], num_frames, width)]
+        arrays = [array for width in self.widths for array in layer_arrays(
+            self.identity["codec"], num_frames, width, self.subvectors)]
         return sum(member_bytes(npy_bytes(shape, dtype)) for shape, dtype in arrays)
+
+    def codebook_bytes(self) -> int:
+        """Bytes of the pq codebook files beside the shards (0 for the other codecs)."""
+        if not self.subvectors:
+            return 0
+        shape = (len(self.widths), self.subvectors, PQ_CENTROIDS,
+                 self.widths[0] // self.subvectors)
+        return npy_bytes(shape, "float32") + PQ_META_BYTES
 
     def added_bytes(self, num_samples: int) -> int:
         """Bytes a cache shard adds to an audio shard for an utterance of `num_samples` samples."""
@@ -79,7 +95,7 @@ class CacheEstimate:
     frames: int
     audio_bytes: int  # the audio shards' files, whose members the cache copies
     layer_bytes: int  # the cached layers' members
-    total_bytes: int
+    total_bytes: int  # the shards and the pq codebook
 
     def per_hour(self, nbytes: int) -> float:
         """`nbytes` per hour of audio."""
@@ -96,7 +112,9 @@ class CacheEstimate:
             f"  {self.shards} shards, {self.utterances} utterances, "
             f"{self.audio_seconds / 3600:.4f} h of audio, {self.frames} frames",
             f"  layers: {per_frame:.1f} bytes per frame per layer (tar and npy headers included), "
-            f"{human(self.per_hour(self.layer_bytes))} per hour of audio",
+            f"{human(self.per_hour(self.layer_bytes))} per hour of audio"
+            + (f"; pq codebook {human(self.shape.codebook_bytes())} once"
+               if self.shape.codebook_bytes() else ""),
             f"  whole cache: {human(per_hour)} per hour of audio (audio "
             f"{human(self.per_hour(self.audio_bytes))}); these shards: {human(self.total_bytes)} "
             f"({self.total_bytes:,} bytes)",
@@ -121,7 +139,7 @@ def estimate_cache(shards: list[ShardInfo], shape: CacheShape) -> CacheEstimate:
     layer_bytes = sum(shape.layer_bytes(shape.geometry.num_frames(s)) for s in lengths)
     added = sum(shape.added_bytes(s) for s in lengths)
     return CacheEstimate(shape, len(shards), len(lengths), sum(lengths) / SAMPLE_RATE, frames,
-                         audio_bytes, layer_bytes, audio_bytes + added)
+                         audio_bytes, layer_bytes, audio_bytes + added + shape.codebook_bytes())
 
 
 def check_free_space(out_dir: str, needed: CacheEstimate) -> None:

@@ -3,6 +3,7 @@
     python -m data_prep.cli generate out/shards --num_utterances 64 --shard_size 16
     python -m data_prep.cli make_shards manifest.tsv out/shards --workers 8 --max_seconds 30
     python -m data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
+    python -m data_prep.cli train_pq 'out/shards' teacher_dir 3,6 out/cache --pq_subvectors 32
     python -m data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
     python -m data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
     python -m data_prep.cli index out/shards     # refresh shardindex.json after editing shards
@@ -147,6 +148,14 @@ class DataPrep:
         from data_prep.cache import cache_teacher
 
         return fire_command(cache_teacher)
+
+    @property
+    def train_pq(self) -> Callable:
+        """The pq codebook of a `cache-teacher --codec pq` cache, learned once before its ranks
+        start: `data_prep.cache.train_pq` (imported only when this command runs)."""
+        from data_prep.cache import train_pq
+
+        return fire_command(train_pq)
 
     def index(self, shard_dir: str) -> None:
         """Write or refresh `shard_dir/shardindex.json` (keys and lengths of every `*.tar` there).

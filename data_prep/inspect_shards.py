@@ -4,7 +4,8 @@ Prints the shard and sample counts, hours and utterances per language, the schem
 sample (each member's kind, shape and dtype), the teacher identity of cache shards, and one
 line per invalid member `<shard>: <key>.<member>: <problem>`: audio that does not decode to
 finite 16 kHz mono, an array that is not a finite float16 (T, D) with T = the json's
-`num_frames` (int8 caches: int8 (T, D) codes and finite float16 (1, D) scales), bad json, a
+`num_frames` (int8 caches: int8 (T, D) codes and finite float16 (1, D) scales; pq caches: uint8
+(T, M) codes; their codebook is checked by the loader), bad json, a
 missing audio/json/layer member, a codec this colld cannot read, a truncated or corrupt tar.
 """
 
@@ -38,6 +39,10 @@ def describe_member(ext: str, data: bytes) -> str:
             if array.ndim != 2 or array.dtype != np.int8:
                 raise ValueError(f"expected int8 (T, D) codes, got {array.dtype} {array.shape}")
             return f"int8 (T, {array.shape[1]}) codes"
+        if ext.endswith(".pq.npy"):
+            if array.ndim != 2 or array.dtype != np.uint8:
+                raise ValueError(f"expected uint8 (T, M) codes, got {array.dtype} {array.shape}")
+            return f"uint8 (T, {array.shape[1]}) pq codes"
         if ext.endswith(".scale.npy"):
             if array.shape[:1] != (1,) or array.dtype != np.float16 or not np.isfinite(array).all():
                 raise ValueError(f"expected finite float16 (1, D) scales, got {array.dtype} "

@@ -1,0 +1,140 @@
+"""Learning the product-quantisation codebook of a `--codec pq` teacher cache (`colld_ds.codecs`).
+
+The codebook is its own resumable step before any cache shard is written. `learn_codebook`
+runs the teacher over a seeded sample of the audio (shards in a seeded order, up to
+`FRAMES_PER_UTTERANCE` seeded frames of each utterance, until `train_frames` frames), learns per
+layer the (M, 256, D / M) centroids by k-means in each sub-space, and writes `out_dir/
+pq_codebook.npy` (float32 (L, M, 256, D / M), layers in the cache identity's order, no pickle)
+and then `pq_codebook.json` (`PQ_META`: version, settings, the teacher identity, sha256 of the
+npy), each atomically; the json marks the codebook complete. A later run with the same
+settings reuses it (an interrupted cache resumes with the same codebook); other settings or
+another teacher are refused (`codebook_for`). All ranks of a multi-rank cache must share one
+codebook: `colld prep train-pq` learns it once before they start, and `cache-teacher --codec
+pq` learns it itself only with `world_size` 1 (otherwise it refuses, naming `train-pq`).
+
+k-means is faiss's (`faiss.ProductQuantizer`, 25 Lloyd iterations per sub-space from
+seeded random frames, `cp.seed`): a well-kept C++ library, about 1.5 s for 20k 512-d
+frames at M = 32 on one core, and deterministic: the same frames and seed give bit-identical
+centroids (checked with 1 and 2 OpenMP threads). Encoding and decoding need no faiss
+(`colld_ds.codecs.pq_encode`, `pq_decode`: numpy), so the loader does not import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import torch
+
+from colld_ds.data import decode_wave, read_samples
+from colld_ds.errors import DataError
+from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, PQ_VERSION
+from colld_ds.models import Teacher
+
+PQ_META = "pq_codebook.json"  # beside PQ_CODEBOOK: written last, marks the codebook complete
+FRAMES_PER_UTTERANCE = 64  # at most this many training frames from one utterance
+
+
+def train_codebook(frames: np.ndarray, subvectors: int, seed: int) -> np.ndarray:
+    """(N, D) training frames -> float32 (M, 256, D / M) centroids, k-means per sub-space."""
+    import faiss  # noqa: PLC0415  (only the codebook step needs it)
+
+    num, width = frames.shape
+    pq = faiss.ProductQuantizer(width, subvectors, 8)
+    pq.cp.seed = seed
+    pq.cp.max_points_per_centroid = -(-num // PQ_CENTROIDS)  # use every frame given
+    pq.train(np.ascontiguousarray(frames, np.float32))
+    return faiss.vector_to_array(pq.centroids).reshape(subvectors, PQ_CENTROIDS, -1)
+
+
+def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: int
+                  ) -> list[np.ndarray]:
+    """Per teacher layer, the float16-rounded float32 (N, D) frames of the seeded sample
+    (module docstring), N = min(`train_frames`, frames available)."""
+    rng = np.random.default_rng(seed)
+    device = next(teacher.model.parameters()).device
+    picked: list[list[np.ndarray]] = [[] for _ in teacher.layers]
+    total = 0
+    for url in (urls[i] for i in rng.permutation(len(urls))):
+        for sample in read_samples([url]):
+            wave = torch.from_numpy(decode_wave(sample))
+            out = teacher(wave[None].to(device), torch.tensor([wave.shape[0]], device=device))
+            num = int(out.frame_lengths[0])
+            rows = np.sort(rng.permutation(num)[:FRAMES_PER_UTTERANCE])
+            for layer, h in zip(picked, out.features, strict=True):
+                layer.append(h[0, :num].to(torch.float16).float().cpu().numpy()[rows])
+            total += rows.size
+            if total >= train_frames:
+                return [np.concatenate(layer)[:train_frames] for layer in picked]
+    return [np.concatenate(layer) for layer in picked]
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int) -> dict:
+    """What a codebook depends on; a reused codebook must have been learned with the same."""
+    return {"version": PQ_VERSION, "subvectors": subvectors, "train_frames": train_frames,
+            "seed": seed, "teacher": {k: teacher.identity[k]
+                                      for k in ("config_hash", "target_kind", "layers")}}
+
+
+def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
+                 train_frames: int, seed: int, learn: bool) -> tuple[dict, np.ndarray]:
+    """The cache identity's ``"pq"`` fields and the float32 (L, M, 256, D / M) codebook of
+    `out_dir`: the one there (complete and of the same settings, else DataError), or with
+    `learn` a new one (module docstring), else DataError naming `colld prep train-pq`."""
+    meta_path, npy_path = os.path.join(out_dir, PQ_META), os.path.join(out_dir, PQ_CODEBOOK)
+    settings = _settings(teacher, subvectors, train_frames, seed)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        changed = [k for k, v in settings.items() if meta.get(k) != v]
+        if changed:
+            raise DataError(
+                f"{meta_path}: the pq codebook in {out_dir} was learned with other "
+                f"{', '.join(changed)} ({', '.join(f'{k} {meta.get(k)!r}' for k in changed)}): "
+                "use the same --pq_subvectors, --pq_train_frames, --seed and teacher, or "
+                "another out_dir")
+        with open(npy_path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != meta["codebook_sha256"]:
+            raise DataError(f"{npy_path} does not hash to the codebook_sha256 of {meta_path}: "
+                            "restore the codebook, or use another out_dir")
+        codebook = np.load(io.BytesIO(data), allow_pickle=False)
+    elif not learn:
+        raise DataError(
+            f"{out_dir} has no pq codebook ({PQ_META}), and the ranks of a multi-rank cache "
+            "must share one: learn it first with `colld prep train-pq <shards> <teacher> "
+            "<layers> <out_dir>` (same --pq_subvectors, --pq_train_frames, --seed)")
+    else:
+        codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed)
+        with open(npy_path, "rb") as f:
+            meta = {**settings, "codebook_sha256": hashlib.sha256(f.read()).hexdigest()}
+        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    fields = {k: meta[k] for k in ("version", "subvectors", "codebook_sha256")}
+    return fields, codebook
+
+
+def _learn(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
+           train_frames: int, seed: int) -> np.ndarray:
+    """Learn and write `out_dir/pq_codebook.npy`; return it, float32 (L, M, 256, D / M)."""
+    frames = sample_frames(teacher, urls, train_frames, seed)
+    width = frames[0].shape[1]
+    if frames[0].shape[0] < PQ_CENTROIDS:
+        raise DataError(f"the shards give {frames[0].shape[0]} frames, k-means of "
+                        f"{PQ_CENTROIDS} centroids needs at least that many: use more audio")
+    codebook = np.stack([train_codebook(x, subvectors, seed) for x in frames])
+    os.makedirs(out_dir, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, codebook, allow_pickle=False)
+    _write_atomic(os.path.join(out_dir, PQ_CODEBOOK), buf.getvalue())
+    print(f"pq codebook: {len(frames)} layers x ({subvectors}, {PQ_CENTROIDS}, "
+          f"{width // subvectors}) from {frames[0].shape[0]} frames -> {out_dir}/{PQ_CODEBOOK}")
+    return codebook
