@@ -12,7 +12,8 @@ Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, t
 ``"teacher"``, the cache's teacher identity (``check_teacher_identity``), which records the front
 end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
 fp16), with ``pq`` also ``"pq": {"version", "subvectors", "codebook_sha256"}``: the codebook
-``PQ_CODEBOOK`` beside the shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
+``PQ_CODEBOOK`` beside the shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every
+tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
 
 Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
 SHARD_INDEX_KIND, "wids_version": 1, "shardlist": [{"url", "nsamples", "filesize"}, ...]}``,

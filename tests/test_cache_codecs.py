@@ -141,13 +141,14 @@ def test_codec_refusals(caches, tmp_path):
             return {**sample, "json": json.dumps(meta).encode()}
         return change
 
-    (tmp_path / "pq").mkdir()
-    rewrite(os.path.join(caches["int8"], shard), str(tmp_path / "pq" / shard), with_codec("pq"))
+    (tmp_path / "int4").mkdir()
+    rewrite(os.path.join(caches["int8"], shard), str(tmp_path / "int4" / shard),
+            with_codec("int4"))
     with pytest.raises(DataError) as info:
-        AudioBatchStream(str(tmp_path / "pq"), batch_size=1, expect_teacher=identity)
+        AudioBatchStream(str(tmp_path / "int4"), batch_size=1, expect_teacher=identity)
     message = str(info.value)
-    assert "\n" not in message and f"pq/{shard}" in message
-    assert "teacher.codec 'pq'" in message and "--codec fp16" in message
+    assert "\n" not in message and f"int4/{shard}" in message
+    assert "teacher.codec 'int4'" in message and "--codec fp16" in message
     # a cache written before codecs (no codec field) is fp16 and still reads
     (tmp_path / "old").mkdir()
     rewrite(os.path.join(caches["fp16"], shard), str(tmp_path / "old" / shard), with_codec(None))
@@ -162,7 +163,7 @@ def test_codec_refusals(caches, tmp_path):
     with pytest.raises(DataError, match=r"written with --codec int8, this run has --codec fp16"):
         cache_teacher(caches["audio"], caches["teacher_dir"], LAYERS, caches["int8"],
                       progress=False)
-    with pytest.raises(DataError, match=r"--codec 'int4': use one of fp16, int8"):
+    with pytest.raises(DataError, match=r"--codec 'int4': use one of fp16, int8, pq"):
         cache_teacher(caches["audio"], caches["teacher_dir"], LAYERS, str(tmp_path / "x"),
                       codec="int4", progress=False)
 

@@ -1,0 +1,244 @@
+"""The pq cache codec: encode and decode against brute force and a hand gather, the codebook step
+(deterministic, reused, shared by ranks, resumed with), its identity refusals and the size
+estimate against a pq cache actually written."""
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+
+import faiss
+import fire
+import numpy as np
+import pytest
+import torch
+from webdataset import TarWriter
+
+from colld_ds.codecs import decode, pq_decode, pq_encode
+from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.errors import DataError
+from colld_ds.formats import PQ_CODEBOOK
+from colld_ds.models import load_teacher
+from data_prep.cache import cache_teacher, train_pq
+from data_prep.cli import DataPrep
+from data_prep.generated_audio import generate_utterances
+from data_prep.pq import PQ_META
+from data_prep.shards import write_audio_shards
+from data_prep.tiny_teacher import make_tiny_teacher
+
+LAYERS = [2, 4]
+M = 8  # sub-vectors of the tiny teacher's 32 channels: 4 each
+PQ = {"codec": "pq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """k-means on one thread: faiss's OpenMP threads wait for each other at every step, and on
+    a loaded 2-core machine that made these tests 20x slower (56 s instead of 2.5 s)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pq_cache(tmp_path_factory):
+    """Tiny XLS-R teacher (32 wide), 2 audio shards x 8 utterances (2-3 s), and their pq cache
+    of layers 2 and 4 (M 8, codebook from 900 frames)."""
+    root = tmp_path_factory.mktemp("pq")
+    teacher_dir = make_tiny_teacher("xlsr", str(root / "xlsr"))
+    audio = str(root / "audio")
+    write_audio_shards(generate_utterances(16, 5, 2.0, 3.0, ("en",)), audio, max_count=8,
+                       progress=False)
+    cache_teacher(audio, teacher_dir, LAYERS, str(root / "cache"), **PQ)
+    return {"teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir, LAYERS),
+            "audio": audio, "cache": str(root / "cache")}
+
+
+def tars(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".tar"))
+
+
+def same_samples(a: str, b: str) -> bool:
+    """Whether shards ``a`` and ``b`` hold the same members (their tar mtimes aside)."""
+    def members(path):
+        return [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples([path])]
+    return members(a) == members(b)
+
+
+def brute_force_codes(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """(T, M) squared-L2 distances of each sub-vector to its nearest centroid, in float64, by
+    explicit differences (no expansion of the square)."""
+    num_sub, _, sub = codebook.shape
+    parts = x.astype(np.float64).reshape(len(x), num_sub, 1, sub)
+    return ((parts - codebook.astype(np.float64)[None]) ** 2).sum(-1)  # (T, M, 256)
+
+
+def test_pq_encode_picks_the_nearest_centroid_and_decode_is_a_gather():
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((6, 256, 5)).astype(np.float32)  # M 6, 30 channels
+    x = rng.standard_normal((50, 30)).astype(np.float16)
+    codes = pq_encode(x, codebook)
+    assert codes.dtype == np.uint8 and codes.shape == (50, 6)
+    dist = brute_force_codes(x, codebook)
+    picked = np.take_along_axis(dist, codes[..., None].astype(np.int64), -1)[..., 0]
+    np.testing.assert_allclose(picked, dist.min(-1), rtol=1e-5, atol=1e-5)
+    assert (codes == dist.argmin(-1)).mean() > 0.99  # ties aside, the same index
+    hand = np.zeros((50, 30))
+    for t, m in itertools.product(range(50), range(6)):
+        hand[t, 5 * m: 5 * m + 5] = codebook[m, codes[t, m]]
+    np.testing.assert_array_equal(pq_decode(codes, codebook), hand.astype(np.float16))
+    np.testing.assert_array_equal(decode([codes], "pq", codebook), hand.astype(np.float16))
+    with pytest.raises(ValueError, match=r"expected uint8 \(50, 6\), got int64 \(50, 6\)"):
+        decode([codes.astype(np.int64)], "pq", codebook)
+
+
+def test_pq_cache_round_trip(pq_cache):
+    teacher, cache = pq_cache["teacher"], pq_cache["cache"]
+    with open(os.path.join(cache, PQ_CODEBOOK), "rb") as f:
+        data = f.read()
+    meta = json.load(open(os.path.join(cache, PQ_META)))
+    assert meta["codebook_sha256"] == hashlib.sha256(data).hexdigest()
+    codebook = np.load(io.BytesIO(data), allow_pickle=False)
+    assert codebook.dtype == np.float32 and codebook.shape == (2, M, 256, 4)
+    hands = {}
+    for sample in read_samples(tars(cache)):
+        identity = json.loads(sample["json"])["teacher"]
+        assert identity["codec"] == "pq"
+        assert identity["pq"] == {"version": 1, "subvectors": M,
+                                  "codebook_sha256": meta["codebook_sha256"]}
+        wave = decode_wave(sample)
+        out = teacher(torch.from_numpy(wave)[None], torch.tensor([wave.shape[0]]))
+        hands[sample["__key__"]] = []
+        for i, (layer, feats) in enumerate(zip(LAYERS, out.features)):
+            ref = feats[0].numpy().astype(np.float16)  # (T, D), computed here, not read
+            codes = np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.pq.npy"]),
+                            allow_pickle=False)
+            assert codes.dtype == np.uint8 and codes.shape == (ref.shape[0], M)
+            dist = brute_force_codes(ref, codebook[i])
+            picked = np.take_along_axis(dist, codes[..., None].astype(np.int64), -1)[..., 0]
+            np.testing.assert_allclose(picked, dist.min(-1), rtol=1e-4, atol=1e-6)
+            hand = codebook[i][np.arange(M)[None], codes].reshape(len(codes), -1)
+            hands[sample["__key__"]].append(hand.astype(np.float16))
+            cosine = (hand * ref).sum(1) / np.linalg.norm(hand, axis=1) / np.linalg.norm(
+                ref.astype(np.float32), axis=1)
+            assert cosine.mean() > 0.8  # a codebook of this layer, not noise
+    assert len(hands) == 16
+    stream = AudioBatchStream(cache, batch_size=1, shuffle_buffer=0,
+                              expect_teacher=teacher.identity)
+    for batch in itertools.islice(iter(stream), 16):
+        for feats, hand in zip(batch.teacher_features, hands[batch.keys[0]], strict=True):
+            np.testing.assert_array_equal(feats[0].numpy(), hand)
+    # a run of layer 4 alone reads the codebook's second layer
+    only4 = AudioBatchStream(cache, batch_size=1, shuffle_buffer=0,
+                             expect_teacher={**teacher.identity, "layers": [4]})
+    batch = next(iter(only4))
+    np.testing.assert_array_equal(batch.teacher_features[0][0].numpy(), hands[batch.keys[0]][1])
+
+
+def test_pq_identity_refusals(pq_cache, tmp_path):
+    identity, cache = pq_cache["teacher"].identity, pq_cache["cache"]
+    copy = str(tmp_path / "copy")
+    shutil.copytree(cache, copy)
+    codebook_file = os.path.join(copy, PQ_CODEBOOK)
+    os.remove(codebook_file)
+    with pytest.raises(DataError) as info:
+        AudioBatchStream(copy, batch_size=1, expect_teacher=identity)
+    message = str(info.value)
+    assert "\n" not in message and f"cannot read the pq codebook {codebook_file}" in message
+    assert "teacher.pq.codebook_sha256" in message and "--codec pq" in message
+    other = np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False) + 1
+    np.save(codebook_file, other, allow_pickle=False)
+    with pytest.raises(DataError, match=r"records teacher\.pq\.codebook_sha256 .* copy the "
+                                        r"pq_codebook\.npy the cache was written with"):
+        AudioBatchStream(copy, batch_size=1, expect_teacher=identity)
+    os.remove(os.path.join(copy, PQ_META))  # a codebook learned anew, with another seed
+    with pytest.raises(DataError, match=r"was written with the pq codebook \{.*\}, this run's "
+                                        r"codebook is .*restore the pq_codebook"):
+        cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, copy, **PQ, seed=1)
+    with pytest.raises(DataError, match=r"learned with other subvectors \(subvectors 8\): use the "
+                                        r"same --pq_subvectors"):
+        cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, cache,
+                      **{**PQ, "pq_subvectors": 16})
+    newer = str(tmp_path / "newer")
+    os.makedirs(newer)
+    shutil.copy(os.path.join(cache, PQ_CODEBOOK), newer)
+    with TarWriter(os.path.join(newer, "train-000000.tar")) as writer:
+        for sample in read_samples(tars(cache)[:1]):
+            meta = json.loads(sample["json"])
+            meta["teacher"]["pq"]["version"] = 2
+            writer.write({**{k: v for k, v in sample.items() if k != "__url__"},
+                          "json": json.dumps(meta).encode()})
+    with pytest.raises(DataError, match=r"train-000000.tar: its json has teacher\.pq\.version "
+                                        r"2, this colld reads 1: re-cache with"):
+        AudioBatchStream(newer, batch_size=1, expect_teacher=identity)
+    with pytest.raises(DataError, match=r"--pq_subvectors 5 does not divide the teacher's width"):
+        train_pq(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, str(tmp_path / "x"),
+                 pq_subvectors=5)
+
+
+def test_pq_codebook_is_its_own_deterministic_step_shared_by_ranks(pq_cache, tmp_path,
+                                                                   monkeypatch):
+    audio, teacher_dir, out = pq_cache["audio"], pq_cache["teacher_dir"], str(tmp_path / "ranks")
+    with pytest.raises(DataError, match=r"has no pq codebook .* learn it first with `colld prep "
+                                        r"train-pq"):
+        cache_teacher(audio, teacher_dir, LAYERS, out, **PQ, rank=1, world_size=2)
+    fire.Fire(DataPrep, ["train-pq", audio, teacher_dir, "2,4", out, "--pq_subvectors", str(M),
+                         "--pq_train_frames", "900"])
+    with open(os.path.join(out, PQ_CODEBOOK), "rb") as f, \
+            open(os.path.join(pq_cache["cache"], PQ_CODEBOOK), "rb") as g:
+        assert f.read() == g.read()  # same frames and seed: the same codebook, bit for bit
+
+    def no_learning(*args):
+        raise AssertionError("the codebook was learned again")
+
+    monkeypatch.setattr("data_prep.pq._learn", no_learning)
+    for rank in (1, 0):
+        cache_teacher(audio, teacher_dir, LAYERS, out, **PQ, rank=rank, world_size=2)
+    for ours, theirs in zip(tars(out), tars(pq_cache["cache"]), strict=True):
+        assert same_samples(ours, theirs)
+
+
+def test_interrupted_pq_cache_resumes_with_its_codebook(pq_cache, tmp_path, monkeypatch):
+    out = str(tmp_path / "resumed")
+    shutil.copytree(pq_cache["cache"], out)
+    first, second = tars(out)
+    os.remove(second)
+    shutil.copy(first, second + ".tmp")  # a shard the killed job left half written
+    before = os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns
+    monkeypatch.setattr("data_prep.pq._learn", lambda *args: pytest.fail("learned again"))
+    cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, out, **PQ)
+    assert os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns == before
+    assert not os.path.exists(second + ".tmp")
+    for ours, theirs in zip(tars(out), tars(pq_cache["cache"]), strict=True):
+        assert same_samples(ours, theirs)
+    # killed while learning (no json yet): learned again from the same frames and seed, the
+    # same codebook, so the shards written before are kept
+    os.remove(os.path.join(out, PQ_META))
+    os.remove(second)
+    monkeypatch.undo()
+    cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, out, **PQ)
+    assert os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns != before
+    assert same_samples(second, tars(pq_cache["cache"])[1])
+
+
+def test_estimate_matches_a_pq_cache_written(pq_cache, tmp_path, capsys):
+    out = str(tmp_path / "cache")
+    fire.Fire(DataPrep, ["cache-teacher", pq_cache["audio"], pq_cache["teacher_dir"], "2,4", out,
+                         "--codec", "pq", "--pq_subvectors", str(M), "--estimate"])
+    printed = capsys.readouterr().out
+    assert not os.path.exists(out)
+    total = int(re.search(r"these shards: .* \(([\d,]+) bytes\)", printed)[1].replace(",", ""))
+    per_frame = float(re.search(r"layers: ([\d.]+) bytes per frame per layer", printed)[1])
+    assert "codec pq" in printed and "pq codebook" in printed
+    written = sum(os.path.getsize(os.path.join(pq_cache["cache"], n))
+                  for n in os.listdir(pq_cache["cache"]) if n.endswith(".tar") or "codebook" in n)
+    assert abs(total - written) <= 0.02 * written, (printed, written)
+    # M codes per frame, plus the member's tar and npy headers spread over the frames
+    frames = sum(json.loads(s["json"])["teacher"]["num_frames"]
+                 for s in read_samples(tars(pq_cache["cache"])))
+    members = 16 * len(LAYERS)
+    assert M < per_frame < M + members * (1536 + 128 + 512) / (frames * len(LAYERS))
