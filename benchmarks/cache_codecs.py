@@ -1,11 +1,15 @@
 """Teacher-cache codecs on a real fp16 cache: per layer, how well int8 (per-channel vs per-frame
-scales) reconstructs the fp16 features, bytes per frame per layer, and the projected size of an
-XLS-R 300M cache (1024-d, 50 frames/s, 3 layers) per 10,000 hours.
+scales) and pq (M sub-vectors) reconstruct the fp16 features, bytes per frame per layer, and the
+projected size of an XLS-R 300M cache (1024-d, 50 frames/s, 3 layers) per 10,000 hours.
 
 Per layer and codec: the mean and lowest per-frame cosine of decoded vs fp16 features, the
 relative L2 error ``||decoded - fp16|| / ||fp16||`` over all frames, bytes per frame on disk
 (tar and npy headers included, at this cache's utterance lengths) and of payload alone, and the
-loader's decode time per frame. The projection uses the same utterance lengths at D = 1024.
+loader's decode time per frame. The projection uses the same utterance lengths at D = 1024 (pq:
+the same M; the codebook, stored once, is left out). fp16 and int8 are measured on every
+utterance; pq on the odd-numbered utterances (in shard order) only, held out from its codebooks,
+which are learned (``data_prep.pq.train_codebook``, seeded) on up to ``--pq_train_frames``
+frames of the even-numbered ones.
 
     python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
 """
@@ -17,6 +21,7 @@ import io
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, write_rows  # noqa: E402
-from colld_ds.codecs import dequantise_int8, quantise_int8  # noqa: E402
+from colld_ds.codecs import dequantise_int8, pq_decode, pq_encode, quantise_int8  # noqa: E402
 from colld_ds.data import expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
 from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
 from data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
+from data_prep.pq import train_codebook  # noqa: E402
 
 VARIANTS = ("fp16", "int8-channel", "int8-frame")  # int8-channel is the cache's `int8`
 XLSR_WIDTH, XLSR_FRAME_RATE, XLSR_LAYERS = 1024, 50.0, 3
@@ -38,6 +44,8 @@ def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
     """(bytes on disk with tar and npy headers, payload bytes) of one layer of one utterance."""
     if variant == "int8-frame":  # not a cache codec: int8 codes and float16 (T, 1) scales
         arrays = (((num_frames, width), "int8"), ((num_frames, 1), "float16"))
+    elif variant.startswith("pq-"):  # pq-32: M = 32
+        arrays = layer_arrays("pq", num_frames, width, int(variant.removeprefix("pq-")))
     else:
         arrays = layer_arrays(variant.removesuffix("-channel"), num_frames, width)
     disk = sum(member_bytes(npy_bytes(shape, dtype)) for shape, dtype in arrays)
@@ -45,10 +53,17 @@ def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
     return disk, payload
 
 
-def roundtrip(x: np.ndarray, variant: str) -> tuple[np.ndarray, float]:
-    """float16 (T, D) -> (decoded float32 (T, D), decode seconds)."""
+def roundtrip(x: np.ndarray, variant: str, codebook: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float]:
+    """float16 (T, D) -> (decoded float32 (T, D), decode seconds); pq with the layer's
+    ``codebook`` (M, 256, D / M)."""
     if variant == "fp16":
         return x.astype(np.float32), 0.0
+    if variant.startswith("pq-"):
+        codes = pq_encode(x, codebook)
+        start = time.perf_counter()
+        decoded = pq_decode(codes, codebook)
+        return decoded.astype(np.float32), time.perf_counter() - start
     codes, scale = quantise_int8(x, per=variant.removeprefix("int8-"))
     start = time.perf_counter()
     decoded = dequantise_int8(codes, scale)
@@ -92,35 +107,73 @@ class Tally:
         }
 
 
-def measure(cache: str, max_utterances: int | None) -> list[dict]:
-    """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring)."""
-    tallies: dict[tuple[int, str], Tally] = {}
-    identity = None
+def layers_of(cache: str, max_utterances: int | None
+              ) -> Iterator[tuple[int, dict, dict[int, np.ndarray]]]:
+    """(n, teacher identity, {layer: float16 (T, D)}) of each utterance of the fp16 ``cache``."""
     for n, sample in enumerate(read_samples(expand_urls(cache))):
         if max_utterances is not None and n >= max_utterances:
-            break
+            return
         identity = json.loads(sample["json"])["teacher"]
         if cache_codec(identity, f"{sample['__url__']}") != "fp16":
             raise DataError(f"{cache} is not an fp16 cache: the reference must be fp16")
-        for layer in identity["layers"]:
-            member = sample[feature_member(layer, identity["target_kind"])]
-            x = np.load(io.BytesIO(member), allow_pickle=False)  # (T, D) float16
+        yield n, identity, {layer: np.load(io.BytesIO(sample[feature_member(
+            layer, identity["target_kind"])]), allow_pickle=False) for layer in identity["layers"]}
+
+
+def codebooks(cache: str, max_utterances: int | None, subvectors: list[int], train_frames: int,
+              seed: int) -> dict[tuple[int, int], np.ndarray]:
+    """(layer, M) -> (M, 256, D / M) codebook learned on up to ``train_frames`` frames (seeded
+    sample) of the even-numbered utterances."""
+    frames: dict[int, list[np.ndarray]] = {}
+    for n, _, layers in layers_of(cache, max_utterances):
+        for layer, x in layers.items():
+            if n % 2 == 0:
+                frames.setdefault(layer, []).append(x)
+    books = {}
+    for layer, xs in frames.items():
+        x = np.concatenate(xs).astype(np.float32)  # (N, D)
+        x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:train_frames])]
+        for m in subvectors:
+            books[layer, m] = train_codebook(x, m, seed)
+    return books
+
+
+def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
+            train_frames: int = 65536, seed: int = 0) -> list[dict]:
+    """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring)."""
+    books = codebooks(cache, max_utterances, list(subvectors), train_frames, seed)
+    tallies: dict[tuple[int, str], Tally] = {}
+    identity = None
+    for n, identity, layers in layers_of(cache, max_utterances):
+        for layer, x in layers.items():
             for variant in VARIANTS:
                 decoded, seconds = roundtrip(x, variant)
                 tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
-    return [{"teacher": identity["name"], "layer": layer, "codec": variant, **tally.row()}
-            for (layer, variant), tally in tallies.items()]
+            for m in subvectors if n % 2 else ():
+                variant = f"pq-{m}"
+                decoded, seconds = roundtrip(x, variant, books[layer, m])
+                tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
+    return [{"teacher": identity["name"], "layer": layer, "codec": variant,
+             "measured_on": "odd utterances (held out)" if variant.startswith("pq-") else "all",
+             **tally.row()} for (layer, variant), tally in sorted(
+                 tallies.items(), key=lambda item: item[0][0])]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default="demo_out/whisper/cache", help="an fp16 teacher cache")
     parser.add_argument("--max_utterances", type=int, default=None)
+    parser.add_argument("--pq_subvectors", default="32,64,128",
+                        help="pq rows: M values, comma separated ('' for none)")
+    parser.add_argument("--pq_train_frames", type=int, default=65536)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
     args = parser.parse_args(argv)
     stamp = machine_info(torch.device("cpu"))
-    rows = [{**row, "cache": args.cache, **stamp}
-            for row in measure(args.cache, args.max_utterances)]
+    subvectors = [int(m) for m in args.pq_subvectors.split(",") if m]
+    rows = [{**row, "cache": args.cache, "pq_train_frames": args.pq_train_frames, **stamp}
+            for row in measure(args.cache, args.max_utterances, subvectors,
+                               args.pq_train_frames, args.seed)]
     print("layer | codec        | cosine mean | cosine min | rel L2  | B/frame | decode ns/frame |"
           " XLS-R TB/10k h")
     for r in rows:

@@ -217,7 +217,8 @@ def test_inspect_validates_an_int8_cache(caches, tmp_path, capsys):
 
 def test_codec_benchmark_plumbing(caches, tmp_path):
     out = tmp_path / "codecs.json"
-    rows = cache_codecs_benchmark(["--cache", caches["fp16"], "--out", str(out)])
+    rows = cache_codecs_benchmark(["--cache", caches["fp16"], "--out", str(out),
+                                   "--pq_subvectors", ""])  # pq: tests/test_cache_pq.py
     assert json.loads(out.read_text()) == rows
     by = {(r["layer"], r["codec"]): r for r in rows}
     assert set(by) == {(layer, c) for layer in LAYERS for c in ("fp16", "int8-channel",

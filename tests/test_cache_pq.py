@@ -17,6 +17,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from benchmarks.cache_codecs import main as cache_codecs_benchmark
 from colld_ds.codecs import decode, pq_decode, pq_encode
 from colld_ds.data import AudioBatchStream, decode_wave, read_samples
 from colld_ds.errors import DataError
@@ -242,3 +243,23 @@ def test_estimate_matches_a_pq_cache_written(pq_cache, tmp_path, capsys):
                  for s in read_samples(tars(pq_cache["cache"])))
     members = 16 * len(LAYERS)
     assert M < per_frame < M + members * (1536 + 128 + 512) / (frames * len(LAYERS))
+
+
+def test_codec_benchmark_pq_rows(pq_cache, tmp_path):
+    fp16 = str(tmp_path / "fp16")
+    cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, fp16, progress=False)
+    rows = cache_codecs_benchmark(["--cache", fp16, "--out", str(tmp_path / "rows.json"),
+                                   "--pq_subvectors", "8,32", "--pq_train_frames", "900"])
+    by = {(r["layer"], r["codec"]): r for r in rows}
+    assert {c for _, c in by} == {"fp16", "int8-channel", "int8-frame", "pq-8", "pq-32"}
+    odd = sum(json.loads(s["json"])["teacher"]["num_frames"]
+              for n, s in enumerate(read_samples(tars(fp16))) if n % 2)
+    for layer in LAYERS:
+        pq8, pq32 = by[layer, "pq-8"], by[layer, "pq-32"]
+        assert pq8["frames"] == pq32["frames"] == odd  # held out from the codebooks
+        assert pq8["measured_on"] == "odd utterances (held out)"
+        assert (pq8["payload_bytes_per_frame"], pq32["payload_bytes_per_frame"]) == (8, 32)
+        # M = D: k-means of 256 levels per channel, close; 4 channels per byte: coarser
+        assert pq32["rel_l2"] < 0.05 < pq8["rel_l2"] < 0.6 and pq32["cosine_mean"] > 0.99
+        assert pq8["xlsr300m_tb_per_10k_h_3_layers"] < by[layer, "int8-channel"][
+            "xlsr300m_tb_per_10k_h_3_layers"] / 20
