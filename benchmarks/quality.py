@@ -230,9 +230,12 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
     first_seed = min(seed for _, seed in results)
     convergence = {row: results[row, first_seed].get("selection", {}) for row in REFERENCE_ROWS
                    if (row, first_seed) in results}
+    layer_weights = {row: result["layer_weights"] for (row, seed), result in results.items()
+                     if seed == first_seed and "layer_weights" in result}
     return {"command": " ".join(sys.argv), "settings": asdict(settings), "rows": table,
             "variants": list(settings.variants), "budgets": settings.budgets,
-            "probe_convergence": {"seed": first_seed, "rows": convergence}}
+            "probe_convergence": {"seed": first_seed, "rows": convergence},
+            "probe_layer_weights": {"seed": first_seed, "rows": layer_weights}}
 
 
 def _cell(stats: dict[str, Any]) -> str:
@@ -283,6 +286,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {name} | {seed} | " + " ".join(f"{x:.2f}" for x in losses) + " |"
                   for name, row in restarted
                   for seed, losses in row["per"]["probe_restart_losses"].items()]
+    weights = summary.get("probe_layer_weights", {})
+    if weights.get("rows"):
+        lines += ["", f"## Probe layer weights (seed {weights['seed']}): the softmax weights the "
+                  "PER / CER probes learnt for each layer, layer 1 first", "",
+                  "| row | PER probe | CER probe |", "|---|---|---|"]
+        lines += [f"| {row} | " + " | ".join(" ".join(f"{w:.2f}" for w in by_task[task])
+                                             for task in TASKS) + " |"
+                  for row, by_task in weights["rows"].items()]
     lines += ["", "## Variants", ""]
     lines += [f"- `{name}`: {json.dumps(overrides) if overrides else 'the config as it is'}"
               for name, overrides in settings["variants"].items()]

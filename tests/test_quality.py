@@ -139,6 +139,13 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
     markdown = (out / "quality.md").read_text()
     assert "| init | 0 |" in markdown and "| l2l | 4 |" in markdown
     assert "## Probe convergence (seed 0)" in markdown
+    weights = summary["probe_layer_weights"]
+    probed = json.loads((out / "probe" / "l2l@4" / "seed0.json").read_text())
+    assert weights["seed"] == 0 and weights["rows"]["l2l@4"] == probed["layer_weights"]
+    assert len(weights["rows"]["init"]["per"]) == 2                    # the student's 2 layers
+    assert sum(weights["rows"]["teacher"]["cer"]) == pytest.approx(1)
+    teacher_per = " ".join(f"{w:.2f}" for w in weights["rows"]["teacher"]["per"])
+    assert f"| teacher | {teacher_per} |" in markdown
     capfd.readouterr()
 
     probes = {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("*.json")}
