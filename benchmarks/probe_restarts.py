@@ -27,7 +27,7 @@ from colld_ds.atomic import write_text_atomic  # noqa: E402
 from colld_ds.compare import make_paths_absolute  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
 from colld_ds.distill import build_run  # noqa: E402
-from colld_ds.evaluate import all_layers_teacher, teacher_encoder  # noqa: E402
+from colld_ds.evaluate import with_layers, teacher_encoder  # noqa: E402
 from colld_ds.probe import TASKS, ProbeConfig, extract_splits, score_model  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     for restarts, seed in (key for key in wanted if key not in done):
         if splits is None:                       # the teacher runs only if a row is missing
             teacher, _, _ = build_run(config, torch.device("cpu"))
-            splits = extract_splits(teacher_encoder(all_layers_teacher(teacher)), train, test,
+            splits = extract_splits(teacher_encoder(with_layers(teacher)), train, test,
                                     dev)
         probe = ProbeConfig(steps=args.probe_steps, seed=seed, restarts=restarts,
                             select_every=100)

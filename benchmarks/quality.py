@@ -41,7 +41,7 @@ from colld_ds.checkpoint import checkpoint_tag
 from colld_ds.compare import make_paths_absolute, train_run
 from colld_ds.config import ConfigError, TrainConfig, load_config
 from colld_ds.distill import build_run, fresh_model, step0_init
-from colld_ds.evaluate import all_layers_teacher, student_encoder, teacher_encoder
+from colld_ds.evaluate import student_encoder, teacher_encoder, with_layers
 from colld_ds.probe import (TASKS, ProbeConfig, ProbeSplits, ProbeTasks, extract_splits,
                             read_probe_split, score_model)
 from colld_ds.trained import load_student
@@ -67,6 +67,9 @@ class QualitySettings:
     ranks: int | None = None
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     overrides: dict[str, Any] = field(default_factory=dict)
+    teacher_layer_sets: list[list[int]] = field(default_factory=list)
+    """More reference rows: the teacher probed on only these layers (``teacher[3,6]``), the
+    ceiling of a student whose layers matched those teacher layers exactly."""
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -172,7 +175,10 @@ def run_protocol(settings: QualitySettings, train_only: bool = False) -> dict[st
     first = next(iter(configs.values()))
     teacher, pairs, _ = build_run(first, torch.device("cpu"))
     reference_seed = [settings.seeds[0]]
-    rows.probe("teacher", reference_seed, teacher_encoder(all_layers_teacher(teacher)))
+    rows.probe("teacher", reference_seed, teacher_encoder(with_layers(teacher)))
+    for layers in settings.teacher_layer_sets:
+        rows.probe(subset_row(layers), reference_seed,
+                   teacher_encoder(with_layers(teacher, layers)))
     rows.probe("random", reference_seed, student_encoder(
         fresh_model(first, teacher, pairs, None, random_front_end=True)))
     rows.probe("init", reference_seed, student_encoder(
@@ -184,7 +190,7 @@ def run_protocol(settings: QualitySettings, train_only: bool = False) -> dict[st
                 _, _, _, model = load_student(checkpoint_path(config, step))
                 rows.probe(row, [seed], student_encoder(model))
     results = {(row, settings.seeds[0]): rows.cached(row, settings.seeds[0])
-               for row in REFERENCE_ROWS}
+               for row in reference_rows(settings)}
     results |= {(f"{n}@{s}", seed): rows.cached(f"{n}@{s}", seed) for n in settings.variants
                 for s in settings.budgets for seed in settings.seeds}
     summary = summarise(results, settings)
@@ -195,6 +201,15 @@ def run_protocol(settings: QualitySettings, train_only: bool = False) -> dict[st
     write_atomic(out / "quality.png", lambda path: plot_learning_curves(summary, path))
     print(format_markdown(summary))
     return summary
+
+
+def subset_row(layers: list[int]) -> str:
+    return f"teacher[{','.join(map(str, layers))}]"
+
+
+def reference_rows(settings: QualitySettings) -> list[str]:
+    """teacher, random, init and the teacher-subset rows."""
+    return [*REFERENCE_ROWS, *map(subset_row, settings.teacher_layer_sets)]
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -263,7 +278,9 @@ def format_markdown(summary: dict[str, Any]) -> str:
                 f"{row['per']['probe_final_train_loss']:.2f} / "
                 f"{row['cer']['probe_final_train_loss']:.2f} |")
 
-    lines += [line(name, "-" if name != "init" else "0", table[name]) for name in REFERENCE_ROWS]
+    subsets = [name for name in table if name.startswith("teacher[")]
+    lines += [line(name, "-" if name != "init" else "0", table[name])
+              for name in [*REFERENCE_ROWS, *subsets]]
     for variant in summary["variants"]:
         for step in summary["budgets"]:
             lines.append(line(variant, str(step), table[f"{variant}@{step}"]))
@@ -353,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--probe_select_every", type=int, default=100)
     parser.add_argument("--probe_seed", type=int, default=0)
     parser.add_argument("--probe_restarts", type=int, default=ProbeConfig.restarts)
+    parser.add_argument("--teacher_layer_sets", default="",
+                        help="more teacher rows on only these layers: '3,6;1,2'")
     parser.add_argument("--train_only", action="store_true",
                         help="train the missing runs and stop (probe them in a later call)")
     args, rest = parser.parse_known_args(argv)
@@ -366,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         probe=ProbeConfig(steps=args.probe_steps, seed=args.probe_seed,
                           restarts=args.probe_restarts,
                           select_every=args.probe_select_every if args.probe_dev_shards else 0),
-        overrides=parse_overrides(rest))
+        overrides=parse_overrides(rest),
+        teacher_layer_sets=[[int(layer) for layer in group.split(",")]
+                            for group in args.teacher_layer_sets.split(";") if group])
     return run_protocol(settings, args.train_only)
 
 

@@ -237,9 +237,12 @@ def _size(layers: int, model: torch.nn.Module, rtf: float, path: str | None = No
     return EncoderSize(layers, parameters, parameters * 4 / 2**20, rtf, path)
 
 
-def all_layers_teacher(teacher: Teacher) -> Teacher:
-    """The same teacher returning every transformer layer (1..L), as the probe reads it."""
-    layers = list(range(1, teacher.num_layers + 1))
+def with_layers(teacher: Teacher, layers: list[int] | None = None) -> Teacher:
+    """The same teacher returning ``layers`` (1-based, in that order; default: every
+    transformer layer 1..L, as the probe reads it)."""
+    layers = list(range(1, teacher.num_layers + 1)) if layers is None else list(layers)
+    if not layers or not all(1 <= layer <= teacher.num_layers for layer in layers):
+        raise ValueError(f"teacher layers {layers}: give layers in 1..{teacher.num_layers}")
     return Teacher(teacher.model, teacher.family, teacher.front_end, teacher.path, layers,
                    teacher.target_kind, dict(teacher.identity, layers=layers))
 
@@ -285,7 +288,7 @@ def evaluate(checkpoint: str | Path, shards: str, out_dir: str | Path | None = N
         except ProbeUnavailable as error:
             probe_skipped = str(error)
     config, teacher, pairs, trained = load_student(checkpoint, teacher_path)
-    full_teacher = all_layers_teacher(teacher)
+    full_teacher = with_layers(teacher)
     models = {"trained": trained,
               "random": fresh_model(config, teacher, pairs, None, random_front_end=True)}
     models["init"] = fresh_model(config, teacher, pairs, step0_init(config, teacher) or None)

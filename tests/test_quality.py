@@ -12,6 +12,8 @@ import torch
 from benchmarks.probe_restarts import main as probe_restarts
 from benchmarks.quality import QualitySettings, format_markdown, main, summarise
 from colld_ds.config import ConfigError
+from colld_ds.evaluate import with_layers
+from colld_ds.models import load_teacher
 from colld_ds.probe import ProbeConfig, train_probe
 from helpers import tiny_teacher_and_shards
 
@@ -117,11 +119,11 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
             "--probe_dev_shards", heldout, "--out_dir", str(out), "--ranks", "1",
             "--probe_steps", "6", "--probe_select_every", "3", "--probe_restarts", "1",
             "--teacher.path", teacher, "--data.train_shards", train, "--optim.warmup_steps", "1",
-            "--data.num_workers", "0"]
+            "--data.num_workers", "0", "--teacher_layer_sets", "2;1,3"]
     summary = main(argv)
     rows = summary["rows"]
-    assert set(rows) == {"teacher", "random", "init", "colld_all@2", "colld_all@4", "l2l@2",
-                         "l2l@4"}
+    assert set(rows) == {"teacher", "random", "init", "teacher[2]", "teacher[1,3]",
+                         "colld_all@2", "colld_all@4", "l2l@2", "l2l@4"}
     for name in ("colld_all", "l2l"):
         for seed in (0, 1):
             run = out / name / f"seed{seed}"
@@ -138,6 +140,9 @@ def test_protocol_end_to_end_then_a_rerun_does_nothing(tmp_path, monkeypatch, ca
         assert (out / name).stat().st_size > 0
     markdown = (out / "quality.md").read_text()
     assert "| init | 0 |" in markdown and "| l2l | 4 |" in markdown
+    assert "| teacher[1,3] | - |" in markdown
+    assert [len(weights) for weights in (summary["probe_layer_weights"]["rows"][row]["per"]
+                                         for row in ("teacher[2]", "teacher[1,3]"))] == [1, 2]
     assert "## Probe convergence (seed 0)" in markdown
     weights = summary["probe_layer_weights"]
     probed = json.loads((out / "probe" / "l2l@4" / "seed0.json").read_text())
@@ -186,3 +191,17 @@ def test_probe_restarts_benchmark_plumbing(tmp_path, monkeypatch, capfd):
     assert [r for r in again["rows"] if r["seed"] < 2] == report["rows"]
     assert [(r["restarts"], r["seed"]) for r in again["rows"]] == [
         (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+
+
+def test_teacher_with_layers_returns_those_layers_of_the_full_forward(tmp_path):
+    teacher_dir, train, _ = tiny_teacher_and_shards(tmp_path)
+    teacher = load_teacher(teacher_dir, [1])
+    wave = torch.randn(2, 8000)
+    wave_lengths = torch.tensor([8000, 6000])
+    full = with_layers(teacher)(wave, wave_lengths).features
+    subset = with_layers(teacher, [3, 1])(wave, wave_lengths).features
+    assert len(full) == teacher.num_layers and len(subset) == 2
+    torch.testing.assert_close(subset[0], full[2])
+    torch.testing.assert_close(subset[1], full[0])
+    with pytest.raises(ValueError, match=f"1..{teacher.num_layers}"):
+        with_layers(teacher, [teacher.num_layers + 1])
