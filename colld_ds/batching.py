@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from colld_ds.formats import SAMPLE_RATE
 
@@ -132,12 +132,15 @@ class ShardInfo:
 
     url: the path or URL as given; keys: its sample keys in file order; lengths: 16 kHz audio
     samples of each (from the shard index or the json members), None when neither was read
-    (local shards without an index, fixed batching).
+    (local shards without an index, fixed batching); filesize: bytes of the shard file (the
+    index's `filesize`, or the local file's), None when an index entry has none; left out of
+    comparisons, so a shard scanned or indexed is the same `ShardInfo`.
     """
 
     url: str
     keys: tuple[str, ...]
     lengths: tuple[int, ...] | None
+    filesize: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from colld_ds.errors import ColldError, DataError, verbose
 from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, SAMPLE_RATE, SHARD_INDEX, FrameGeometry,
                               cache_codec, check_teacher_identity, layer_members, pq_identity,
                               read_shard_index, shard_index_entry, shard_keys)
-from colld_ds.remote import is_remote, open_stream
+from colld_ds.remote import RemoteReadError, is_remote, open_stream
 
 _SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
 _REFRESH = ("refresh it with `colld prep index <shard directory>` (make_shards and "
@@ -138,9 +138,9 @@ def _index_beside(urls: Sequence[str]) -> str | None:
 def _scanned(url: str, need_lengths: bool) -> ShardInfo:
     """`ShardInfo` of a local shard from its tar headers (and json durations if needed)."""
     if not need_lengths:
-        return ShardInfo(url, tuple(shard_keys(url)), None)
+        return ShardInfo(url, tuple(shard_keys(url)), None, os.path.getsize(url))
     entry = shard_index_entry(url)
-    return ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]))
+    return ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]), entry["filesize"])
 
 
 def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool) -> dict[str, ShardInfo]:
@@ -153,7 +153,8 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
     index = shard_index or _index_beside(urls)
     streamed = next((u for u in urls if is_remote(u)), None)
     fix = (f"streamed shards ({streamed}, ...) need a shard index: put the shardindex.json that "
-           "make_shards / cache-teacher write beside them, or set data.shard_index")
+           "make_shards / cache-teacher write beside them, or set data.shard_index "
+           "(cache-teacher: --shard_index)")
     if index is None:
         if streamed:
             raise DataError(f"no shard index found for {streamed}: {fix}")
@@ -174,7 +175,8 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
             problem = "has no entry for" if entry is None else "gives another file size for"
             raise DataError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
         else:
-            infos[url] = ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]))
+            infos[url] = ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]),
+                                   entry.get("filesize", size))
     return infos
 
 
@@ -195,7 +197,8 @@ def read_samples(urls: Sequence[str]) -> Iterator[dict]:
     """Shard paths or URLs -> raw samples `{"__key__", "__url__", "flac" | "wav": bytes,
     "json": bytes, ...}`, read with webdataset's tar iterators from `colld_ds.remote.open_stream`.
 
-    A corrupt, truncated or unreachable shard raises ValueError naming it.
+    A corrupt or truncated shard raises DataError naming it; a stream that fails (404, no such
+    bucket or key, a connection dropped mid-shard) `RemoteReadError`, a DataError, naming it.
     """
     for url in urls:
         try:
@@ -204,7 +207,8 @@ def read_samples(urls: Sequence[str]) -> Iterator[dict]:
         except Exception as exc:  # webdataset appends streams and urls to args: keep the message
             detail = getattr(exc, "message", None) or (exc.args[0] if exc.args else repr(exc))
             detail = detail.removeprefix(f"cannot read {url}: ")
-            raise DataError(f"cannot read shard {url}: {detail}") from exc
+            error = RemoteReadError if isinstance(exc, RemoteReadError) else DataError
+            raise error(f"cannot read shard {url}: {detail}") from exc
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,19 @@ their teacher identity, codec and pq codebook), so a killed job resumes. The sha
 split across processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun
 or DeepSpeed): process r caches shards r, r + world_size, ... Each process refreshes the
 directory's shard index when it finishes (`data_prep.shards.write_shard_index`, locked).
+
+The audio shards may be streamed (`colld_ds.remote`: `https://`, `s3://`, `pipe:`). Their shard
+index (beside them, or `shard_index`) is read before the teacher loads and gives the counts,
+lengths and file sizes for the estimate and the free-space check; the cache shard of
+`https://host/dir/train-000001.tar` is `out_dir/train-000001.tar`. A stream that fails (404, no
+such bucket or key, a connection dropped mid-shard) raises `RemoteReadError` naming the URL,
+and the shard's `.tmp` is removed. `out_dir` itself is a local or shared directory: the
+renames, the resume and the locked index need a filesystem (copy a cache to s3 afterwards).
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import json
@@ -51,14 +60,15 @@ import torch
 from tqdm import tqdm
 
 from colld_ds.codecs import encode
-from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos
+from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos, shard_name
 from colld_ds.errors import DataError, TeacherError
 from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, SAMPLE_RATE,
                               FrameGeometry, check_teacher_identity, layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
+from colld_ds.remote import is_remote
 from data_prep.cache_size import CacheShape, check_free_space, estimate_cache
 from data_prep.pq import codebook_for
-from data_prep.shards import atomic_shard, count_samples, write_shard_index
+from data_prep.shards import atomic_shard, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -206,6 +216,27 @@ def _is_complete(path: str, identity: dict) -> bool:
     return True
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """DataError for an `out_dir` URL: a cache is written to `.tmp` files renamed when complete,
+    resumed from the shards that exist and indexed under a file lock, all filesystem steps."""
+    if is_remote(out_dir):
+        raise DataError(
+            f"--out_dir {out_dir}: caches are written to a local or shared filesystem; copy them "
+            "with aws s3 sync (or to an https server) afterwards; training reads s3:// and "
+            "https:// caches through data.teacher_cache")
+
+
+def _cache_names(urls: list[str]) -> dict[str, str]:
+    """Each audio shard's cache shard name in `out_dir`: its own file name (`train-000001.tar`
+    for `https://host/dir/train-000001.tar`); DataError when two shards share one."""
+    counts = collections.Counter(shard_name(url) for url in urls)
+    twice = next((name for name, count in counts.items() if count > 1), None)
+    if twice is not None:
+        raise DataError(f"two audio shards are named {twice}: a cache shard takes its audio "
+                        "shard's file name, so cache each directory into its own --out_dir")
+    return {url: shard_name(url) for url in urls}
+
+
 def cache_shape(teacher: Teacher, identity: dict) -> CacheShape:
     """What a cache of `teacher` with `identity` stores per utterance, its widths probed with
     one forward of 10 frames of silence."""
@@ -261,10 +292,11 @@ def train_pq(
     `shards` into `out_dir` (`data_prep.pq`), before `cache-teacher --codec pq` with the same
     arguments caches into it: once for all ranks. Reuses a complete codebook of the same
     settings there; returns its path."""
+    _check_out_dir(out_dir)
+    urls = expand_urls(shards, allow_remote=True)
     model = _load(teacher, layers, target_kind, dtype, window_seconds)
     _cache_shape(model, False, "pq", pq_subvectors)
-    codebook_for(model, expand_urls(shards), out_dir, pq_subvectors, pq_train_frames, seed,
-                 learn=True)
+    codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True)
     return os.path.join(out_dir, PQ_CODEBOOK)
 
 
@@ -286,6 +318,7 @@ def cache_teacher(
     pq_subvectors: int = 32,
     pq_train_frames: int = 65536,
     seed: int = 0,
+    shard_index: str | None = None,
 ) -> list[str]:
     """Cache `teacher`'s `layers` (`all`, `4`, `2,4`) over this process's share of the audio
     `shards`; return the cache paths of that share. `dtype`: `auto` (fp16 on CUDA, fp32 on
@@ -298,37 +331,42 @@ def cache_teacher(
     first when `out_dir` has none and `world_size` is 1. `estimate`: print the size of the
     whole cache and per hour of audio, write nothing and return []. Refuses to start when the
     shards still missing will not fit in `out_dir`'s free space. Prints audio seconds per second
-    at the end."""
+    at the end. `shards` may be streamed URLs (`colld_ds.remote`: http(s)://, s3://, pipe:),
+    which need their shard index (beside them, or `shard_index`, a path or URL): the sizes and
+    counts come from it; `out_dir` is a local or shared directory (`_check_out_dir`)."""
     if codec not in CODECS:
         raise DataError(f"--codec {codec!r}: use one of {', '.join(CODECS)}")
+    _check_out_dir(out_dir)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    all_urls = expand_urls(shards)
+    all_urls = expand_urls(shards, allow_remote=True)
     urls = all_urls[rank::world_size]
+    names = _cache_names(all_urls)
+    missing = all_urls if estimate else [  # of all ranks: they share out_dir
+        u for u in all_urls if not os.path.exists(os.path.join(out_dir, names[u]))]
+    # before the teacher loads: a wrong host, bucket or missing index fails at once
+    infos = shard_infos(missing, shard_index, True) if missing else {}
     model = _load(teacher, layers, target_kind, dtype, window_seconds)
     shape = _cache_shape(model, front_end, codec, pq_subvectors)
     identity = shape.identity
     if estimate:
-        print(estimate_cache(list(shard_infos(all_urls, None, True).values()), shape).report())
+        print(estimate_cache(list(infos.values()), shape).report())
         return []
     os.makedirs(out_dir, exist_ok=True)
-    missing = [u for u in all_urls
-               if not os.path.exists(os.path.join(out_dir, os.path.basename(u)))]
-    if missing:  # of all ranks: they share out_dir
-        check_free_space(out_dir, estimate_cache(list(shard_infos(missing, None, True).values()),
-                                                 shape))
+    if missing:
+        check_free_space(out_dir, estimate_cache(list(infos.values()), shape))
     codebook = None
     if codec == "pq":  # the placeholder hash becomes the codebook's (same length)
         identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
                                                 pq_train_frames, seed, learn=world_size == 1)
-    paths = [os.path.join(out_dir, os.path.basename(url)) for url in urls]
+    paths = [os.path.join(out_dir, names[url]) for url in urls]
     todo = [(u, p) for u, p in zip(urls, paths) if not _is_complete(p, identity)]
     if batch_size > 1 and todo:
         first = decode_wave(next(read_samples([todo[0][0]])))
         if not padding_invariant(model, first, front_end):
             warnings.warn(f"teacher {teacher} is not padding invariant: caching one utterance at a time")
             batch_size = 1
-    bar = tqdm(total=sum(count_samples(u) for u, _ in todo), unit="utt", disable=not progress,
+    bar = tqdm(total=sum(len(infos[u].keys) for u, _ in todo), unit="utt", disable=not progress,
                desc=f"cache rank {rank}")
     start, seconds = time.perf_counter(), 0.0
     for url, path in todo:

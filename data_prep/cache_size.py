@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 
 import numpy as np
 
 from colld_ds.batching import ShardInfo
+from colld_ds.errors import DataError
 from colld_ds.formats import (PQ_CENTROIDS, SAMPLE_RATE, TAR_BLOCK, TAR_MEMBER_HEADER,
                               FrameGeometry, layer_arrays)
 from data_prep.shards import ShardWriteError
@@ -131,10 +131,15 @@ def human(nbytes: float) -> str:
 
 
 def estimate_cache(shards: list[ShardInfo], shape: CacheShape) -> CacheEstimate:
-    """The size of the cache of local audio `shards` (their index entries or scans: keys and
-    lengths) stored as `shape` says."""
+    """The size of the cache of audio `shards` (their index entries or scans: lengths and file
+    sizes, so streamed shards are never opened) stored as `shape` says. DataError naming the
+    shard when its size is unknown (an index entry without `filesize`)."""
+    unsized = next((shard.url for shard in shards if shard.filesize is None), None)
+    if unsized is not None:
+        raise DataError(f"the shard index gives no filesize for {unsized}: rewrite the index "
+                        "with `colld prep index <shard directory>` and copy it beside the shards")
     lengths = [length for shard in shards for length in shard.lengths]
-    audio_bytes = sum(os.path.getsize(shard.url) for shard in shards)
+    audio_bytes = sum(shard.filesize for shard in shards)
     frames = sum(shape.geometry.num_frames(s) for s in lengths)
     layer_bytes = sum(shape.layer_bytes(shape.geometry.num_frames(s)) for s in lengths)
     added = sum(shape.added_bytes(s) for s in lengths)

@@ -3,6 +3,8 @@
     python -m data_prep.cli generate out/shards --num_utterances 64 --shard_size 16
     python -m data_prep.cli make_shards manifest.tsv out/shards --workers 8 --max_seconds 30
     python -m data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
+    python -m data_prep.cli cache_teacher 's3://bucket/audio/train-{000000..000127}.tar' \
+        teacher_dir all out/cache    # streamed shards: their shardindex.json beside them
     python -m data_prep.cli train_pq 'out/shards' teacher_dir 3,6 out/cache --pq_subvectors 32
     python -m data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
     python -m data_prep.cli spm manifest.tsv out/spm --vocab_size 1000

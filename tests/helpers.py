@@ -1,16 +1,24 @@
 """Helpers shared by several test modules (their fixtures are in conftest.py)."""
 
+import contextlib
+import functools
+import http.server
 import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from colld_ds.checkpoint import save_checkpoint
+from colld_ds.remote import aws_cli
 from colld_ds.layer_map import LayerPair
 from colld_ds.report import EncoderSize, FidelityReport, LossCurves, ModelFidelity
 from data_prep.generated_audio import generate_utterances
@@ -115,3 +123,73 @@ def kill_group(launcher: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     launcher.wait()
+
+
+# --- local servers for streamed shards (http with curl, s3 with the aws CLI) ----------------------
+
+
+class _ShardHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the directory; `/cut/<offset>/<path>` announces the whole file but sends only its
+    first `offset` bytes, then drops the connection (a server dying mid-shard)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/cut/"):
+            return super().do_GET()
+        _, _, offset, name = self.path.split("/", 3)
+        data = open(os.path.join(self.directory, name), "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: int(offset)])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@contextlib.contextmanager
+def http_server(directory: str) -> Iterator[str]:
+    """`directory` served on 127.0.0.1 (`_ShardHandler`); yields its base URL. Skips the test
+    without curl, which streams http(s):// shards."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: colld streams http(s):// shards with curl")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_ShardHandler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[object]:
+    """A moto S3 server on 127.0.0.1 that the aws CLI reaches through AWS_ENDPOINT_URL (set here
+    with placeholder credentials, restored after); yields a boto3 client of it. Skips the test
+    without moto, boto3 or the aws CLI."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    try:
+        aws_cli()
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "colld",
+           "AWS_SECRET_ACCESS_KEY": "colld", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_CONFIG_FILE"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -5,14 +5,10 @@ must be one clear error naming the URL (never a shard cut short in silence)."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,10 +16,9 @@ import torch
 
 from colld_ds.data import AudioBatchStream, expand_urls, read_samples
 from colld_ds.formats import SHARD_INDEX
-from colld_ds.remote import aws_cli
 from data_prep.generated_audio import generate_utterances
 from data_prep.shards import write_audio_shards
-from helpers import keys_of, take
+from helpers import http_server, keys_of, s3_server, take
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = "train-{000000..000003}.tar"
@@ -45,37 +40,10 @@ def member_offset(path: str, index: int) -> int:
         return tar.getmembers()[index].offset
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the directory; `/cut/<offset>/<name>` announces the whole file but sends only its
-    first `offset` bytes, then drops the connection (a server dying mid-shard)."""
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        if not self.path.startswith("/cut/"):
-            return super().do_GET()
-        _, _, offset, name = self.path.split("/", 3)
-        data = open(os.path.join(self.directory, name), "rb").read()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[: int(offset)])
-        self.wfile.flush()
-        self.close_connection = True
-
-
 @pytest.fixture(scope="module")
 def http_url(shard_dir):
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed: colld streams http(s):// shards with curl")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_Handler, directory=shard_dir))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
+    with http_server(shard_dir) as url:
+        yield url
 
 
 def stream(urls, **kw) -> AudioBatchStream:
@@ -138,31 +106,11 @@ def test_connection_dropped_mid_shard_is_an_error_not_a_short_shard(shard_dir, h
 def s3(shard_dir):
     """A moto S3 server on 127.0.0.1 with the shards and their index under
     s3://colld-shards/audio/; the aws CLI reaches it through AWS_ENDPOINT_URL."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    try:
-        aws_cli()
-    except ValueError as exc:
-        pytest.skip(str(exc))
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "colld",
-           "AWS_SECRET_ACCESS_KEY": "colld", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_CONFIG_FILE"]}
-    os.environ.update(env)
-    os.environ.pop("AWS_PROFILE", None)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    client.create_bucket(Bucket=BUCKET)
-    for name in sorted(os.listdir(shard_dir)):
-        client.upload_file(os.path.join(shard_dir, name), BUCKET, f"audio/{name}")
-    yield f"s3://{BUCKET}/audio", client
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.stop()
+    with s3_server() as client:
+        client.create_bucket(Bucket=BUCKET)
+        for name in sorted(os.listdir(shard_dir)):
+            client.upload_file(os.path.join(shard_dir, name), BUCKET, f"audio/{name}")
+        yield f"s3://{BUCKET}/audio", client
 
 
 def test_s3_shards_read_as_local(shard_dir, s3):
