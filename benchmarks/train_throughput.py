@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
 from colld_ds.data import AudioBatchStream  # noqa: E402
-from colld_ds.formats import SAMPLE_RATE  # noqa: E402
+from colld_ds.formats import SAMPLE_RATE, FrameGeometry  # noqa: E402
 from colld_ds.objectives import build_objective  # noqa: E402
 from colld_ds.distill import (  # noqa: E402
     DistillationModel,
@@ -77,6 +77,9 @@ def main():
                              "dense, chunked): the cached CoLLD run is timed once per backend")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
+    parser.add_argument("--num_negatives", type=int, default=None,
+                        help="objective.num_negatives; default: 100, or the crop's frames - 1 "
+                             "when fewer (98 at 2 s), which CoLLD's start-up check requires")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (median)")
     parser.add_argument("--threads", type=int, default=1,
@@ -93,6 +96,9 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rounds = args.warmup + args.steps
+    if args.num_negatives is None:
+        crop_frames = FrameGeometry().num_frames(round(args.max_seconds * SAMPLE_RATE))
+        args.num_negatives = min(100, crop_frames - 1)
     num_utts = args.batch_size * rounds
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +114,8 @@ def main():
                      "student.num_layers": args.student_layers,
                      "data.batch_size": args.batch_size, "data.max_seconds": args.max_seconds,
                      "student.freeze_front_end": args.freeze_front_end,
-                     "objective.contrastive_backend": backends[0]}
+                     "objective.contrastive_backend": backends[0],
+                     "objective.num_negatives": args.num_negatives}
         config = load_config(overrides=overrides)
         backend_configs = {
             b: load_config(overrides={**overrides, "objective.contrastive_backend": b})
@@ -201,7 +208,7 @@ def main():
             teacher=f"{args.teacher_layers}x{args.teacher_width}",
             teacher_params_M=teacher_params / 1e6, student_layers=args.student_layers,
             student_trainable_M=trainable / 1e6, batch_size=args.batch_size,
-            crop_s=args.max_seconds, step_ms=1000 * step_s,
+            crop_s=args.max_seconds, num_negatives=args.num_negatives, step_ms=1000 * step_s,
             step_ms_min=1000 * min(ts), step_ms_max=1000 * max(ts), steps=len(ts),
             warmup=args.warmup, samples_per_s=args.batch_size / step_s,
             audio_s_per_s=audio_per_batch / step_s, last_loss=loss,
