@@ -12,7 +12,7 @@ rows give the median epoch. All modes decode FLAC and crop; cached modes also re
 layer. Bytes on disk per frame per layer: the cache shards' layer members, tar and npy headers
 included (``data_prep.inspect_shards.layer_disk_bytes``; pq's codebook, stored once, left out).
 
-    python benchmarks/data_throughput.py            # 256 utterances, 2 workers, ~3 min
+    python benchmarks/data_throughput.py            # 256 utterances, 2 workers, ~1.5 min
 """
 
 import argparse
