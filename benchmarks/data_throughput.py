@@ -1,15 +1,24 @@
-"""Audio seconds per second the loader delivers: from audio shards vs from teacher-cache shards.
+"""Audio seconds per second the loader delivers: from audio shards vs teacher-cache shards of
+each codec.
 
 Generated audio (``data_prep.generated_audio``) is written to audio shards, a tiny random
 XLS-R-style teacher (``--teacher_width``, ``--teacher_layers``; only the cache's array sizes
-matter here) caches its layers into cache shards, and one epoch of ``AudioBatchStream`` is read
-from each with ``--workers`` DataLoader workers. Both modes decode FLAC and crop; cached mode
-also reads and pads one fp16 ``(T, D)`` array per layer.
+matter here) caches its layers once per ``--codecs`` entry (``colld_ds.codecs``: fp16, int8, pq
+with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats`` epochs of
+``AudioBatchStream`` are read from each with ``--workers`` DataLoader workers, interleaved
+(audio, fp16, int8, pq, audio, ...) so that load from other processes hits every mode alike;
+rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
+(int8: one multiply per value; pq: a gather from the codebook) and pad one (T, D) array per
+layer. Bytes on disk per frame per layer: the cache shards' layer members, tar and npy headers
+included (``data_prep.inspect_shards.layer_disk_bytes``; pq's codebook, stored once, left out).
 
-    python benchmarks/data_throughput.py            # 256 utterances, 2 workers
+    python benchmarks/data_throughput.py            # 256 utterances, 2 workers, ~1.5 min
 """
 
 import argparse
+import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -19,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
-from colld_ds.data import AudioBatchStream  # noqa: E402
-from colld_ds.formats import SAMPLE_RATE  # noqa: E402
+from colld_ds.data import AudioBatchStream, expand_urls, read_samples  # noqa: E402
+from colld_ds.formats import CODECS, SAMPLE_RATE  # noqa: E402
 from colld_ds.models import load_teacher  # noqa: E402
 from data_prep.cache import cache_teacher  # noqa: E402
 from data_prep.generated_audio import generate_utterances  # noqa: E402
+from data_prep.inspect_shards import layer_disk_bytes  # noqa: E402
 from data_prep.shards import write_audio_shards  # noqa: E402
 from data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
 
@@ -38,6 +48,16 @@ def read_epoch(stream: AudioBatchStream) -> tuple[float, int, float]:
     return audio_samples / SAMPLE_RATE, batches, time.perf_counter() - started
 
 
+def bytes_per_frame_per_layer(cache: str) -> float:
+    """Bytes on disk of the layer members of ``cache``'s shards per frame and layer."""
+    stored = frames = 0
+    for sample in read_samples(expand_urls(cache)):
+        teacher = json.loads(sample["json"])["teacher"]
+        stored += layer_disk_bytes(sample, teacher)
+        frames += teacher["num_frames"] * len(teacher["layers"])
+    return stored / frames
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--utterances", type=int, default=256)
@@ -47,9 +67,18 @@ def main():
     parser.add_argument("--max_seconds", type=float, default=4.0)
     parser.add_argument("--teacher_width", type=int, default=256)
     parser.add_argument("--teacher_layers", type=int, default=4)
+    parser.add_argument("--codecs", default="fp16,int8,pq",
+                        help=f"comma-separated cache codecs ({', '.join(CODECS)}), one cache each")
+    parser.add_argument("--pq_subvectors", type=int, default=32, help="pq: M sub-vectors")
+    parser.add_argument("--repeats", type=int, default=5, help="epochs per mode (median)")
+    parser.add_argument("--note", default="", help="stamped on every row (e.g. other load)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput_cpu.json")
     args = parser.parse_args()
+    codecs = args.codecs.split(",") if args.codecs else []
+    if not set(codecs) <= set(CODECS) or len(set(codecs)) != len(codecs):
+        parser.error(f"--codecs {args.codecs}: distinct entries of {', '.join(CODECS)}")
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         audio = str(root / "audio")
@@ -60,27 +89,44 @@ def main():
                                         num_layers=args.teacher_layers,
                                         hidden_size=args.teacher_width)
         layers = list(range(1, args.teacher_layers + 1))
-        cache_teacher(audio, teacher_dir, layers, str(root / "cache"), progress=False)
         identity = load_teacher(teacher_dir, layers).identity
-
+        width, m = args.teacher_width, args.pq_subvectors
+        arrays = {"fp16": f"(T, {width}) fp16", "int8": f"(T, {width}) int8 + (1, {width}) fp16",
+                  "pq": f"(T, {m}) uint8, M {m}"}
         common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
                       num_workers=args.workers, shuffle_buffer=64)
-        info = machine_info(torch.device("cpu"))
-        rows = []
-        for mode, stream in [
-            ("audio", AudioBatchStream(audio, **common)),
-            ("cache", AudioBatchStream(str(root / "cache"), expect_teacher=identity, **common)),
-        ]:
-            seconds, batches, wall = read_epoch(stream)
-            rows.append(dict(mode=mode, workers=args.workers, batches=batches,
-                             audio_seconds=seconds, wall_s=wall,
-                             audio_s_per_s=seconds / wall,
-                             cached_arrays=f"{len(layers)} x (T, {args.teacher_width}) fp16"
-                             if mode == "cache" else "-", **info))
-        for row in rows:
-            row["ratio_to_audio"] = row["audio_s_per_s"] / rows[0]["audio_s_per_s"]
-    print_table(rows, ["mode", "workers", "batches", "audio_seconds", "wall_s",
-                       "audio_s_per_s", "ratio_to_audio"])
+        modes = [dict(mode="audio", codec="-", cached_arrays="-", bytes_per_frame_per_layer="-",
+                      stream=AudioBatchStream(audio, **common))]
+        for codec in codecs:
+            cache = str(root / f"cache_{codec}")
+            cache_teacher(audio, teacher_dir, layers, cache, progress=False, codec=codec,
+                          pq_subvectors=m)
+            modes.append(dict(mode="cache", codec=codec,
+                              cached_arrays=f"{len(layers)} x {arrays[codec]}",
+                              bytes_per_frame_per_layer=bytes_per_frame_per_layer(cache),
+                              stream=AudioBatchStream(cache, expect_teacher=identity, **common)))
+        walls: list[list[float]] = [[] for _ in modes]
+        for _ in range(args.repeats):
+            for mode, wall in zip(modes, walls):
+                seconds, batches, elapsed = read_epoch(mode["stream"])
+                wall.append(elapsed)
+                mode.update(audio_seconds=seconds, batches=batches)
+
+    info = {**machine_info(torch.device("cpu")), "loadavg_1min_before": load_before,
+            "loadavg_1min_after": os.getloadavg()[0], "note": args.note}
+    rows = []
+    for mode, wall in zip(modes, walls):
+        stream = mode.pop("stream")
+        median = statistics.median(wall)
+        rows.append(dict(**mode, workers=stream.num_workers, repeats=len(wall), wall_s=median,
+                         wall_s_min=min(wall), wall_s_max=max(wall),
+                         audio_s_per_s=mode["audio_seconds"] / median, **info))
+    for row in rows:
+        row["ratio_to_audio"] = row["audio_s_per_s"] / rows[0]["audio_s_per_s"]
+    print(f"load average (1 min) {load_before:.2f} before, {info['loadavg_1min_after']:.2f} "
+          f"after; {args.note}")
+    print_table(rows, ["mode", "codec", "workers", "batches", "audio_seconds", "wall_s",
+                       "audio_s_per_s", "ratio_to_audio", "bytes_per_frame_per_layer"])
     write_rows(rows, args.out)
 
 

@@ -4,30 +4,41 @@ One process times, side by side on the same batches and student, optimiser steps
 teacher run online, from the teacher cache, with l2l instead of CoLLD, from a cached front end
 (`--freeze_front_end`) and on other contrastive backends (`--contrastive_backends`), for an
 XLS-R 300M-shaped teacher with random weights (`--full`; shrunk by default). Steps are
-interleaved across runs, medians reported with per-round ratios. What is timed and why:
-"How train_throughput.py measures" in `benchmarks/README.md`.
+interleaved across runs, medians reported with per-round ratios. With `--codecs` the cache is
+also written with those codecs; their decode runs in the loader workers (`colld_ds.data`), not
+in the step, which reads the same float16 (B, T, D) targets from any codec (checked), so each
+codec's row times what a worker spends decoding one batch's run layers, in the same rounds, next
+to the cached step. What is timed and why: "How train_throughput.py measures" in
+`benchmarks/README.md`.
 
     python benchmarks/train_throughput.py            # CPU default: 24 x 256 teacher, ~1.5 min
     python benchmarks/train_throughput.py --freeze_front_end   # + the cached_front_end row
     python benchmarks/train_throughput.py --full --freeze_front_end \\
         --contrastive_backends auto,dense --out benchmarks/results/train_throughput_gpu.json
+    python benchmarks/train_throughput.py --codecs fp16,int8,pq \\
+        --out benchmarks/results/train_throughput_cpu_codecs.json
 """
 
 import argparse
 import copy
+import io
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
+from colld_ds.codecs import codebook_path, decode, read_codebook  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
-from colld_ds.data import AudioBatchStream  # noqa: E402
-from colld_ds.formats import SAMPLE_RATE  # noqa: E402
+from colld_ds.data import AudioBatchStream, expand_urls, read_samples  # noqa: E402
+from colld_ds.formats import (CODECS, SAMPLE_RATE, FrameGeometry, layer_members,  # noqa: E402
+                              pq_identity)
 from colld_ds.objectives import build_objective  # noqa: E402
 from colld_ds.distill import (  # noqa: E402
     DistillationModel,
@@ -62,6 +73,36 @@ def take_batches(stream: AudioBatchStream, n: int) -> list:
     return [batch for _, batch in zip(range(n), stream)]
 
 
+def codec_cache(cache: str) -> tuple[dict[str, dict], np.ndarray | None]:
+    """The raw samples of ``cache`` by key and, pq, its (L, M, 256, D / M) codebook, read as the
+    loader reads it (once per worker)."""
+    samples = {s["__key__"]: s for s in read_samples(expand_urls(cache))}
+    first = next(iter(samples.values()))
+    identity = json.loads(first["json"])["teacher"]
+    if identity.get("codec") != "pq":
+        return samples, None
+    pq = pq_identity(identity, cache)
+    return samples, read_codebook(codebook_path(first["__url__"]), pq["codebook_sha256"],
+                                  len(identity["layers"]), pq["subvectors"])
+
+
+def decode_features(samples: list[dict], layers: list[int], codebook: np.ndarray | None
+                    ) -> list[np.ndarray]:
+    """What a loader worker does to one batch's cached teacher layers (``colld_ds.data``): per
+    sample its json, then per run layer ``np.load`` of its members and ``codecs.decode`` (pq:
+    with that layer's codebook) -> float16 (T, D) arrays, whole utterances (cropped after)."""
+    out = []
+    for sample in samples:
+        teacher = json.loads(sample["json"])["teacher"]
+        codec = teacher.get("codec", "fp16")
+        for layer in layers:
+            names = layer_members(layer, teacher["target_kind"], codec)
+            arrays = [np.load(io.BytesIO(sample[n]), allow_pickle=False) for n in names]
+            book = None if codebook is None else codebook[teacher["layers"].index(layer)]
+            out.append(decode(arrays, codec, book))
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true",
@@ -75,8 +116,15 @@ def main():
     parser.add_argument("--contrastive_backends", default="auto",
                         help="comma-separated objective.contrastive_backend values (auto, triton, "
                              "dense, chunked): the cached CoLLD run is timed once per backend")
+    parser.add_argument("--codecs", default="",
+                        help=f"comma-separated cache codecs ({', '.join(CODECS)}): per codec, "
+                             "the loader's decode time per batch next to the cached step")
+    parser.add_argument("--pq_subvectors", type=int, default=32, help="pq: M sub-vectors")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
+    parser.add_argument("--num_negatives", type=int, default=None,
+                        help="objective.num_negatives; default: 100, or the crop's frames - 1 "
+                             "when fewer (98 at 2 s), which CoLLD's start-up check requires")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (median)")
     parser.add_argument("--threads", type=int, default=1,
@@ -89,10 +137,16 @@ def main():
     backends = args.contrastive_backends.split(",")
     if len(set(backends)) != len(backends):
         parser.error(f"--contrastive_backends {args.contrastive_backends}: a backend is repeated")
+    codecs = args.codecs.split(",") if args.codecs else []
+    if not set(codecs) <= set(CODECS) or len(set(codecs)) != len(codecs):
+        parser.error(f"--codecs {args.codecs}: distinct entries of {', '.join(CODECS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rounds = args.warmup + args.steps
+    if args.num_negatives is None:
+        crop_frames = FrameGeometry().num_frames(round(args.max_seconds * SAMPLE_RATE))
+        args.num_negatives = min(100, crop_frames - 1)
     num_utts = args.batch_size * rounds
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +162,8 @@ def main():
                      "student.num_layers": args.student_layers,
                      "data.batch_size": args.batch_size, "data.max_seconds": args.max_seconds,
                      "student.freeze_front_end": args.freeze_front_end,
-                     "objective.contrastive_backend": backends[0]}
+                     "objective.contrastive_backend": backends[0],
+                     "objective.num_negatives": args.num_negatives}
         config = load_config(overrides=overrides)
         backend_configs = {
             b: load_config(overrides={**overrides, "objective.contrastive_backend": b})
@@ -123,6 +178,12 @@ def main():
         cache_teacher(audio, teacher_dir, teacher_layers, str(root / "cache"), progress=False,
                       front_end=args.freeze_front_end)  # one cache serves (b) to (e)
         cache_s = time.perf_counter() - started
+        caches = {c: str(root / "cache") if c == "fp16" else str(root / f"cache_{c}")
+                  for c in codecs}
+        for codec, cache in caches.items():
+            if codec != "fp16":
+                cache_teacher(audio, teacher_dir, teacher_layers, cache, progress=False,
+                              codec=codec, pq_subvectors=args.pq_subvectors)
 
         common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
                       num_workers=0, shuffle_buffer=0)
@@ -132,6 +193,15 @@ def main():
         cached_batches = take_batches(cached_stream, rounds)
         assert [b.keys for b in audio_batches] == [b.keys for b in cached_batches]
         assert all(torch.equal(a.wave, c.wave) for a, c in zip(audio_batches, cached_batches))
+
+        def targets(batch) -> list:
+            return [batch.keys] + [(f.shape, f.dtype) for f in batch.teacher_features]
+
+        for cache in caches.values():  # the step reads the same float16 targets from any codec
+            stream = AudioBatchStream(cache, expect_teacher=teacher.identity, **common)
+            assert list(map(targets, take_batches(stream, rounds))) == list(
+                map(targets, cached_batches))
+        decoding = {codec: codec_cache(cache) for codec, cache in caches.items()}
 
         torch.manual_seed(config.run.seed)
         l2l_model = DistillationModel(
@@ -169,6 +239,7 @@ def main():
                                     fused=True)
                   for _, _, _, m, _, _, _ in runs]
         times: list[list[float]] = [[] for _ in runs]
+        decode_times: dict[str, list[float]] = {codec: [] for codec in decoding}
         losses: list[float] = [0.0 for _ in runs]
         for step in range(rounds):
             for i, (_, _, _, m, t, batches, cfg) in enumerate(runs):
@@ -188,6 +259,12 @@ def main():
                 if step >= args.warmup:
                     times[i].append(time.perf_counter() - tic)
                 losses[i] = float(output.loss.detach())
+            for codec, (samples, codebook) in decoding.items():  # in the same round as the steps
+                keys = cached_batches[step].keys
+                tic = time.perf_counter()
+                decode_features([samples[k] for k in keys], teacher_layers, codebook)
+                if step >= args.warmup:
+                    decode_times[codec].append(time.perf_counter() - tic)
 
     audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / SAMPLE_RATE for b in audio_batches)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -201,7 +278,7 @@ def main():
             teacher=f"{args.teacher_layers}x{args.teacher_width}",
             teacher_params_M=teacher_params / 1e6, student_layers=args.student_layers,
             student_trainable_M=trainable / 1e6, batch_size=args.batch_size,
-            crop_s=args.max_seconds, step_ms=1000 * step_s,
+            crop_s=args.max_seconds, num_negatives=args.num_negatives, step_ms=1000 * step_s,
             step_ms_min=1000 * min(ts), step_ms_max=1000 * max(ts), steps=len(ts),
             warmup=args.warmup, samples_per_s=args.batch_size / step_s,
             audio_s_per_s=audio_per_batch / step_s, last_loss=loss,
@@ -238,6 +315,21 @@ def main():
             f"cached_front_end/online {ratios['cached_front_end_over_online']:.2f}")
     for row in rows:
         row.update(ratios)
+    decode_rows = []
+    for codec, ts in decode_times.items():
+        decode_s = statistics.median(ts)
+        decode_rows.append(dict(
+            mode=f"decode_{codec}", codec=codec,
+            where="loader workers (colld_ds.data), not the step",
+            layers=teacher_layers, width=args.teacher_width, batch_size=args.batch_size,
+            crop_s=args.max_seconds, decode_ms=1000 * decode_s, decode_ms_min=1000 * min(ts),
+            decode_ms_max=1000 * max(ts), steps=len(ts),
+            decode_pct_of_cached_step=100000 * decode_s / by_mode["cached"]["step_ms"],
+            decode_pct_of_cached_step_per_round=100 * statistics.median(
+                d / c for d, c in zip(ts, step_times["cached"])),
+            decode_audio_s_per_s=audio_per_batch / decode_s,
+            pq_subvectors=args.pq_subvectors if codec == "pq" else "-",
+            threads=torch.get_num_threads(), device=device.type, **info))
     per_round_text = ", ".join(f"{k.removesuffix('_per_round')} {v:.2f}"
                                for k, v in ratios.items() if k.endswith("_per_round"))
     print(f"teacher {args.teacher_layers}x{args.teacher_width} ({teacher_params / 1e6:.1f}M "
@@ -247,7 +339,12 @@ def main():
           f"caching {cache_s:.0f} s; per-round medians: {per_round_text}")
     print_table(rows, ["mode", "objective", "contrastive_backend", "step_ms", "step_ms_min",
                        "step_ms_max", "samples_per_s", "audio_s_per_s", "ratio"])
-    write_rows(rows, args.out)
+    if decode_rows:
+        print(f"decoding one batch's cached layers {teacher_layers} in a loader worker, per codec "
+              "(the step reads float16 targets from any codec: no decode in the step)")
+        print_table(decode_rows, ["mode", "decode_ms", "decode_ms_min", "decode_ms_max",
+                                  "decode_pct_of_cached_step", "decode_audio_s_per_s"])
+    write_rows(rows + decode_rows, args.out)
 
 
 if __name__ == "__main__":

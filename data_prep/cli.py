@@ -172,8 +172,9 @@ class DataPrep:
         print(f"wrote {path}")
 
     def inspect(self, shards: str, max_problems: int = 20) -> None:
-        """Schema, counts, hours, languages and teacher identity of shards; validates every
-        member and exits 1 naming shard and member of each invalid one."""
+        """Schema, counts, hours, languages, teacher identity and codec of shards (pq: the
+        codebook beside them); validates every member and a pq codebook, and exits 1 naming the
+        shard and member of each invalid one, or the codebook file and the fix."""
         from data_prep.inspect_shards import inspect_shards
 
         problems = inspect_shards(shards)

@@ -1,12 +1,15 @@
 """`inspect`: what audio or teacher-cache shards hold, with every member validated.
 
 Prints the shard and sample counts, hours and utterances per language, the schema of the first
-sample (each member's kind, shape and dtype), the teacher identity of cache shards, and one
-line per invalid member `<shard>: <key>.<member>: <problem>`: audio that does not decode to
-finite 16 kHz mono, an array that is not a finite float16 (T, D) with T = the json's
-`num_frames` (int8 caches: int8 (T, D) codes and finite float16 (1, D) scales; pq caches: uint8
-(T, M) codes; their codebook is checked by the loader), bad json, a
-missing audio/json/layer member, a codec this colld cannot read, a truncated or corrupt tar.
+sample (each member's kind, shape and dtype), the teacher identity of cache shards with their
+codec and its bytes on disk per frame per layer (pq: the codebook beside the shards, its file,
+sha256, M sub-vectors of 256 centroids, dims and layers), and one line per problem, most
+`<shard>: <key>.<member>: <problem>`: audio that does not decode to finite 16 kHz mono, an
+array that is not a finite float16 (T, D) with T = the json's `num_frames` (int8 caches: int8
+(T, D) codes and finite float16 (1, D) scales; pq caches: uint8 (T, M) codes, M the
+identity's), bad json, a missing audio/json/layer member, a codec this colld cannot read, a
+truncated or corrupt tar; and a pq codebook that is missing, not of the identity's shape or
+not hashing to its `codebook_sha256` (`colld_ds.codecs.read_codebook`'s line: file and fix).
 """
 
 from __future__ import annotations
@@ -14,15 +17,25 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
 import soundfile as sf
 from webdataset.tariterators import base_plus_ext
 
+from colld_ds.codecs import codebook_path, read_codebook
 from colld_ds.data import expand_urls
 from colld_ds.errors import DataError
-from colld_ds.formats import AUDIO_EXTS, SAMPLE_RATE, cache_codec, checked_members, layer_members
+from colld_ds.formats import (AUDIO_EXTS, PQ_CENTROIDS, SAMPLE_RATE, cache_codec, checked_members,
+                              layer_members)
+from data_prep.cache_size import member_bytes
+
+CODEC_LAYOUT = {  # what a cache of each codec stores per layer and utterance
+    "fp16": "float16 (T, D) features",
+    "int8": "int8 (T, D) codes and float16 (1, D) per-channel scales",
+    "pq": "uint8 (T, M) codes into the codebook beside the shards",
+}
 
 
 def describe_member(ext: str, data: bytes) -> str:
@@ -79,10 +92,56 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
         ext = exts[0]
         for absent in (e for e in exts if e not in members):
             problems.append(f"{where}: {key}.{absent}: missing (teacher layer {layer})")
-        if ext in valid and np.load(io.BytesIO(valid[ext]),
-                                      allow_pickle=False).shape[0] != teacher["num_frames"]:
-            problems.append(f"{where}: {key}.{ext}: frames differ from num_frames {teacher['num_frames']}")
+        if ext not in valid:
+            continue
+        array = np.load(io.BytesIO(valid[ext]), allow_pickle=False)
+        if array.shape[0] != teacher["num_frames"]:
+            problems.append(f"{where}: {key}.{ext}: frames differ from num_frames "
+                            f"{teacher['num_frames']}")
+        if codec == "pq" and array.shape[1] != teacher["pq"]["subvectors"]:
+            problems.append(f"{where}: {key}.{ext}: {array.shape[1]} codes per frame, the json's "
+                            f"teacher.pq.subvectors is {teacher['pq']['subvectors']}")
     return meta
+
+
+def layer_disk_bytes(members: dict[str, bytes], teacher: dict) -> int:
+    """Bytes on disk of the layer members of a cache sample (member extension -> bytes) with
+    identity `teacher`: per member its tar headers and npy padded to whole tar blocks."""
+    codec = teacher.get("codec", "fp16")
+    return sum(member_bytes(len(members[ext])) for layer in teacher["layers"]
+               for ext in layer_members(layer, teacher["target_kind"], codec) if ext in members)
+
+
+def describe_codec(cache: dict, problems: list[str]) -> None:
+    """Print the codec lines of one teacher identity's shards; `cache`: `{"teacher", "first",
+    "frames", "bytes", "shards"}` (frames and layer bytes summed over its samples; `shards`:
+    directory -> its first shard). pq: the codebook beside each directory's shards, read and
+    checked as the loader does; one that fails appends `read_codebook`'s line to `problems`."""
+    teacher = cache["teacher"]
+    try:
+        codec = cache_codec(teacher, cache["first"])
+    except DataError:  # already a problem of every sample
+        return
+    layers = teacher["layers"]
+    per_frame = cache["bytes"] / max(1, cache["frames"] * len(layers))
+    print(f"  codec {codec}: {CODEC_LAYOUT[codec]}; {per_frame:.1f} bytes per frame per layer on "
+          f"disk (tar and npy headers included; {cache['frames']} frames x {len(layers)} layers)")
+    if codec != "pq":
+        return
+    pq = teacher["pq"]
+    for shard in cache["shards"].values():
+        path = codebook_path(shard)
+        try:  # unwrapped: read the file now, not an earlier read of that path
+            book = read_codebook.__wrapped__(path, pq["codebook_sha256"], len(layers),
+                                             pq["subvectors"])
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        num_sub, dims = book.shape[1], book.shape[3]
+        print(f"  pq codebook {path}: sha256 {pq['codebook_sha256']} (matches "
+              f"teacher.pq.codebook_sha256), float32 {book.shape}: M {num_sub} sub-vectors x "
+              f"{PQ_CENTROIDS} centroids of {dims} dims (D {num_sub * dims}), layers "
+              f"{', '.join(map(str, layers))}")
 
 
 def _samples(path: str) -> dict[str, dict[str, bytes]]:
@@ -103,7 +162,7 @@ def inspect_shards(shards: str) -> list[str]:
     problems: list[str] = []
     seconds: collections.Counter = collections.Counter()
     utterances: collections.Counter = collections.Counter()
-    schema, identities = None, {}
+    schema, caches = None, {}
     for path in paths:
         try:
             samples = _samples(path)
@@ -118,15 +177,21 @@ def inspect_shards(shards: str) -> list[str]:
             seconds[meta.get("lang", "?")] += meta.get("duration", 0.0)
             if "teacher" in meta:
                 identity = {k: v for k, v in meta["teacher"].items() if k != "num_frames"}
-                identities.setdefault(json.dumps(identity, sort_keys=True), f"{path}: {key}")
+                cache = caches.setdefault(json.dumps(identity, sort_keys=True), {
+                    "teacher": identity, "first": f"{path}: {key}", "frames": 0, "bytes": 0,
+                    "shards": {}})
+                cache["frames"] += meta["teacher"].get("num_frames", 0)
+                cache["bytes"] += layer_disk_bytes(members, identity)
+                cache["shards"].setdefault(os.path.dirname(path), path)
     print(f"{len(paths)} shards, {sum(utterances.values())} samples, {sum(seconds.values()) / 3600:.4f} hours")
     for lang in sorted(utterances):
         print(f"  {lang}: {utterances[lang]} samples, {seconds[lang] / 3600:.4f} hours")
     for ext, line in (schema or {}).items():
         print(f"  .{ext}: {line}")
-    for identity, first in identities.items():
-        print(f"teacher: {identity} (first in {first})")
-    if len(identities) > 1:
-        problems.append(f"{len(identities)} different teacher identities (listed above)")
+    for identity, cache in caches.items():
+        print(f"teacher: {identity} (first in {cache['first']})")
+        describe_codec(cache, problems)
+    if len(caches) > 1:
+        problems.append(f"{len(caches)} different teacher identities (listed above)")
     print("\n".join(problems) or "all members valid")
     return problems

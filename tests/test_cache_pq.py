@@ -1,6 +1,6 @@
 """The pq cache codec: encode and decode against brute force and a hand gather, the codebook step
-(deterministic, reused, shared by ranks, resumed with), its identity refusals and the size
-estimate against a pq cache actually written."""
+(deterministic, reused, shared by ranks, resumed with), its identity refusals, the size
+estimate against a pq cache actually written, and what `colld prep inspect` says of it."""
 
 import hashlib
 import io
@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import tarfile
 
 import faiss
 import fire
@@ -179,6 +180,80 @@ def test_pq_identity_refusals(pq_cache, tmp_path):
     with pytest.raises(DataError, match=r"--pq_subvectors 5 does not divide the teacher's width"):
         train_pq(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, str(tmp_path / "x"),
                  pq_subvectors=5)
+
+
+def test_inspect_describes_the_pq_codebook(pq_cache, capsys):
+    cache = pq_cache["cache"]
+    DataPrep().inspect(cache)
+    printed = capsys.readouterr().out
+    codebook_file = os.path.join(cache, PQ_CODEBOOK)
+    with open(codebook_file, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    assert "all members valid" in printed
+    assert (f"pq codebook {codebook_file}: sha256 {sha256} (matches teacher.pq.codebook_sha256), "
+            f"float32 (2, {M}, 256, 4): M {M} sub-vectors x 256 centroids of 4 dims (D 32), "
+            "layers 2, 4") in printed
+    # bytes per frame per layer, by hand from the tar headers: M codes plus headers per member
+    frames = sum(json.loads(s["json"])["teacher"]["num_frames"] for s in read_samples(tars(cache)))
+    stored = 0
+    for path in tars(cache):
+        with tarfile.open(path) as tar:
+            stored += sum(1536 + -(-m.size // 512) * 512 for m in tar if m.name.endswith(".pq.npy"))
+    per_frame = float(re.search(r"codec pq: uint8 \(T, M\) codes into the codebook beside the "
+                                r"shards; ([\d.]+) bytes per frame per layer", printed)[1])
+    assert M < per_frame == pytest.approx(stored / (frames * len(LAYERS)), abs=0.05)
+
+
+def test_inspect_flags_a_missing_or_mismatched_codebook(pq_cache, tmp_path, capsys):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(pq_cache["cache"], copy)
+    codebook_file = os.path.join(copy, PQ_CODEBOOK)
+    fix = ("copy the pq_codebook.npy the cache was written with beside its shards, or re-cache "
+           "with `colld prep cache-teacher --codec pq` into a new out_dir")
+    os.remove(codebook_file)
+    with pytest.raises(SystemExit) as info:
+        DataPrep().inspect(copy)
+    assert "(matches teacher.pq" not in capsys.readouterr().out
+    (line,) = str(info.value).splitlines()[1:]  # one problem, one line
+    assert line.strip().startswith(f"cannot read the pq codebook {codebook_file} ")
+    assert line.endswith(fix)
+    codebook = np.load(os.path.join(pq_cache["cache"], PQ_CODEBOOK), allow_pickle=False)
+    np.save(codebook_file, codebook + 1, allow_pickle=False)
+    with pytest.raises(SystemExit) as info:
+        DataPrep().inspect(copy)
+    (line,) = str(info.value).splitlines()[1:]
+    assert line.strip().startswith(f"pq codebook {codebook_file} has sha256 ")
+    assert "records teacher.pq.codebook_sha256" in line and line.endswith(fix)
+    np.save(codebook_file, codebook[:1], allow_pickle=False)  # one layer of two
+    with open(codebook_file, "rb") as f:
+        one_layer = hashlib.sha256(f.read()).hexdigest()
+    for path in tars(copy):  # the identity now names this codebook, which has the wrong shape
+        samples = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples([path])]
+        with TarWriter(path) as writer:
+            for sample in samples:
+                meta = json.loads(sample["json"])
+                meta["teacher"]["pq"]["codebook_sha256"] = one_layer
+                writer.write({**sample, "json": json.dumps(meta).encode()})
+    with pytest.raises(SystemExit, match=rf"pq codebook {re.escape(codebook_file)} has shape "
+                                         rf"\(1, {M}, 256, 4\), expected \(2, {M}, 256, D / M\)"):
+        DataPrep().inspect(copy)
+
+
+def test_inspect_flags_pq_codes_of_another_m(pq_cache, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(pq_cache["cache"], copy)
+    path = tars(copy)[0]
+    samples = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples([path])]
+    with TarWriter(path) as writer:
+        for sample in samples:
+            codes = np.load(io.BytesIO(sample["l04.layer_output.pq.npy"]), allow_pickle=False)
+            buf = io.BytesIO()
+            np.save(buf, codes[:, :-1], allow_pickle=False)
+            writer.write({**sample, "l04.layer_output.pq.npy": buf.getvalue()})
+    with pytest.raises(SystemExit, match=rf"8 invalid members:\n  {re.escape(path)}: \S+\.l04\."
+                                         rf"layer_output\.pq\.npy: {M - 1} codes per frame, the "
+                                         rf"json's teacher\.pq\.subvectors is {M}"):
+        DataPrep().inspect(copy)
 
 
 def test_pq_codebook_is_its_own_deterministic_step_shared_by_ranks(pq_cache, tmp_path,
