@@ -11,10 +11,14 @@ import torch
 
 from benchmarks.probe_restarts import main as probe_restarts
 from benchmarks.quality import QualitySettings, format_markdown, main, summarise
+from benchmarks.quality_corpus import mixed_shards
 from colld_ds.config import ConfigError
+from colld_ds.data import read_samples
 from colld_ds.evaluate import with_layers
 from colld_ds.models import load_teacher
 from colld_ds.probe import ProbeConfig, train_probe
+from data_prep.generated_audio import generate_utterances
+from data_prep.shards import write_audio_shards
 from helpers import tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,3 +209,24 @@ def test_teacher_with_layers_returns_those_layers_of_the_full_forward(tmp_path):
     torch.testing.assert_close(subset[1], full[0])
     with pytest.raises(ValueError, match=f"1..{teacher.num_layers}"):
         with_layers(teacher, [teacher.num_layers + 1])
+
+
+def test_quality_corpus_mixes_equal_shards_without_the_utterances_too_long(tmp_path, capsys):
+    """benchmarks/quality_corpus.py's shard mix: 11 utterances of 1-3 s, those over 2 s left out
+    and listed, the rest cut to a multiple of 3 shards, members copied byte for byte."""
+    utterances = list(generate_utterances(11, seed=3))
+    write_audio_shards(iter(utterances), str(tmp_path / "corpus"), max_count=6, progress=False)
+    long = {u["utt_id"] for u in utterances if len(u["wave"]) > 2.0 * 16000}
+    assert 0 < len(long) < 8
+    shards = mixed_shards(tmp_path / "corpus", tmp_path / "shards", 3, 2.0, seed=0)
+    per_shard = (11 - len(long)) // 3
+    counts = [sum(1 for _ in read_samples([shard])) for shard in shards]
+    assert counts == [per_shard] * 3
+    originals = {s["__key__"]: s for s in read_samples(sorted(
+        map(str, (tmp_path / "corpus").glob("train-*.tar"))))}
+    for sample in read_samples(shards):
+        assert sample["__key__"] not in long
+        assert sample["flac"] == originals[sample["__key__"]]["flac"]
+    printed = capsys.readouterr().out
+    assert f"left out: {len(long)} longer than 2 s" in printed
+    assert all(utt_id in printed for utt_id in long)
