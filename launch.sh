@@ -22,7 +22,11 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 python="${COLLD_PYTHON:-}"
 if [[ -z "$python" ]]; then
-  if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
+  if [[ -x "$here/.venv/bin/python" ]]; then
+    python="$here/.venv/bin/python"
+  else
+    python=python3
+  fi
 fi
 
 if [[ -n "${RANK:-}" && -n "${LOCAL_RANK:-}" ]]; then   # already one rank of a launched job
@@ -48,7 +52,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-if [[ $have_hostfile == 0 ]] && ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+has_cuda='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
+if [[ $have_hostfile == 0 ]] && ! "$python" -c "$has_cuda"; then
   export DS_ACCELERATOR=cpu
   [[ $have_count == 1 ]] || launcher_args+=(--num_accelerators "${COLLD_CPU_RANKS:-2}")
 fi
@@ -57,7 +62,8 @@ for ((i = 0; i < ${#launcher_args[@]}; i++)); do
   [[ ${launcher_args[i]} == --master_port ]] && port=${launcher_args[i + 1]}
 done
 if [[ -z "$port" ]]; then   # a free port: parallel jobs coexist
-  port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
+  free_port='import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+  port="$("$python" -c "$free_port")"
   launcher_args+=(--master_port "$port")
 fi
 if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
@@ -67,4 +73,5 @@ if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
 fi
 # COLLD_VERBOSE reaches every rank as --verbose: ssh to the other nodes does not carry it
 [[ "${COLLD_VERBOSE:-0}" == 0 ]] || set -- "$@" --verbose
-"$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank --module colld_ds.cli train "$@"
+"$python" -m deepspeed.launcher.runner "${launcher_args[@]}" --no_local_rank \
+  --module colld_ds.cli train "$@"

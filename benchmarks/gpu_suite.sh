@@ -4,7 +4,8 @@
 # training throughput, each under a time limit, the whole within
 # SUITE_BUDGET_S (under the device's 10-minute command limit).
 #
-#   bash benchmarks/gpu_suite.sh           # on the device machine: carry .whl (scripts/device_wheels.sh)
+#   bash benchmarks/gpu_suite.sh           # on the device machine: carry .whl
+#                                          #   (built by scripts/device_wheels.sh)
 #   bash benchmarks/gpu_suite.sh --smoke   # here, on the CPU: every step at its smallest shape
 #
 # Steps, in order (a failing step does not stop the later ones; optional steps run only when the
@@ -106,7 +107,8 @@ install_wheels() {
 # Versions, the GPU, and every carried wheel's requirements against what is importable.
 environment() {
   echo "date (UTC): $(date -u +%FT%TZ)  host: $(uname -n)  kernel: $(uname -r)  mode: $MODE"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${COLLD_COMMIT:-unknown (no .git here; put COLLD_COMMIT=<sha> in the command)}")"
+  local unknown="unknown (no .git here; put COLLD_COMMIT=<sha> in the command)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${COLLD_COMMIT:-$unknown}")"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit \
@@ -156,8 +158,9 @@ if torch.cuda.is_available():
     print(f"contrastive backend 'auto' on CUDA: "
           f"{resolve_backend('auto', torch.zeros(1, device='cuda'), None)}")
     props = torch.cuda.get_device_properties(0)
+    l2_bytes = getattr(props, 'L2_cache_size', 0)
     print(f"GPU {props.name}: {props.multi_processor_count} SMs, "
-          f"{props.total_memory / 2**30:.1f} GiB, L2 {getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+          f"{props.total_memory / 2**30:.1f} GiB, L2 {l2_bytes / 2**20:.0f} MiB")
 raise SystemExit(1 if problems else 0)
 EOF
 }

@@ -248,8 +248,8 @@ def main():
                     torch.cuda.synchronize()
                 tic = time.perf_counter()
                 torch.manual_seed(step_seed(cfg, 0, step))
-                output = distillation_loss(m, t, mask_batch(batch, teacher, cfg, step, m.objective), cfg,
-                                           teacher_layers)
+                masked = mask_batch(batch, teacher, cfg, step, m.objective)
+                output = distillation_loss(m, t, masked, cfg, teacher_layers)
                 optims[i].zero_grad(set_to_none=True)
                 output.loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)
@@ -266,7 +266,8 @@ def main():
                 if step >= args.warmup:
                     decode_times[codec].append(time.perf_counter() - tic)
 
-    audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / SAMPLE_RATE for b in audio_batches)
+    audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / SAMPLE_RATE
+                                      for b in audio_batches)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     teacher_params = sum(p.numel() for p in teacher.model.parameters())
     info = machine_info(device)

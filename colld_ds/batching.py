@@ -54,7 +54,8 @@ def shuffle_samples(samples: Iterable[dict], bufsize: int, rng: random.Random) -
 
 
 def fixed_batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
-    """Samples -> lists of exactly `batch_size` consecutive samples (an incomplete tail is dropped)."""
+    """Samples -> lists of exactly `batch_size` consecutive samples (an incomplete tail is
+    dropped)."""
     it = iter(samples)
     while len(chunk := list(itertools.islice(it, batch_size))) == batch_size:
         yield chunk
@@ -111,7 +112,8 @@ class Batching:
         if (self.batch_size or 1) < 1 or (self.budget or 1) < 1 or self.bucket_buffer < 1:
             raise ValueError(
                 f"batch_size, batch_seconds and bucket_buffer must be positive, got batch_size="
-                f"{self.batch_size}, a budget of {self.budget} audio samples, bucket_buffer={self.bucket_buffer}"
+                f"{self.batch_size}, a budget of {self.budget} audio samples, "
+                f"bucket_buffer={self.bucket_buffer}"
             )
 
     def batches(self, samples: Iterable[dict], rng_key: str) -> Iterator[list[dict]]:
@@ -196,7 +198,10 @@ class EpochPlanner:
             for url in self.worker_shards(epoch, rank)[worker]:
                 shard = self.shards[url]
                 for i, key in enumerate(shard.keys):
-                    yield {"__key__": key} if shard.lengths is None else {"__key__": key, "__length__": shard.lengths[i]}
+                    if shard.lengths is None:
+                        yield {"__key__": key}
+                    else:
+                        yield {"__key__": key, "__length__": shard.lengths[i]}
 
         return self.batching.batches(records(), self.rng_key(epoch, rank, worker))
 
@@ -218,7 +223,8 @@ class EpochPlanner:
                 count = sum(len(self.shards[u].keys) for u in urls)
                 in_workers += count
                 if fixed:  # closed form: no need to plan per key
-                    batch_sizes.append([(self.batching.batch_size, 0)] * (count // self.batching.batch_size))
+                    size = self.batching.batch_size
+                    batch_sizes.append([(size, 0)] * (count // size))
                 else:
                     batch_sizes.append([(len(b), sum(r["__length__"] for r in b))
                                         for b in self.worker_batches(epoch, rank, worker)])

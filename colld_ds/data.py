@@ -90,7 +90,8 @@ def shard_name(url: str) -> str:
     of its shard index entry. ValueError when `url` names no `*.tar` file."""
     names = _SHARD_NAME.findall(url)
     if not names:
-        raise DataError(f"shard {url} names no *.tar file: shard index entries are matched by file name")
+        raise DataError(f"shard {url} names no *.tar file: "
+                        "shard index entries are matched by file name")
     return names[-1]
 
 
@@ -114,7 +115,8 @@ def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[s
         pattern, paths = repr(list(urls)), list(urls)
     remote = [p for p in paths if is_remote(p)]
     if remote and not allow_remote:
-        raise DataError(f"shard {remote[0]} is not a local file: this command reads local shards only")
+        raise DataError(f"shard {remote[0]} is not a local file: "
+                        "this command reads local shards only")
     missing = [p for p in paths if not is_remote(p) and not os.path.isfile(p)]
     if not paths or missing:
         detail = f" (missing: {missing[:3]})" if missing else ""
@@ -143,7 +145,8 @@ def _scanned(url: str, need_lengths: bool) -> ShardInfo:
     return ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]), entry["filesize"])
 
 
-def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool) -> dict[str, ShardInfo]:
+def shard_infos(urls: Sequence[str], shard_index: str | None,
+                need_lengths: bool) -> dict[str, ShardInfo]:
     """`ShardInfo` of each url, from `shard_index` (path or URL), else from the index beside
     the shards; local shards without an entry (or without any index) are scanned.
 
@@ -173,7 +176,8 @@ def shard_infos(urls: Sequence[str], shard_index: str | None, need_lengths: bool
             infos[url] = _scanned(url, need_lengths)
         elif entry is None or (size is not None and entry.get("filesize", size) != size):
             problem = "has no entry for" if entry is None else "gives another file size for"
-            raise DataError(f"shard index {index} {problem} shard {url}: it is stale or of other shards; {_REFRESH}")
+            raise DataError(f"shard index {index} {problem} shard {url}: "
+                            f"it is stale or of other shards; {_REFRESH}")
         else:
             infos[url] = ShardInfo(url, tuple(entry["keys"]), tuple(entry["lengths"]),
                                    entry.get("filesize", size))
@@ -239,9 +243,9 @@ def read_indexed(shards: Sequence[ShardInfo], damaged: list[DamagedShard] | None
                         return "the end of the shard" if x is end else repr(x)
 
                     raise DataError(
-                        f"shard {shard.url} holds {show(found)} at sample {position} where its index "
-                        f"or header scan said {show(key)}: it is damaged (restore it, or set "
-                        f"data.on_bad_shard skip) or was changed on purpose ({_REFRESH})"
+                        f"shard {shard.url} holds {show(found)} at sample {position} where "
+                        f"its index or header scan said {show(key)}: it is damaged (restore it, "
+                        f"or set data.on_bad_shard skip) or was changed on purpose ({_REFRESH})"
                     )
                 if shard.lengths is not None:
                     sample["__length__"] = shard.lengths[position]
@@ -385,7 +389,8 @@ def random_crop(
 
 def _pad(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
     """B arrays (L_b, ...) -> (B, max L_b, ...) zero padded."""
-    out = torch.zeros(len(arrays), max(a.shape[0] for a in arrays), *arrays[0].shape[1:], dtype=dtype)
+    longest = max(a.shape[0] for a in arrays)
+    out = torch.zeros(len(arrays), longest, *arrays[0].shape[1:], dtype=dtype)
     for row, a in zip(out, arrays):
         row[: a.shape[0]] = torch.from_numpy(a)
     return out
@@ -399,7 +404,8 @@ def collate(samples: list[dict]) -> Batch:
     if "frames" in samples[0]:
         batch.frame_lengths = torch.tensor([s["frames"][0].shape[0] for s in samples])  # (B,)
         batch.teacher_features = [  # L_req x (B, T, D_t)
-            _pad([s["frames"][i] for s in samples], torch.float16) for i in range(len(samples[0]["frames"]))
+            _pad([s["frames"][i] for s in samples], torch.float16)
+            for i in range(len(samples[0]["frames"]))
         ]
     if "front_end" in samples[0]:  # (B, T, C), or Whisper's (B, W, D)
         batch.front_end_features = _pad([s["front_end"] for s in samples], torch.float16)
@@ -435,7 +441,8 @@ class _EpochDataset(IterableDataset):
         else:
             batches = s.batching.batches(read_indexed(shards), key)
         for raw in take_range(batches, skipped, self.batches_per_worker):
-            decoded = random_crop(decode_audio(raw, s.expect_teacher), s.max_samples, s.seed, self.epoch)
+            audio = decode_audio(raw, s.expect_teacher)
+            decoded = random_crop(audio, s.max_samples, s.seed, self.epoch)
             batch = collate(list(decoded))
             batch.damaged, damaged[:] = list(damaged), []     # reported with the next batch
             yield batch
@@ -449,13 +456,15 @@ class _EpochDataset(IterableDataset):
         for attempt in itertools.count():
             made = 0
             samples = read_indexed(shards, damaged if attempt == 0 else [])
-            for batch in self.stream.batching.batches(samples, key if attempt == 0 else f"{key}:again{attempt}"):
+            rng_key = key if attempt == 0 else f"{key}:again{attempt}"
+            for batch in self.stream.batching.batches(samples, rng_key):
                 made += 1
                 yield batch
             if made == 0:
                 raise DataError(
                     f"rank {self.stream.rank}: every shard of one of its workers in epoch "
-                    f"{self.epoch} is damaged ({[d.url for d in damaged] or [s.url for s in shards]}): "
+                    f"{self.epoch} is damaged "
+                    f"({[d.url for d in damaged] or [s.url for s in shards]}): "
                     "nothing is left to keep the ranks in step; restore the shards and resume")
 
 
@@ -521,7 +530,8 @@ class AudioBatchStream:
             raise ValueError(f"on_bad_shard {on_bad_shard!r}: choose stop or skip")
         self.on_bad_shard = on_bad_shard
         if not 0 <= rank < world_size or num_workers < 0:
-            raise ValueError(f"bad rank={rank} of world_size={world_size} or num_workers={num_workers}")
+            raise ValueError(f"bad rank={rank} of world_size={world_size} "
+                             f"or num_workers={num_workers}")
         self.max_samples = None if max_seconds is None else round(max_seconds * SAMPLE_RATE)
         self.batching = Batching(
             batch_size=batch_size, shuffle_buffer=shuffle_buffer, bucket_buffer=bucket_buffer,
@@ -541,7 +551,8 @@ class AudioBatchStream:
         if len(self.urls) < groups:
             raise DataError(
                 f"{len(self.urls)} shards cannot feed world_size {world_size} x {self.workers} "
-                f"workers: write at least {groups} shards (smaller shard_size) or use fewer num_workers"
+                f"workers: write at least {groups} shards (smaller shard_size) "
+                "or use fewer num_workers"
             )
         if len(self.urls) % groups:
             warnings.warn(
@@ -549,15 +560,17 @@ class AudioBatchStream:
                 f"{len(self.urls) % groups} shards sit out each epoch (different ones each epoch)",
                 stacklevel=2,
             )
-        self.planner = EpochPlanner(self.urls, self.shards, self.batching, seed, world_size, self.workers)
+        self.planner = EpochPlanner(self.urls, self.shards, self.batching, seed, world_size,
+                                    self.workers)
         first = self.planner.accounting(0)  # fails now if a worker cannot fill one batch
         if rank == 0 and first.dropped:
-            seconds = "" if first.dropped_seconds is None else f" ({first.dropped_seconds:.1f} s of audio)"
+            seconds = ("" if first.dropped_seconds is None
+                       else f" ({first.dropped_seconds:.1f} s of audio)")
             warnings.warn(
-                f"epoch 0: every worker yields {first.batches_per_worker} batches (equal steps on all "
-                f"ranks), so {first.dropped} of {first.utterances} utterances{seconds} beyond them are "
-                "not seen this epoch (each epoch orders them anew); shards of equal size, more "
-                "samples per worker or fewer workers drop fewer",
+                f"epoch 0: every worker yields {first.batches_per_worker} batches (equal steps on "
+                f"all ranks), so {first.dropped} of {first.utterances} utterances{seconds} beyond "
+                "them are not seen this epoch (each epoch orders them anew); shards of equal "
+                "size, more samples per worker or fewer workers drop fewer",
                 stacklevel=2,
             )
         self._epoch, self._consumed = 0, 0
@@ -581,7 +594,8 @@ class AudioBatchStream:
         epoch, consumed = int(state["epoch"]), int(state["batches_in_epoch"])
         if epoch < 0 or not 0 <= consumed <= self.epoch_length(epoch):
             length = self.epoch_length(epoch)
-            raise DataError(f"state {state} does not fit this stream ({length} batches in epoch {epoch})")
+            raise DataError(f"state {state} does not fit this stream "
+                            f"({length} batches in epoch {epoch})")
         self._epoch, self._consumed = epoch, consumed
 
     def __iter__(self) -> Iterator[Batch]:

@@ -42,12 +42,12 @@ def _scheduler(config: TrainConfig) -> dict[str, Any]:
 
 def owned_values(config: TrainConfig) -> dict[str, Any]:
     """Dotted DeepSpeed keys -> the value the training config gives them."""
-    optim, run = config.optim, config.run
+    optim, run, data = config.optim, config.run, config.data
     return {
         # dynamic batching (data.batch_seconds): B varies and DeepSpeed only uses this for its
         # throughput timer and its own data loader (unused): a batch of full-length crops
-        "train_micro_batch_size_per_gpu": config.data.batch_size if config.data.batch_seconds is None
-        else max(1, int(config.data.batch_seconds // config.data.max_seconds)),
+        "train_micro_batch_size_per_gpu": data.batch_size if data.batch_seconds is None
+        else max(1, int(data.batch_seconds // data.max_seconds)),
         "gradient_accumulation_steps": optim.gradient_accumulation_steps,
         "gradient_clipping": optim.grad_clip,
         "optimizer.params.lr": optim.lr,
@@ -78,7 +78,8 @@ def build_ds_config(config: TrainConfig) -> dict[str, Any]:
                 f"{path}: '{dotted}' is {node[leaf]!r}; the training config owns it. Set it to "
                 f'"auto" in the template and choose the value in the training config')
         node[leaf] = value
-    if ds_config.get("zero_optimization", {}).get("offload_optimizer") and config.run.zero_stage < 2:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer")
+    if offload and config.run.zero_stage < 2:
         raise ConfigError(f"{path}: offload_optimizer needs run.zero_stage 2 or 3")
     return ds_config
 

@@ -59,7 +59,8 @@ class FrameGeometry:
     receptive_field: int = 400
 
     def num_frames(self, num_samples: int) -> int:
-        """Frames of ``num_samples`` samples: ``floor((S - field) / stride) + 1`` (0 if too short)."""
+        """Frames of ``num_samples`` samples: ``floor((S - field) / stride) + 1`` (0 if too
+        short)."""
         return max(0, (num_samples - self.receptive_field) // self.stride + 1)
 
     @classmethod
@@ -221,7 +222,8 @@ def read_shard_index(url: str) -> dict[str, dict]:
         detail = str(getattr(exc, "message", exc)).removeprefix(f"cannot read {url}: ")
         raise DataError(f"cannot read shard index {url}: {detail}") from exc
     fix = "rewrite it with `colld prep index <shard directory>`"
-    if not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND or index.get("wids_version") != 1:
+    if (not isinstance(index, dict) or index.get("__kind__") != SHARD_INDEX_KIND
+            or index.get("wids_version") != 1):
         raise DataError(f"{url} is not a {SHARD_INDEX_KIND} shard index with wids_version 1: {fix}")
     entries = {}
     for entry in index.get("shardlist", []):
@@ -230,8 +232,10 @@ def read_shard_index(url: str) -> dict[str, dict]:
         if not isinstance(keys, list) or not isinstance(lengths, list) or not (
             len(keys) == len(lengths) == entry.get("nsamples")
         ):
-            raise DataError(f"shard index {url}: entry {name!r} needs 'nsamples' and as many 'keys' and 'lengths': {fix}")
+            raise DataError(f"shard index {url}: entry {name!r} needs 'nsamples' "
+                            f"and as many 'keys' and 'lengths': {fix}")
         if name in entries:
-            raise DataError(f"shard index {url} lists two shards named {name!r}: one index per shard directory")
+            raise DataError(f"shard index {url} lists two shards named {name!r}: "
+                            "one index per shard directory")
         entries[name] = entry
     return entries

@@ -393,8 +393,8 @@ def score_model(splits: ProbeSplits, tasks: ProbeTasks, test: Sequence[ProbeUtte
                 config: ProbeConfig, dev: Sequence[ProbeUtterance] | None = None
                 ) -> dict[str, Any]:
     """Train and score one model's probe for every task: ``{"rates": {task: {group: rate}},
-    "layer_weights", "final_train_loss", "selection", "restart_losses"}`` (per task). With ``dev`` (and
-    ``config.select_every``) the probe state is chosen by the dev error rate."""
+    "layer_weights", "final_train_loss", "selection", "restart_losses"}`` (per task). With
+    ``dev`` (and ``config.select_every``) the probe state is chosen by the dev error rate."""
     result: dict[str, Any] = {"rates": {}, "layer_weights": {}, "final_train_loss": {},
                               "selection": {}, "restart_losses": {}}
     for task in TASKS:

@@ -364,7 +364,8 @@ def cache_teacher(
     if batch_size > 1 and todo:
         first = decode_wave(next(read_samples([todo[0][0]])))
         if not padding_invariant(model, first, front_end):
-            warnings.warn(f"teacher {teacher} is not padding invariant: caching one utterance at a time")
+            warnings.warn(f"teacher {teacher} is not padding invariant: "
+                          "caching one utterance at a time")
             batch_size = 1
     bar = tqdm(total=sum(len(infos[u].keys) for u, _ in todo), unit="utt", disable=not progress,
                desc=f"cache rank {rank}")

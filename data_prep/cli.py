@@ -100,7 +100,8 @@ class DataPrep:
         `langs`: a sequence or a comma-separated string (`--langs en,de`); utterance i gets
         `langs[i % len(langs)]`.
         """
-        samples = generate_utterances(num_utterances, seed, min_seconds, max_seconds, tuple(_as_list(langs)))
+        samples = generate_utterances(num_utterances, seed, min_seconds, max_seconds,
+                                      tuple(_as_list(langs)))
         paths = write_audio_shards(samples, out_dir, prefix, max_count=shard_size)
         _print_summary(out_dir, paths)
 
@@ -129,11 +130,13 @@ class DataPrep:
         """
         rows = read_inputs(source, lang)
         skipped: list[tuple[dict, str]] = []
+        finished = finished_keys(out_dir, prefix)
         samples = prepared_samples(
-            rows, skipped, finished_keys(out_dir, prefix), workers, min_seconds, max_seconds, split_long
+            rows, skipped, finished, workers, min_seconds, max_seconds, split_long
         )
+        max_bytes = int(shard_mb * 2**20)
         paths = write_shards(
-            samples, _encoded, out_dir, prefix, shard_size, int(shard_mb * 2**20), progress, key=_key
+            samples, _encoded, out_dir, prefix, shard_size, max_bytes, progress, key=_key
         )
         report = os.path.join(out_dir, f"{prefix}.skipped.tsv")
         write_skip_report(report, skipped)

@@ -44,7 +44,8 @@ def describe_member(ext: str, data: bytes) -> str:
     if kind in AUDIO_EXTS:
         wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, C)
         if sr != SAMPLE_RATE or wave.shape[1] != 1 or not wave.size or not np.isfinite(wave).all():
-            raise ValueError(f"audio must be finite non-empty 16 kHz mono: {sr} Hz, shape {wave.shape}")
+            raise ValueError(f"audio must be finite non-empty 16 kHz mono: "
+                             f"{sr} Hz, shape {wave.shape}")
         return f"{kind} audio, {sr} Hz mono"
     if kind == "npy":
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -62,7 +63,8 @@ def describe_member(ext: str, data: bytes) -> str:
                                  f"{array.shape}")
             return f"float16 (1, {array.shape[1]}) scales"
         if array.ndim != 2 or array.dtype != np.float16 or not np.isfinite(array).all():
-            raise ValueError(f"expected a finite float16 (T, D) array, got {array.dtype} {array.shape}")
+            raise ValueError(f"expected a finite float16 (T, D) array, "
+                             f"got {array.dtype} {array.shape}")
         return f"float16 (T, {array.shape[1]})"
     if kind == "json":
         return f"json {sorted(json.loads(data))}"
@@ -183,7 +185,8 @@ def inspect_shards(shards: str) -> list[str]:
                 cache["frames"] += meta["teacher"].get("num_frames", 0)
                 cache["bytes"] += layer_disk_bytes(members, identity)
                 cache["shards"].setdefault(os.path.dirname(path), path)
-    print(f"{len(paths)} shards, {sum(utterances.values())} samples, {sum(seconds.values()) / 3600:.4f} hours")
+    hours = sum(seconds.values()) / 3600
+    print(f"{len(paths)} shards, {sum(utterances.values())} samples, {hours:.4f} hours")
     for lang in sorted(utterances):
         print(f"  {lang}: {utterances[lang]} samples, {seconds[lang] / 3600:.4f} hours")
     for ext, line in (schema or {}).items():

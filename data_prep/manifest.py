@@ -78,9 +78,8 @@ def _unique(rows: list[dict], source: str) -> list[dict]:
     seen: dict[str, str] = {}
     for row in rows:
         if row["utt_id"] in seen:
-            raise ValueError(
-                f"{source}: duplicate utt_id {row['utt_id']!r} ({seen[row['utt_id']]} and {row['path']})"
-            )
+            raise ValueError(f"{source}: duplicate utt_id {row['utt_id']!r} "
+                             f"({seen[row['utt_id']]} and {row['path']})")
         seen[row["utt_id"]] = row["path"]
     return rows
 

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from colld_ds.errors import ColldError
-from colld_ds.formats import SAMPLE_RATE, SHARD_INDEX, SHARD_INDEX_KIND, shard_index_entry, shard_keys
+from colld_ds.formats import (SAMPLE_RATE, SHARD_INDEX, SHARD_INDEX_KIND, shard_index_entry,
+                              shard_keys)
 
 
 def shard_path(out_dir: str, prefix: str, index: int) -> str:
@@ -94,7 +95,8 @@ def write_shard_index(directory: str) -> str:
             stat = os.stat(os.path.join(directory, name))
             entry = previous.get(name, {})
             if (entry.get("filesize"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
-                entry = {**shard_index_entry(os.path.join(directory, name)), "mtime_ns": stat.st_mtime_ns}
+                entry = {**shard_index_entry(os.path.join(directory, name)),
+                         "mtime_ns": stat.st_mtime_ns}
             shardlist.append(entry)
         index = {"__kind__": SHARD_INDEX_KIND, "wids_version": 1, "shardlist": shardlist}
         with open(path + ".tmp", "w") as f:
@@ -244,7 +246,8 @@ def write_audio_shards(
     progress: bool = True,
 ) -> list[str]:
     """Write audio sample dicts (see `encode_audio_sample`) as atomic shards; return their paths."""
-    return write_shards(samples, encode_audio_sample, out_dir, prefix, max_count, max_bytes, progress)
+    return write_shards(samples, encode_audio_sample, out_dir, prefix, max_count, max_bytes,
+                        progress)
 
 
 def load_audio(path: str | BinaryIO) -> np.ndarray:

@@ -29,8 +29,10 @@ def transcripts(sources: Sequence[str]) -> Iterator[tuple[str, str]]:
             rows = []
             for path in expand_urls(source):
                 with tarfile.open(path, "r:") as tar:
-                    rows += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
-        yield from ((row["lang"], row["text"].strip()) for row in rows if row.get("text", "").strip())
+                    rows += [json.loads(tar.extractfile(m).read())
+                             for m in tar if m.name.endswith(".json")]
+        yield from ((row["lang"], row["text"].strip())
+                    for row in rows if row.get("text", "").strip())
 
 
 def train_spm(

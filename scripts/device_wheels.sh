@@ -19,7 +19,8 @@
 # `pip install --dry-run` for the device's platform finds all of them; the size of what travels
 # (this tree's tracked and untracked-not-ignored files plus .whl/) is under the device's 64 MiB.
 #
-#   bash scripts/device_wheels.sh   # seconds with a warm pip cache: fetches ~4.6 MiB, builds deepspeed
+#   bash scripts/device_wheels.sh   # seconds with a warm pip cache: fetches ~4.6 MiB,
+#                                   # builds deepspeed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,7 +60,8 @@ MAX_TRAVEL_MIB=56  # the device's limit is 64 MiB; keep room for files other eng
 declare -a pins
 for name in "${CARRIED[@]}"; do
   version=$("$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$name") \
-    || { echo "$name is not installed in .venv: run scripts/setup.sh, or drop it from CARRIED" >&2; exit 1; }
+    || { echo "$name is not installed in .venv:" \
+           "run scripts/setup.sh, or drop it from CARRIED" >&2; exit 1; }
   pins+=("$name==$version")
 done
 
@@ -76,7 +78,8 @@ echo "[wheels] building $ds_pin (DS_BUILD_OPS=0: pure Python, ops JIT-compile on
 # build of no ops, where an isolated build would download a CUDA torch of several GB.
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$stage" "$ds_pin" \
   > "$stage/.deepspeed_build.log" 2>&1 \
-  || { tail -30 "$stage/.deepspeed_build.log" >&2; echo "deepspeed wheel build failed (log above)" >&2; exit 1; }
+  || { tail -30 "$stage/.deepspeed_build.log" >&2
+       echo "deepspeed wheel build failed (log above)" >&2; exit 1; }
 rm "$stage/.deepspeed_build.log"
 
 echo "[wheels] checking tags, one version each, and every requirement"
@@ -133,12 +136,14 @@ for wheel in sorted(stage.glob("*.whl")):
                 errors.append(f"{name} needs {req}, but the image has {dep}=={known}: carry it")
         else:
             errors.append(f"{name} needs {req}: neither carried nor in the image; add it to "
-                          "CARRIED (if the image lacks it) or IMAGE_HAS in scripts/device_wheels.sh")
+                          "CARRIED (if the image lacks it) or IMAGE_HAS in "
+                          "scripts/device_wheels.sh")
 missing = sorted(set(wanted) - set(found))
 errors += [f"no wheel of {name} was fetched" for name in missing]
 if errors:
     sys.exit("device wheels:\n  " + "\n  ".join(errors))
-print(f"[wheels] {len(found)} wheels, each for the device, every requirement carried or in the image")
+print(f"[wheels] {len(found)} wheels, each for the device, "
+      "every requirement carried or in the image")
 EOF
 
 echo "[wheels] offline dry run of the device's install"
@@ -151,11 +156,12 @@ rm -rf .whl && mv "$stage" .whl
 echo "[wheels] .whl/:"
 ls -l .whl | awk 'NR > 1 {printf "  %8.2f MiB  %s\n", $5 / 2^20, $9}'
 wheels_bytes=$(du -cb .whl/*.whl | tail -1 | cut -f1)
-tree_bytes=$(git ls-files -z -co --exclude-standard | xargs -0 du -cb 2>/dev/null | awk '$2 == "total" {s += $1} END {print s + 0}')
+tree_bytes=$(git ls-files -z -co --exclude-standard | xargs -0 du -cb 2>/dev/null \
+  | awk '$2 == "total" {s += $1} END {print s + 0}')
 total=$((wheels_bytes + tree_bytes))
 awk -v w="$wheels_bytes" -v t="$tree_bytes" -v s="$total" 'BEGIN {
-  printf "[wheels] wheels %.2f MiB + working tree %.2f MiB = %.2f MiB travel (device limit 64 MiB)\n",
-    w / 2^20, t / 2^20, s / 2^20 }'
+  sizes = "[wheels] wheels %.2f MiB + working tree %.2f MiB = %.2f MiB travel"
+  printf sizes " (device limit 64 MiB)\n", w / 2^20, t / 2^20, s / 2^20 }'
 if ((total > MAX_TRAVEL_MIB * 1024 * 1024)); then
   echo "what travels is over $MAX_TRAVEL_MIB MiB: drop wheels or ignore large untracked files" >&2
   exit 1

