@@ -79,7 +79,8 @@ def test_skip_keeps_ranks_in_step_and_reports_the_skipped_samples(shards):
         keys = keys_of([batch for _, batch in batches])
         assert not set(keys) & set(lost)
         if report.shards:      # the rank that read it, once per epoch
-            assert [(d.url, d.skipped) for d in report.shards] == [(str(directory / DAMAGED), 4)] * 2
+            assert ([(d.url, d.skipped) for d in report.shards]
+                    == [(str(directory / DAMAGED), 4)] * 2)
             assert report.summary() == (f"[colld] data.on_bad_shard skip: 8 samples of 1 damaged "
                                         f"shard(s) were skipped: {directory / DAMAGED} (8)")
         else:
@@ -134,5 +135,6 @@ def test_shard_damaged_between_phases_of_a_two_rank_run(tmp_path):
     assert (f"[colld] data.on_bad_shard skip: 5 samples of 1 damaged shard(s) were skipped: "
             f"{tmp_path / 'shards' / DAMAGED} (5)") in skipped.stderr, skipped.stderr[-3000:]
     assert "remaining samples of damaged shard" in skipped.stderr
-    rows = [json.loads(line) for line in (tmp_path / "run-skip" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run-skip" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 13))

@@ -29,11 +29,13 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     teacher_dir = make_tiny_teacher("xlsr", str(root / "xlsr"))
     audio = str(root / "audio")
-    write_audio_shards(generate_utterances(12, 3, 0.4, 1.2, ("en", "de")), audio, max_count=4, progress=False)
+    write_audio_shards(generate_utterances(12, 3, 0.4, 1.2, ("en", "de")), audio, max_count=4,
+                       progress=False)
     cache = str(root / "cache")
     paths = cache_teacher(audio, teacher_dir, LAYERS, cache, batch_size=3, progress=False)
     teacher = load_teacher(teacher_dir, LAYERS)
-    return {"teacher_dir": teacher_dir, "teacher": teacher, "audio": audio, "cache": cache, "paths": paths}
+    return {"teacher_dir": teacher_dir, "teacher": teacher, "audio": audio, "cache": cache,
+            "paths": paths}
 
 
 def whole(teacher, wave):
@@ -48,31 +50,36 @@ def identity(setup):
 
 def test_cache_holds_the_teachers_features(setup):
     teacher = setup["teacher"]
-    assert padding_invariant(teacher, np.random.default_rng(0).standard_normal(8000).astype(np.float32))
+    noise = np.random.default_rng(0).standard_normal(8000).astype(np.float32)
+    assert padding_invariant(teacher, noise)
     audio_names = sorted(n for n in os.listdir(setup["audio"]) if n.endswith(".tar"))
     assert [os.path.basename(p) for p in setup["paths"]] == audio_names
     n = 0
     for path, audio_path in zip(setup["paths"], audio_names):
         audio_samples = list(read_samples([os.path.join(setup["audio"], audio_path)]))
         for sample, audio_sample in zip(read_samples([path]), audio_samples, strict=True):
-            assert sample["__key__"] == audio_sample["__key__"] and sample["flac"] == audio_sample["flac"]
+            assert sample["__key__"] == audio_sample["__key__"]
+            assert sample["flac"] == audio_sample["flac"]
             meta = json.loads(sample["json"])
             wave = decode_wave(sample)
             expected = whole(teacher, wave)
-            assert meta["teacher"] == {**teacher.identity, "frame_stride": 320, "receptive_field": 400,
-                                       "codec": "fp16",
-                                       "num_frames": int(teacher.num_frames(torch.tensor(wave.shape[0])))}
+            num_frames = int(teacher.num_frames(torch.tensor(wave.shape[0])))
+            assert meta["teacher"] == {**teacher.identity, "frame_stride": 320,
+                                       "receptive_field": 400, "codec": "fp16",
+                                       "num_frames": num_frames}
             for layer, ref in zip(LAYERS, expected):
                 cached = np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.npy"]))
                 assert cached.dtype == np.float16 and cached.shape == ref.shape
-                np.testing.assert_allclose(cached.astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+                np.testing.assert_allclose(cached.astype(np.float32), ref, rtol=2e-3,
+                                           atol=2e-3 * np.abs(ref).max())
             n += 1
     assert n == 12
 
 
 def test_cache_resumes_and_splits_by_rank(setup, tmp_path, capsys):
     out = str(tmp_path / "cache")
-    first = cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, rank=1, world_size=2, progress=False)
+    first = cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, rank=1, world_size=2,
+                          progress=False)
     assert [os.path.basename(p) for p in first] == ["train-000001.tar"]
     assert sorted(os.listdir(out)) == ["shardindex.json", "train-000001.tar"]   # no lock left
     paths = cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, progress=False)
@@ -84,10 +91,12 @@ def test_cache_resumes_and_splits_by_rank(setup, tmp_path, capsys):
     cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, progress=False)
     assert "cached 1 shards (2 already done)" in capsys.readouterr().out
     assert [os.stat(p).st_mtime_ns for p in paths[:2]] == mtimes[:2]
-    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == [os.path.basename(p) for p in paths]
+    written = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    assert written == [os.path.basename(p) for p in paths]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     with pytest.raises(ValueError, match=r"existing cache shard .*train-000000.tar"):  # other kind
-        cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, target_kind="ffn", progress=False)
+        cache_teacher(setup["audio"], setup["teacher_dir"], LAYERS, out, target_kind="ffn",
+                      progress=False)
 
 
 def test_stream_refuses_a_cache_of_another_teacher(setup):
@@ -174,7 +183,8 @@ def test_inspect_shows_the_teacher_and_flags_a_bad_array(setup, tmp_path, capsys
     DataPrep().inspect(setup["cache"])
     printed = capsys.readouterr().out
     assert "3 shards, 12 samples" in printed and "all members valid" in printed
-    assert ".l04.layer_output.npy: float16 (T, 32)" in printed and identity(setup)["config_hash"] in printed
+    assert ".l04.layer_output.npy: float16 (T, 32)" in printed
+    assert identity(setup)["config_hash"] in printed
     bad = str(tmp_path / "bad-000000.tar")
     with TarWriter(bad) as writer:
         for i, sample in enumerate(read_samples([setup["paths"][0]])):

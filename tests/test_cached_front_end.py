@@ -49,7 +49,8 @@ def teacher_and_cache(root, audio, family, front_end=True, num_layers=2):
 
 
 def frozen_copy(teacher, num_layers=2):
-    student = build_student(teacher, num_layers, init_from_teacher_layers=list(range(1, num_layers + 1)))
+    student = build_student(teacher, num_layers,
+                            init_from_teacher_layers=list(range(1, num_layers + 1)))
     student.freeze_front_end()
     return student.eval()  # no dropout: the two forwards must see the same computation
 
@@ -58,7 +59,8 @@ def frozen_copy(teacher, num_layers=2):
 # batch; the others a padded batch of 3, which checks the frame attention mask too.
 @pytest.mark.parametrize("family,batch_size", [("xlsr", 3), ("data2vec", 3), ("whisper", 3),
                                                ("wav2vec2", 1), ("hubert", 1)])
-def test_student_from_cached_front_end_equals_student_from_audio(tmp_path, audio, family, batch_size):
+def test_student_from_cached_front_end_equals_student_from_audio(tmp_path, audio, family,
+                                                                 batch_size):
     teacher, cache = teacher_and_cache(tmp_path, audio, family)
     student = frozen_copy(teacher)
     student.check_cached_front_end(teacher, WINDOW)
@@ -75,8 +77,9 @@ def test_student_from_cached_front_end_equals_student_from_audio(tmp_path, audio
                 reference = student(batch.wave, batch.wave_lengths, mask).hidden
                 cached = student(batch.wave, batch.wave_lengths, mask,
                                  front_end_features=batch.front_end_features).hidden
+                rolled = batch.front_end_features.roll(1, dims=1)
                 shifted = student(batch.wave, batch.wave_lengths, mask,
-                                  front_end_features=batch.front_end_features.roll(1, dims=1)).hidden
+                                  front_end_features=rolled).hidden
             for k, (ref, got, off) in enumerate(zip(reference, cached, shifted, strict=True)):
                 scale = float(ref.abs().max())
                 torch.testing.assert_close(got, ref, rtol=0, atol=3e-3 * scale,
@@ -97,7 +100,8 @@ def test_cache_round_trip_shapes_padding_and_identity(tmp_path, audio, capsys):
         with torch.no_grad():  # the conv front end called directly, no hook: (1, C, T)
             ref = teacher.model.feature_extractor(inputs["input_values"])[0].T.numpy()
         assert array.dtype == np.float16 and array.shape == ref.shape == (meta["num_frames"], 16)
-        np.testing.assert_allclose(array.astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+        np.testing.assert_allclose(array.astype(np.float32), ref, rtol=2e-3,
+                                   atol=2e-3 * np.abs(ref).max())
         layer1 = np.load(io.BytesIO(sample["l01.layer_output.npy"]))
         full[sample["__key__"]] = (layer1, array)
 
@@ -111,11 +115,13 @@ def test_cache_round_trip_shapes_padding_and_identity(tmp_path, audio, capsys):
         for b, key in enumerate(batch.keys):
             t = int(batch.frame_lengths[b])
             layer1, front = full[key]
+            batch_layer1 = batch.teacher_features[0][b, :t].numpy()
             starts = [f0 for f0 in range(layer1.shape[0] - t + 1)
-                      if np.array_equal(layer1[f0 : f0 + t], batch.teacher_features[0][b, :t].numpy())]
+                      if np.array_equal(layer1[f0 : f0 + t], batch_layer1)]
             f0 = starts[0]  # where the layers were cut: the front end is cut there too
             cropped += f0 > 0
-            np.testing.assert_array_equal(batch.front_end_features[b, :t].numpy(), front[f0 : f0 + t])
+            np.testing.assert_array_equal(batch.front_end_features[b, :t].numpy(),
+                                          front[f0 : f0 + t])
             assert not batch.front_end_features[b, t:].any()  # zero padding
     assert cropped > 0
     assert batch.to("meta").front_end_features.device.type == "meta"
@@ -127,7 +133,8 @@ def test_cache_round_trip_shapes_padding_and_identity(tmp_path, audio, capsys):
     capsys.readouterr()
     cache_teacher(audio, teacher.path, [1, 2], cache, progress=False, front_end=True)
     assert "cached 0 shards (2 already done)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"written with front_end=True, this run has front_end=False"):
+    with pytest.raises(ValueError,
+                       match=r"written with front_end=True, this run has front_end=False"):
         cache_teacher(audio, teacher.path, [1, 2], cache, progress=False)
 
 
@@ -155,15 +162,18 @@ def test_start_of_run_errors(tmp_path, audio):
     student.check_cached_front_end(teacher, 4.0)
     with torch.no_grad():  # e.g. a checkpoint of a run whose front end trained
         student.model.feature_extractor.conv_layers[3].conv.weight[0, 0, 0] += 1e-3
-    with pytest.raises(ValueError, match=r"not the teacher's \(feature_extractor: \['conv_layers.3.conv.weight'\]"):
+    with pytest.raises(ValueError, match=r"not the teacher's "
+                                         r"\(feature_extractor: \['conv_layers.3.conv.weight'\]"):
         student.check_cached_front_end(teacher, 4.0)
 
-    whisper = load_teacher(make_tiny_teacher("whisper", str(tmp_path / "whisper")), [1], window_seconds=WINDOW)
+    whisper = load_teacher(make_tiny_teacher("whisper", str(tmp_path / "whisper")), [1],
+                           window_seconds=WINDOW)
     narrow = build_student(whisper, 1, hidden_size=16)  # conv2 cannot be copied: random
     narrow.freeze_front_end()
     with pytest.raises(ValueError, match=r"conv1: \['bias', 'weight'\] differ"):
         narrow.check_cached_front_end(whisper, WINDOW)
-    with pytest.raises(ValueError, match=r"data.max_seconds 2 is shorter than the Whisper window \(4 s\)"):
+    with pytest.raises(ValueError,
+                       match=r"data.max_seconds 2 is shorter than the Whisper window \(4 s\)"):
         frozen_copy(whisper, 1).check_cached_front_end(whisper, 2.0)
 
     w2v_bert = load_teacher(make_tiny_teacher("w2v-bert", str(tmp_path / "w2v-bert")), [1])
@@ -224,7 +234,8 @@ def test_colld_train_with_cached_front_end_under_zero3(tmp_path, audio):
 
     done = colld_train(cache, tmp_path / "run")
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(np.isfinite(row["loss/total"]) for row in rows)
     refused = colld_train(plain_cache, tmp_path / "refused")

@@ -40,7 +40,8 @@ def test_command_line_booleans():
     ({"objective.temperature": 0}, "objective.temperature: must be > 0"),
     ({"student.init_from_teacher_layers": [1]}, "student.init_from_teacher_layers"),
     ({"layer_map.teacher_layers": [[1]]}, "layer_map.teacher_layers: needs one list per"),
-    ({"masking.mask_prob": 0.0, "objective.anchor_frames": "masked"}, "scores masked frames only; it needs > 0 (or objective.anchor_frames all"),
+    ({"masking.mask_prob": 0.0, "objective.anchor_frames": "masked"},
+     "scores masked frames only; it needs > 0 (or objective.anchor_frames all"),
     ({"objective.anchor_frames": "some"}, "objective.anchor_frames: .some. is not allowed"),
     ({"run.offload_optimizer": True, "run.zero_stage": 1}, "run.offload_optimizer"),
 ])

@@ -72,7 +72,8 @@ def test_shards_are_atomic_and_resume_skips_complete_ones(tmp_path):
     calls = []
     assert write_audio_shards(lazy_samples(20, calls), out, max_count=8, progress=False) == paths
     assert calls == keys_before[1]  # only the missing shard's audio was encoded
-    assert [os.stat(p).st_mtime_ns for p in (paths[0], paths[2])] == [mtimes[paths[0]], mtimes[paths[2]]]
+    untouched = (paths[0], paths[2])
+    assert [os.stat(p).st_mtime_ns for p in untouched] == [mtimes[p] for p in untouched]
     assert [[s["__key__"] for s in read_samples([p])] for p in paths] == keys_before
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
@@ -86,13 +87,15 @@ def test_shard_sample_format(tmp_path):
     assert sr == SAMPLE_RATE and wave.shape == sample["wave"].shape
     np.testing.assert_allclose(wave, sample["wave"], atol=1 / 32767)
     meta = json.loads(raw["json"])
-    assert meta["utt_id"] == sample["utt_id"] and meta["lang"] == "de" and meta["text"] == sample["text"]
+    assert meta["utt_id"] == sample["utt_id"] and meta["lang"] == "de"
+    assert meta["text"] == sample["text"]
     assert meta["phones"] == sample["phones"] and meta["sample_rate"] == SAMPLE_RATE
     assert meta["duration"] == pytest.approx(len(sample["wave"]) / SAMPLE_RATE)
 
 
 @pytest.mark.parametrize(
-    "wave", [np.zeros(0, np.float32), np.array([0.1, np.nan], np.float32), np.array([np.inf], np.float32)]
+    "wave",
+    [np.zeros(0, np.float32), np.array([0.1, np.nan], np.float32), np.array([np.inf], np.float32)],
 )
 def test_writer_rejects_bad_waves_naming_the_utterance(tmp_path, wave):
     sample = {"utt_id": "bad_utt_7", "wave": wave, "lang": "xx", "text": ""}
@@ -128,7 +131,8 @@ def test_load_audio_error_names_the_file(tmp_path):
 
 def test_two_ranks_two_workers_see_every_key_once(shard_dir):
     streams = [
-        AudioBatchStream(shard_dir, batch_size=3, seed=5, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)
+        AudioBatchStream(shard_dir, batch_size=3, seed=5, rank=r, world_size=2, num_workers=2,
+                         shuffle_buffer=4)
         for r in range(2)
     ]
     assert streams[0].epoch_length(0) == streams[1].epoch_length(0) == 8  # 24 samples per rank
@@ -177,7 +181,8 @@ def test_same_settings_same_batches_and_epochs_reshuffle(shard_dir):
 
 def test_crop_padding_and_lengths(shard_dir):
     def make(max_seconds):
-        return AudioBatchStream(shard_dir, batch_size=4, max_seconds=max_seconds, seed=3, shuffle_buffer=6)
+        return AudioBatchStream(shard_dir, batch_size=4, max_seconds=max_seconds, seed=3,
+                                shuffle_buffer=6)
 
     cropped, full = take(make(0.75), 12), take(make(None), 12)
     assert keys_of(cropped) == keys_of(full)
@@ -190,7 +195,8 @@ def test_crop_padding_and_lengths(shard_dir):
             assert not row[length:].any() and not orig[orig_len:].any()  # zero padding
             seg, orig = row[:length].numpy(), orig[:orig_len].numpy()
             starts = [o for o in range(len(orig) - length + 1) if orig[o] == seg[0]]
-            assert any(np.array_equal(orig[o : o + length], seg) for o in starts)  # a contiguous crop
+            # a contiguous crop
+            assert any(np.array_equal(orig[o : o + length], seg) for o in starts)
             n_cropped += int(orig_len) > 12000
     assert n_cropped > 0
 
@@ -198,14 +204,18 @@ def test_crop_padding_and_lengths(shard_dir):
 def test_batch_moves_and_pickles():
     batch = Batch(torch.zeros(2, 5), torch.tensor([5, 3]), ["a", "b"], ["en", "de"])
     moved = pickle.loads(pickle.dumps(batch)).to("cpu")
-    assert torch.equal(moved.wave, batch.wave) and moved.keys == ["a", "b"] and moved.langs == ["en", "de"]
+    assert torch.equal(moved.wave, batch.wave)
+    assert moved.keys == ["a", "b"] and moved.langs == ["en", "de"]
 
 
 def test_uneven_shards_give_equal_steps_per_rank(tmp_path):
     out = str(tmp_path)
-    write_audio_shards(generate_utterances(10, 0, 0.2, 0.4), out, prefix="a", max_count=5, progress=False)
-    write_audio_shards(generate_utterances(7, 1, 0.2, 0.4), out, prefix="b", max_count=4, progress=False)
-    streams = [AudioBatchStream(out, batch_size=2, rank=r, world_size=2, shuffle_buffer=0) for r in range(2)]
+    write_audio_shards(generate_utterances(10, 0, 0.2, 0.4), out, prefix="a", max_count=5,
+                       progress=False)
+    write_audio_shards(generate_utterances(7, 1, 0.2, 0.4), out, prefix="b", max_count=4,
+                       progress=False)
+    streams = [AudioBatchStream(out, batch_size=2, rank=r, world_size=2, shuffle_buffer=0)
+               for r in range(2)]
     for epoch in range(3):  # shard sizes 5, 5, 4, 3: ranks get different sample counts
         lengths = {s.epoch_length(epoch) for s in streams}
         assert len(lengths) == 1

@@ -104,7 +104,8 @@ def test_dynamic_batches_fit_the_budget_with_padding_and_lengths(shard_dir):
         B, S = batch.wave.shape
         assert B * S <= 3.0 * SAMPLE_RATE and S == int(batch.wave_lengths.max())
         for row, key, n in zip(batch.wave, batch.keys, batch.wave_lengths.tolist()):
-            assert n == min(lengths[key], 2 * SAMPLE_RATE) and not row[n:].any() and row[:n].abs().sum() > 0
+            assert n == min(lengths[key], 2 * SAMPLE_RATE)
+            assert not row[n:].any() and row[:n].abs().sum() > 0
 
 
 def test_an_utterance_longer_than_the_budget_forms_a_batch_alone(shard_dir):
@@ -112,11 +113,13 @@ def test_an_utterance_longer_than_the_budget_forms_a_batch_alone(shard_dir):
     batches = take(stream, stream.epoch_length(0))
     long = [b for b in batches if int(b.wave_lengths.max()) > SAMPLE_RATE]
     assert long and all(len(b.keys) == 1 for b in long)
-    assert all(b.wave.numel() <= SAMPLE_RATE for b in batches if int(b.wave_lengths.max()) <= SAMPLE_RATE)
+    assert all(b.wave.numel() <= SAMPLE_RATE
+               for b in batches if int(b.wave_lengths.max()) <= SAMPLE_RATE)
 
 
 def test_two_ranks_two_workers_equal_steps_plan_and_accounting(shard_dir):
-    with pytest.warns(UserWarning, match=r"epoch 0: every worker yields \d+ batches.* \d+ of 48 utterances \(\d"):
+    with pytest.warns(UserWarning, match=r"epoch 0: every worker yields \d+ batches"
+                                         r".* \d+ of 48 utterances \(\d"):
         streams = [dynamic(shard_dir, rank=r, world_size=2, num_workers=2) for r in range(2)]
     length = streams[0].epoch_length(0)
     assert streams[1].epoch_length(0) == length
@@ -133,11 +136,13 @@ def test_two_ranks_two_workers_equal_steps_plan_and_accounting(shard_dir):
         dropped += [k for worker in plan for batch in worker[n:] for k in batch]
     all_keys = {f"gen4-{i:06d}" for i in range(48)}
     assert len(yielded) + len(dropped) == 48 and set(yielded) | set(dropped) == all_keys
-    assert (accounting.used, accounting.dropped, accounting.sat_out) == (len(yielded), len(dropped), 0)
+    assert ((accounting.used, accounting.dropped, accounting.sat_out)
+            == (len(yielded), len(dropped), 0))
     assert dropped  # uneven plans: the check above is not vacuous
 
 
-@pytest.mark.parametrize("rank,world_size,num_workers,k", [(0, 1, 0, 4), (1, 2, 2, 3), (0, 1, 2, 7)])
+@pytest.mark.parametrize("rank,world_size,num_workers,k",
+                         [(0, 1, 0, 4), (1, 2, 2, 3), (0, 1, 2, 7)])
 def test_dynamic_resume_is_exact(shard_dir, rank, world_size, num_workers, k):
     def make():
         return dynamic(shard_dir, rank=rank, world_size=world_size, num_workers=num_workers)
@@ -206,8 +211,10 @@ def test_index_and_header_scan_give_the_same_batches(shard_dir, tmp_path):
 
 def test_local_shards_missing_from_the_index_are_scanned(shard_dir, tmp_path):
     extra = str(tmp_path / "extra")
-    write_audio_shards(generate_utterances(4, 9, 0.3, 1.0), extra, prefix="extra", max_count=2, progress=False)
-    urls = [f"{shard_dir}/train-00000{i}.tar" for i in range(2)] + [f"{extra}/extra-00000{i}.tar" for i in range(2)]
+    write_audio_shards(generate_utterances(4, 9, 0.3, 1.0), extra, prefix="extra", max_count=2,
+                       progress=False)
+    urls = ([f"{shard_dir}/train-00000{i}.tar" for i in range(2)]
+            + [f"{extra}/extra-00000{i}.tar" for i in range(2)])
     stream = dynamic(urls)  # the index beside the first shard has no extra-*.tar
     for url in urls:
         lengths = decoded_lengths(url)
@@ -220,7 +227,8 @@ def test_a_stale_index_is_refused_naming_the_shard(shard_dir, tmp_path):
     copy = str(tmp_path / "copy")
     shutil.copytree(shard_dir, copy)
     shutil.copy(os.path.join(copy, "train-000001.tar"), os.path.join(copy, "train-000000.tar"))
-    with pytest.raises(ValueError, match=r"shard index .*shardindex.json .*train-000000.tar.*colld prep index"):
+    with pytest.raises(ValueError,
+                       match=r"shard index .*shardindex.json .*train-000000.tar.*colld prep index"):
         dynamic(copy)
     # a pipe: shard has no size to check: the stream notices the other keys
     stream = dynamic(f"pipe:cat {copy}/{NAMES}", shard_index=os.path.join(copy, SHARD_INDEX),
@@ -234,8 +242,8 @@ def test_a_stale_index_is_refused_naming_the_shard(shard_dir, tmp_path):
 
 def test_pipe_shards_with_an_index_stream_the_same_samples(shard_dir):
     local = dynamic(shard_dir, num_workers=2)
-    piped = dynamic(f"pipe:cat {shard_dir}/{NAMES}", shard_index=os.path.join(shard_dir, SHARD_INDEX),
-                    num_workers=2)
+    piped = dynamic(f"pipe:cat {shard_dir}/{NAMES}",
+                    shard_index=os.path.join(shard_dir, SHARD_INDEX), num_workers=2)
     assert piped.epoch_length(0) == local.epoch_length(0)
     for a, b in zip(take(local, 10), take(piped, 10)):
         assert a.keys == b.keys and torch.equal(a.wave, b.wave)
@@ -253,7 +261,8 @@ def http_dir(shard_dir, tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    handler = functools.partial(Quiet, directory=served)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", served
@@ -264,7 +273,8 @@ def http_dir(shard_dir, tmp_path):
 def test_http_shards_find_the_index_beside_them(shard_dir, http_dir):
     url, _ = http_dir
     local, remote = dynamic(shard_dir), dynamic(f"{url}/{NAMES}")
-    assert remote.shards[f"{url}/train-000003.tar"].keys == local.shards[f"{shard_dir}/train-000003.tar"].keys
+    assert (remote.shards[f"{url}/train-000003.tar"].keys
+            == local.shards[f"{shard_dir}/train-000003.tar"].keys)
     for a, b in zip(take(local, 8), take(remote, 8)):
         assert a.keys == b.keys and torch.equal(a.wave, b.wave)
 
@@ -272,9 +282,11 @@ def test_http_shards_find_the_index_beside_them(shard_dir, http_dir):
 def test_streamed_shards_without_an_index_are_refused_with_the_fix(shard_dir, http_dir):
     url, served = http_dir
     os.remove(os.path.join(served, SHARD_INDEX))
-    with pytest.raises(ValueError, match=r"cannot read shard index http://.*/shardindex.json[\s\S]*data.shard_index"):
+    with pytest.raises(ValueError, match=r"cannot read shard index http://.*/shardindex.json"
+                                         r"[\s\S]*data.shard_index"):
         dynamic(f"{url}/{NAMES}")
-    with pytest.raises(ValueError, match=r"no shard index found for pipe:cat .*train-0000..\.tar.*data.shard_index"):
+    with pytest.raises(ValueError, match=r"no shard index found for pipe:cat "
+                                         r".*train-0000..\.tar.*data.shard_index"):
         dynamic(f"pipe:cat {shard_dir}/{NAMES}")
     os.remove(os.path.join(served, "train-000001.tar"))  # a shard the index lists is gone
     stream = dynamic(f"{url}/{NAMES}", shard_index=os.path.join(shard_dir, SHARD_INDEX))

@@ -79,7 +79,8 @@ def test_stale_cache_says_what_to_do_instead_of_running_the_same_command(assets)
 
 def test_no_shards_matched_gives_the_pattern_and_how_to_check(assets):
     line = one_error_line(run(assets, "prep", "inspect", "data/train-*.tar"))
-    assert line.startswith("colld: error: no shards matched data/train-*.tar: give a directory"), line
+    expected = "colld: error: no shards matched data/train-*.tar: give a directory"
+    assert line.startswith(expected), line
     assert f"relative to {assets}" in line and "check it with `ls data/train-*.tar`" in line
 
 

@@ -75,7 +75,8 @@ def test_a_student_that_is_the_teacher_scores_above_random(trained_run):
 
 
 def test_eval_command_writes_table_json_and_heatmap(trained_run, tmp_path, capsys):
-    cli.eval(str(trained_run["root"] / "run"), trained_run["heldout"], out_dir=str(tmp_path), threads=1)
+    cli.eval(str(trained_run["root"] / "run"), trained_run["heldout"], out_dir=str(tmp_path),
+             threads=1)
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "fidelity.json").read_text())
     assert set(report["models"]) == {"trained", "random", "init"}
@@ -164,7 +165,8 @@ def test_loss_curves_from_tensorboard_after_a_resume_and_from_jsonl(tmp_path):
 def test_fidelity_refuses_a_teacher_without_all_layers(trained_run):
     teacher = load_teacher(trained_run["teacher"], [2, 4])
     with pytest.raises(ValueError, match="all its layers"):
-        fidelity({}, teacher, [], [EvalBatch(torch.zeros(1, SAMPLE_RATE), torch.tensor([SAMPLE_RATE]))])
+        silence = EvalBatch(torch.zeros(1, SAMPLE_RATE), torch.tensor([SAMPLE_RATE]))
+        fidelity({}, teacher, [], [silence])
 
 
 def test_head_cosine_is_to_what_the_heads_were_trained_on():

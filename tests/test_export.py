@@ -99,7 +99,8 @@ def test_windowed_whisper_export_carries_its_window(tmp_path):
     assert report["ok"]
     extractor = WhisperFeatureExtractor.from_pretrained(tmp_path / "hf")
     wave = 0.1 * torch.randn(24_000, generator=torch.Generator().manual_seed(0))
-    features = extractor(wave.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    features = extractor(wave.numpy(), sampling_rate=SAMPLE_RATE,
+                         return_tensors="pt").input_features
     assert features.shape[-1] == 200                            # 2 s of 10 ms log-mel frames
     ours, _ = student.front_end(wave[None], torch.tensor([24_000]))   # colld's log-mel front end
     assert (ours["input_features"] - features).abs().max() <= 1e-4

@@ -382,7 +382,8 @@ def _resume_and_compare(train_assets, source, out_dir, expected_checkpoint, refe
 
 def test_killed_rank_then_resume_auto_matches_uninterrupted(train_assets, killed, reference):
     latest = complete_checkpoints(killed / "checkpoints")[-1]
-    _resume_and_compare(train_assets, killed, train_assets["root"] / "killed-resumed", latest, reference)
+    _resume_and_compare(train_assets, killed, train_assets["root"] / "killed-resumed", latest,
+                        reference)
 
 
 def test_corrupt_latest_after_kill_resumes_from_previous(train_assets, killed, reference):
@@ -468,4 +469,5 @@ def test_sigterm_to_one_rank_stops_all_at_a_checkpoint_of_that_step(train_assets
     assert stopped < MAX_STEPS, "the signal came too late"
     latest = complete_checkpoints(out_dir / "checkpoints")[-1]
     assert json.loads((latest / COMPLETE_MARKER).read_text())["step"] == stopped
-    _resume_and_compare(train_assets, out_dir, train_assets["root"] / "sigterm-resumed", latest, reference)
+    _resume_and_compare(train_assets, out_dir, train_assets["root"] / "sigterm-resumed", latest,
+                        reference)

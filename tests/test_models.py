@@ -341,7 +341,8 @@ def test_student_of_half_precision_teacher_gets_exact_fp32_weights(tiny):
         s_state["encoder.layers.0.attention.q_proj.weight"],
         fp32_state["encoder.layers.1.attention.q_proj.weight"],
     )
-    assert torch.equal(s_state["encoder.layer_norm.weight"], fp32_state["encoder.layer_norm.weight"])
+    assert torch.equal(s_state["encoder.layer_norm.weight"],
+                       fp32_state["encoder.layer_norm.weight"])
 
 
 def test_whisper_is_a_registered_family(tmp_path):

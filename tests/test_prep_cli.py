@@ -44,10 +44,11 @@ def manifest(tmp_path):
     (audio / "corrupt.wav").write_bytes(b"RIFF\x00\x00 this is not audio")
     sf.write(audio / "empty.wav", np.zeros(0, np.float32), SAMPLE_RATE)
     sf.write(audio / "short.wav", tone(0.1), SAMPLE_RATE)
-    sf.write(audio / "nan.wav", np.array([0.1, np.nan] * 8000, np.float32), SAMPLE_RATE, subtype="FLOAT")
+    sf.write(audio / "nan.wav", np.array([0.1, np.nan] * 8000, np.float32), SAMPLE_RATE,
+             subtype="FLOAT")
     sf.write(audio / "long.wav", tone(3.0), SAMPLE_RATE)
-    names = ["good_a.wav", "corrupt.wav", "good_b.flac", "empty.wav", "stereo44k.wav", "missing.wav",
-             "short.wav", "good_c.wav", "nan.wav", "long.wav", "good_d.wav"]
+    names = ["good_a.wav", "corrupt.wav", "good_b.flac", "empty.wav", "stereo44k.wav",
+             "missing.wav", "short.wav", "good_c.wav", "nan.wav", "long.wav", "good_d.wav"]
     path = tmp_path / "manifest.tsv"
     with open(path, "w") as f:
         f.write("path\ttext\tlang\n")
@@ -140,7 +141,8 @@ def test_killed_make_shards_resumes_without_rewriting(manifest, tmp_path, monkey
 
     decoded = []
     load = data_prep.manifest.load_audio
-    monkeypatch.setattr(data_prep.manifest, "load_audio", lambda p: decoded.append(os.path.basename(p)) or load(p))
+    monkeypatch.setattr(data_prep.manifest, "load_audio",
+                        lambda p: decoded.append(os.path.basename(p)) or load(p))
     again, again_keys = make(manifest, out)
     assert again == paths and again_keys == keys
     assert [os.stat(p).st_mtime_ns for p in paths[:-1]] == mtimes[:-1]
@@ -173,7 +175,8 @@ def test_inspect_reports_and_flags_a_corrupt_member(manifest, tmp_path, capsys):
     DataPrep().inspect(out)
     printed = capsys.readouterr().out
     assert "3 shards, 5 samples" in printed and "all members valid" in printed
-    assert "de: 4 samples" in printed and "en: 1 samples" in printed and f".flac: flac audio, {SAMPLE_RATE} Hz mono" in printed
+    assert "de: 4 samples" in printed and "en: 1 samples" in printed
+    assert f".flac: flac audio, {SAMPLE_RATE} Hz mono" in printed
 
     samples = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples([paths[0]])]
     samples[1]["flac"] = samples[1]["flac"][:40] + b"garbage" * 10
@@ -184,14 +187,16 @@ def test_inspect_reports_and_flags_a_corrupt_member(manifest, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         DataPrep().inspect(bad)
     assert f"{bad}: {samples[1]['__key__']}.flac" in str(info.value.code)
-    result = subprocess.run([sys.executable, "-m", "data_prep.cli", "inspect", bad], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "data_prep.cli", "inspect", bad],
+                            capture_output=True, text=True)
     assert result.returncode == 1 and "1 invalid members" in result.stderr
 
 
 def test_spm_trains_on_manifest_transcripts(manifest, tmp_path, capsys):
     model = DataPrep().spm(manifest, str(tmp_path / "spm" / "m"), vocab_size=20)
     assert "sentences per language: de 6, en 5" in capsys.readouterr().out
-    pieces = sentencepiece.SentencePieceProcessor(model_file=model).encode("sentence 3", out_type=str)
+    processor = sentencepiece.SentencePieceProcessor(model_file=model)
+    pieces = processor.encode("sentence 3", out_type=str)
     assert "".join(pieces).replace("\u2581", "") == "sentence3"
 
 

@@ -89,7 +89,8 @@ def test_real_shard_set_holds_both_recordings_whole_in_window_chunks(real_shards
     arctic, rate_a = sf.read(io.BytesIO(read_member("pysptk/arctic_a0007.wav")), dtype="int16")
     assert (rate_p, rate_a) == (SAMPLE_RATE, SAMPLE_RATE)
     total_seconds = sum(m["duration"] for m in metas.values())
-    assert abs(total_seconds - (30.0 + arctic.size / SAMPLE_RATE)) <= 0.02     # within a 20 ms frame
+    # within a 20 ms frame
+    assert abs(total_seconds - (30.0 + arctic.size / SAMPLE_RATE)) <= 0.02
     chunk_keys = [k for k in waves if k.startswith("pyannote_")]        # in file order = time
     assert len(chunk_keys) == 4                                          # 30 s / 8 s -> 4
     np.testing.assert_array_equal(np.concatenate([waves[k] for k in chunk_keys]), pyannote)

@@ -80,7 +80,8 @@ def test_http_404_is_one_error_naming_the_url(http_url, shard_dir):
     # shards the index lists but the server lacks: the stream opens its first shard when it is
     # built, so the error comes before any training
     gone = f"{http_url}/gone/{NAMES}"
-    with pytest.raises(ValueError, match=rf"cannot read shard {http_url}/gone/train-00000.\.tar: .*404"):
+    with pytest.raises(ValueError,
+                       match=rf"cannot read shard {http_url}/gone/train-00000.\.tar: .*404"):
         stream(gone, shard_index=os.path.join(shard_dir, SHARD_INDEX))
 
 

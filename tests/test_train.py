@@ -89,7 +89,8 @@ def test_other_zero_stages_complete(train_assets, tmp_path, extra):
 
 def test_bad_input_is_refused_before_training(train_assets, tmp_path):
     def build(**extra):
-        build_run(load_config(CONFIG, overrides(train_assets, tmp_path, **extra)), torch.device("cpu"))
+        config = load_config(CONFIG, overrides(train_assets, tmp_path, **extra))
+        build_run(config, torch.device("cpu"))
 
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build(**{"teacher.path": str(tmp_path / "does-not-exist")})
@@ -220,7 +221,8 @@ def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
 def test_head_warmup_steps_train_the_heads_only(train_assets, tmp_path):
     """Before optim.head_warmup_steps the loss reaches the projection heads and nothing of the
     student; from that step on, both."""
-    config = load_config(CONFIG, overrides(train_assets, tmp_path, **{"optim.head_warmup_steps": 2}))
+    warmup = {"optim.head_warmup_steps": 2}
+    config = load_config(CONFIG, overrides(train_assets, tmp_path, **warmup))
     teacher, _, model = build_run(config, torch.device("cpu"))
     stream = AudioBatchStream(train_assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
                               num_workers=0, shuffle_buffer=0)
