@@ -54,6 +54,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -71,6 +72,29 @@ from data_prep.pq import codebook_for
 from data_prep.shards import atomic_shard, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """The settings `cache_teacher` and `train_pq` share (their docstrings say what each means):
+    the teacher (`teacher` directory, `layers`, `target_kind`, `dtype` name, Whisper
+    `window_seconds`) and how its cache stores it (`front_end`, `codec`; pq: `pq_subvectors` M,
+    `pq_train_frames`, `seed` of the codebook). DataError for an unknown `codec`."""
+
+    teacher: str
+    layers: int | str | Sequence[int]
+    target_kind: str
+    dtype: str
+    window_seconds: float | None
+    front_end: bool
+    codec: str
+    pq_subvectors: int
+    pq_train_frames: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise DataError(f"--codec {self.codec!r}: use one of {', '.join(CODECS)}")
 
 
 def parse_layers(layers: int | str | Sequence[int], teacher_dir: str) -> list[int]:
@@ -251,20 +275,21 @@ def cache_shape(teacher: Teacher, identity: dict) -> CacheShape:
     return CacheShape(identity, widths, geometry, front_end)
 
 
-def _load(teacher: str, layers: int | str | Sequence[int], target_kind: str, dtype: str,
-          window_seconds: float | None) -> Teacher:
+def _load(settings: CacheSettings) -> Teacher:
     """The teacher on this process's device (`LOCAL_RANK`'s GPU, else the CPU)."""
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    return load_teacher(teacher, parse_layers(layers, teacher), target_kind, _DTYPES[dtype],
-                        device, window_seconds)
+    layers = parse_layers(settings.layers, settings.teacher)
+    return load_teacher(settings.teacher, layers, settings.target_kind, _DTYPES[settings.dtype],
+                        device, settings.window_seconds)
 
 
-def _cache_shape(model: Teacher, front_end: bool, codec: str, subvectors: int) -> CacheShape:
-    """The `CacheShape` of a cache of `model` with `codec` (identity included; pq: with a
+def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
+    """The `CacheShape` of a cache of `model` with `settings` (identity included; pq: with a
     placeholder `codebook_sha256` until the codebook is known); DataError when the pq
-    `subvectors` do not divide a cached layer's width."""
+    subvectors do not divide a cached layer's width."""
     geometry = frame_geometry(model)
-    identity = {**model.cache_identity(front_end), "frame_stride": geometry.stride,
+    codec, subvectors = settings.codec, settings.pq_subvectors
+    identity = {**model.cache_identity(settings.front_end), "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field, "codec": codec}
     if codec == "pq":
         identity["pq"] = {"version": PQ_VERSION, "subvectors": subvectors,
@@ -274,6 +299,12 @@ def _cache_shape(model: Teacher, front_end: bool, codec: str, subvectors: int) -
         raise DataError(f"--pq_subvectors {subvectors} does not divide the teacher's width "
                         f"{shape.widths[0]}: use a divisor of it (e.g. 16, 32, 64)")
     return shape
+
+
+def teacher_and_shape(settings: CacheSettings) -> tuple[Teacher, CacheShape]:
+    """The teacher of `settings` on this process's device, and the shape of its cache."""
+    model = _load(settings)
+    return model, _cache_shape(model, settings)
 
 
 def train_pq(
@@ -292,10 +323,13 @@ def train_pq(
     `shards` into `out_dir` (`data_prep.pq`), before `cache-teacher --codec pq` with the same
     arguments caches into it: once for all ranks. Reuses a complete codebook of the same
     settings there; returns its path."""
+    settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
+                             dtype=dtype, window_seconds=window_seconds, front_end=False,
+                             codec="pq", pq_subvectors=pq_subvectors,
+                             pq_train_frames=pq_train_frames, seed=seed)
     _check_out_dir(out_dir)
     urls = expand_urls(shards, allow_remote=True)
-    model = _load(teacher, layers, target_kind, dtype, window_seconds)
-    _cache_shape(model, False, "pq", pq_subvectors)
+    model, _ = teacher_and_shape(settings)
     codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True)
     return os.path.join(out_dir, PQ_CODEBOOK)
 
@@ -334,8 +368,10 @@ def cache_teacher(
     at the end. `shards` may be streamed URLs (`colld_ds.remote`: http(s)://, s3://, pipe:),
     which need their shard index (beside them, or `shard_index`, a path or URL): the sizes and
     counts come from it; `out_dir` is a local or shared directory (`_check_out_dir`)."""
-    if codec not in CODECS:
-        raise DataError(f"--codec {codec!r}: use one of {', '.join(CODECS)}")
+    settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
+                             dtype=dtype, window_seconds=window_seconds, front_end=front_end,
+                             codec=codec, pq_subvectors=pq_subvectors,
+                             pq_train_frames=pq_train_frames, seed=seed)
     _check_out_dir(out_dir)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -346,8 +382,7 @@ def cache_teacher(
         u for u in all_urls if not os.path.exists(os.path.join(out_dir, names[u]))]
     # before the teacher loads: a wrong host, bucket or missing index fails at once
     infos = shard_infos(missing, shard_index, True) if missing else {}
-    model = _load(teacher, layers, target_kind, dtype, window_seconds)
-    shape = _cache_shape(model, front_end, codec, pq_subvectors)
+    model, shape = teacher_and_shape(settings)
     identity = shape.identity
     if estimate:
         print(estimate_cache(list(infos.values()), shape).report())
