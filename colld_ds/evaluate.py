@@ -498,6 +498,6 @@ def plot_cka(report: FidelityReport, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["EvalBatch", "Evaluation", "Moments", "cka_from_moments", "eval_batches", "evaluate", "fidelity",
-           "format_markdown", "linear_cka", "plot_cka", "plot_loss_curves",
+__all__ = ["EvalBatch", "Evaluation", "Moments", "cka_from_moments", "eval_batches", "evaluate",
+           "fidelity", "format_markdown", "linear_cka", "plot_cka", "plot_loss_curves",
            "read_loss_curves"]
