@@ -19,8 +19,9 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   (squared L2) in that sub-space's codebook of 256: ``code_tm = argmin_k ||x_t^m - C[m, k]||``,
   features ``[C[1, code_t1] ... C[M, code_tM]]`` (M bytes per frame). The per-layer codebooks
   (M, 256, D / M) are learned by k-means before caching (``data_prep.pq``, faiss) and stored
-  once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards,
-  read without pickle and checked against the sha256 the identity records (``read_codebook``).
+  once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards (or
+  where ``data.pq_codebook`` says: ``pipe:`` shards have no directory; ``codebook_path``), read
+  without pickle and checked against the sha256 the identity records (``read_codebook``).
 
 Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
 per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded
@@ -115,8 +116,16 @@ def decode(arrays: list[np.ndarray], codec: str, codebook: np.ndarray | None = N
     return arrays[0] if codec == "fp16" else dequantise_int8(*arrays)
 
 
-def codebook_path(shard_url: str) -> str:
-    """Where the pq codebook of the cache holding ``shard_url`` is: ``PQ_CODEBOOK`` beside it."""
+def codebook_path(shard_url: str, given: str | None = None) -> str:
+    """Where the pq codebook of the cache holding ``shard_url`` is: ``given`` (``data.pq_codebook``)
+    when set, else ``PQ_CODEBOOK`` beside the shard; DataError naming the shard, the option and
+    the fix for a ``pipe:`` shard without ``given`` (a command has no directory)."""
+    if given:
+        return given
+    if shard_url.startswith("pipe:"):
+        raise DataError(f"pq cache shard {shard_url} is a pipe: command, which has no directory "
+                        f"to find its {PQ_CODEBOOK} in: set data.pq_codebook to the codebook's "
+                        f"path or URL (e.g. --data.pq_codebook /mnt/cache/{PQ_CODEBOOK})")
     return os.path.join(os.path.dirname(shard_url), PQ_CODEBOOK)
 
 
@@ -125,8 +134,9 @@ def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> n
     """The float32 (L, M, 256, D / M) pq codebook at ``path`` (a path or a URL), read without
     pickle (once per process); DataError naming ``teacher.pq.codebook_sha256`` and the fix when
     it cannot be read, is not that shape, or its bytes do not hash to ``sha256``."""
-    fix = ("copy the pq_codebook.npy the cache was written with beside its shards, or re-cache "
-           "with `colld prep cache-teacher --codec pq` into a new out_dir")
+    fix = ("copy the pq_codebook.npy the cache was written with beside its shards (or name it "
+           "in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec pq` into a "
+           "new out_dir")
     try:
         with open_stream(path) as stream:
             data = stream.read()

@@ -276,10 +276,11 @@ def decode_wave(sample: dict) -> np.ndarray:
     return wave.mean(axis=1) if wave.ndim == 2 else wave
 
 
-def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> list[np.ndarray]:
+def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
+                   pq_codebook: str | None) -> list[np.ndarray]:
     """The (T, D) float16 arrays of `expect["layers"]`, checked against the cache identity and
     the audio length (T = frames of the whole utterance), decoded from the cache's codec
-    (`colld_ds.codecs`; pq: with the codebook beside the shard)."""
+    (`colld_ds.codecs`; pq: with the codebook `pq_codebook`, else the one beside the shard)."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
         raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
@@ -290,8 +291,8 @@ def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int) -> 
     cached_layers, codebooks = list(meta["teacher"]["layers"]), None
     if codec == "pq":
         pq = pq_identity(meta["teacher"], where)
-        codebooks = read_codebook(codebook_path(url), pq["codebook_sha256"], len(cached_layers),
-                                  pq["subvectors"])  # (L, M, 256, D / M)
+        codebooks = read_codebook(codebook_path(url, pq_codebook), pq["codebook_sha256"],
+                                  len(cached_layers), pq["subvectors"])  # (L, M, 256, D / M)
     frames = []
     for layer in expect["layers"]:
         names = layer_members(layer, expect["target_kind"], codec)
@@ -331,9 +332,11 @@ def _cached_front_end(sample: dict, meta: dict, num_frames: int) -> np.ndarray:
     return array
 
 
-def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) -> Iterator[dict]:
+def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None,
+                 pq_codebook: str | None = None) -> Iterator[dict]:
     """Raw samples -> `{"key": str, "wave": (S,) float32 16 kHz mono, "lang": str}`, plus in
-    cached mode `"frames"`: one (T, D_t) float16 array per expected layer and `"geometry"`,
+    cached mode `"frames"`: one (T, D_t) float16 array per expected layer (pq caches: decoded
+    with the codebook `pq_codebook`, None: the one beside the shard) and `"geometry"`,
     and if `expect_teacher` has `"front_end"`, `"front_end"`: the (T, C) or (W, D) float16
     array and `"front_end_frames"`: `"utterance"` or `"window"`.
 
@@ -349,7 +352,8 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None) ->
             )
         decoded = {"key": sample["__key__"], "wave": wave, "lang": meta["lang"]}
         if expect_teacher is not None:
-            decoded["frames"] = _cached_frames(sample, meta, expect_teacher, wave.shape[0])
+            decoded["frames"] = _cached_frames(sample, meta, expect_teacher, wave.shape[0],
+                                               pq_codebook)
             decoded["geometry"] = FrameGeometry.of(meta["teacher"])
             if expect_teacher.get("front_end"):
                 num_frames = decoded["frames"][0].shape[0]
@@ -441,7 +445,7 @@ class _EpochDataset(IterableDataset):
         else:
             batches = s.batching.batches(read_indexed(shards), key)
         for raw in take_range(batches, skipped, self.batches_per_worker):
-            audio = decode_audio(raw, s.expect_teacher)
+            audio = decode_audio(raw, s.expect_teacher, s.pq_codebook)
             decoded = random_crop(audio, s.max_samples, s.seed, self.epoch)
             batch = collate(list(decoded))
             batch.damaged, damaged[:] = list(damaged), []     # reported with the next batch
@@ -504,6 +508,8 @@ class AudioBatchStream:
         on_bad_shard: a shard that fails while streaming (truncated, corrupt, unreachable):
             `"stop"` raises; `"skip"` leaves out its remaining samples, reports it in
             `Batch.damaged` and refills the worker's batches (`_EpochDataset._refilled`).
+        pq_codebook: cached mode, pq caches: the codebook (path or URL) when it is not beside
+            the shards, as for `pipe:` shards (`codecs.codebook_path`); None: beside them.
 
     Raises ValueError when there are fewer shards than `world_size * max(1, num_workers)`, or
     some worker cannot fill one batch. Iterate one iterator at a time: `state_dict()`
@@ -525,6 +531,7 @@ class AudioBatchStream:
         bucket_buffer: int = 256,
         shard_index: str | None = None,
         on_bad_shard: str = "stop",
+        pq_codebook: str | None = None,
     ):
         if on_bad_shard not in ("stop", "skip"):
             raise ValueError(f"on_bad_shard {on_bad_shard!r}: choose stop or skip")
@@ -541,9 +548,10 @@ class AudioBatchStream:
         self.urls = expand_urls(urls, allow_remote=True)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.expect_teacher = num_workers, expect_teacher
+        self.pq_codebook = pq_codebook
         self.shards = shard_infos(self.urls, shard_index, need_lengths=batch_seconds is not None)
         if expect_teacher is not None:  # fail now, not in a worker, on a wrong or missing cache
-            next(decode_audio(read_samples(self.urls[:1]), expect_teacher), None)
+            next(decode_audio(read_samples(self.urls[:1]), expect_teacher, pq_codebook), None)
         elif is_remote(self.urls[0]):  # and on a wrong host, bucket or credentials
             next(read_samples(self.urls[:1]), None)
         self.workers = max(1, num_workers)  # W: pipelines per rank

@@ -208,8 +208,9 @@ def test_inspect_flags_a_missing_or_mismatched_codebook(pq_cache, tmp_path, caps
     copy = str(tmp_path / "copy")
     shutil.copytree(pq_cache["cache"], copy)
     codebook_file = os.path.join(copy, PQ_CODEBOOK)
-    fix = ("copy the pq_codebook.npy the cache was written with beside its shards, or re-cache "
-           "with `colld prep cache-teacher --codec pq` into a new out_dir")
+    fix = ("copy the pq_codebook.npy the cache was written with beside its shards (or name it "
+           "in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec pq` into a "
+           "new out_dir")
     os.remove(codebook_file)
     with pytest.raises(SystemExit) as info:
         DataPrep().inspect(copy)
