@@ -150,6 +150,7 @@ def train(config: TrainConfig) -> TrainResult:
                               num_workers=config.data.num_workers,
                               shuffle_buffer=config.data.shuffle_buffer,
                               on_bad_shard=config.data.on_bad_shard,
+                              pq_codebook=config.data.pq_codebook or None,
                               expect_teacher=(teacher.cache_identity(config.data.cached_front_end)
                                               if cached else None))
     if cached:
