@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import faiss
@@ -22,7 +24,7 @@ from benchmarks.cache_codecs import main as cache_codecs_benchmark
 from colld_ds.codecs import decode, pq_decode, pq_encode
 from colld_ds.data import AudioBatchStream, decode_wave, read_samples
 from colld_ds.errors import DataError
-from colld_ds.formats import PQ_CODEBOOK
+from colld_ds.formats import PQ_CODEBOOK, SHARD_INDEX
 from colld_ds.models import load_teacher
 from data_prep.cache import cache_teacher, train_pq
 from data_prep.cli import DataPrep
@@ -30,6 +32,7 @@ from data_prep.generated_audio import generate_utterances
 from data_prep.pq import PQ_META
 from data_prep.shards import write_audio_shards
 from data_prep.tiny_teacher import make_tiny_teacher
+from helpers import CONFIG, REPO, take
 
 LAYERS = [2, 4]
 M = 8  # sub-vectors of the tiny teacher's 32 channels: 4 each
@@ -180,6 +183,60 @@ def test_pq_identity_refusals(pq_cache, tmp_path):
     with pytest.raises(DataError, match=r"--pq_subvectors 5 does not divide the teacher's width"):
         train_pq(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, str(tmp_path / "x"),
                  pq_subvectors=5)
+
+
+def test_pq_cache_through_pipe_urls(pq_cache, tmp_path):
+    """pipe: shards have no directory: data.pq_codebook names the codebook (here away from the
+    shards), checked against the identity as beside local shards; without it, one error."""
+    cache, identity = pq_cache["cache"], pq_cache["teacher"].identity
+    piped = f"pipe:cat {cache}/train-{{000000..000001}}.tar"
+    kw = dict(batch_size=4, max_seconds=1.0, seed=5, shuffle_buffer=4, num_workers=2,
+              expect_teacher=identity)
+    codebook = str(tmp_path / "elsewhere.npy")
+    shutil.copy(os.path.join(cache, PQ_CODEBOOK), codebook)
+    local = AudioBatchStream(cache, **kw)
+    kw["shard_index"] = os.path.join(cache, SHARD_INDEX)  # pipe: shards need theirs named
+    streamed = AudioBatchStream(piped, **kw, pq_codebook=codebook)
+    n = local.epoch_length(0) + 2  # into a second epoch
+    for x, y in zip(take(local, n), take(streamed, n), strict=True):
+        assert x.keys == y.keys and torch.equal(x.wave, y.wave)
+        assert all(torch.equal(p, q) for p, q in zip(x.teacher_features, y.teacher_features,
+                                                     strict=True))
+    with pytest.raises(DataError) as info:
+        AudioBatchStream(piped, **kw)
+    assert str(info.value) == (
+        f"pq cache shard pipe:cat {cache}/train-000000.tar is a pipe: command, which has no "
+        f"directory to find its {PQ_CODEBOOK} in: set data.pq_codebook to the codebook's path or "
+        f"URL (e.g. --data.pq_codebook /mnt/cache/{PQ_CODEBOOK})")
+    wrong = str(tmp_path / "wrong.npy")
+    np.save(wrong, np.load(codebook, allow_pickle=False) + 1, allow_pickle=False)
+    with pytest.raises(DataError, match=rf"^pq codebook {re.escape(wrong)} has sha256 .* records "
+                                        r"teacher\.pq\.codebook_sha256 .*name it in "
+                                        r"data\.pq_codebook"):
+        AudioBatchStream(piped, **kw, pq_codebook=wrong)
+    with pytest.raises(DataError, match="is not a local file: this command reads local shards"):
+        DataPrep().inspect(piped)  # inspect reads local caches, their codebook beside them
+
+
+def test_colld_train_hands_data_pq_codebook_to_the_loader(pq_cache, tmp_path):
+    """`colld train` on pipe: pq shards reads the codebook data.pq_codebook names: a wrong one
+    is refused in one line naming it, before training starts."""
+    cache = pq_cache["cache"]
+    wrong = str(tmp_path / "wrong.npy")
+    np.save(wrong, np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False) + 1,
+            allow_pickle=False)
+    command = [sys.executable, "-m", "colld_ds.cli", "train", "--config", str(CONFIG),
+               "--teacher.path", pq_cache["teacher_dir"],
+               "--data.teacher_cache", f"pipe:cat {cache}/train-{{000000..000001}}.tar",
+               "--data.shard_index", os.path.join(cache, SHARD_INDEX),
+               "--data.pq_codebook", wrong, "--run.out_dir", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"colld: error: pq codebook {wrong} has sha256 "), done.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
 def test_inspect_describes_the_pq_codebook(pq_cache, capsys):
