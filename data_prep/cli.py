@@ -175,7 +175,7 @@ class DataPrep:
         print(f"wrote {path}")
 
     def inspect(self, shards: str, max_problems: int = 20) -> None:
-        """Schema, counts, hours, languages, teacher identity and codec of shards (pq: the
+        """Schema, counts, hours, languages, teacher identity and codec of local shards (pq: the
         codebook beside them); validates every member and a pq codebook, and exits 1 naming the
         shard and member of each invalid one, or the codebook file and the fix."""
         from data_prep.inspect_shards import inspect_shards
