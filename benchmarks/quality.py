@@ -278,7 +278,7 @@ def format_markdown(summary: dict[str, Any]) -> str:
                 f"{row['per']['probe_final_train_loss']:.2f} / "
                 f"{row['cer']['probe_final_train_loss']:.2f} |")
 
-    subsets = [name for name in table if name.startswith("teacher[")]
+    subsets = map(subset_row, settings.get("teacher_layer_sets", []))   # older summaries: none
     lines += [line(name, "-" if name != "init" else "0", table[name])
               for name in [*REFERENCE_ROWS, *subsets]]
     for variant in summary["variants"]:
