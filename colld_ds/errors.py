@@ -54,4 +54,8 @@ def run_command(command: Callable[[], object], prog: str) -> None:
         if verbose():
             raise
         kind = "config error" if type(error).__name__ == "ConfigError" else "error"
-        raise SystemExit(f"{prog}: {kind}: {error}") from None
+        # one write, newline included: ranks sharing a stderr (launch.sh) keep a line each,
+        # where SystemExit(message) writes the message and its newline apart
+        sys.stderr.write(f"{prog}: {kind}: {error}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
