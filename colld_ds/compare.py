@@ -54,7 +54,8 @@ _OWNED_BY_COMPARE = {"objective.name": "--objectives", "run.out_dir": "--out_dir
 _NOT_RESULTS = ("resume", "stop_at_step", "save_every", "keep_checkpoints", "log_every",
                 "out_dir")
 # objective fields that an objective never reads
-_CONTRASTIVE = ("temperature", "num_negatives", "contrastive_backend", "anchor_frames")
+_CONTRASTIVE = ("temperature", "num_negatives", "contrastive_backend", "anchor_frames",
+                "position_negatives", "negative_min_distance")
 _UNREAD = {"colld": ("distance", "cosine_weight"), "l2l": _CONTRASTIVE,
            "distilhubert": (*_CONTRASTIVE, "distance")}
 # Launcher variables of an enclosing job: a child `colld train` must start its own.

@@ -83,6 +83,28 @@ def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
         assert (counts / counts.mean() - 1).abs().max() < 0.15   # uniform
 
 
+@pytest.mark.parametrize("min_distance", [2, 4])
+def test_negatives_keep_their_distance_from_the_anchor(min_distance):
+    frame_lengths = torch.tensor([12, 9])
+    batch_index = torch.tensor([0, 0, 0, 1, 1])
+    frame_index = torch.tensor([0, 5, 11, 4, 8])              # edges and middles
+    negatives = sample_negatives(frame_lengths, batch_index, frame_index, num_frames=12,
+                                 num_negatives=4000, min_distance=min_distance,
+                                 generator=torch.Generator().manual_seed(0))
+    for row, (b, t) in enumerate(zip(batch_index.tolist(), frame_index.tolist())):
+        drawn = negatives[row] - b * 12
+        allowed = {s for s in range(frame_lengths[b].item()) if abs(s - t) >= min_distance}
+        assert set(drawn.tolist()) == allowed
+        counts = torch.bincount(drawn, minlength=12)[sorted(allowed)].float()
+        assert (counts / counts.mean() - 1).abs().max() < 0.15
+
+
+def test_negatives_refuse_a_distance_that_leaves_no_frame():
+    with pytest.raises(ValueError, match="negative_min_distance: 5 leaves no frame"):
+        sample_negatives(torch.tensor([5]), torch.tensor([0]), torch.tensor([2]), num_frames=5,
+                         num_negatives=3, min_distance=5)
+
+
 def test_same_position_negatives_by_hand():
     frame_lengths = torch.tensor([5, 3, 4])                      # T = 6
     batch_index = torch.tensor([0, 0, 1, 2])

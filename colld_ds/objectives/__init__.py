@@ -18,7 +18,8 @@ def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim
                               config.num_negatives, weights, config.contrastive_backend,
                               anchor_frames=config.anchor_frames,
                               target_norm=config.target_norm,
-                              position_negatives=config.position_negatives)
+                              position_negatives=config.position_negatives,
+                              negative_min_distance=config.negative_min_distance)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,
                                    config.cosine_weight, "one_minus", weights, config.target_norm)
