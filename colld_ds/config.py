@@ -91,11 +91,17 @@ class ObjectiveConfig:
     trained too; or ``masked`` only (wav2vec 2.0's masked prediction). ``all`` by measurement:
     a student copied from the teacher loses what its copied layers knew with ``masked``
     (benchmarks/results/quality_whisper_demo_ablation.md)."""
-    target_norm: Literal["none", "utterance"] = "utterance"
+    target_norm: Literal["none", "utterance", "utterance_position"] = "utterance"
     """Each utterance's teacher targets standardised per dimension over its valid frames
     (``utterance``: data2vec's instance norm), which removes what all frames of an utterance
     share before the objective compares them (CoLLD's negatives lie in the same utterance);
-    or the targets as they are (``none``)."""
+    ``utterance_position``: then also minus the mean target at each frame index, estimated
+    over ``position_stats_utterances`` training utterances before step 1 and kept in the
+    checkpoint, which removes what a frame's position alone predicts (a teacher with absolute
+    positional embeddings, such as Whisper); or the targets as they are (``none``)."""
+    position_stats_utterances: int = 256
+    """Training utterances (over all ranks) whose standardised targets give the mean per frame
+    index of ``target_norm: utterance_position``."""
     position_negatives: bool = False
     """CoLLD: also take, as negatives, the teacher frames at the anchor's frame index in the
     other utterances of the micro-batch (B - 1 more per anchor). Same-utterance negatives differ
@@ -360,6 +366,8 @@ def validate(config: TrainConfig) -> None:
                 "layer_map.teacher_layers: every student layer needs at least one teacher layer")
     require(config.objective.temperature > 0, "objective.temperature: must be > 0")
     require(config.objective.num_negatives >= 1, "objective.num_negatives: must be >= 1")
+    require(config.objective.position_stats_utterances >= 1,
+            "objective.position_stats_utterances: must be >= 1")
     require(config.objective.negative_min_distance >= 1,
             "objective.negative_min_distance: must be >= 1 (1: any other frame)")
     require(not (config.objective.position_negatives

@@ -11,10 +11,11 @@ Dropout is seeded per (seed, rank, micro-step) (``step_seed``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from colld_ds.config import ConfigError, TrainConfig, check_num_negatives
@@ -24,7 +25,7 @@ from colld_ds.layer_map import LayerPair, resolve_layer_map
 from colld_ds.models import Student, Teacher, build_student, load_teacher, read_num_layers
 from colld_ds.models import frame_mask, utterance_span_masks
 from colld_ds.objectives import ObjectiveOutput, PairwiseObjective, build_objective
-from colld_ds.objectives.base import FrameSelection
+from colld_ds.objectives.base import FrameSelection, utterance_norm
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,8 +78,15 @@ def _new_model(config: TrainConfig, teacher: Teacher, pairs: list[LayerPair],
         student = Student(teacher.family.model_class(hf_config).float(), teacher.family,
                           teacher.path)
     objective = build_objective(config.objective, pairs, student.hidden_size,
-                                teacher.hidden_size, config.layer_map.weights)
+                                teacher.hidden_size, config.layer_map.weights,
+                                position_frames=crop_frames(config, teacher))
     return DistillationModel(student, objective)
+
+
+def crop_frames(config: TrainConfig, teacher: Teacher) -> int:
+    """Teacher frames of the longest crop (``data.max_seconds``)."""
+    crop = torch.tensor(round(config.data.max_seconds * SAMPLE_RATE))
+    return int(teacher.num_frames(crop))
 
 
 def fresh_model(config: TrainConfig, teacher: Teacher, pairs: list[LayerPair],
@@ -107,8 +115,7 @@ def build_run(config: TrainConfig, device: torch.device
     teacher = load_teacher(config.teacher.path, teacher_layers, config.teacher.target_kind,
                            dtype=_teacher_dtype(config, device), device=device,
                            window_seconds=config.teacher.window_seconds)
-    crop = torch.tensor(round(config.data.max_seconds * SAMPLE_RATE))
-    check_num_negatives(config, int(teacher.num_frames(crop)))
+    check_num_negatives(config, crop_frames(config, teacher))
     model = _new_model(config, teacher, pairs, step0_init(config, teacher) or None,
                        random_front_end=False)
     if config.student.freeze_front_end:
@@ -116,6 +123,49 @@ def build_run(config: TrainConfig, device: torch.device
     if config.data.cached_front_end:
         model.student.check_cached_front_end(teacher, config.data.max_seconds)
     return teacher, pairs, model
+
+
+def position_mean(batches: Iterable[Batch], teacher: Teacher | None, teacher_layers: list[int],
+                  num_frames: int, num_utterances: int, device: torch.device) -> torch.Tensor:
+    """(L, T, D_t) fp32, T = ``num_frames``: for each of ``teacher_layers``, the mean over
+    utterances of the per-utterance standardised targets at each frame index (0 where no
+    utterance reaches it), for ``objective.target_norm: utterance_position``.
+
+    Reads this rank's first ``num_utterances / world size`` utterances of ``batches`` (the
+    cache's targets, or ``teacher`` on the audio) and sums over ranks (one all-reduce), so every
+    rank gets the same mean, and a run started again gets it again."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    wanted = -(-num_utterances // world_size)
+    sums, counts, seen = None, torch.zeros(num_frames, dtype=torch.float64), 0
+    for batch in batches:
+        if batch.teacher_features is not None:
+            features, lengths = batch.teacher_features, batch.frame_lengths.cpu()
+        else:
+            with torch.no_grad():
+                output = teacher(batch.wave.to(device), batch.wave_lengths.to(device))
+            features, lengths = output.features, output.frame_lengths.cpu()
+        take = min(len(lengths), wanted - seen)
+        frames = min(features[0].shape[1], num_frames)
+        valid = frame_mask(lengths[:take], features[0].shape[1])
+        if sums is None:
+            sums = torch.zeros(len(features), num_frames, features[0].shape[-1],
+                               dtype=torch.float64)
+        for index, layer_features in enumerate(features):
+            standardised = utterance_norm(layer_features[:take].float().cpu(), valid)
+            sums[index, :frames] += standardised[:, :frames].sum(0).double()
+        counts[:frames] += valid[:, :frames].sum(0).double()
+        seen += take
+        if seen >= wanted:
+            break
+    if sums is None:
+        raise ValueError("objective.target_norm utterance_position: no training utterance to "
+                         "estimate the mean per frame index from")
+    if dist.is_initialized():
+        totals = torch.cat([sums.flatten(), counts]).to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        sums, counts = totals[:sums.numel()].view_as(sums), totals[sums.numel():]
+    return (sums / counts.clamp_min(1)[None, :, None]).float()
 
 
 # --- one masked micro-batch ------------------------------------------------------------------

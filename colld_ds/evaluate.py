@@ -30,7 +30,6 @@ from colld_ds.distill import DistillationModel, fresh_model, step0_init
 from colld_ds.formats import SAMPLE_RATE
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import Teacher
-from colld_ds.objectives.base import utterance_norm
 from colld_ds.probe import (
     Encoder,
     ProbeConfig,
@@ -147,13 +146,12 @@ def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list
     pair and the K x L CKA matrix of each model (a DistillationModel: ``.student``
     and ``.objective.heads``) against ``teacher``, which must return all L layers in order.
     The cosine is to what the heads were trained on: the teacher states, or their
-    per-utterance normalisation under ``objective.target_norm: utterance``.
+    normalisation under ``objective.target_norm`` (``PairwiseObjective.normalise_targets``).
 
     Also the forward seconds of the teacher and of ``models[timed]`` and the audio seconds."""
     if teacher.layers != list(range(1, teacher.num_layers + 1)):
         raise ValueError("fidelity needs a teacher returning all its layers, 1..L in order")
     teacher_moments = [Moments() for _ in teacher.layers]
-    normalise = any(model.objective.target_norm == "utterance" for model in models.values())
     accumulators = {name: FidelityAccumulator(pairs) for name in models}
     seconds = {"teacher": 0.0, "student": 0.0, "audio": 0.0}
     utterances = 0
@@ -168,8 +166,6 @@ def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list
         teacher_frames = _valid_frames([f.float() for f in target.features], mask)
         for moments, y in zip(teacher_moments, teacher_frames):
             moments.add(y)
-        normalised = (_valid_frames([utterance_norm(f.float(), mask) for f in target.features],
-                                    mask) if normalise else None)
         for name, model in models.items():
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -179,7 +175,12 @@ def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list
                 student_frames = _valid_frames(hidden, mask)
                 projected = {p.name: model.objective.heads[p.name](
                     student_frames[p.student_layer - 1]) for p in pairs}
-            head_targets = normalised if model.objective.target_norm == "utterance" else None
+            head_targets = None
+            if model.objective.target_norm != "none":
+                normalised = model.objective.normalise_targets(
+                    dict(zip(teacher.layers, target.features)), mask)
+                head_targets = _valid_frames([normalised[layer] for layer in teacher.layers],
+                                             mask)
             accumulators[name].add(student_frames, projected, teacher_frames, head_targets)
     if not utterances:
         raise ValueError("no utterances to evaluate")

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpoint
 from colld_ds.config import TrainConfig, save_config
 from colld_ds.data import AudioBatchStream, DamageReport, check_shards
-from colld_ds.distill import MaskedBatch, build_run, distillation_loss, mask_batch, step_seed
+from colld_ds.distill import (MaskedBatch, build_run, crop_frames, distillation_loss, mask_batch,
+                              position_mean, step_seed)
 from colld_ds.ds_config import build_ds_config
 from colld_ds.errors import DataError
 from colld_ds.formats import SAMPLE_RATE
@@ -140,19 +141,26 @@ def train(config: TrainConfig) -> TrainResult:
     teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)
     dynamic = config.data.batch_seconds is not None
-    stream = AudioBatchStream(config.data.teacher_cache or config.data.train_shards,
-                              batch_size=None if dynamic else config.data.batch_size,
-                              batch_seconds=config.data.batch_seconds,
-                              bucket_buffer=config.data.bucket_buffer,
-                              shard_index=config.data.shard_index or None,
-                              max_seconds=config.data.max_seconds, seed=config.run.seed,
-                              rank=rank, world_size=world_size,
-                              num_workers=config.data.num_workers,
-                              shuffle_buffer=config.data.shuffle_buffer,
-                              on_bad_shard=config.data.on_bad_shard,
-                              pq_codebook=config.data.pq_codebook or None,
-                              expect_teacher=(teacher.cache_identity(config.data.cached_front_end)
-                                              if cached else None))
+    def new_stream() -> AudioBatchStream:
+        return AudioBatchStream(
+            config.data.teacher_cache or config.data.train_shards,
+            batch_size=None if dynamic else config.data.batch_size,
+            batch_seconds=config.data.batch_seconds, bucket_buffer=config.data.bucket_buffer,
+            shard_index=config.data.shard_index or None, max_seconds=config.data.max_seconds,
+            seed=config.run.seed, rank=rank, world_size=world_size,
+            num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
+            on_bad_shard=config.data.on_bad_shard, pq_codebook=config.data.pq_codebook or None,
+            expect_teacher=(teacher.cache_identity(config.data.cached_front_end)
+                            if cached else None))
+
+    stream = new_stream()
+    resuming = [bool(candidates)]                      # rank 0's view, as load_checkpoint's
+    dist.broadcast_object_list(resuming, src=0)
+    if config.objective.target_norm == "utterance_position" and not resuming[0]:
+        # a fresh run; a resumed one loads the mean from its checkpoint
+        model.objective.set_position_mean(position_mean(
+            iter(new_stream()), teacher, teacher_layers, crop_frames(config, teacher),
+            config.objective.position_stats_utterances, device))
     if cached:
         teacher = None    # it built the student; the cache holds its targets, free its memory
     engine, _, _, _ = deepspeed.initialize(

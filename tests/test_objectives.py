@@ -3,10 +3,13 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from colld_ds.config import ConfigError, ObjectiveConfig, load_config
+from colld_ds.data import Batch
+from colld_ds.distill import position_mean
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import frame_mask
 from colld_ds.objectives import build_objective, sample_negatives
@@ -14,11 +17,12 @@ from colld_ds.objectives.base import utterance_norm
 from colld_ds.objectives.colld import ShortUtteranceWarning, same_position_negatives
 
 
-def identity_objective(name: str, dim: int, **kwargs):
+def identity_objective(name: str, dim: int, position_frames: int = 0, **kwargs):
     """An objective over the single pair s1 -> t1 whose head is the identity map (targets as
     they are unless ``target_norm`` is given)."""
     kwargs.setdefault("target_norm", "none")
-    objective = build_objective(ObjectiveConfig(name=name, **kwargs), [LayerPair(1, 1)], dim, dim)
+    objective = build_objective(ObjectiveConfig(name=name, **kwargs), [LayerPair(1, 1)], dim, dim,
+                                position_frames=position_frames)
     head = objective.heads["s1_t1"]
     with torch.no_grad():
         head.weight.copy_(torch.eye(dim))
@@ -265,3 +269,62 @@ def test_colld_target_norm_scores_normalised_targets():
     assert with_norm.item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert with_norm.item() != pytest.approx(plain([student], {1: teacher}, selection).loss.item(),
                                              rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["colld", "l2l"])
+def test_utterance_position_targets_by_hand(name):
+    """``target_norm: utterance_position``: each utterance standardised over its valid frames
+    (numpy), then minus the mean of its frame index; padding 0; the loss sees exactly that."""
+    torch.manual_seed(0)
+    lengths, num_frames, dim = [6, 4], 6, 3
+    teacher = torch.randn(2, num_frames, dim) * 3 + 1
+    mask = frame_mask(torch.tensor(lengths), num_frames)
+    objective = identity_objective(name, dim, position_frames=8, num_negatives=2,
+                                   target_norm="utterance_position")
+    mean = torch.randn(1, 8, dim)
+    objective.set_position_mean(mean)
+    expected = np.zeros((2, num_frames, dim))
+    for b, length in enumerate(lengths):
+        x = teacher[b, :length].double().numpy()
+        standardised = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+        expected[b, :length] = standardised - mean[0, :length].double().numpy()
+    targets = objective.normalise_targets({1: teacher}, mask)[1]
+    np.testing.assert_allclose(targets.numpy(), expected, rtol=1e-4, atol=1e-5)
+    # the loss compares the student with these targets: a student equal to them scores best
+    student = torch.from_numpy(expected).float()
+    selection = objective.select_frames(mask, torch.zeros(2, num_frames, dtype=torch.bool))
+    reference = identity_objective(name, dim, num_negatives=2)
+    assert objective([student], {1: teacher}, selection).loss.item() == pytest.approx(
+        reference([student], {1: student}, selection).loss.item(), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="longer than the 8 of position_mean"):
+        objective.normalise_targets({1: torch.zeros(1, 9, dim)}, torch.ones(1, 9, dtype=bool))
+
+
+def test_position_mean_by_hand():
+    """``distill.position_mean`` against numpy: the first utterances' standardised features,
+    averaged per frame index over the utterances long enough to have it."""
+    torch.manual_seed(0)
+    lengths = [[5, 3], [4, 2]]                          # two batches of two utterances
+    batches, utterances = [], []
+    for batch_lengths in lengths:
+        num_frames = max(batch_lengths)
+        mask = frame_mask(torch.tensor(batch_lengths), num_frames)
+        features = [torch.randn(2, num_frames, 3).masked_fill(~mask.unsqueeze(-1), 0.0)
+                    for _ in range(2)]
+        batches.append(Batch(wave=torch.zeros(2, 1), wave_lengths=torch.ones(2), keys=["a", "b"],
+                             langs=["x", "x"], teacher_features=[f.half() for f in features],
+                             frame_lengths=torch.tensor(batch_lengths)))
+        utterances += [[f[b, :n].half().double().numpy() for f in features]
+                       for b, n in enumerate(batch_lengths)]
+    mean = position_mean(iter(batches), None, [3, 6], num_frames=6, num_utterances=3,
+                         device=torch.device("cpu"))
+    assert mean.shape == (2, 6, 3)
+    for layer in range(2):
+        sums, counts = np.zeros((6, 3)), np.zeros(6)
+        for features in utterances[:3]:                     # the first 3 utterances only
+            x = features[layer]
+            sums[:len(x)] += (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+            counts[:len(x)] += 1
+        expected = sums / np.maximum(counts, 1)[:, None]
+        np.testing.assert_allclose(mean[layer].numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert mean[:, 5:].abs().sum() == 0                     # no utterance reaches frame 5

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from colld_ds.config import ConfigError, load_config
 from colld_ds.data import AudioBatchStream
 from colld_ds.distill import build_run, distillation_loss, mask_batch
 from colld_ds.formats import SAMPLE_RATE
+from colld_ds.trained import load_student
 from data_prep.tiny_teacher import make_tiny_teacher
 from helpers import CONFIG, MAX_STEPS, REPO, overrides
 
@@ -237,3 +239,40 @@ def test_head_warmup_steps_train_the_heads_only(train_assets, tmp_path):
         student_grads = [p.grad for p in model.student.parameters() if p.requires_grad]
         assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
         assert any(g is not None and g.abs().sum() > 0 for g in student_grads) is student_learns
+
+
+def test_utterance_position_mean_is_estimated_over_ranks_and_kept_in_the_checkpoint(
+        train_assets, tmp_path):
+    """``objective.target_norm: utterance_position`` on 2 ranks: the mean per frame index is
+    each rank's first utterances (numpy, from the teacher on the same batches), summed over
+    both; the checkpoint keeps it, and a resumed run continues exactly."""
+    extra = {"objective.target_norm": "utterance_position",
+             "objective.position_stats_utterances": 6, "optim.max_steps": 6,
+             "run.save_every": 3}
+    full = launch(train_assets, tmp_path / "full", **extra)
+    launch(train_assets, tmp_path / "part", **extra, **{"run.stop_at_step": 3})
+    rest = launch(train_assets, tmp_path / "part", **extra, **{"run.resume": "auto"})
+    assert [row["step"] for row in rest] == list(range(1, 7))
+    for row, reference in zip(rest[3:], full[3:]):
+        assert row["loss/total"] == pytest.approx(reference["loss/total"], rel=1e-5, abs=1e-6)
+
+    config, teacher, _, model = load_student(tmp_path / "full" / "checkpoints" / "step00000006")
+    num_frames = model.objective.position_mean.shape[1]
+    sums, counts = np.zeros((2, num_frames, 32)), np.zeros(num_frames)
+    for rank in range(2):                               # each rank's first 3 utterances
+        stream = AudioBatchStream(train_assets["shards"], batch_size=config.data.batch_size,
+                                  max_seconds=config.data.max_seconds, seed=config.run.seed,
+                                  rank=rank, world_size=2, num_workers=0,
+                                  shuffle_buffer=config.data.shuffle_buffer)
+        batch = next(iter(stream))
+        with torch.no_grad():
+            output = teacher(batch.wave, batch.wave_lengths)
+        for b in range(3):
+            length = int(output.frame_lengths[b])
+            for index, features in enumerate(output.features):
+                x = features[b, :length].double().numpy()
+                sums[index, :length] += (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+            counts[:length] += 1
+    expected = sums / np.maximum(counts, 1)[None, :, None]
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(model.objective.position_mean.numpy(), expected, atol=2e-4)

@@ -12,19 +12,24 @@ __all__ = ["ObjectiveOutput", "PairwiseObjective", "build_objective", "sample_ne
 
 
 def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim: int,
-                    teacher_dim: int, weights: list[float] | None = None) -> PairwiseObjective:
+                    teacher_dim: int, weights: list[float] | None = None,
+                    position_frames: int = 0) -> PairwiseObjective:
+    """position_frames: the frames of the longest crop (``target_norm: utterance_position``)."""
     if config.name == "colld":
         return ColldObjective(pairs, student_dim, teacher_dim, config.head, config.temperature,
                               config.num_negatives, weights, config.contrastive_backend,
                               anchor_frames=config.anchor_frames,
                               target_norm=config.target_norm,
                               position_negatives=config.position_negatives,
-                              negative_min_distance=config.negative_min_distance)
+                              negative_min_distance=config.negative_min_distance,
+                              position_frames=position_frames)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,
-                                   config.cosine_weight, "one_minus", weights, config.target_norm)
+                                   config.cosine_weight, "one_minus", weights, config.target_norm,
+                                   position_frames)
     if config.name == "distilhubert":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, "l1",
-                                   config.cosine_weight, "log_sigmoid", weights, config.target_norm)
+                                   config.cosine_weight, "log_sigmoid", weights, config.target_norm,
+                                   position_frames)
     raise ValueError(f"objective.name: {config.name!r} is not allowed; "
                      "choose one of ['colld', 'l2l', 'distilhubert']")

@@ -64,10 +64,23 @@ class PairwiseObjective(nn.Module):
     """
 
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int,
-                 head: str, weights: list[float] | None = None, target_norm: str = "none"):
+                 head: str, weights: list[float] | None = None, target_norm: str = "none",
+                 position_frames: int = 0):
+        """position_frames: frame indices of ``position_mean`` (the longest crop), needed by
+        ``target_norm: utterance_position``."""
         super().__init__()
         self.target_norm = target_norm
-        """``none`` or ``utterance`` (``objective.target_norm``)."""
+        """``none``, ``utterance`` or ``utterance_position`` (``objective.target_norm``)."""
+        self.target_layers = sorted({pair.teacher_layer for pair in pairs})
+        if target_norm == "utterance_position":
+            if position_frames < 1:
+                raise ValueError("target_norm utterance_position needs position_frames >= 1")
+            self.register_buffer("position_mean",
+                                 torch.zeros(len(self.target_layers), position_frames,
+                                             teacher_dim))
+            """(L_targets, T_max, D_t): mean of each target layer's standardised features at
+            each frame index over the training data (``distill.position_mean``), saved with
+            the model."""
         self.pairs = pairs
         self.heads = nn.ModuleDict({p.name: make_head(head, student_dim, teacher_dim)
                                     for p in pairs})
@@ -88,6 +101,32 @@ class PairwiseObjective(nn.Module):
         selection.frame_mask = frame_mask
         return selection
 
+    def normalise_targets(self, teacher_features: dict[int, torch.Tensor],
+                          frame_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """teacher layer -> (B, T, D_t) features, frame_mask (B, T) bool -> the targets the
+        pairs compare with (``objective.target_norm``): as they are (``none``); standardised
+        per utterance (``utterance``, fp32, padding 0); and minus ``position_mean`` at each
+        valid frame of a target layer (``utterance_position``)."""
+        if self.target_norm == "none":
+            return teacher_features
+        normalised = {layer: utterance_norm(features.float(), frame_mask)
+                      for layer, features in teacher_features.items()}
+        if self.target_norm == "utterance_position":
+            num_frames = frame_mask.shape[1]
+            if num_frames > self.position_mean.shape[1]:
+                raise ValueError(f"a batch of {num_frames} frames is longer than the "
+                                 f"{self.position_mean.shape[1]} of position_mean (the crop)")
+            for index, layer in enumerate(self.target_layers):
+                if layer in normalised:
+                    mean = self.position_mean[index, :num_frames].float()         # (T, D_t)
+                    normalised[layer] = torch.where(frame_mask.unsqueeze(-1),
+                                                    normalised[layer] - mean, 0.0)
+        return normalised
+
+    def set_position_mean(self, mean: torch.Tensor) -> None:
+        """mean (L_targets, T_max, D_t), e.g. ``distill.position_mean``."""
+        self.position_mean.copy_(mean)
+
     def pair_loss(self, predictions: torch.Tensor, targets: torch.Tensor,
                   selection: FrameSelection) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """predictions (N, D_t) fp32 at the selected frames, targets (B * T, D_t) fp32 ->
@@ -103,9 +142,7 @@ class PairwiseObjective(nn.Module):
         (and count 0)."""
         count = selection.count
         device = student_hidden[0].device
-        if self.target_norm == "utterance":
-            teacher_features = {layer: utterance_norm(features.float(), selection.frame_mask)
-                                for layer, features in teacher_features.items()}
+        teacher_features = self.normalise_targets(teacher_features, selection.frame_mask)
         total = torch.zeros((), dtype=torch.float32, device=device)
         metrics: dict[str, torch.Tensor] = {}
         for pair, weight in zip(self.pairs, self.weights):

@@ -86,8 +86,10 @@ class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
                  backend: str = "auto", *, anchor_frames: str, target_norm: str,
-                 position_negatives: bool, negative_min_distance: int = 1):
-        super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
+                 position_negatives: bool, negative_min_distance: int = 1,
+                 position_frames: int = 0):
+        super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm,
+                         position_frames)
         self.temperature = temperature
         self.num_negatives = num_negatives
         self.backend = backend

@@ -16,9 +16,11 @@ from colld_ds.objectives.base import FrameSelection, PairwiseObjective
 class RegressionObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  distance: str, cosine_weight: float, cosine_term: str,
-                 weights: list[float] | None = None, target_norm: str = "none"):
+                 weights: list[float] | None = None, target_norm: str = "none",
+                 position_frames: int = 0):
         """cosine_term: ``one_minus`` (1 - cos) or ``log_sigmoid`` (-log sigmoid(cos))."""
-        super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm)
+        super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm,
+                         position_frames)
         self.distance = distance
         self.cosine_weight = cosine_weight
         self.cosine_term = cosine_term
