@@ -45,9 +45,9 @@ from colld_ds.distill import (  # noqa: E402
     mask_batch,
     step_seed,
 )
-from data_prep.cache import cache_teacher  # noqa: E402
-from data_prep.generated_audio import generate_utterances  # noqa: E402
-from data_prep.shards import write_audio_shards  # noqa: E402
+from colld_ds.data_prep.cache import cache_teacher  # noqa: E402
+from colld_ds.data_prep.generated_audio import generate_utterances  # noqa: E402
+from colld_ds.data_prep.shards import write_audio_shards  # noqa: E402
 
 
 def make_xlsr_teacher(out_dir: str, num_layers: int, width: int, seed: int = 0) -> str:

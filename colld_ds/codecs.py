@@ -18,8 +18,8 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   (``x_t = [x_t^1 ... x_t^M]``); each is stored as the uint8 index of its nearest centroid
   (squared L2) in that sub-space's codebook of 256: ``code_tm = argmin_k ||x_t^m - C[m, k]||``,
   features ``[C[1, code_t1] ... C[M, code_tM]]`` (M bytes per frame). The per-layer codebooks
-  (M, 256, D / M) are learned by k-means before caching (``data_prep.pq``, faiss) and stored
-  once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards (or
+  (M, 256, D / M) are learned by k-means before caching (``colld_ds.data_prep.pq``, faiss) and
+  stored once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards (or
   where ``data.pq_codebook`` says: ``pipe:`` shards have no directory; ``codebook_path``), read
   without pickle and checked against the sha256 the identity records (``load_codebook``;
   ``read_codebook`` caches it per process).

@@ -29,7 +29,7 @@ from colld_ds.data import expand_urls
 from colld_ds.errors import DataError
 from colld_ds.formats import (AUDIO_EXTS, PQ_CENTROIDS, SAMPLE_RATE, cache_codec, checked_members,
                               layer_members)
-from data_prep.cache_size import member_bytes
+from colld_ds.data_prep.cache_size import member_bytes
 
 CODEC_LAYOUT = {  # what a cache of each codec stores per layer and utterance
     "fp16": "float16 (T, D) features",
