@@ -8,7 +8,7 @@ relative L2 error ``||decoded - fp16|| / ||fp16||`` over all frames, bytes per f
 loader's decode time per frame. The projection uses the same utterance lengths at D = 1024 (pq:
 the same M; the codebook, stored once, is left out). fp16 and int8 are measured on every
 utterance; pq on the odd-numbered utterances (in shard order) only, held out from its codebooks,
-which are learned (``data_prep.pq.train_codebook``, seeded) on up to ``--pq_train_frames``
+which are learned (``colld_ds.data_prep.pq.train_codebook``, seeded) on up to ``--pq_train_frames``
 frames of the even-numbered ones.
 
     python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
@@ -33,8 +33,8 @@ from colld_ds.codecs import dequantise_int8, pq_decode, pq_encode, quantise_int8
 from colld_ds.data import expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
 from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
-from data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
-from data_prep.pq import train_codebook  # noqa: E402
+from colld_ds.data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
+from colld_ds.data_prep.pq import train_codebook  # noqa: E402
 
 VARIANTS = ("fp16", "int8-channel", "int8-frame")  # int8-channel is the cache's `int8`
 XLSR_WIDTH, XLSR_FRAME_RATE, XLSR_LAYERS = 1024, 50.0, 3

@@ -6,12 +6,12 @@ frozen targets (M, D), M = N rounded up to whole utterances of T=500 frames (the
 are never candidates); the positive of a frame is the same frame, its K negatives other frames
 of the same utterance. Methods:
 
-- ``naive``: ``kernels.reference`` (gathers (N, K+1, D)).
-- ``chunked``: ``kernels.chunked`` (the CPU path of ``kernels.contrastive_loss`` without
-  ``num_frames``).
-- ``dense``: ``kernels.dense.contrastive_loss_dense``, what CoLLD runs on the CPU: per
+- ``naive``: ``colld_ds.kernels.reference`` (gathers (N, K+1, D)).
+- ``chunked``: ``colld_ds.kernels.chunked`` (the CPU path of
+  ``colld_ds.kernels.contrastive_loss`` without ``num_frames``).
+- ``dense``: ``colld_ds.kernels.dense.contrastive_loss_dense``, what CoLLD runs on the CPU: per
   utterance a (rows, T) cosine matrix by batched matmul (fp32), then a gather of the K+1 logits.
-- ``triton``: ``kernels.contrastive`` (CUDA only).
+- ``triton``: ``colld_ds.kernels.contrastive`` (CUDA only).
 
 Peak memory is the allocator peak above what existed before the call: CUDA
 ``max_memory_allocated``; CPU the profiler's ``Total Allocated`` memory events.
@@ -48,9 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, peak_bytes, print_table, write_rows  # noqa: E402
-from kernels.chunked import contrastive_loss_chunked  # noqa: E402
-from kernels.dense import contrastive_loss_dense  # noqa: E402
-from kernels.reference import contrastive_loss_reference  # noqa: E402
+from colld_ds.kernels.chunked import contrastive_loss_chunked  # noqa: E402
+from colld_ds.kernels.dense import contrastive_loss_dense  # noqa: E402
+from colld_ds.kernels.reference import contrastive_loss_reference  # noqa: E402
 
 FRAMES = 500  # T, frames per utterance
 
@@ -109,7 +109,7 @@ def methods(device):
     out = {"naive": contrastive_loss_reference, "chunked": contrastive_loss_chunked}
     out["dense"] = lambda *args: contrastive_loss_dense(*args, num_frames=FRAMES)
     if device.type == "cuda":
-        from kernels.contrastive import contrastive_loss_triton
+        from colld_ds.kernels.contrastive import contrastive_loss_triton
 
         out["triton"] = contrastive_loss_triton
     return out

@@ -1,7 +1,7 @@
 """Audio seconds per second the loader delivers: from audio shards vs teacher-cache shards of
 each codec.
 
-Generated audio (``data_prep.generated_audio``) is written to audio shards, a tiny random
+Generated audio (``colld_ds.data_prep.generated_audio``) is written to audio shards, a tiny random
 XLS-R-style teacher (``--teacher_width``, ``--teacher_layers``; only the cache's array sizes
 matter here) caches its layers once per ``--codecs`` entry (``colld_ds.codecs``: fp16, int8, pq
 with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats`` epochs of
@@ -10,7 +10,8 @@ with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats`` epoch
 rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
 (int8: one multiply per value; pq: a gather from the codebook) and pad one (T, D) array per
 layer. Bytes on disk per frame per layer: the cache shards' layer members, tar and npy headers
-included (``data_prep.inspect_shards.layer_disk_bytes``; pq's codebook, stored once, left out).
+included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``; pq's codebook, stored once,
+left out).
 
     python benchmarks/data_throughput.py            # 256 utterances, 2 workers, ~1.5 min
 """
@@ -31,11 +32,11 @@ from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E4
 from colld_ds.data import AudioBatchStream, expand_urls, read_samples  # noqa: E402
 from colld_ds.formats import CODECS, SAMPLE_RATE  # noqa: E402
 from colld_ds.models import load_teacher  # noqa: E402
-from data_prep.cache import cache_teacher  # noqa: E402
-from data_prep.generated_audio import generate_utterances  # noqa: E402
-from data_prep.inspect_shards import layer_disk_bytes  # noqa: E402
-from data_prep.shards import write_audio_shards  # noqa: E402
-from data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
+from colld_ds.data_prep.cache import cache_teacher  # noqa: E402
+from colld_ds.data_prep.generated_audio import generate_utterances  # noqa: E402
+from colld_ds.data_prep.inspect_shards import layer_disk_bytes  # noqa: E402
+from colld_ds.data_prep.shards import write_audio_shards  # noqa: E402
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
 
 
 def read_epoch(stream: AudioBatchStream) -> tuple[float, int, float]:

@@ -152,7 +152,7 @@ for module in ("deepspeed", "webdataset", "soundfile", "soxr", "triton", "transf
     __import__(module)
 print("imports: deepspeed, webdataset, soundfile, soxr, triton, transformers")
 if torch.cuda.is_available():
-    from kernels import resolve_backend
+    from colld_ds.kernels import resolve_backend
 
     # train_throughput's `auto` rows are CoLLD with the Triton loss only if this says triton
     print(f"contrastive backend 'auto' on CUDA: "
@@ -181,10 +181,10 @@ end_to_end() {
   root=$(mktemp -d "${TMPDIR:-/tmp}/e2e.XXXXXX")
   "$PY" - "$root" <<'EOF' || return 1
 import sys
-from data_prep.cache import cache_teacher
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 root = sys.argv[1]
 teacher = make_tiny_teacher("wav2vec2", f"{root}/teacher", seed=0, num_layers=4)

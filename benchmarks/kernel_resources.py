@@ -2,13 +2,13 @@
 
 Compiles each kernel ahead of time for a CUDA target (no GPU needed: Triton lowers to PTX and
 its bundled ``ptxas`` assembles the cubin) with the arguments a real launch passes
-(``kernels.contrastive.forward_launch``/``backward_launch`` on small CPU stand-in tensors, mapped
-by ``kernels.contrastive.triton_signature``), and reads the cubin's resource usage with the
-bundled ``cuobjdump --dump-resource-usage``: ``REG`` registers/thread; ``STACK`` + ``LOCAL``
-bytes/thread as ``spill_bytes`` (these kernels have no local arrays, so only spilled registers
-put anything there: where ``ptxas -v`` reported "4 bytes spill stores", cuobjdump read STACK:8);
-``SHARED`` static shared bytes/block (0 on sm_80, 1024 on sm_90: the kernels declare none).
-Triton's dynamic shared bytes and ``num_warps`` come from the compiled metadata.
+(``colld_ds.kernels.contrastive.forward_launch``/``backward_launch`` on small CPU stand-in
+tensors, mapped by ``colld_ds.kernels.contrastive.triton_signature``), and reads the cubin's
+resource usage with the bundled ``cuobjdump --dump-resource-usage``: ``REG`` registers/thread;
+``STACK`` + ``LOCAL`` bytes/thread as ``spill_bytes`` (these kernels have no local arrays, so only
+spilled registers put anything there: where ``ptxas -v`` reported "4 bytes spill stores", cuobjdump
+read STACK:8); ``SHARED`` static shared bytes/block (0 on sm_80, 1024 on sm_90: the kernels declare
+none). Triton's dynamic shared bytes and ``num_warps`` come from the compiled metadata.
 
 One row per distinct (kernel, dtype, arch, BLOCK_K, BLOCK_D, D_ALIGN) among the production shapes,
 D in {768, 1000, 1024, 1280} x K in {1, 50, 100, 512}: the tile ``_block_sizes`` picks and the
@@ -58,7 +58,7 @@ RESERVED_SHARED_PER_BLOCK = 1024
 def launch_for(kernel, dtype, D, K, **_):
     """The launch ``contrastive_loss_triton`` makes for this case, on stand-in CPU tensors
     (N = 1, M = 2): ``forward_launch`` or ``backward_launch`` of it."""
-    from kernels.contrastive import backward_launch, forward_launch
+    from colld_ds.kernels.contrastive import backward_launch, forward_launch
 
     dtype = getattr(torch, dtype)
     predictions, targets = torch.ones(1, D, dtype=dtype), torch.ones(2, D, dtype=dtype)
@@ -130,7 +130,7 @@ def compile_case(case: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.contrastive import triton_signature
+    from colld_ds.kernels.contrastive import triton_signature
 
     launch = launch_for(**case)
     signature, constexprs, attrs = triton_signature(launch)

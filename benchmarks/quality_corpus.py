@@ -5,12 +5,11 @@ teacher cache of the layers asked for.
     python benchmarks/quality_corpus.py --out_dir big --minutes_per_language 10 \\
         --teacher ~/.cache/colld/whisper-base-hf --layers 1,2,3,4,5,6
 
-With the same seed the train split is a superset of the demo corpus's train sentences and holds
-none of its dev/test sentences (``data_prep.synth`` splits by sentence index), so the probe's
-splits stay unseen. Train utterances longer than the teacher's window are left out and listed
-(a Whisper teacher refuses them); so are the ``n mod num_shards`` left over, so that every
-shard, hence every rank, has as many. Each stage resumes: the corpus, shards and cache already
-complete are kept.
+With the same seed the train split is a superset of the demo corpus's train sentences and holds none
+of its dev/test sentences (``colld_ds.data_prep.synth`` splits by sentence index), so the probe's
+splits stay unseen. Train utterances longer than the teacher's window are left out and listed (a
+Whisper teacher refuses them); so are the ``n mod num_shards`` left over, so that every shard, hence
+every rank, has as many. Each stage resumes: the corpus, shards and cache already complete are kept.
 """
 
 import argparse
@@ -21,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from colld_ds.data import read_samples  # noqa: E402
-from data_prep.cache import cache_teacher  # noqa: E402
-from data_prep.shards import write_shards  # noqa: E402
-from data_prep.synth import DEFAULT_LANGS, synth  # noqa: E402
+from colld_ds.data_prep.cache import cache_teacher  # noqa: E402
+from colld_ds.data_prep.shards import write_shards  # noqa: E402
+from colld_ds.data_prep.synth import DEFAULT_LANGS, synth  # noqa: E402
 
 
 def mixed_shards(corpus_dir: Path, shards_dir: Path, num_shards: int, max_seconds: float,

@@ -21,7 +21,6 @@ to the cached step. What is timed and why: "How train_throughput.py measures" in
 
 import argparse
 import copy
-import io
 import json
 import statistics
 import sys
@@ -34,11 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
-from colld_ds.codecs import codebook_path, decode, read_codebook  # noqa: E402
 from colld_ds.config import load_config  # noqa: E402
-from colld_ds.data import AudioBatchStream, expand_urls, read_samples  # noqa: E402
-from colld_ds.formats import (CODECS, SAMPLE_RATE, FrameGeometry, layer_members,  # noqa: E402
-                              pq_identity)
+from colld_ds.data import (AudioBatchStream, cached_frames, decode_wave, expand_urls,  # noqa: E402
+                           read_samples)
+from colld_ds.formats import CODECS, SAMPLE_RATE, FrameGeometry  # noqa: E402
 from colld_ds.objectives import build_objective  # noqa: E402
 from colld_ds.distill import (  # noqa: E402
     DistillationModel,
@@ -47,9 +45,9 @@ from colld_ds.distill import (  # noqa: E402
     mask_batch,
     step_seed,
 )
-from data_prep.cache import cache_teacher  # noqa: E402
-from data_prep.generated_audio import generate_utterances  # noqa: E402
-from data_prep.shards import write_audio_shards  # noqa: E402
+from colld_ds.data_prep.cache import cache_teacher  # noqa: E402
+from colld_ds.data_prep.generated_audio import generate_utterances  # noqa: E402
+from colld_ds.data_prep.shards import write_audio_shards  # noqa: E402
 
 
 def make_xlsr_teacher(out_dir: str, num_layers: int, width: int, seed: int = 0) -> str:
@@ -73,34 +71,21 @@ def take_batches(stream: AudioBatchStream, n: int) -> list:
     return [batch for _, batch in zip(range(n), stream)]
 
 
-def codec_cache(cache: str) -> tuple[dict[str, dict], np.ndarray | None]:
-    """The raw samples of ``cache`` by key and, pq, its (L, M, 256, D / M) codebook, read as the
-    loader reads it (once per worker)."""
+def codec_cache(cache: str) -> tuple[dict[str, dict], dict[str, int]]:
+    """The raw samples of ``cache`` by key and their audio lengths (16 kHz samples) by key,
+    read before the timing."""
     samples = {s["__key__"]: s for s in read_samples(expand_urls(cache))}
-    first = next(iter(samples.values()))
-    identity = json.loads(first["json"])["teacher"]
-    if identity.get("codec") != "pq":
-        return samples, None
-    pq = pq_identity(identity, cache)
-    return samples, read_codebook(codebook_path(first["__url__"]), pq["codebook_sha256"],
-                                  len(identity["layers"]), pq["subvectors"])
+    return samples, {key: decode_wave(s).shape[0] for key, s in samples.items()}
 
 
-def decode_features(samples: list[dict], layers: list[int], codebook: np.ndarray | None
-                    ) -> list[np.ndarray]:
-    """What a loader worker does to one batch's cached teacher layers (``colld_ds.data``): per
-    sample its json, then per run layer ``np.load`` of its members and ``codecs.decode`` (pq:
-    with that layer's codebook) -> float16 (T, D) arrays, whole utterances (cropped after)."""
-    out = []
-    for sample in samples:
-        teacher = json.loads(sample["json"])["teacher"]
-        codec = teacher.get("codec", "fp16")
-        for layer in layers:
-            names = layer_members(layer, teacher["target_kind"], codec)
-            arrays = [np.load(io.BytesIO(sample[n]), allow_pickle=False) for n in names]
-            book = None if codebook is None else codebook[teacher["layers"].index(layer)]
-            out.append(decode(arrays, codec, book))
-    return out
+def decode_features(samples: list[dict], expect: dict, lengths: dict[str, int]
+                    ) -> list[list[np.ndarray]]:
+    """What a loader worker does to one batch's cached teacher layers: per sample its json, then
+    the loader's ``colld_ds.data.cached_frames`` (identity and length checks, ``np.load`` of the
+    run layers' members, ``codecs.decode``; pq: with the codebook beside the shard, read once per
+    process) -> per sample float16 (T, D) arrays, whole utterances (cropped after)."""
+    return [cached_frames(s, json.loads(s["json"]), expect, lengths[s["__key__"]], None)
+            for s in samples]
 
 
 def main():
@@ -259,10 +244,10 @@ def main():
                 if step >= args.warmup:
                     times[i].append(time.perf_counter() - tic)
                 losses[i] = float(output.loss.detach())
-            for codec, (samples, codebook) in decoding.items():  # in the same round as the steps
+            for codec, (samples, lengths) in decoding.items():  # in the same round as the steps
                 keys = cached_batches[step].keys
                 tic = time.perf_counter()
-                decode_features([samples[k] for k in keys], teacher_layers, codebook)
+                decode_features([samples[k] for k in keys], teacher.identity, lengths)
                 if step >= args.warmup:
                     decode_times[codec].append(time.perf_counter() - tic)
 

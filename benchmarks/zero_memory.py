@@ -54,7 +54,7 @@ from colld_ds.data import Batch  # noqa: E402
 from colld_ds.distill import build_run, distillation_loss, mask_batch, step_seed  # noqa: E402
 from colld_ds.ds_config import build_ds_config  # noqa: E402
 from colld_ds.formats import SAMPLE_RATE  # noqa: E402
-from data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
 
 MIB = 2**20
 

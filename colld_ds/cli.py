@@ -143,7 +143,7 @@ def export(checkpoint: str, out_dir: str, onnx: bool = False, quantize: bool = F
 def main() -> None:
     """``colld``: a user error (``colld_ds.errors``) prints one line and exits 1; ``--verbose``
     or ``COLLD_VERBOSE=1`` shows its traceback."""
-    from data_prep.cli import DataPrep
+    from colld_ds.data_prep.cli import DataPrep
     run_command(lambda: fire.Fire({"train": train, "demo": demo, "eval": eval,
                                    "compare": compare, "export": export, "prep": DataPrep()}),
                 "colld")

@@ -18,10 +18,11 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   (``x_t = [x_t^1 ... x_t^M]``); each is stored as the uint8 index of its nearest centroid
   (squared L2) in that sub-space's codebook of 256: ``code_tm = argmin_k ||x_t^m - C[m, k]||``,
   features ``[C[1, code_t1] ... C[M, code_tM]]`` (M bytes per frame). The per-layer codebooks
-  (M, 256, D / M) are learned by k-means before caching (``data_prep.pq``, faiss) and stored
-  once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards (or
+  (M, 256, D / M) are learned by k-means before caching (``colld_ds.data_prep.pq``, faiss) and
+  stored once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards (or
   where ``data.pq_codebook`` says: ``pipe:`` shards have no directory; ``codebook_path``), read
-  without pickle and checked against the sha256 the identity records (``read_codebook``).
+  without pickle and checked against the sha256 the identity records (``load_codebook``;
+  ``read_codebook`` caches it per process).
 
 Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
 per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded
@@ -129,11 +130,11 @@ def codebook_path(shard_url: str, given: str | None = None) -> str:
     return os.path.join(os.path.dirname(shard_url), PQ_CODEBOOK)
 
 
-@functools.lru_cache(maxsize=8)
-def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> np.ndarray:
+def load_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> np.ndarray:
     """The float32 (L, M, 256, D / M) pq codebook at ``path`` (a path or a URL), read without
-    pickle (once per process); DataError naming ``teacher.pq.codebook_sha256`` and the fix when
-    it cannot be read, is not that shape, or its bytes do not hash to ``sha256``."""
+    pickle, from the file on every call (``read_codebook``: once per process); DataError naming
+    ``teacher.pq.codebook_sha256`` and the fix when it cannot be read, is not that shape, or its
+    bytes do not hash to ``sha256``."""
     fix = ("copy the pq_codebook.npy the cache was written with beside its shards (or name it "
            "in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec pq` into a "
            "new out_dir")
@@ -152,3 +153,9 @@ def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> n
         raise DataError(f"pq codebook {path} has shape {codebook.shape}, expected ({num_layers}, "
                         f"{subvectors}, {PQ_CENTROIDS}, D / M): {fix}")
     return codebook.astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=8)
+def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> np.ndarray:
+    """``load_codebook``, cached: the loader reads each codebook once per process."""
+    return load_codebook(path, sha256, num_layers, subvectors)

@@ -114,9 +114,9 @@ class ObjectiveConfig:
     nearly the same content, so telling the positive from them rewards position and fine
     timing rather than content; a larger distance leaves them out."""
     contrastive_backend: Literal["auto", "triton", "dense", "chunked"] = "auto"
-    """Implementation of CoLLD's loss (``kernels.contrastive_loss``): ``auto`` = the fused Triton
-    kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one (``triton``
-    needs CUDA, or ``TRITON_INTERPRET=1`` on the CPU)."""
+    """Implementation of CoLLD's loss (``colld_ds.kernels.contrastive_loss``): ``auto`` = the fused
+    Triton kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one
+    (``triton`` needs CUDA, or ``TRITON_INTERPRET=1`` on the CPU)."""
     head: Literal["linear", "mlp"] = "linear"
     """Projection head per pair, student width -> teacher width."""
     distance: Literal["l1", "mse"] = "l1"

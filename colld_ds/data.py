@@ -276,11 +276,13 @@ def decode_wave(sample: dict) -> np.ndarray:
     return wave.mean(axis=1) if wave.ndim == 2 else wave
 
 
-def _cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
-                   pq_codebook: str | None) -> list[np.ndarray]:
-    """The (T, D) float16 arrays of `expect["layers"]`, checked against the cache identity and
-    the audio length (T = frames of the whole utterance), decoded from the cache's codec
-    (`colld_ds.codecs`; pq: with the codebook `pq_codebook`, else the one beside the shard)."""
+def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
+                  pq_codebook: str | None) -> list[np.ndarray]:
+    """A raw sample's (T, D) float16 arrays of `expect["layers"]` (`meta`: its parsed json),
+    checked against the cache identity and the audio length `num_samples` (T = frames of the
+    whole utterance), decoded from the cache's codec (`colld_ds.codecs`; pq: with the codebook
+    `pq_codebook`, else the one beside the shard). The loader's decode, which
+    `benchmarks/train_throughput.py --codecs` times."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
         raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
@@ -352,8 +354,8 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None,
             )
         decoded = {"key": sample["__key__"], "wave": wave, "lang": meta["lang"]}
         if expect_teacher is not None:
-            decoded["frames"] = _cached_frames(sample, meta, expect_teacher, wave.shape[0],
-                                               pq_codebook)
+            decoded["frames"] = cached_frames(sample, meta, expect_teacher, wave.shape[0],
+                                              pq_codebook)
             decoded["geometry"] = FrameGeometry.of(meta["teacher"])
             if expect_teacher.get("front_end"):
                 num_frames = decoded["frames"][0].shape[0]

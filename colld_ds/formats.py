@@ -1,4 +1,5 @@
-"""The on-disk contract between the data tools (``data_prep``) and the loader (``colld_ds.data``).
+"""The on-disk contract between the data tools (``colld_ds.data_prep``) and the loader
+(``colld_ds.data``).
 
 Audio shards: webdataset tars ``{prefix}-{index:06d}.tar``, one sample per utterance, key
 ``<utt_id>`` (no ``.`` or ``/``: webdataset splits member names at the first dot), members

@@ -10,9 +10,9 @@ gains `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_r
 frame_stride, receptive_field, codec, num_frames}` (pq: and `pq`, `formats.pq_identity`;
 `frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
 
-`--codec pq` first learns the codebook (`data_prep.pq`: `--pq_subvectors` M, `--pq_train_frames`,
-`--seed`) into `out_dir`, or reuses the one there; with several ranks it must be there already
-(`train_pq`, `colld prep train-pq`), so that they all share it.
+`--codec pq` first learns the codebook (`colld_ds.data_prep.pq`: `--pq_subvectors` M,
+`--pq_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several ranks it
+must be there already (`train_pq`, `colld prep train-pq`), so that they all share it.
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
 output of its convolutional front end (`colld_ds.models.teacher`), stored as
@@ -27,13 +27,13 @@ of an utterance alone == the same utterance padded with 1 s of zeros). Group-nor
 HuBERT models fail it and fall back to one at a time, with a warning.
 
 Before it starts, `cache_teacher` estimates the size of the shards still missing (of all ranks,
-`data_prep.cache_size`) and refuses when `shutil.disk_usage` of `out_dir` says it will not fit;
-`estimate=True` prints that estimate for all the shards and writes nothing. Shards are written
-to `<name>.tar.tmp` and renamed when complete; a re-run skips complete shards (after checking
-their teacher identity, codec and pq codebook), so a killed job resumes. The shard list is
-split across processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun
-or DeepSpeed): process r caches shards r, r + world_size, ... Each process refreshes the
-directory's shard index when it finishes (`data_prep.shards.write_shard_index`, locked).
+`colld_ds.data_prep.cache_size`) and refuses when `shutil.disk_usage` of `out_dir` says it will not
+fit; `estimate=True` prints that estimate for all the shards and writes nothing. Shards are written
+to `<name>.tar.tmp` and renamed when complete; a re-run skips complete shards (after checking their
+teacher identity, codec and pq codebook), so a killed job resumes. The shard list is split across
+processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun or DeepSpeed):
+process r caches shards r, r + world_size, ... Each process refreshes the directory's shard index
+when it finishes (`colld_ds.data_prep.shards.write_shard_index`, locked).
 
 The audio shards may be streamed (`colld_ds.remote`: `https://`, `s3://`, `pipe:`). Their shard
 index (beside them, or `shard_index`) is read before the teacher loads and gives the counts,
@@ -67,9 +67,9 @@ from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION,
                               FrameGeometry, check_teacher_identity, layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from colld_ds.remote import is_remote
-from data_prep.cache_size import CacheShape, check_free_space, estimate_cache
-from data_prep.pq import codebook_for
-from data_prep.shards import atomic_shard, write_shard_index
+from colld_ds.data_prep.cache_size import CacheShape, check_free_space, estimate_cache
+from colld_ds.data_prep.pq import codebook_for
+from colld_ds.data_prep.shards import atomic_shard, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -320,8 +320,8 @@ def train_pq(
     seed: int = 0,
 ) -> str:
     """Learn the pq codebook of a `--codec pq` cache of `teacher`'s `layers` over the audio
-    `shards` into `out_dir` (`data_prep.pq`), before `cache-teacher --codec pq` with the same
-    arguments caches into it: once for all ranks. Reuses a complete codebook of the same
+    `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq` with the
+    same arguments caches into it: once for all ranks. Reuses a complete codebook of the same
     settings there; returns its path."""
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=False,

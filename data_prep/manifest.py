@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from colld_ds.formats import SAMPLE_RATE
-from data_prep.shards import encode_audio_sample, load_audio
+from colld_ds.data_prep.shards import encode_audio_sample, load_audio
 
 AUDIO_FILE_EXTS = tuple(f".{fmt.lower()}" for fmt in sf.available_formats()) + (".oga", ".opus")
 

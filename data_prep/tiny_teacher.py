@@ -12,7 +12,7 @@ log-mel over a 30 s window, conv1 + stride-2 conv2, 1500 positions) and saves a 
 ``WhisperForConditionalGeneration`` (one tiny decoder layer, 64-token vocabulary), as the
 converted checkpoints are, so the teacher loads its encoder out of it.
 
-CLI: ``python -m data_prep.tiny_teacher --family xlsr --out_dir /tmp/tiny_xlsr``.
+CLI: ``python -m colld_ds.data_prep.tiny_teacher --family xlsr --out_dir /tmp/tiny_xlsr``.
 """
 
 from __future__ import annotations

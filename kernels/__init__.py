@@ -8,8 +8,8 @@
 
 import importlib.util
 
-from kernels.chunked import contrastive_loss_chunked
-from kernels.dense import contrastive_loss_dense
+from colld_ds.kernels.chunked import contrastive_loss_chunked
+from colld_ds.kernels.dense import contrastive_loss_dense
 
 __all__ = ["BACKENDS", "contrastive_loss", "resolve_backend"]
 
@@ -59,7 +59,7 @@ def contrastive_loss(predictions, targets, positive_index, negative_index, tempe
     """
     path = resolve_backend(backend, predictions, num_frames)
     if path == "triton":
-        from kernels.contrastive import contrastive_loss_triton
+        from colld_ds.kernels.contrastive import contrastive_loss_triton
 
         return contrastive_loss_triton(
             predictions, targets, positive_index, negative_index, temperature

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunked import EPS
+from colld_ds.kernels.chunked import EPS
 
 # Maths. For one row, p = prediction (D,), t_0 = targets[positive], t_j = targets[negative[j-1]].
 #   n_p = max(|p|, eps), n_j = max(|t_j|, eps)          (the clamp of F.cosine_similarity)

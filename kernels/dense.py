@@ -11,7 +11,7 @@ K and D; on 2 CPU cores it is 11-28x faster than the naive gather
 
 import torch
 
-from kernels.chunked import EPS
+from colld_ds.kernels.chunked import EPS
 
 
 def _normalize(x):
@@ -21,7 +21,7 @@ def _normalize(x):
 
 def contrastive_loss_dense(predictions, targets, positive_index, negative_index, temperature,
                            num_frames: int):
-    """Same contract as :func:`kernels.contrastive_loss`, for utterance-local candidates.
+    """Same contract as :func:`colld_ds.kernels.contrastive_loss`, for utterance-local candidates.
 
     Args:
         predictions: (N, D) float, N >= 1.

@@ -1,7 +1,7 @@
 """Naive reference of the sampled-negative cosine InfoNCE loss, for tests and benchmarks only.
 
 It gathers every positive and negative row into one ``(N, K+1, D)`` tensor, so its memory grows
-with ``N*K*D``; the training path is :func:`kernels.contrastive_loss`.
+with ``N*K*D``; the training path is :func:`colld_ds.kernels.contrastive_loss`.
 
 Each vector is divided by its norm clamped at eps, the forward of
 ``torch.nn.functional.cosine_similarity``. Its autograd is the exact derivative of that function
@@ -11,7 +11,7 @@ backward instead clamps the norm in place under no-grad, so below eps it differs
 
 import torch
 
-from kernels.chunked import EPS
+from colld_ds.kernels.chunked import EPS
 
 
 def _normalize(x):

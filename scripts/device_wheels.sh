@@ -4,11 +4,12 @@
 # `pip install --no-index --target /tmp/site .whl/*.whl`. Its Python is CPython 3.12 on x86-64
 # Linux, so binary wheels are fetched for cp312 manylinux, whatever Python runs here.
 #
-# What is carried: the third-party imports of colld_ds.train, colld_ds.data, data_prep.cache,
-# kernels and benchmarks/{contrastive_loss,train_throughput,harness}.py, with their
-# requirements, minus what the image already has (its package list: the device documentation's
-# KINDS.md, "Python packages already there"). The image's transformers (5.17), torch (2.11),
-# triton (3.6) and numpy are used as they are: pyproject asks for no newer ones.
+# What is carried: the third-party imports of colld_ds.train, colld_ds.data,
+# colld_ds.data_prep.cache, colld_ds.kernels and
+# benchmarks/{contrastive_loss,train_throughput,harness}.py, with their requirements, minus what the
+# image already has (its package list: the device documentation's KINDS.md, "Python packages already
+# there"). The image's transformers (5.17), torch (2.11), triton (3.6) and numpy are used as they
+# are: pyproject asks for no newer ones.
 # Versions are the ones in .venv (what the tests here run with). deepspeed publishes only an
 # sdist: it is built here into a pure wheel with DS_BUILD_OPS=0 (its CUDA ops JIT-compile on
 # first use, and the suite uses none).
@@ -33,12 +34,12 @@ CARRIED=(
   pydantic-core      # pydantic (binary)
   annotated-types    # pydantic
   typing-inspection  # pydantic
-  webdataset         # colld_ds.data, data_prep.shards
+  webdataset         # colld_ds.data, colld_ds.data_prep.shards
   braceexpand        # colld_ds.data, webdataset
-  soundfile          # colld_ds.data, data_prep (bundles libsndfile)
+  soundfile          # colld_ds.data, colld_ds.data_prep (bundles libsndfile)
   cffi               # soundfile (binary)
   pycparser          # cffi
-  soxr               # data_prep.shards resampling (binary)
+  soxr               # colld_ds.data_prep.shards resampling (binary)
   typing-extensions  # pydantic needs >= 4.16.0; KINDS.md does not say which the image has
   fire               # the colld CLI (gpu_suite.sh's e2e step runs `colld train`)
   termcolor          # fire

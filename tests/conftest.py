@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import CONFIG, REPO, tiny_teacher_and_shards
 
 

@@ -21,9 +21,9 @@ from colld_ds.checkpoint import save_checkpoint
 from colld_ds.remote import aws_cli
 from colld_ds.layer_map import LayerPair
 from colld_ds.report import EncoderSize, FidelityReport, LossCurves, ModelFidelity
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"

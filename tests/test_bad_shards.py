@@ -18,9 +18,9 @@ import torch
 
 from colld_ds.data import AudioBatchStream, DamageReport
 from colld_ds.errors import DataError
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import keys_of, take
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,11 +14,11 @@ from webdataset import TarWriter
 from colld_ds.data import AudioBatchStream, decode_wave, read_samples
 from colld_ds.formats import FrameGeometry
 from colld_ds.models import load_teacher
-from data_prep.cache import cache_teacher, frame_geometry, padding_invariant
-from data_prep.cli import DataPrep
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher, frame_geometry, padding_invariant
+from colld_ds.data_prep.cli import DataPrep
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 LAYERS = [2, 4]
 

@@ -20,11 +20,11 @@ from colld_ds.codecs import decode, quantise_int8
 from colld_ds.data import AudioBatchStream, decode_wave, read_samples
 from colld_ds.errors import DataError
 from colld_ds.models import load_teacher
-from data_prep.cache import cache_teacher
-from data_prep.cli import DataPrep
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import ShardWriteError, write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.cli import DataPrep
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import ShardWriteError, write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 LAYERS = [2, 4]
 
@@ -191,7 +191,7 @@ def test_estimate_matches_the_cache_written(caches, tmp_path, capsys, codec, fro
 
 def test_cache_refuses_when_the_disk_will_not_fit_it(caches, tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr("data_prep.cache_size.shutil.disk_usage",
+    monkeypatch.setattr("colld_ds.data_prep.cache_size.shutil.disk_usage",
                         lambda path: usage(10**9, 0, 50_000))
     out = str(tmp_path / "cache")
     with pytest.raises(ShardWriteError, match=r"need about .* but .*cache has 50\.0 kB free"):

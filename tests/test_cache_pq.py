@@ -26,12 +26,12 @@ from colld_ds.data import AudioBatchStream, decode_wave, read_samples
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CODEBOOK, SHARD_INDEX
 from colld_ds.models import load_teacher
-from data_prep.cache import cache_teacher, train_pq
-from data_prep.cli import DataPrep
-from data_prep.generated_audio import generate_utterances
-from data_prep.pq import PQ_META
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.cli import DataPrep
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.pq import PQ_META
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import CONFIG, REPO, take
 
 LAYERS = [2, 4]
@@ -329,7 +329,7 @@ def test_pq_codebook_is_its_own_deterministic_step_shared_by_ranks(pq_cache, tmp
     def no_learning(*args):
         raise AssertionError("the codebook was learned again")
 
-    monkeypatch.setattr("data_prep.pq._learn", no_learning)
+    monkeypatch.setattr("colld_ds.data_prep.pq._learn", no_learning)
     for rank in (1, 0):
         cache_teacher(audio, teacher_dir, LAYERS, out, **PQ, rank=rank, world_size=2)
     for ours, theirs in zip(tars(out), tars(pq_cache["cache"]), strict=True):
@@ -343,7 +343,7 @@ def test_interrupted_pq_cache_resumes_with_its_codebook(pq_cache, tmp_path, monk
     os.remove(second)
     shutil.copy(first, second + ".tmp")  # a shard the killed job left half written
     before = os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns
-    monkeypatch.setattr("data_prep.pq._learn", lambda *args: pytest.fail("learned again"))
+    monkeypatch.setattr("colld_ds.data_prep.pq._learn", lambda *args: pytest.fail("learned again"))
     cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, out, **PQ)
     assert os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns == before
     assert not os.path.exists(second + ".tmp")

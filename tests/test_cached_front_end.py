@@ -20,10 +20,10 @@ from colld_ds.data import AudioBatchStream, decode_wave, read_samples
 from colld_ds.formats import FRONT_END_MEMBER
 from colld_ds.models import build_student, load_teacher, utterance_span_masks
 from colld_ds.distill import build_run, distillation_loss, mask_batch, step_seed
-from data_prep.cache import cache_teacher
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"

@@ -9,10 +9,10 @@ from torch.nn.functional import cosine_similarity
 from colld_ds.config import load_config
 from colld_ds.data import AudioBatchStream
 from colld_ds.distill import build_run, distillation_loss, mask_batch
-from data_prep.cache import cache_teacher
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 LAYERS = [2, 4]
 

@@ -14,7 +14,7 @@ import pytest
 
 from colld_ds import cli
 from colld_ds.config import TrainConfig
-from data_prep.cli import DataPrep
+from colld_ds.data_prep.cli import DataPrep
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from data_prep.whisper.convert import ct2_to_hf_state_dict
-from data_prep.whisper.ctranslate2_reader import DTYPES, read_model_bin
+from colld_ds.data_prep.whisper.convert import ct2_to_hf_state_dict
+from colld_ds.data_prep.whisper.ctranslate2_reader import DTYPES, read_model_bin
 
 
 def _string(s: str) -> bytes:

@@ -14,8 +14,8 @@ from webdataset import TarWriter
 
 from colld_ds.data import AudioBatchStream, Batch, expand_urls, read_samples
 from colld_ds.formats import SAMPLE_RATE
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import count_samples, load_audio, shard_stats, write_audio_shards
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import count_samples, load_audio, shard_stats, write_audio_shards
 from helpers import keys_of, take
 
 

@@ -15,8 +15,8 @@ from colld_ds.checkpoint import complete_checkpoints
 from colld_ds.data import read_samples
 from colld_ds.demo import _check_window, _mix_shards, _print_fidelity, _synthesise
 from colld_ds.report import ModelFidelity
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
 from helpers import fidelity_report
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from colld_ds.objectives import sample_negatives
-from kernels import contrastive_loss
-from kernels.dense import contrastive_loss_dense
-from kernels.reference import contrastive_loss_reference
+from colld_ds.kernels import contrastive_loss
+from colld_ds.kernels.dense import contrastive_loss_dense
+from colld_ds.kernels.reference import contrastive_loss_reference
 
 
 def utterance_batch(lengths, num_frames, dim, num_negatives, dtype=torch.float32, seed=0,
@@ -69,9 +69,9 @@ def test_dense_refuses_a_negative_from_another_utterance():
 def test_public_function_dispatches_dense_on_cpu_when_frames_are_given(monkeypatch):
     predictions, targets, positive, negatives = utterance_batch([6, 6], 6, 8, 3)
     calls = []
-    monkeypatch.setattr("kernels.contrastive_loss_dense",
+    monkeypatch.setattr("colld_ds.kernels.contrastive_loss_dense",
                         lambda *args, **kwargs: calls.append("dense") or (None, None))
-    monkeypatch.setattr("kernels.contrastive_loss_chunked",
+    monkeypatch.setattr("colld_ds.kernels.contrastive_loss_chunked",
                         lambda *args, **kwargs: calls.append("chunked") or (None, None))
     contrastive_loss(predictions, targets, positive, negatives, 0.1, num_frames=6)
     contrastive_loss(predictions, targets, positive, negatives, 0.1)

@@ -21,10 +21,10 @@ from colld_ds.data import AudioBatchStream, read_samples, shard_name
 from colld_ds.ds_config import build_ds_config
 from colld_ds.formats import SAMPLE_RATE, SHARD_INDEX, FrameGeometry, shard_keys
 from colld_ds.models import load_teacher
-from data_prep.cache import cache_teacher
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards, write_shard_index
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards, write_shard_index
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import keys_of, take
 
 NAMES = "train-{000000..000007}.tar"

@@ -1,6 +1,6 @@
 """User errors on the command line: one line naming the file, field or flag and the fix, exit
 status 1, no traceback (the traceback only with --verbose or COLLD_VERBOSE=1), on `colld`,
-`colld prep`, `python -m data_prep.cli` and through launch.sh."""
+`colld prep`, `python -m colld_ds.data_prep.cli` and through launch.sh."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.cache import cache_teacher
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny-wav2vec2_to_2l_colld.yaml"
@@ -62,7 +62,7 @@ def test_cache_teacher_layer_error_names_the_layers_flag(assets):
     assert line.startswith("colld: error: --layers 9: no teacher layer [9]"), line
     assert "layers 1..4" in line and "layer_map" not in line
     line = one_error_line(run(assets, "cache_teacher", "shards", "teacher", "two", "c",
-                              module="data_prep.cli"), prog="colld prep")
+                              module="colld_ds.data_prep.cli"), prog="colld prep")
     assert "--layers 'two' is not a list of layer numbers" in line, line
 
 

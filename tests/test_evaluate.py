@@ -18,8 +18,8 @@ from colld_ds.layer_map import LayerPair
 from colld_ds.models import load_teacher
 from colld_ds.report import FidelityReport
 from colld_ds.trained import torch_threads
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
 
 
 def test_cka_of_itself_and_of_a_rotation_is_one_and_of_noise_is_small():

@@ -15,7 +15,7 @@ from colld_ds.export import export, export_hf, export_onnx
 from colld_ds.formats import SAMPLE_RATE
 from colld_ds.models import build_student, load_teacher
 from colld_ds.trained import CheckpointNotFoundError, load_student, resolve_checkpoint
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 INT8_RELATIVE_ERROR = 0.1
 """Dynamic int8 against fp32 on a tiny random student: ||int8 - fp32|| / ||fp32||."""

@@ -27,16 +27,16 @@ import torch.multiprocessing as mp
 
 import colld_ds.checkpoint as checkpoint
 import colld_ds.train as train_module
-import data_prep.shards as shards
+import colld_ds.data_prep.shards as shards
 from colld_ds.checkpoint import (COMPLETE_MARKER, CheckpointFallbackWarning, CheckpointLoadError,
                                  CheckpointWriteError, complete_checkpoints, load_checkpoint,
                                  resume_candidates)
 from colld_ds.formats import shard_keys
 from colld_ds.monitor import keep_rows_up_to
-from data_prep.cache import cache_teacher
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import ShardWriteError, write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import ShardWriteError, write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import (CONFIG, MODEL_STATES, OPTIM_STATES, REPO, FakeEngine, kill_group, overrides,
                      save)
 

@@ -1,5 +1,6 @@
 """The import graph of the project, read with ``ast`` (nothing is imported): no cycles, and the
-library (``colld_ds`` without its commands, and ``kernels``) imports only the library."""
+library (``colld_ds`` with ``colld_ds.kernels``, without its commands and ``colld_ds.data_prep``)
+imports only the library."""
 
 import ast
 from pathlib import Path
@@ -7,27 +8,35 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("colld_ds", "kernels", "data_prep", "benchmarks", "tests")
+PACKAGES = ("colld_ds", "kernels", "data_prep", "benchmarks", "tests")   # folders
+MAPPED = {"kernels": "colld_ds.kernels", "data_prep": "colld_ds.data_prep"}  # pyproject package-dir
+PREP = "colld_ds.data_prep"
 COMMANDS = {"colld_ds.train", "colld_ds.evaluate", "colld_ds.export", "colld_ds.compare",
             "colld_ds.demo", "colld_ds.cli"}
 # Imported inside functions on purpose: the CLIs load a command's modules when it runs (so
-# `--help` loads no torch), and kernels.contrastive needs triton, an optional dependency.
-LAZY_IMPORTERS = {"colld_ds.cli", "data_prep.cli"}
-LAZY_IMPORTED = {"kernels.contrastive"}
+# `--help` loads no torch), and colld_ds.kernels.contrastive needs triton, an optional dependency.
+LAZY_IMPORTERS = {"colld_ds.cli", "colld_ds.data_prep.cli"}
+LAZY_IMPORTED = {"colld_ds.kernels.contrastive"}
 
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
     if parts[0] == "tests":                     # tests import one another by bare name
         parts = parts[1:]
+    if parts[0] in MAPPED:
+        parts = (MAPPED[parts[0]], *parts[1:])
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 MODULES = {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
 
 
+def is_prep(name: str) -> bool:
+    return name == PREP or name.startswith(PREP + ".")
+
+
 def is_library(name: str) -> bool:
-    return name.split(".")[0] in ("colld_ds", "kernels") and name not in COMMANDS
+    return name.split(".")[0] == "colld_ds" and name not in COMMANDS and not is_prep(name)
 
 
 def imports(name: str) -> list[tuple[str, bool]]:
@@ -86,13 +95,13 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if is_library(n)))
 def test_the_library_imports_only_the_library(name):
     outside = sorted({target for target, _ in GRAPH[name] if not is_library(target)})
-    assert not outside, f"{name} imports {outside}: commands, data_prep, benchmarks or tests"
+    assert not outside, f"{name} imports {outside}: commands, {PREP}, benchmarks or tests"
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("data_prep")))
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if is_prep(n)))
 def test_data_prep_imports_the_library_and_itself_only(name):
     outside = sorted({target for target, _ in GRAPH[name]
-                      if not (is_library(target) or target.startswith("data_prep"))})
+                      if not (is_library(target) or is_prep(target))})
     assert not outside, f"{name} imports {outside}"
 
 

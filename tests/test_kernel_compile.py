@@ -71,7 +71,7 @@ def test_signature_matches_triton_specialisation():
     from triton.backends.compiler import BaseBackend
     from triton.runtime import jit
 
-    from kernels.contrastive import triton_signature
+    from colld_ds.kernels.contrastive import triton_signature
 
     specialize = getattr(jit, "native_specialize_impl", None)
     if specialize is None:

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from benchmarks.harness import peak_bytes
-from kernels import contrastive_loss, resolve_backend
-from kernels.chunked import contrastive_loss_chunked
-from kernels.reference import contrastive_loss_reference
+from colld_ds.kernels import contrastive_loss, resolve_backend
+from colld_ds.kernels.chunked import contrastive_loss_chunked
+from colld_ds.kernels.reference import contrastive_loss_reference
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -195,7 +195,7 @@ TRITON_CASES = {
 
 def run_triton_cases():
     """Subprocess entry point (TRITON_INTERPRET=1): one JSON line per case."""
-    from kernels.contrastive import contrastive_loss_triton
+    from colld_ds.kernels.contrastive import contrastive_loss_triton
 
     forced = functools.partial(contrastive_loss, backend="triton")
     hand = {"name": "hand_computed", "errors": hand_example_errors(forced)}

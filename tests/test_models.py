@@ -17,7 +17,7 @@ from transformers import (
 from colld_ds.formats import SAMPLE_RATE
 from colld_ds.models import build_student, family_of, load_teacher, read_num_layers
 from colld_ds.models.families import record_outputs
-from data_prep.tiny_teacher import TINY_FAMILIES, make_tiny_teacher
+from colld_ds.data_prep.tiny_teacher import TINY_FAMILIES, make_tiny_teacher
 
 # Padding-invariant: an attention mask, and nothing else mixing frames across the padding edge
 # (data2vec's stacked positional convs turn zeroed padded frames non-zero between layers).

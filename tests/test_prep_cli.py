@@ -16,12 +16,12 @@ import sentencepiece
 import soundfile as sf
 from webdataset import TarWriter
 
-import data_prep.manifest
+import colld_ds.data_prep.manifest
 from colld_ds.data import read_samples
 from colld_ds.formats import SAMPLE_RATE, shard_keys
-from data_prep.cli import DataPrep
-from data_prep.shards import exclusive_lock
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cli import DataPrep
+from colld_ds.data_prep.shards import exclusive_lock
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 GOOD = ["good_a", "good_b", "stereo44k", "good_c", "good_d"]
 
@@ -140,8 +140,8 @@ def test_killed_make_shards_resumes_without_rewriting(manifest, tmp_path, monkey
         f.write(b"half a shard")
 
     decoded = []
-    load = data_prep.manifest.load_audio
-    monkeypatch.setattr(data_prep.manifest, "load_audio",
+    load = colld_ds.data_prep.manifest.load_audio
+    monkeypatch.setattr(colld_ds.data_prep.manifest, "load_audio",
                         lambda p: decoded.append(os.path.basename(p)) or load(p))
     again, again_keys = make(manifest, out)
     assert again == paths and again_keys == keys
@@ -187,7 +187,7 @@ def test_inspect_reports_and_flags_a_corrupt_member(manifest, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         DataPrep().inspect(bad)
     assert f"{bad}: {samples[1]['__key__']}.flac" in str(info.value.code)
-    result = subprocess.run([sys.executable, "-m", "data_prep.cli", "inspect", bad],
+    result = subprocess.run([sys.executable, "-m", "colld_ds.data_prep.cli", "inspect", bad],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "1 invalid members" in result.stderr
 

@@ -7,7 +7,7 @@ import torch
 from colld_ds.formats import SAMPLE_RATE
 from colld_ds.probe import (ProbeConfig, ProbeUnavailable, char_tokens, decode, error_rates,
                             greedy_decode, phone_tokens, read_probe_split, train_probe)
-from data_prep.shards import write_audio_shards
+from colld_ds.data_prep.shards import write_audio_shards
 
 
 def test_phone_tokens_of_espeak_ipa():

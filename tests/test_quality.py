@@ -17,8 +17,8 @@ from colld_ds.data import read_samples
 from colld_ds.evaluate import with_layers
 from colld_ds.models import load_teacher
 from colld_ds.probe import ProbeConfig, train_probe
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
 from helpers import tiny_teacher_and_shards
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
-"""The real-recordings evaluation set (`data_prep.real_recordings`) and the sdist reader it
-needs (`data_prep.whisper.wheels`, pysptk publishes no wheel).
+"""The real-recordings evaluation set (`colld_ds.data_prep.real_recordings`) and the sdist reader it
+needs (`colld_ds.data_prep.whisper.wheels`, pysptk publishes no wheel).
 
 The chunking and reader tests need no network. The shard-set test needs the pinned
 pyannote-audio wheel and pysptk sdist (`pip download`, cached under ~/.cache/colld/wheels) and
@@ -20,9 +20,9 @@ import soundfile as sf
 
 from colld_ds.data import read_samples
 from colld_ds.formats import SAMPLE_RATE, SHARD_INDEX, read_shard_index
-from data_prep.real_recordings import chunk_bounds, real_samples, write_real_shards
-from data_prep.whisper import wheels as whisper_wheels
-from data_prep.whisper.wheels import Member, read_member
+from colld_ds.data_prep.real_recordings import chunk_bounds, real_samples, write_real_shards
+from colld_ds.data_prep.whisper import wheels as whisper_wheels
+from colld_ds.data_prep.whisper.wheels import Member, read_member
 
 
 @pytest.mark.parametrize("num_samples, max_samples, expected", [

@@ -16,8 +16,8 @@ import torch
 
 from colld_ds.data import AudioBatchStream, expand_urls, read_samples
 from colld_ds.formats import SHARD_INDEX
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import write_audio_shards
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
 from helpers import http_server, keys_of, s3_server, take
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,10 +20,10 @@ from colld_ds.errors import DataError
 from colld_ds.formats import SHARD_INDEX
 from colld_ds.models import load_teacher
 from colld_ds.remote import RemoteReadError
-from data_prep.cache import cache_teacher, train_pq
-from data_prep.generated_audio import generate_utterances
-from data_prep.shards import ShardWriteError, write_audio_shards
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import ShardWriteError, write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import http_server, s3_server, take
 
 LAYERS = [2, 4]

@@ -1,4 +1,4 @@
-"""`data_prep.synth`: the espeak-ng corpus has the languages, durations, splits and phoneme
+"""`colld_ds.data_prep.synth`: the espeak-ng corpus has the languages, durations, splits and phoneme
 strings it promises, and is the same bytes for the same seed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from colld_ds.formats import SAMPLE_RATE
-from data_prep.synth import DEFAULT_LANGS, LANGUAGES, SPLITS, sentences, synth
+from colld_ds.data_prep.synth import DEFAULT_LANGS, LANGUAGES, SPLITS, sentences, synth
 
 pytestmark = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"

@@ -20,8 +20,8 @@ from colld_ds.config import ConfigError, load_config
 from colld_ds.data import AudioBatchStream
 from colld_ds.distill import build_run, distillation_loss, mask_batch
 from colld_ds.formats import SAMPLE_RATE
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from colld_ds.trained import load_student
-from data_prep.tiny_teacher import make_tiny_teacher
 from helpers import CONFIG, MAX_STEPS, REPO, overrides
 
 def launch(train_assets, out_dir, **extra) -> list[dict]:

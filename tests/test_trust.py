@@ -30,7 +30,7 @@ from colld_ds.checkpoint import (COMPLETE_MARKER, UnsafeCheckpointError, load_ch
 from colld_ds.evaluate import evaluate
 from colld_ds.export import export
 from colld_ds.models import load_teacher
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import CONFIG, OPTIM_STATES, REPO, FakeEngine, save
 
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"

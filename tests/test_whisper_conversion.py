@@ -25,10 +25,11 @@ from transformers import (
 )
 
 from colld_ds.formats import SAMPLE_RATE
-from data_prep.synth import speak
-from data_prep.whisper import wheels as whisper_wheels
-from data_prep.whisper.convert import convert
-from data_prep.whisper.wheels import CACHE_DIR, extract_ct2_dir, pyannote_sample, read_member
+from colld_ds.data_prep.synth import speak
+from colld_ds.data_prep.whisper import wheels as whisper_wheels
+from colld_ds.data_prep.whisper.convert import convert
+from colld_ds.data_prep.whisper.wheels import (CACHE_DIR, extract_ct2_dir, pyannote_sample,
+                                               read_member)
 
 # model -> (d_model, encoder layers, heads, vocabulary size)
 SHAPES = {"tiny.en": (384, 4, 6, 51864), "base": (512, 6, 8, 51865)}

@@ -13,7 +13,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from colld_ds.config import ConfigError, load_config
 from colld_ds.formats import SAMPLE_RATE, check_teacher_identity
 from colld_ds.models import build_student, load_teacher, read_num_layers
-from data_prep.tiny_teacher import make_tiny_teacher
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 S = SAMPLE_RATE
 REAL_TINY_EN = os.path.expanduser("~/.cache/colld/whisper-tiny.en-hf")
@@ -265,7 +265,7 @@ def test_tiny_whisper_is_deterministic(tmp_path):
 
 @pytest.mark.skipif(
     not os.path.isfile(os.path.join(REAL_TINY_EN, "config.json")),
-    reason=f"no converted Whisper tiny.en at {REAL_TINY_EN} (data_prep convert-whisper makes it)",
+    reason=f"no converted Whisper tiny.en at {REAL_TINY_EN} (colld prep convert-whisper makes it)",
 )
 def test_real_whisper_tiny_en_teacher():
     teacher = load_teacher(REAL_TINY_EN, [1, 4])

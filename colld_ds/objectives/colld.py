@@ -14,7 +14,7 @@ import torch
 
 from colld_ds.layer_map import LayerPair
 from colld_ds.objectives.base import FrameSelection, PairwiseObjective
-from kernels import contrastive_loss
+from colld_ds.kernels import contrastive_loss
 
 
 def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
@@ -93,7 +93,7 @@ class ColldObjective(PairwiseObjective):
         self.temperature = temperature
         self.num_negatives = num_negatives
         self.backend = backend
-        """``kernels.contrastive_loss``'s backend (``objective.contrastive_backend``)."""
+        """``colld_ds.kernels.contrastive_loss``'s backend (``objective.contrastive_backend``)."""
         self.anchor_frames = anchor_frames
         """``masked`` or ``all`` (``objective.anchor_frames``)."""
         self.position_negatives = position_negatives

