@@ -21,6 +21,7 @@
 #            front end; its log is in suite.log
 #   fp16     (optional) the grid in float16 -> contrastive_loss_cuda_fp16.json
 #   train_b8 (optional) the train step at batch 8 x 8 s -> train_throughput_cuda_full_b8.json
+# SUITE_STEPS="install env train" runs only the steps named (a second call after a fix).
 # All output also goes to suite.log. Files land in $OUT (the device tool's result folder; at most
 # 8 come back: these are 7); where OUT is unset, in a new temporary folder, which is printed.
 # Exit status 0 when every step that ran passed and no required step was skipped.
@@ -74,6 +75,7 @@ FAILED=0
 # its status and duration.
 run_step() {
   local name=$1 cap=$2 need=$3; shift 3
+  [[ -z ${SUITE_STEPS:-} || " $SUITE_STEPS " == *" $name "* ]] || return 0
   local left=$((SUITE_BUDGET_S - (SECONDS - START_S)))
   local limit=$((cap < left ? cap : left))
   if ((limit < 30)); then

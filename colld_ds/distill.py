@@ -105,8 +105,8 @@ def _teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 def build_run(config: TrainConfig, device: torch.device
               ) -> tuple[Teacher, list[LayerPair], DistillationModel]:
-    """Teacher, layer pairs and the trainable model at step 0, all validated before any long
-    work (ConfigError or ValueError naming the field)."""
+    """Teacher, layer pairs and the trainable model at step 0 on ``device``, all validated
+    before any long work (ConfigError or ValueError naming the field)."""
     if not (config.data.train_shards or config.data.teacher_cache):
         raise ConfigError("data.train_shards: set it to audio shards (or data.teacher_cache to "
                           "teacher-cache shards)")
@@ -117,7 +117,7 @@ def build_run(config: TrainConfig, device: torch.device
                            window_seconds=config.teacher.window_seconds)
     check_num_negatives(config, crop_frames(config, teacher))
     model = _new_model(config, teacher, pairs, step0_init(config, teacher) or None,
-                       random_front_end=False)
+                       random_front_end=False).to(device)   # the heads start on the CPU
     if config.student.freeze_front_end:
         model.student.freeze_front_end()
     if config.data.cached_front_end:

@@ -220,6 +220,14 @@ def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(
     assert loss.loss.device.type == "meta" and no_grad == unused
 
 
+def test_build_run_puts_the_whole_model_on_the_device(train_assets, tmp_path):
+    """The student is built from the teacher on ``device``; the projection heads must follow
+    (a GPU run outside DeepSpeed, as train_throughput.py's, otherwise mixes devices)."""
+    config = load_config(CONFIG, overrides(train_assets, tmp_path))
+    _, _, model = build_run(config, torch.device("meta"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_head_warmup_steps_train_the_heads_only(train_assets, tmp_path):
     """Before optim.head_warmup_steps the loss reaches the projection heads and nothing of the
     student; from that step on, both."""
