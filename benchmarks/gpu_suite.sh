@@ -110,7 +110,7 @@ install_wheels() {
 environment() {
   echo "date (UTC): $(date -u +%FT%TZ)  host: $(uname -n)  kernel: $(uname -r)  mode: $MODE"
   local unknown="unknown (no .git here; put COLLD_COMMIT=<sha> in the command)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${COLLD_COMMIT:-$unknown}")"
+  echo "commit: ${COLLD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "$unknown")}"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit \

@@ -16,13 +16,15 @@ from colld_ds.atomic import write_text_atomic
 
 def machine_info(device: torch.device) -> dict:
     """Machine, torch version, commit and UTC date, stamped on every row."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):     # no .git (e.g. the GPU machine's copy)
-        commit = os.environ.get("COLLD_COMMIT", "unknown")
+    commit = os.environ.get("COLLD_COMMIT")    # named in the call: the GPU machine's copy may
+    if not commit:                              # hold a stale .git of another commit
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                check=True, cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
