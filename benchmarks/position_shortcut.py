@@ -3,11 +3,12 @@
 A teacher with absolute positional embeddings (Whisper) leaves a trace of each frame's position
 in its hidden states, and CoLLD's negatives are other frames of the same utterance. The
 "position-only student" predicts every target by the mean standardised target at its frame index
-(learned on one third of the utterances) and is scored by
-CoLLD's own loss (``colld_ds.kernels.contrastive_loss``, uniform same-utterance negatives, drawn
-with repeats as in training) on another third. Rows per layer: the targets as ``objective.target_norm: utterance`` gives them
-(``utterance``), and minus the mean per frame index learned on the last third by
-``colld_ds.distill.position_mean`` as training does (``utterance_position``). Also the share of the targets' variance the position mean explains.
+(learned on one third of the utterances) and is scored by CoLLD's own loss
+(``colld_ds.kernels.contrastive_loss``, uniform same-utterance negatives, drawn with repeats as
+in training) on another third. Rows per layer: the targets as ``objective.target_norm:
+utterance`` gives them (``utterance``), and minus the mean per frame index learned on the last
+third by ``colld_ds.distill.position_mean``, as training does (``utterance_position``). Also the
+share of the targets' variance that the position mean explains.
 
     python benchmarks/position_shortcut.py --cache demo_out/whisper/cache
 """
