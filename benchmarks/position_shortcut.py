@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cache_codecs import layers_of  # noqa: E402
 from benchmarks.harness import machine_info, write_rows  # noqa: E402
-from colld_ds.data import Batch  # noqa: E402
 from colld_ds.distill import position_mean  # noqa: E402
 from colld_ds.kernels import contrastive_loss  # noqa: E402
 from colld_ds.objectives import sample_negatives  # noqa: E402
@@ -42,12 +41,9 @@ def standardised(x: np.ndarray) -> torch.Tensor:
 def removed_mean(arrays: list[np.ndarray], num_frames: int) -> torch.Tensor:
     """(T, D) raw targets -> (num_frames, D): what ``target_norm: utterance_position`` removes,
     computed by the library (``distill.position_mean``) as training does."""
-    batches = (Batch(wave=torch.zeros(1, 1), wave_lengths=torch.ones(1, dtype=torch.long),
-                     keys=[str(n)], langs=[""],
-                     teacher_features=[torch.from_numpy(x.astype(np.float32)).unsqueeze(0)],
-                     frame_lengths=torch.tensor([x.shape[0]]))
-               for n, x in enumerate(arrays))
-    return position_mean(batches, None, [0], num_frames, len(arrays), torch.device("cpu"))[0]
+    targets = (([torch.from_numpy(x.astype(np.float32)).unsqueeze(0)], torch.tensor([len(x)]))
+               for x in arrays)
+    return position_mean(targets, num_frames, len(arrays), torch.device("cpu"))[0]
 
 
 def mean_per_index(utterances: list[torch.Tensor], num_frames: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ _NOT_RESULTS = ("resume", "stop_at_step", "save_every", "keep_checkpoints", "log
                 "out_dir")
 # objective fields that an objective never reads
 _CONTRASTIVE = ("temperature", "num_negatives", "contrastive_backend", "anchor_frames",
-                "position_negatives", "negative_min_distance")
+                "position_negatives")
 _UNREAD = {"colld": ("distance", "cosine_weight"), "l2l": _CONTRASTIVE,
            "distilhubert": (*_CONTRASTIVE, "distance")}
 # Launcher variables of an enclosing job: a child `colld train` must start its own.

@@ -108,11 +108,6 @@ class ObjectiveConfig:
     from the positive in position, which a student with absolute positional embeddings
     (Whisper) can tell apart without reading content; these cannot be. Needs a backend that
     takes negatives across utterances (not ``dense``)."""
-    negative_min_distance: int = 1
-    """CoLLD: draw the same-utterance negatives only from frames at least this many frames away
-    from the anchor (1: any other frame, wav2vec 2.0's choice). Neighbouring frames carry
-    nearly the same content, so telling the positive from them rewards position and fine
-    timing rather than content; a larger distance leaves them out."""
     contrastive_backend: Literal["auto", "triton", "dense", "chunked"] = "auto"
     """Implementation of CoLLD's loss (``colld_ds.kernels.contrastive_loss``): ``auto`` = the fused
     Triton kernel on CUDA, the dense per-utterance matmul elsewhere; the others force one
@@ -368,8 +363,6 @@ def validate(config: TrainConfig) -> None:
     require(config.objective.num_negatives >= 1, "objective.num_negatives: must be >= 1")
     require(config.objective.position_stats_utterances >= 1,
             "objective.position_stats_utterances: must be >= 1")
-    require(config.objective.negative_min_distance >= 1,
-            "objective.negative_min_distance: must be >= 1 (1: any other frame)")
     require(not (config.objective.position_negatives
                  and config.objective.contrastive_backend == "dense"),
             "objective.position_negatives: its negatives span utterances, which the dense "
@@ -418,14 +411,13 @@ def check_num_negatives(config: TrainConfig, crop_frames: int) -> None:
     a longest crop (``data.max_seconds``) of ``crop_frames`` frames must supply that many, or
     the negatives of every utterance repeat. Checked at start-up, once the teacher gives the
     frame rate."""
-    limit = crop_frames - (2 * config.objective.negative_min_distance - 1)
+    limit = crop_frames - 1
     if config.objective.name == "colld" and config.objective.num_negatives > limit:
         raise ConfigError(
             f"objective.num_negatives: {config.objective.num_negatives} is more than the {limit} "
             f"other frames of a data.max_seconds {config.data.max_seconds} s crop ({crop_frames} "
-            f"teacher frames; objective.negative_min_distance "
-            f"{config.objective.negative_min_distance}), so every utterance's negatives would "
-            f"repeat; set objective.num_negatives to at most {limit} or raise data.max_seconds")
+            f"teacher frames), so every utterance's negatives would repeat; set "
+            f"objective.num_negatives to at most {limit} or raise data.max_seconds")
 
 
 def _field_docs(cls: type) -> dict[str, str]:

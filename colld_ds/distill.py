@@ -11,7 +11,7 @@ Dropout is seeded per (seed, rank, micro-step) (``step_seed``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,25 +125,33 @@ def build_run(config: TrainConfig, device: torch.device
     return teacher, pairs, model
 
 
-def position_mean(batches: Iterable[Batch], teacher: Teacher | None, teacher_layers: list[int],
-                  num_frames: int, num_utterances: int, device: torch.device) -> torch.Tensor:
-    """(L, T, D_t) fp32, T = ``num_frames``: for each of ``teacher_layers``, the mean over
-    utterances of the per-utterance standardised targets at each frame index (0 where no
-    utterance reaches it), for ``objective.target_norm: utterance_position``.
-
-    Reads this rank's first ``num_utterances / world size`` utterances of ``batches`` (the
-    cache's targets, or ``teacher`` on the audio) and sums over ranks (one all-reduce), so every
-    rank gets the same mean, and a run started again gets it again."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    wanted = -(-num_utterances // world_size)
-    sums, counts, seen = None, torch.zeros(num_frames, dtype=torch.float64), 0
+def teacher_targets(batches: Iterable[Batch], teacher: Teacher | None, device: torch.device
+                    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Each batch's teacher targets: (L of (B, T, D_t) features, (B,) CPU frame lengths), from
+    the cache (cached mode) or ``teacher`` run on the audio without grad."""
     for batch in batches:
         if batch.teacher_features is not None:
-            features, lengths = batch.teacher_features, batch.frame_lengths.cpu()
+            yield batch.teacher_features, batch.frame_lengths.cpu()
         else:
             with torch.no_grad():
                 output = teacher(batch.wave.to(device), batch.wave_lengths.to(device))
-            features, lengths = output.features, output.frame_lengths.cpu()
+            yield output.features, output.frame_lengths.cpu()
+
+
+def position_mean(targets: Iterable[tuple[list[torch.Tensor], torch.Tensor]], num_frames: int,
+                  num_utterances: int, device: torch.device) -> torch.Tensor:
+    """(L, T, D_t) fp32, T = ``num_frames``: for each of the L target layers, the mean over
+    utterances of the per-utterance standardised targets at each frame index (0 where no
+    utterance reaches it), for ``objective.target_norm: utterance_position``.
+
+    ``targets``: (L of (B, T', D_t) features, (B,) frame lengths) per batch
+    (``teacher_targets``). Reads this rank's first ``num_utterances / world size`` utterances
+    and sums over ranks (one all-reduce on ``device``), so every rank gets the same mean, and a
+    run started again gets it again."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    wanted = -(-num_utterances // world_size)
+    sums, counts, seen = None, torch.zeros(num_frames, dtype=torch.float64), 0
+    for features, lengths in targets:
         take = min(len(lengths), wanted - seen)
         frames = min(features[0].shape[1], num_frames)
         valid = frame_mask(lengths[:take], features[0].shape[1])

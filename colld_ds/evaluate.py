@@ -140,6 +140,15 @@ class EvalBatch:
     wave_lengths: Tensor  # (B,)
 
 
+def _target_norm_key(objective) -> tuple[str, bytes] | None:
+    """What the targets of ``objective``'s heads depend on besides the teacher: None for the
+    teacher states themselves (``target_norm: none``)."""
+    if objective.target_norm == "none":
+        return None
+    mean = getattr(objective, "position_mean", None)
+    return objective.target_norm, b"" if mean is None else mean.cpu().numpy().tobytes()
+
+
 def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list[LayerPair],
              batches: Iterable[EvalBatch], timed: str | None = None) -> dict[str, Any]:
     """``{"models": name -> ModelFidelity, "seconds", "utterances", "frames"}``: cosine per
@@ -153,6 +162,10 @@ def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list
         raise ValueError("fidelity needs a teacher returning all its layers, 1..L in order")
     teacher_moments = [Moments() for _ in teacher.layers]
     accumulators = {name: FidelityAccumulator(pairs) for name in models}
+    # models that normalise targets alike share one normalisation per batch
+    norm_keys = {name: _target_norm_key(model.objective) for name, model in models.items()}
+    normalisers = {key: models[name].objective for name, key in norm_keys.items()
+                   if key is not None}
     seconds = {"teacher": 0.0, "student": 0.0, "audio": 0.0}
     utterances = 0
     for batch in batches:
@@ -166,6 +179,12 @@ def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list
         teacher_frames = _valid_frames([f.float() for f in target.features], mask)
         for moments, y in zip(teacher_moments, teacher_frames):
             moments.add(y)
+        head_targets = {None: None}
+        for key, objective in normalisers.items():
+            normalised = objective.normalise_targets(dict(zip(teacher.layers, target.features)),
+                                                     mask)
+            head_targets[key] = _valid_frames([normalised[layer] for layer in teacher.layers],
+                                              mask)
         for name, model in models.items():
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -175,13 +194,8 @@ def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list
                 student_frames = _valid_frames(hidden, mask)
                 projected = {p.name: model.objective.heads[p.name](
                     student_frames[p.student_layer - 1]) for p in pairs}
-            head_targets = None
-            if model.objective.target_norm != "none":
-                normalised = model.objective.normalise_targets(
-                    dict(zip(teacher.layers, target.features)), mask)
-                head_targets = _valid_frames([normalised[layer] for layer in teacher.layers],
-                                             mask)
-            accumulators[name].add(student_frames, projected, teacher_frames, head_targets)
+            accumulators[name].add(student_frames, projected, teacher_frames,
+                                   head_targets[norm_keys[name]])
     if not utterances:
         raise ValueError("no utterances to evaluate")
     return {"models": {name: acc.result(teacher_moments) for name, acc in accumulators.items()},

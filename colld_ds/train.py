@@ -33,7 +33,7 @@ from colld_ds.checkpoint import load_checkpoint, resume_candidates, save_checkpo
 from colld_ds.config import TrainConfig, save_config
 from colld_ds.data import AudioBatchStream, DamageReport, check_shards
 from colld_ds.distill import (MaskedBatch, build_run, crop_frames, distillation_loss, mask_batch,
-                              position_mean, step_seed)
+                              position_mean, step_seed, teacher_targets)
 from colld_ds.ds_config import build_ds_config
 from colld_ds.errors import DataError
 from colld_ds.formats import SAMPLE_RATE
@@ -154,13 +154,7 @@ def train(config: TrainConfig) -> TrainResult:
                             if cached else None))
 
     stream = new_stream()
-    resuming = [bool(candidates)]                      # rank 0's view, as load_checkpoint's
-    dist.broadcast_object_list(resuming, src=0)
-    if config.objective.target_norm == "utterance_position" and not resuming[0]:
-        # a fresh run; a resumed one loads the mean from its checkpoint
-        model.objective.set_position_mean(position_mean(
-            iter(new_stream()), teacher, teacher_layers, crop_frames(config, teacher),
-            config.objective.position_stats_utterances, device))
+    position_frames = crop_frames(config, teacher)  # the longest crop's teacher frames
     if cached:
         teacher = None    # it built the student; the cache holds its targets, free its memory
     engine, _, _, _ = deepspeed.initialize(
@@ -177,6 +171,11 @@ def train(config: TrainConfig) -> TrainResult:
         resume_from, client_state = loaded
         step = client_state["step"]
         stream.load_state_dict(client_state["data"])
+    elif config.objective.target_norm == "utterance_position":
+        # a fresh run estimates the mean; a resumed one loaded it with the module's buffers
+        engine.module.objective.set_position_mean(position_mean(
+            teacher_targets(new_stream(), teacher, device), position_frames,
+            config.objective.position_stats_utterances, device))
     accumulation = config.optim.gradient_accumulation_steps
     if rank == 0:
         budget = (config.data.batch_seconds if dynamic else  # padded audio per micro-batch

@@ -4,6 +4,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -72,6 +73,42 @@ def test_a_student_that_is_the_teacher_scores_above_random(trained_run):
         assert result["random"].cosine[name] < 0.5
         assert result["random"].cka_pairs[name] < result["copy"].cka_pairs[name] - 0.3
     assert len(result["copy"].cka) == 2 and len(result["copy"].cka[0]) == 4
+
+
+def test_each_model_is_scored_against_its_own_normalised_targets(trained_run):
+    """``target_norm: utterance_position``: two copies of the teacher's layers with identity
+    heads, one with a position mean of 0 and one of 2; each one's cosine is to its own targets
+    (numpy: each utterance standardised per dimension, minus the mean), averaged over frames."""
+    teacher = load_teacher(trained_run["teacher"], [1, 2, 3, 4])
+    config = load_config(None, {"teacher.path": trained_run["teacher"], "data.train_shards": "x",
+                                "student.num_layers": 2,
+                                "objective.target_norm": "utterance_position"})
+    pairs = [LayerPair(1, 1), LayerPair(2, 2)]
+    shifts = {"zero": 0.0, "two": 2.0}
+    models = {}
+    for name, shift in shifts.items():
+        models[name] = fresh_model(config, teacher, pairs, [1, 2])
+        with torch.no_grad():
+            for head in models[name].objective.heads.values():
+                head.weight.copy_(torch.eye(head.weight.shape[0]))
+                head.bias.zero_()
+        models[name].objective.position_mean.fill_(shift)
+    batches = list(eval_batches(trained_run["heldout"], batch_size=4))
+    with torch_threads(1):
+        result = fidelity(models, teacher, pairs, batches)["models"]
+        outputs = [teacher(b.wave, b.wave_lengths) for b in batches]
+    for name, shift in shifts.items():
+        for layer in (1, 2):
+            cosines = []
+            for output in outputs:
+                for b, length in enumerate(output.frame_lengths.tolist()):
+                    x = output.features[layer - 1][b, :length].double().numpy()
+                    target = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) - shift
+                    cosines += list((x * target).sum(1) / np.linalg.norm(x, axis=1)
+                                    / np.linalg.norm(target, axis=1))
+            assert result[name].cosine[f"s{layer}_t{layer}"] == pytest.approx(
+                np.mean(cosines), abs=1e-4)
+    assert abs(result["zero"].cosine["s1_t1"] - result["two"].cosine["s1_t1"]) > 0.01
 
 
 def test_eval_command_writes_table_json_and_heatmap(trained_run, tmp_path, capsys):

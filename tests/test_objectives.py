@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from colld_ds.config import ConfigError, ObjectiveConfig, load_config
-from colld_ds.data import Batch
 from colld_ds.distill import position_mean
 from colld_ds.layer_map import LayerPair
 from colld_ds.models import frame_mask
@@ -85,28 +84,6 @@ def test_negatives_exclude_positive_and_padding_and_cover_the_rest():
         assert set(drawn.tolist()) == allowed         # never t, never padding, every other frame
         counts = torch.bincount(drawn, minlength=9)[sorted(allowed)].float()
         assert (counts / counts.mean() - 1).abs().max() < 0.15   # uniform
-
-
-@pytest.mark.parametrize("min_distance", [2, 4])
-def test_negatives_keep_their_distance_from_the_anchor(min_distance):
-    frame_lengths = torch.tensor([12, 9])
-    batch_index = torch.tensor([0, 0, 0, 1, 1])
-    frame_index = torch.tensor([0, 5, 11, 4, 8])              # edges and middles
-    negatives = sample_negatives(frame_lengths, batch_index, frame_index, num_frames=12,
-                                 num_negatives=4000, min_distance=min_distance,
-                                 generator=torch.Generator().manual_seed(0))
-    for row, (b, t) in enumerate(zip(batch_index.tolist(), frame_index.tolist())):
-        drawn = negatives[row] - b * 12
-        allowed = {s for s in range(frame_lengths[b].item()) if abs(s - t) >= min_distance}
-        assert set(drawn.tolist()) == allowed
-        counts = torch.bincount(drawn, minlength=12)[sorted(allowed)].float()
-        assert (counts / counts.mean() - 1).abs().max() < 0.15
-
-
-def test_negatives_refuse_a_distance_that_leaves_no_frame():
-    with pytest.raises(ValueError, match="negative_min_distance: 5 leaves no frame"):
-        sample_negatives(torch.tensor([5]), torch.tensor([0]), torch.tensor([2]), num_frames=5,
-                         num_negatives=3, min_distance=5)
 
 
 def test_same_position_negatives_by_hand():
@@ -305,18 +282,16 @@ def test_position_mean_by_hand():
     averaged per frame index over the utterances long enough to have it."""
     torch.manual_seed(0)
     lengths = [[5, 3], [4, 2]]                          # two batches of two utterances
-    batches, utterances = [], []
+    targets, utterances = [], []
     for batch_lengths in lengths:
         num_frames = max(batch_lengths)
         mask = frame_mask(torch.tensor(batch_lengths), num_frames)
         features = [torch.randn(2, num_frames, 3).masked_fill(~mask.unsqueeze(-1), 0.0)
                     for _ in range(2)]
-        batches.append(Batch(wave=torch.zeros(2, 1), wave_lengths=torch.ones(2), keys=["a", "b"],
-                             langs=["x", "x"], teacher_features=[f.half() for f in features],
-                             frame_lengths=torch.tensor(batch_lengths)))
+        targets.append(([f.half() for f in features], torch.tensor(batch_lengths)))
         utterances += [[f[b, :n].half().double().numpy() for f in features]
                        for b, n in enumerate(batch_lengths)]
-    mean = position_mean(iter(batches), None, [3, 6], num_frames=6, num_utterances=3,
+    mean = position_mean(iter(targets), num_frames=6, num_utterances=3,
                          device=torch.device("cpu"))
     assert mean.shape == (2, 6, 3)
     for layer in range(2):

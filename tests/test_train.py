@@ -253,18 +253,16 @@ def test_utterance_position_mean_is_estimated_over_ranks_and_kept_in_the_checkpo
         train_assets, tmp_path):
     """``objective.target_norm: utterance_position`` on 2 ranks: the mean per frame index is
     each rank's first utterances (numpy, from the teacher on the same batches), summed over
-    both; the checkpoint keeps it, and a resumed run continues exactly."""
+    both; a resumed run takes it from the checkpoint, so its last checkpoint still holds it
+    (exact resumption in general: ``test_stopped_and_resumed_run_matches_uninterrupted``)."""
     extra = {"objective.target_norm": "utterance_position",
-             "objective.position_stats_utterances": 6, "optim.max_steps": 6,
-             "run.save_every": 3}
-    full = launch(train_assets, tmp_path / "full", **extra)
-    launch(train_assets, tmp_path / "part", **extra, **{"run.stop_at_step": 3})
+             "objective.position_stats_utterances": 6, "optim.max_steps": 4,
+             "run.save_every": 2}
+    launch(train_assets, tmp_path / "part", **extra, **{"run.stop_at_step": 2})
     rest = launch(train_assets, tmp_path / "part", **extra, **{"run.resume": "auto"})
-    assert [row["step"] for row in rest] == list(range(1, 7))
-    for row, reference in zip(rest[3:], full[3:]):
-        assert row["loss/total"] == pytest.approx(reference["loss/total"], rel=1e-5, abs=1e-6)
+    assert [row["step"] for row in rest] == list(range(1, 5))
 
-    config, teacher, _, model = load_student(tmp_path / "full" / "checkpoints" / "step00000006")
+    config, teacher, _, model = load_student(tmp_path / "part" / "checkpoints" / "step00000004")
     num_frames = model.objective.position_mean.shape[1]
     sums, counts = np.zeros((2, num_frames, 32)), np.zeros(num_frames)
     for rank in range(2):                               # each rank's first 3 utterances

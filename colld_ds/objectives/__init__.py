@@ -21,7 +21,6 @@ def build_objective(config: ObjectiveConfig, pairs: list[LayerPair], student_dim
                               anchor_frames=config.anchor_frames,
                               target_norm=config.target_norm,
                               position_negatives=config.position_negatives,
-                              negative_min_distance=config.negative_min_distance,
                               position_frames=position_frames)
     if config.name == "l2l":
         return RegressionObjective(pairs, student_dim, teacher_dim, config.head, config.distance,

@@ -20,16 +20,13 @@ from colld_ds.kernels import contrastive_loss
 def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
                      frame_index: torch.Tensor, num_frames: int, num_negatives: int,
                      generator: torch.Generator | None = None,
-                     seeds: torch.Tensor | None = None, min_distance: int = 1) -> torch.Tensor:
-    """K negatives per anchor frame, uniform over the valid frames of its utterance at least
-    ``min_distance`` frames from the anchor (1: every other frame).
+                     seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """K negatives per anchor frame, uniform over the other valid frames of its utterance.
 
     CPU tensors: frame_lengths (B,) valid frames per utterance; batch_index, frame_index (N,)
     the anchors, sorted by utterance; num_frames T of the padded batch. Returns (N, K) int64
-    rows of the (B * T, D) flattened targets. The excluded frames form the window
-    [lo, hi] = [t - d + 1, t + d - 1] clipped to the utterance; draws r uniform among the
-    L - (hi - lo + 1) others and shifts r >= lo up by the window's size, so neither the
-    positive, nor its window, nor padding (t >= L) is ever drawn.
+    rows of the (B * T, D) flattened targets. Draws r uniform in {0 .. L - 2} and shifts
+    r >= t up by one, so the positive is never drawn and neither is padding (t >= L).
 
     The uniforms come from ``generator`` (or torch's global RNG), or with ``seeds`` (B,) int64
     from one generator per utterance seeded ``seeds[b] + 1`` (the span mask uses
@@ -39,14 +36,6 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
     if bool((lengths < 2).any()):
         raise ValueError("CoLLD needs at least 2 valid frames per utterance to draw negatives; "
                          "raise data.max_seconds or filter out very short utterances")
-    lo = (frame_index - (min_distance - 1)).clamp_min(0)
-    hi = (frame_index + (min_distance - 1)).minimum(lengths - 1)
-    window = (hi - lo + 1).unsqueeze(1)
-    others = lengths.unsqueeze(1) - window
-    if bool((others < 1).any()):
-        raise ValueError(f"objective.negative_min_distance: {min_distance} leaves no frame to "
-                         f"draw negatives from in an utterance of {int(lengths.min())} frames; "
-                         f"lower it or leave out short utterances")
     if seeds is None:
         uniform = torch.rand(batch_index.shape[0], num_negatives, generator=generator)
     else:
@@ -55,8 +44,9 @@ def sample_negatives(frame_lengths: torch.Tensor, batch_index: torch.Tensor,
             torch.rand(n, num_negatives, generator=torch.Generator().manual_seed(seed + 1))
             for n, seed in zip(rows, seeds.tolist(), strict=True)
         ])
+    others = (lengths - 1).unsqueeze(1)
     drawn = (uniform * others).long().minimum(others - 1)
-    drawn = drawn + (drawn >= lo.unsqueeze(1)).long() * window
+    drawn = drawn + (drawn >= frame_index.unsqueeze(1)).long()
     return batch_index.unsqueeze(1) * num_frames + drawn
 
 
@@ -86,8 +76,7 @@ class ColldObjective(PairwiseObjective):
     def __init__(self, pairs: list[LayerPair], student_dim: int, teacher_dim: int, head: str,
                  temperature: float, num_negatives: int, weights: list[float] | None = None,
                  backend: str = "auto", *, anchor_frames: str, target_norm: str,
-                 position_negatives: bool, negative_min_distance: int = 1,
-                 position_frames: int = 0):
+                 position_negatives: bool, position_frames: int = 0):
         super().__init__(pairs, student_dim, teacher_dim, head, weights, target_norm,
                          position_frames)
         self.temperature = temperature
@@ -99,9 +88,6 @@ class ColldObjective(PairwiseObjective):
         self.position_negatives = position_negatives
         """Add the frames at the anchor's index in the batch's other utterances as negatives
         (``objective.position_negatives``)."""
-        self.negative_min_distance = negative_min_distance
-        """Same-utterance negatives lie at least this many frames from the anchor
-        (``objective.negative_min_distance``)."""
 
     def anchors(self, frame_mask, mask_time):
         return mask_time & frame_mask if self.anchor_frames == "masked" else frame_mask
@@ -116,17 +102,15 @@ class ColldObjective(PairwiseObjective):
         selection = super().select_frames(frame_mask, mask_time)
         selection.num_frames = frame_mask.shape[1]      # negatives stay in their utterance
         frame_lengths = frame_mask.sum(1)
-        needed = self.num_negatives + 2 * self.negative_min_distance - 1
-        if bool((frame_lengths < needed).any()):
+        if bool((frame_lengths <= self.num_negatives).any()):
             warnings.warn(
                 f"objective.num_negatives: {self.num_negatives} is more than the other frames "
-                f"of some utterances (fewer than {needed} frames): their "
+                f"of some utterances (fewer than {self.num_negatives + 1} frames): their "
                 f"negatives must repeat; lower objective.num_negatives or leave out short "
                 f"utterances (colld prep make_shards --min_seconds)", ShortUtteranceWarning)
         selection.negatives = sample_negatives(frame_lengths, selection.batch_index,
                                                selection.frame_index, frame_mask.shape[1],
-                                               self.num_negatives, seeds=seeds,
-                                               min_distance=self.negative_min_distance)
+                                               self.num_negatives, seeds=seeds)
         if self.position_negatives and frame_mask.shape[0] > 1:
             selection.negatives = torch.cat([selection.negatives, same_position_negatives(
                 frame_lengths, selection.batch_index, selection.frame_index,
