@@ -311,6 +311,24 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Fields that earlier versions of colld wrote into saved configs (a run's config.yaml, a
+# checkpoint's), with the one value that means what colld does now: such a config still loads;
+# any other value is refused, since this version cannot reproduce that run.
+_REMOVED_FIELDS = {("objective", "negative_min_distance"): 1}
+
+
+def _drop_removed_fields(tree: dict[str, Any], source: str) -> None:
+    for (section, name), current in _REMOVED_FIELDS.items():
+        node = tree.get(section)
+        if isinstance(node, dict) and name in node:
+            if node[name] != current:
+                raise ConfigError(
+                    f"{section}.{name}: {node[name]!r} in {source}; the field was removed (this "
+                    f"version of colld always does what {current} did), so that run cannot be "
+                    f"reproduced or resumed here; use the colld version that wrote it")
+            del node[name]
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
                 ) -> TrainConfig:
     """Defaults <- YAML file at ``path`` <- ``overrides`` (``{"objective.temperature": 0.05}``),
@@ -326,6 +344,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         tree = loaded
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
+    _drop_removed_fields(tree, str(path) if path is not None else "the overrides")
     config = _build(TrainConfig, tree, "")
     validate(config)
     return config

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from colld_ds.config import ConfigError, load_config
 from colld_ds.ds_config import build_ds_config
@@ -55,6 +56,21 @@ def test_errors_name_the_field(overrides, message):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_saved_config_with_a_removed_field_loads_only_at_its_current_value(tmp_path):
+    """Runs saved by an earlier colld hold objective.negative_min_distance (removed): 1, what
+    colld does now, loads as if absent; another value names the field and the file."""
+    saved = load_config(EXAMPLE).to_dict()
+    saved["objective"]["negative_min_distance"] = 1
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_config(path).to_dict() == load_config(EXAMPLE).to_dict()
+    saved["objective"]["negative_min_distance"] = 5
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=f"objective.negative_min_distance: 5 in {path}; the "
+                                          "field was removed"):
+        load_config(path)
 
 
 def test_uniform_layer_map_and_out_of_range_layer():
