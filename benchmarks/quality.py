@@ -116,7 +116,10 @@ class ProbeRows:
     def __init__(self, settings: QualitySettings):
         self.settings = settings
         self.root = Path(settings.out_dir) / "probe"
-        self.stamp = {"probe": asdict(settings.probe),
+        probe = asdict(settings.probe)
+        if probe["patience"] == 0:    # added later: results made before it stay valid
+            del probe["patience"]
+        self.stamp = {"probe": probe,
                       "train": settings.probe_train_shards, "dev": settings.probe_dev_shards,
                       "test": settings.eval_shards}
         self._splits = None
@@ -368,6 +371,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ranks", type=int)
     parser.add_argument("--probe_steps", type=int, default=ProbeConfig.steps)
     parser.add_argument("--probe_select_every", type=int, default=100)
+    parser.add_argument("--probe_patience", type=int, default=0,
+                        help="stop a probe after this many held-out checks without a lower rate "
+                             "(--probe_steps is then its most); 0: train all --probe_steps")
     parser.add_argument("--probe_seed", type=int, default=0)
     parser.add_argument("--probe_restarts", type=int, default=ProbeConfig.restarts)
     parser.add_argument("--teacher_layer_sets", default="",
@@ -383,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         probe_train_shards=args.probe_train_shards, probe_dev_shards=args.probe_dev_shards,
         out_dir=args.out_dir, ranks=args.ranks,
         probe=ProbeConfig(steps=args.probe_steps, seed=args.probe_seed,
+                          patience=args.probe_patience,
                           restarts=args.probe_restarts,
                           select_every=args.probe_select_every if args.probe_dev_shards else 0),
         overrides=parse_overrides(rest),

@@ -59,6 +59,12 @@ class ProbeConfig:
     """With a held-out selection split (``run_probe(dev=...)``): score the probe's error rate on
     it every this many steps and at the end, and keep the best state (early stopping on a
     held-out criterion); 0: keep the last state."""
+    patience: int = 0
+    """With ``select_every``: stop once this many checks in a row have not lowered the best
+    held-out rate (``steps`` is then the most it trains); 0: train all ``steps``. The held-out
+    rate of a linear CTC probe keeps falling slowly and noisily for thousands of steps
+    (benchmarks/results/quality_whisper_demo_probe3000.md), so a fixed budget can rank models
+    by how fast a probe reads them rather than by what it can read."""
     restarts: int = 4
     """Probes started from different seeds, each trained ``restart_steps`` steps; the one with
     the lowest training loss over its last half of them goes on to ``steps``. A linear CTC
@@ -70,8 +76,9 @@ class ProbeConfig:
     probe's held-out checks still have steps to choose from; counted in ``steps`` for it)."""
 
     def __post_init__(self) -> None:
-        if self.select_every < 0:
-            raise ValueError(f"probe select_every: must be >= 0, got {self.select_every}")
+        if self.select_every < 0 or self.patience < 0:
+            raise ValueError(f"probe select_every and patience: must be >= 0, got "
+                             f"{self.select_every} and {self.patience}")
         for name in ("steps", "batch_size", "restarts", "restart_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"probe {name}: must be >= 1, got {getattr(self, name)}")
@@ -276,8 +283,9 @@ def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_siz
     (each (N_i,) int64 in 1..V). With ``config.restarts`` > 1, that many probes (seeds
     ``seed * restarts + r``) train ``restart_steps`` steps and the one with the lowest loss
     goes on. ``select`` (probe in eval mode -> held-out error rate) is called every
-    ``config.select_every`` steps after that and at the end; the state with the lowest rate
-    (the earliest of equals) is the one returned."""
+    ``config.select_every`` steps after that and at the end (or when ``config.patience`` checks
+    in a row brought no lower rate); the state with the lowest rate (the earliest of equals) is
+    the one returned."""
     restart_losses: list[float] = []
     if config.restarts > 1:
         runs = []
@@ -292,6 +300,7 @@ def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_siz
         run = _ProbeRun(features, targets, vocab_size, config, config.seed)
     selection: list[tuple[int, float]] = []
     best: tuple[float, dict[str, Tensor]] | None = None
+    checks_without_gain = 0
     for step in range(len(run.losses) + 1, config.steps + 1):
         run.step()
         if select is not None and config.select_every and (
@@ -301,6 +310,11 @@ def train_probe(features: Sequence[Tensor], targets: Sequence[Tensor], vocab_siz
             selection.append((step, score))
             if best is None or score < best[0]:
                 best = (score, {k: v.clone() for k, v in run.probe.state_dict().items()})
+                checks_without_gain = 0
+            else:
+                checks_without_gain += 1
+                if checks_without_gain == config.patience:
+                    break
     if best is not None:
         run.probe.load_state_dict(best[1])
     return ProbeTraining(run.probe.eval(), run.losses, selection, restart_losses)

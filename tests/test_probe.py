@@ -114,6 +114,28 @@ def test_probe_learns_a_linearly_decodable_task_and_not_noise(config):
     assert noise_per > 0.5
 
 
+def test_probe_stops_after_patience_checks_without_a_lower_held_out_rate():
+    """Scripted held-out rates 0.5, 0.4, 0.45, 0.41, 0.4 (equal is no gain), 0.3: with patience
+    3 the probe stops at the 5th check (step 50) and returns the state of the 2nd (step 20);
+    without patience it trains all 100 steps and keeps the 6th."""
+    features, targets = _separable_task(16, informative=True, seed=0)
+    for patience, checks, best_step in ((3, 5, 20), (0, 10, 60)):
+        rates = iter([0.5, 0.4, 0.45, 0.41, 0.4, 0.3, 0.35, 0.36, 0.37, 0.38])
+        states = {}
+
+        def select(probe):
+            states[len(states) + 1] = {k: v.clone() for k, v in probe.state_dict().items()}
+            return next(rates)
+
+        config = ProbeConfig(steps=100, select_every=10, patience=patience, restarts=1,
+                             dropout=0.0)
+        trained = train_probe(features, targets, 6, config, select)
+        assert [step for step, _ in trained.selection] == [10 * (i + 1) for i in range(checks)]
+        assert len(trained.losses) == 10 * checks
+        returned = trained.probe.state_dict()
+        assert all(torch.equal(returned[k], v) for k, v in states[best_step // 10].items())
+
+
 def test_probe_config_refuses_an_empty_budget():
     with pytest.raises(ValueError, match="steps"):
         ProbeConfig(steps=0)
