@@ -116,10 +116,7 @@ class ProbeRows:
     def __init__(self, settings: QualitySettings):
         self.settings = settings
         self.root = Path(settings.out_dir) / "probe"
-        probe = asdict(settings.probe)
-        if probe["patience"] == 0:    # added later: results made before it stay valid
-            del probe["patience"]
-        self.stamp = {"probe": probe,
+        self.stamp = {"probe": asdict(settings.probe),
                       "train": settings.probe_train_shards, "dev": settings.probe_dev_shards,
                       "test": settings.eval_shards}
         self._splits = None
@@ -132,7 +129,13 @@ class ProbeRows:
             found = json.loads(self.path(row, seed).read_text())
         except (OSError, ValueError):
             return None
-        return found if found.get("stamp") == self.stamp else None
+        stamp = found.get("stamp")
+        if isinstance(stamp, dict) and isinstance(stamp.get("probe"), dict):
+            try:     # a probe field added since takes its default, so older results stay valid
+                stamp = {**stamp, "probe": asdict(ProbeConfig(**stamp["probe"]))}
+            except (TypeError, ValueError):
+                return None
+        return found if stamp == self.stamp else None
 
     def splits(self):
         if self._splits is None:

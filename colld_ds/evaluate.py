@@ -146,7 +146,7 @@ def _target_norm_key(objective) -> tuple[str, bytes] | None:
     if objective.target_norm == "none":
         return None
     mean = getattr(objective, "position_mean", None)
-    return objective.target_norm, b"" if mean is None else mean.cpu().numpy().tobytes()
+    return objective.target_norm, b"" if mean is None else mean.float().cpu().numpy().tobytes()
 
 
 def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list[LayerPair],
