@@ -1,0 +1,81 @@
+"""Tile sweep of the fused Triton contrastive kernels on one CUDA GPU (issue 4).
+
+For each (BLOCK_K, BLOCK_D, num_warps) the forward and forward + backward times at the
+issue's shapes (bf16, frozen targets as in cached training), the bytes-read bandwidth against
+the device copy (``contrastive_loss.py``'s ``frac_copy_gathered``), and the largest loss
+difference to the default tile (a wrong tile is a bug, not a speed). The default tile is
+``kernels/contrastive.py``'s ``_block_sizes``/``_num_warps``; ``num_warps`` is swapped in by
+replacing ``_num_warps`` for the sweep, since the library takes no warp count.
+
+    python benchmarks/kernel_tiles.py --out runs/kernel_tiles_cuda.json   # ~2 min on an H200
+"""
+
+import itertools
+import json
+import pathlib
+import sys
+
+import fire
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from contrastive_loss import copy_gbps, make_batch, read_bytes, time_ms  # noqa: E402
+
+from colld_ds.kernels import contrastive  # noqa: E402
+
+SHAPES = ((4096, 100, 1024), (16384, 100, 1024))
+DEFAULT_WARPS = contrastive._num_warps
+
+
+def tiles(max_values_per_thread=64):
+    """(BLOCK_K, BLOCK_D, num_warps) with at most that many tile values a thread."""
+    for block_k, block_d, warps in itertools.product((16, 32, 64), (64, 128, 256), (4, 8, 16)):
+        if block_k * block_d // (32 * warps) <= max_values_per_thread:
+            yield block_k, block_d, warps
+
+
+def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16"):
+    device, dtype = torch.device("cuda"), getattr(torch, dtype)
+    copy = copy_gbps(device)
+    rows = []
+    for n, k, d in SHAPES:
+        batch = make_batch(n, k, d, dtype, device)
+        gathered, _ = read_bytes(n, len(batch[1]), k, d, dtype)
+        contrastive._num_warps = DEFAULT_WARPS
+        reference = contrastive.contrastive_loss_triton(*batch, 0.1)[0].detach()
+        default = (*contrastive._block_sizes(k, d),)
+        default += (DEFAULT_WARPS(*default),)
+        for block_k, block_d, warps in tiles():
+            contrastive._num_warps = lambda *_: warps  # noqa: B023
+            blocks = (block_k, block_d)
+            forward = lambda: contrastive.contrastive_loss_triton(*batch, 0.1, blocks)  # noqa
+            full = lambda: forward()[0].sum().backward()  # noqa: E731
+            row = dict(N=n, K=k, D=d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps,
+                       default=(block_k, block_d, warps) == default)
+            try:
+                row["max_loss_diff"] = (forward()[0] - reference).abs().max().item()
+                row["fwd_ms"] = time_ms(forward, device, repeats)
+                row["fwd_bwd_ms"] = time_ms(full, device, repeats)
+                row["frac_copy_gathered"] = gathered / (row["fwd_bwd_ms"] * 1e-3) / 1e9 / copy
+            except Exception as error:  # a tile that does not compile is a row, not a stop
+                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            batch[0].grad = None
+            rows.append(dict(row, copy_gbps=copy, device=torch.cuda.get_device_name()))
+            print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+    contrastive._num_warps = DEFAULT_WARPS
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(out).write_text(json.dumps(rows, indent=1))
+    for n in sorted({row["N"] for row in rows}):
+        done = sorted((r for r in rows if r["N"] == n and "error" not in r),
+                      key=lambda r: r["fwd_bwd_ms"])
+        base = next(r for r in done if r["default"])
+        print(f"N={n}: default {base['fwd_bwd_ms']:.2f} ms; best five:")
+        for r in done[:5]:
+            print(f"  ({r['BLOCK_K']}, {r['BLOCK_D']}) x {r['num_warps']} warps: fwd "
+                  f"{r['fwd_ms']:.2f} fwd+bwd {r['fwd_bwd_ms']:.2f} ms "
+                  f"({r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x default), "
+                  f"frac_copy_gathered {r['frac_copy_gathered']:.2f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
