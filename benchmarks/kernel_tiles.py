@@ -24,17 +24,21 @@ from contrastive_loss import copy_gbps, make_batch, read_bytes, time_ms  # noqa:
 from colld_ds.kernels import contrastive  # noqa: E402
 
 SHAPES = ((4096, 100, 1024), (16384, 100, 1024))
+BLOCK_KS, BLOCK_DS, WARPS = (16, 32, 64), (64, 128, 256), (4, 8, 16)
 DEFAULT_WARPS = contrastive._num_warps
 
 
-def tiles(max_values_per_thread=64):
+def tiles(block_ks, block_ds, warps_options, max_values_per_thread=64):
     """(BLOCK_K, BLOCK_D, num_warps) with at most that many tile values a thread."""
-    for block_k, block_d, warps in itertools.product((16, 32, 64), (64, 128, 256), (4, 8, 16)):
+    for block_k, block_d, warps in itertools.product(block_ks, block_ds, warps_options):
         if block_k * block_d // (32 * warps) <= max_values_per_thread:
             yield block_k, block_d, warps
 
 
-def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16"):
+def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes=SHAPES,
+         block_ks=BLOCK_KS, block_ds=BLOCK_DS, warps=WARPS, max_values_per_thread=64):
+    """Sweep every tile of ``block_ks`` x ``block_ds`` x ``warps`` (at most
+    ``max_values_per_thread``) at each (N, K, D) of ``shapes``."""
     device, dtype = torch.device("cuda"), getattr(torch, dtype)
     copy = copy_gbps(device)
     rows = []
@@ -45,13 +49,13 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16"):
         reference = contrastive.contrastive_loss_triton(*batch, 0.1)[0].detach()
         default = (*contrastive._block_sizes(k, d),)
         default += (DEFAULT_WARPS(*default),)
-        for block_k, block_d, warps in tiles():
-            contrastive._num_warps = lambda *_: warps  # noqa: B023
+        for block_k, block_d, num_warps in tiles(block_ks, block_ds, warps, max_values_per_thread):
+            contrastive._num_warps = lambda *_: num_warps  # noqa: B023
             blocks = (block_k, block_d)
             forward = lambda: contrastive.contrastive_loss_triton(*batch, 0.1, blocks)  # noqa
             full = lambda: forward()[0].sum().backward()  # noqa: E731
-            row = dict(N=n, K=k, D=d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps,
-                       default=(block_k, block_d, warps) == default)
+            row = dict(N=n, K=k, D=d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+                       default=(block_k, block_d, num_warps) == default)
             try:
                 row["max_loss_diff"] = (forward()[0] - reference).abs().max().item()
                 row["fwd_ms"] = time_ms(forward, device, repeats)
@@ -65,11 +69,12 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16"):
     contrastive._num_warps = DEFAULT_WARPS
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(out).write_text(json.dumps(rows, indent=1))
-    for n in sorted({row["N"] for row in rows}):
-        done = sorted((r for r in rows if r["N"] == n and "error" not in r),
+    for shape in dict.fromkeys((row["N"], row["K"], row["D"]) for row in rows):
+        done = sorted((r for r in rows if (r["N"], r["K"], r["D"]) == shape and "error" not in r),
                       key=lambda r: r["fwd_bwd_ms"])
-        base = next(r for r in done if r["default"])
-        print(f"N={n}: default {base['fwd_bwd_ms']:.2f} ms; best five:")
+        base = next((r for r in done if r["default"]), done[0])
+        print(f"N, K, D = {shape}: {'default' if base['default'] else 'first'} "
+              f"{base['fwd_bwd_ms']:.2f} ms; best five:")
         for r in done[:5]:
             print(f"  ({r['BLOCK_K']}, {r['BLOCK_D']}) x {r['num_warps']} warps: fwd "
                   f"{r['fwd_ms']:.2f} fwd+bwd {r['fwd_bwd_ms']:.2f} ms "
