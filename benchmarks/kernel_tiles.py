@@ -42,7 +42,7 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes
     device, dtype = torch.device("cuda"), getattr(torch, dtype)
     copy = copy_gbps(device)
     rows = []
-    for n, k, d in SHAPES:
+    for n, k, d in shapes:
         batch = make_batch(n, k, d, dtype, device)
         gathered, _ = read_bytes(n, len(batch[1]), k, d, dtype)
         contrastive._num_warps = DEFAULT_WARPS
