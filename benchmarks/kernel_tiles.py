@@ -36,25 +36,28 @@ def tiles(block_ks, block_ds, warps_options, max_values_per_thread=64):
 
 
 def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes=SHAPES,
-         block_ks=BLOCK_KS, block_ds=BLOCK_DS, warps=WARPS, max_values_per_thread=64):
+         block_ks=BLOCK_KS, block_ds=BLOCK_DS, warps=WARPS, max_values_per_thread=64,
+         targets_grad=False):
     """Sweep every tile of ``block_ks`` x ``block_ds`` x ``warps`` (at most
-    ``max_values_per_thread``) at each (N, K, D) of ``shapes``."""
+    ``max_values_per_thread``) at each (N, K, D) of ``shapes``; ``targets_grad`` times the
+    backward that also scatters target gradients."""
     device, dtype = torch.device("cuda"), getattr(torch, dtype)
     copy = copy_gbps(device)
     rows = []
     for n, k, d in shapes:
         batch = make_batch(n, k, d, dtype, device)
+        batch[1].requires_grad_(targets_grad)
         gathered, _ = read_bytes(n, len(batch[1]), k, d, dtype)
         contrastive._num_warps = DEFAULT_WARPS
         reference = contrastive.contrastive_loss_triton(*batch, 0.1)[0].detach()
         default = (*contrastive._block_sizes(k, d),)
-        default += (DEFAULT_WARPS(*default),)
+        default += (DEFAULT_WARPS(*default, targets_grad),)
         for block_k, block_d, num_warps in tiles(block_ks, block_ds, warps, max_values_per_thread):
             contrastive._num_warps = lambda *_: num_warps  # noqa: B023
             blocks = (block_k, block_d)
             forward = lambda: contrastive.contrastive_loss_triton(*batch, 0.1, blocks)  # noqa
             full = lambda: forward()[0].sum().backward()  # noqa: E731
-            row = dict(N=n, K=k, D=d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+            row = dict(N=n, K=k, D=d, targets_grad=targets_grad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
                        default=(block_k, block_d, num_warps) == default)
             try:
                 row["max_loss_diff"] = (forward()[0] - reference).abs().max().item()
@@ -63,7 +66,7 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes
                 row["frac_copy_gathered"] = gathered / (row["fwd_bwd_ms"] * 1e-3) / 1e9 / copy
             except Exception as error:  # a tile that does not compile is a row, not a stop
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-            batch[0].grad = None
+            batch[0].grad = batch[1].grad = None
             rows.append(dict(row, copy_gbps=copy, device=torch.cuda.get_device_name()))
             print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     contrastive._num_warps = DEFAULT_WARPS
