@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from contrastive_loss import copy_gbps, make_batch, read_bytes, time_ms  # noqa: E402
+from harness import machine_info  # noqa: E402
 
 from colld_ds.kernels import contrastive  # noqa: E402
 
@@ -51,7 +52,7 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes
         contrastive._num_warps = DEFAULT_WARPS
         reference = contrastive.contrastive_loss_triton(*batch, 0.1)[0].detach()
         default = (*contrastive._block_sizes(k, d),)
-        default += (DEFAULT_WARPS(*default, targets_grad),)
+        default += (DEFAULT_WARPS(*default, dtype, targets_grad),)
         for block_k, block_d, num_warps in tiles(block_ks, block_ds, warps, max_values_per_thread):
             contrastive._num_warps = lambda *_: num_warps  # noqa: B023
             blocks = (block_k, block_d)
@@ -67,7 +68,7 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes
             except Exception as error:  # a tile that does not compile is a row, not a stop
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
             batch[0].grad = batch[1].grad = None
-            rows.append(dict(row, copy_gbps=copy, device=torch.cuda.get_device_name()))
+            rows.append(dict(row, copy_gbps=copy, **machine_info(device)))
             print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     contrastive._num_warps = DEFAULT_WARPS
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -204,17 +204,18 @@ def _block_sizes(K, D):
     return min(32, triton.next_power_of_2(K + 1)), min(128, triton.next_power_of_2(D))
 
 
-def _num_warps(block_k, block_d, targets_grad=False):
-    """Warps per program (one program per prediction row). One warp, unless the backward
-    also scatters target gradients: at N = 4096-16384, K = 100 one warp runs forward +
-    backward 3-5x faster than 8 on an H200, where the (32, 128) tile at 8 warps reaches a
-    quarter of the copy bandwidth (results/kernel_tiles_cuda_bf16_shapes.json). With target
-    gradients: 8 for the full (32, 128) tile, 4 below; with 4 warps that tile is 32 values a
-    thread and ptxas spills that backward on sm_80 (168 registers, 16 bytes), 8 warps hold it
-    in 118-128 registers (benchmarks/kernel_resources.py)."""
-    if not targets_grad:
-        return 1
-    return 8 if block_k * block_d >= 4096 else 4
+def _num_warps(block_k, block_d, dtype, targets_grad=False):
+    """Warps per program (one program per prediction row). With frozen targets (training's
+    case) one warp for fp16/bf16: at N = 4096-16384, K = 100 it runs forward + backward 3-5x
+    faster than 8 warps on an H200, where the (32, 128) tile at 8 warps reached a quarter of
+    the copy bandwidth (results/kernel_tiles_cuda_bf16_shapes.json, _fp16.json); two for fp32,
+    whose one-warp forward spills on sm_80 (255 registers, 232 bytes). When the backward also
+    scatters target gradients: 8 for the full (32, 128) tile, 4 below; with 4 warps that tile
+    is 32 values a thread and ptxas spills it on sm_80 (168 registers, 16 bytes), 8 warps hold
+    it in 118-128 registers (benchmarks/kernel_resources.py)."""
+    if targets_grad:
+        return 8 if block_k * block_d >= 4096 else 4
+    return 2 if dtype == torch.float32 else 1
 
 
 def _d_align(D):
@@ -296,7 +297,8 @@ def forward_launch(predictions, targets, positive_index, negative_index, tempera
         K=K, D=D, inv_temp=1.0 / temperature, eps=EPS, BLOCK_K=block_k, BLOCK_D=block_d,
         D_ALIGN=_d_align(D),
     )  # fmt: skip
-    return KernelLaunch(_contrastive_fwd_kernel, (N,), args, _num_warps(block_k, block_d))
+    return KernelLaunch(_contrastive_fwd_kernel, (N,), args,
+                        _num_warps(block_k, block_d, predictions.dtype))
 
 
 def backward_launch(forward, grad_loss, targets_grad):
@@ -318,7 +320,7 @@ def backward_launch(forward, grad_loss, targets_grad):
         K=K, D=D, inv_temp=fwd["inv_temp"], eps=EPS, TARGETS_GRAD=targets_grad,
         BLOCK_K=fwd["BLOCK_K"], BLOCK_D=fwd["BLOCK_D"], D_ALIGN=fwd["D_ALIGN"],
     )  # fmt: skip
-    warps = _num_warps(fwd["BLOCK_K"], fwd["BLOCK_D"], targets_grad)
+    warps = _num_warps(fwd["BLOCK_K"], fwd["BLOCK_D"], predictions.dtype, targets_grad)
     return KernelLaunch(_contrastive_bwd_kernel, (N,), args, warps)
 
 
