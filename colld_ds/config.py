@@ -58,6 +58,10 @@ class StudentConfig:
     """FFN width; ``None`` keeps the teacher's."""
     freeze_front_end: bool = False
     """Do not train the convolutional front end (copied from the teacher): a cheaper step."""
+    frozen_layers: list[int] = field(default_factory=list)
+    """Student transformer layers (1-based) that do not train: they keep their initial weights,
+    e.g. the teacher layer copied into them, while the layers above learn (their heads still
+    train). ``[]``: every layer trains."""
     init_from_teacher_layers: list[int] | None = None
     """Teacher layer copied into each student layer (1-based, one per student layer). ``None``:
     the first ``num_layers`` teacher layers when the widths match (DistilHuBERT's choice), else
@@ -370,6 +374,11 @@ def validate(config: TrainConfig) -> None:
     require(init is None or init == [] or len(init) == config.student.num_layers,
             f"student.init_from_teacher_layers: needs one teacher layer per student layer "
             f"({config.student.num_layers}), got {init}")
+    frozen = config.student.frozen_layers
+    require(all(1 <= layer <= config.student.num_layers for layer in frozen)
+            and len(set(frozen)) == len(frozen),
+            f"student.frozen_layers: distinct student layers in 1..{config.student.num_layers}, "
+            f"got {frozen}")
     layer_map = config.layer_map.teacher_layers
     if layer_map is not None and config.objective.name != "distilhubert":
         require(len(layer_map) == config.student.num_layers,

@@ -120,6 +120,7 @@ def build_run(config: TrainConfig, device: torch.device
                        random_front_end=False).to(device)   # the heads start on the CPU
     if config.student.freeze_front_end:
         model.student.freeze_front_end()
+    model.student.freeze_layers(config.student.frozen_layers)
     if config.data.cached_front_end:
         model.student.check_cached_front_end(teacher, config.data.max_seconds)
     return teacher, pairs, model

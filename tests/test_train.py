@@ -187,6 +187,34 @@ def test_freeze_front_end(train_assets, tmp_path, family):
     assert all(any(f".model.{prefix}" in name for prefix in front) for name in newly_frozen)
 
 
+@pytest.mark.parametrize("family", ["wav2vec2", "whisper"])
+def test_frozen_layers_keep_their_init_while_the_rest_learns(train_assets, tmp_path, family):
+    """student.frozen_layers [1]: after a step of the loss, student layer 1 holds exactly its
+    copied weights; layer 2 and the heads moved."""
+    teacher_dir = make_tiny_teacher(family, str(tmp_path / family), seed=0, num_layers=4)
+    config = load_config(CONFIG, overrides(train_assets, tmp_path, **{
+        "teacher.path": teacher_dir, "student.frozen_layers": [1]}))
+    teacher, _, model = build_run(config, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    first_layer = {name for name in before if ".model.encoder.layers.0." in name
+                   or ".model.layers.0." in name}
+    assert first_layer and first_layer <= frozen   # (Whisper's positions never train)
+    assert not any(".layers.1." in name for name in frozen)
+    stream = AudioBatchStream(train_assets["shards"], batch_size=3, max_seconds=2.0, seed=0,
+                              num_workers=0, shuffle_buffer=0)
+    masked = mask_batch(next(iter(stream)), teacher, config, 1, model.objective)
+    output = distillation_loss(model, teacher, masked, config, list(teacher.layers))
+    (output.loss * output.count).backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert not moved & frozen
+    assert any(".layers.1." in name for name in moved)
+    assert any(name.startswith("objective.") for name in moved)
+    with pytest.raises(ConfigError, match=r"student.frozen_layers: distinct student layers in"):
+        load_config(CONFIG, overrides(train_assets, tmp_path, **{"student.frozen_layers": [3]}))
+
+
 @pytest.mark.parametrize("family,cached_front_end", [("wav2vec2", False), ("hubert", False),
                                                      ("wav2vec2", True), ("whisper", False)])
 def test_a_training_step_off_the_cpu_mixes_no_devices_and_reads_nothing_back(

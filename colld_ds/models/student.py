@@ -95,6 +95,13 @@ class Student(nn.Module):
             else:                                      # model class lacks that method)
                 module.requires_grad_(False)
 
+    def freeze_layers(self, layers: list[int]) -> None:
+        """Stop training student transformer layers ``layers`` (1-based): they keep their
+        current weights (``student.frozen_layers``)."""
+        modules = self.family.layers(self.model)
+        for layer in layers:
+            modules[layer - 1].requires_grad_(False)
+
     def num_frames(self, wave_lengths: Tensor) -> Tensor:
         """(B,) sample counts -> (B,) valid frames; the same values as the teacher's.
 
