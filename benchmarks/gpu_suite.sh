@@ -21,9 +21,11 @@
 #            front end; its log is in suite.log
 #   fp16     (optional) the grid in float16 -> contrastive_loss_cuda_fp16.json
 #   train_b8 (optional) the train step at batch 8 x 8 s -> train_throughput_cuda_full_b8.json
+#   tiles    (optional) benchmarks/kernel_tiles.py: the Triton kernels' tiles and warps at
+#            N = 4096 and 16384, K = 100, D = 1024, bf16 -> kernel_tiles_cuda_bf16.json
 # SUITE_STEPS="install env train" runs only the steps named (a second call after a fix).
 # All output also goes to suite.log. Files land in $OUT (the device tool's result folder; at most
-# 8 come back: these are 7); where OUT is unset, in a new temporary folder, which is printed.
+# 8 come back: these are 8); where OUT is unset, in a new temporary folder, which is printed.
 # Exit status 0 when every step that ran passed and no required step was skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,8 @@ if [[ $MODE == full ]]; then
   # save of the 315M-parameter teacher), which is not timed.
   TRAIN_ARGS=(--full --steps 20 --warmup 5 --threads 0)
   B8_ARGS=(--batch_size 8 --max_seconds 8)  # a GPU-sized batch: 64 s of audio per step
+  TILES=(env "$PY" benchmarks/kernel_tiles.py --block_ks "(32,64)" --block_ds "(64,128)"
+         --warps "(1,2,4,8)" --max_values_per_thread 128 --out "$OUT/kernel_tiles_cuda_bf16.json")
 else
   PY=.venv/bin/python
   [[ -x $PY ]] || { echo "--smoke runs in .venv: run scripts/setup.sh first" >&2; exit 2; }
@@ -62,6 +66,9 @@ else
   GRID_ARGS=(--quick --device cpu --repeats 1)
   TRAIN_ARGS=(--steps 2 --warmup 1)
   B8_ARGS=(--batch_size 8 --max_seconds 1)
+  TILES=(env TRITON_INTERPRET=1 "$PY" benchmarks/kernel_tiles.py --device cpu --dtype float32
+         --shapes "((8,3,16),)" --block_ks "(4,)" --block_ds "(16,)" --warps "(1,2)" --repeats 1
+         --out "$OUT/kernel_tiles_cpu_smoke.json")
 fi
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -254,6 +261,7 @@ main() {
     --dtype float16 --out "$OUT/${GRID_JSON}_fp16.json"
   run_step train_b8 150 optional "${train[@]}" "${B8_ARGS[@]}" \
     --out "$OUT/${TRAIN_JSON}_b8.json"
+  run_step tiles 90 optional "${TILES[@]}"
   echo
   headline
   echo
