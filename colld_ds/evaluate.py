@@ -13,6 +13,7 @@ Writes ``fidelity.json`` (``colld_ds.report``), ``fidelity.md`` and the plots; R
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -140,13 +141,16 @@ class EvalBatch:
     wave_lengths: Tensor  # (B,)
 
 
-def _target_norm_key(objective) -> tuple[str, bytes] | None:
+def _target_norm_key(objective) -> tuple[str, str] | None:
     """What the targets of ``objective``'s heads depend on besides the teacher: None for the
-    teacher states themselves (``target_norm: none``)."""
+    teacher states themselves (``target_norm: none``), else the normalisation and a SHA-256 of
+    its position mean (fp32 bytes; "" without one)."""
     if objective.target_norm == "none":
         return None
     mean = getattr(objective, "position_mean", None)
-    return objective.target_norm, b"" if mean is None else mean.float().cpu().numpy().tobytes()
+    digest = "" if mean is None else hashlib.sha256(
+        mean.float().cpu().numpy().tobytes()).hexdigest()
+    return objective.target_norm, digest
 
 
 def fidelity(models: dict[str, DistillationModel], teacher: Teacher, pairs: list[LayerPair],
