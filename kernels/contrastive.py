@@ -208,7 +208,7 @@ def _num_warps(block_k, block_d, dtype, targets_grad=False):
     """Warps per program (one program per prediction row). With frozen targets (training's
     case) one warp for fp16/bf16: at N = 4096-16384, K = 100 it runs forward + backward 3-5x
     faster than 8 warps on an H200, where the (32, 128) tile at 8 warps reached a quarter of
-    the copy bandwidth (results/kernel_tiles_cuda_bf16_shapes.json, _fp16.json); two for fp32,
+    the copy bandwidth (results/kernel_tiles_cuda_bf16_narrow.json, _fp16.json); two for fp32,
     whose one-warp forward spills on sm_80 (255 registers, 232 bytes). When the backward also
     scatters target gradients: 8 for the full (32, 128) tile, 4 below; with 4 warps that tile
     is 32 values a thread and ptxas spills it on sm_80 (168 registers, 16 bytes), 8 warps hold
