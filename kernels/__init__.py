@@ -4,9 +4,37 @@
 - ``kernels/dense.py``: PyTorch path for utterance-local negatives (one batched matmul).
 - ``kernels/chunked.py``: PyTorch path whose memory does not grow with ``N*K*D``.
 - ``kernels/reference.py``: the naive gather, for tests and benchmarks.
+
+Installed, this folder is ``colld_ds.kernels``. From a checkout whose root is on ``sys.path``
+(``python -m`` in it, launch.sh's ``PYTHONPATH``) it is also importable as top-level ``kernels``,
+the import name of Hugging Face's ``kernels`` package, which transformers (>= 5.25) requires and
+imports: imported under that name, this module hands over to the installed package
+(:func:`_hand_over_to_installed_kernels`).
 """
 
 import importlib.util
+import sys
+from importlib.machinery import PathFinder
+from pathlib import Path
+
+
+def _hand_over_to_installed_kernels() -> None:
+    """Replace this module in ``sys.modules["kernels"]`` by the ``kernels`` package found on
+    ``sys.path`` without this checkout's root, if one is installed: ``import kernels`` returns
+    what ``sys.modules`` holds once the import ends, so transformers gets Hugging Face's package.
+    The rest of this file still runs, into a module object that nothing keeps."""
+    root = Path(__file__).resolve().parent.parent
+    others = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+    spec = PathFinder.find_spec("kernels", others)
+    if spec is None or spec.loader is None:
+        return  # none installed: transformers finds no version here and leaves `kernels` alone
+    installed = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = installed
+    spec.loader.exec_module(installed)
+
+
+if __name__ == "kernels":
+    _hand_over_to_installed_kernels()
 
 from colld_ds.kernels.chunked import contrastive_loss_chunked
 from colld_ds.kernels.dense import contrastive_loss_dense

@@ -104,4 +104,25 @@ def test_the_install_exposes_no_bare_name(tmp_path):
         home = home.parent                      # editable: beside colld_ds/ in its checkout
     assert [kernels, whisper] == [str(home / "kernels/__init__.py"),
                                   str(home / "data_prep/whisper/__init__.py")]
-    assert not [origin for origin in bare if origin.startswith(str(home))], bare
+    ours = (str(home / "kernels/__init__.py"), str(home / "data_prep/__init__.py"))
+    assert not [origin for origin in bare if origin in ours], bare
+
+
+def test_a_bare_kernels_import_from_the_checkout_gets_the_installed_package(tmp_path):
+    """transformers (>= 5.25) imports Hugging Face's ``kernels``; with the checkout on
+    ``sys.path`` (launch.sh, ``python -m`` in it) ``kernels/`` shadows it and hands over."""
+    installed = subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m; print(m.version('kernels'))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    if installed.returncode != 0:
+        pytest.skip("Hugging Face's kernels package is not installed here")
+    code = ("import transformers.activations, colld_ds.kernels as ours\n"
+            "import kernels as bare\n"
+            "print(bare.__file__, ours.__file__, sep='\\n')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    bare, ours = result.stdout.splitlines()[-2:]
+    assert ours == str(REPO / "kernels/__init__.py")
+    assert bare != ours
