@@ -4,8 +4,8 @@ For each (BLOCK_K, BLOCK_D, num_warps) the forward and forward + backward times 
 issue's shapes (bf16, frozen targets as in cached training), the bytes-read bandwidth against
 the device copy (``contrastive_loss.py``'s ``frac_copy_gathered``), and the largest loss
 difference to the default tile (a wrong tile is a bug, not a speed). The default tile is
-``kernels/contrastive.py``'s ``_block_sizes``/``_num_warps``; ``num_warps`` is swapped in by
-replacing ``_num_warps`` for the sweep, since the library takes no warp count.
+``kernels/contrastive.py``'s ``_block_sizes``/``_num_warps``; each tile is forced through
+``contrastive_loss_triton``'s ``blocks`` argument, (BLOCK_K, BLOCK_D, num_warps).
 
     python benchmarks/kernel_tiles.py --out runs/kernel_tiles_cuda.json   # ~30 s on an H200
 """
@@ -22,11 +22,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from contrastive_loss import copy_gbps, make_batch, read_bytes, time_ms  # noqa: E402
 from harness import machine_info  # noqa: E402
 
+from colld_ds.atomic import write_text_atomic  # noqa: E402
 from colld_ds.kernels import contrastive  # noqa: E402
 
 SHAPES = ((4096, 100, 1024), (16384, 100, 1024))
 BLOCK_KS, BLOCK_DS, WARPS = (16, 32, 64), (64, 128, 256), (4, 8, 16)
-DEFAULT_WARPS = contrastive._num_warps
 
 
 def tiles(block_ks, block_ds, warps_options, max_values_per_thread=64):
@@ -45,12 +45,11 @@ def sweep_shape(shape, tile_options, dtype, device, repeats, targets_grad):
     gathered, _ = read_bytes(n, len(batch[1]), k, d, dtype)
     reference = contrastive.contrastive_loss_triton(*batch, 0.1)[0].detach()
     default = (*contrastive._block_sizes(k, d),)
-    default += (DEFAULT_WARPS(*default, dtype, targets_grad),)
+    default += (contrastive._num_warps(*default, dtype, targets_grad),)
     rows = []
     for block_k, block_d, num_warps in tile_options:
-        contrastive._num_warps = lambda *_: num_warps  # noqa: B023
         forward = lambda: contrastive.contrastive_loss_triton(  # noqa: E731
-            *batch, 0.1, (block_k, block_d))  # noqa: B023
+            *batch, 0.1, (block_k, block_d, num_warps))  # noqa: B023
         full = lambda: forward()[0].sum().backward()  # noqa: E731
         row = dict(N=n, K=k, D=d, targets_grad=targets_grad, BLOCK_K=block_k, BLOCK_D=block_d,
                    num_warps=num_warps, default=(block_k, block_d, num_warps) == default,
@@ -61,8 +60,6 @@ def sweep_shape(shape, tile_options, dtype, device, repeats, targets_grad):
             row["fwd_bwd_ms"] = time_ms(full, device, repeats)
         except Exception as error:  # a tile that does not compile is a row, not a stop
             row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-        finally:
-            contrastive._num_warps = DEFAULT_WARPS
         batch[0].grad = batch[1].grad = None
         rows.append(row)
         print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
@@ -103,7 +100,7 @@ def main(out="runs/kernel_tiles_cuda.json", repeats=20, dtype="bfloat16", shapes
                 row["frac_copy_gathered"] = gbps / copy
             rows.append(dict(row, **stamp))
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(out).write_text(json.dumps(rows, indent=1))
+    write_text_atomic(pathlib.Path(out), json.dumps(rows, indent=1))
     print_best(rows)
 
 

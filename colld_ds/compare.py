@@ -469,7 +469,8 @@ def describe_settings(config: TrainConfig, world_size: int, report: FidelityRepo
                    f"{s.num_attention_heads or 'as teacher'}, FFN "
                    f"{s.intermediate_size or 'as teacher'}, init from teacher layers "
                    f"{init if init is not None else 'first K when widths match'}, front end "
-                   f"{'frozen' if s.freeze_front_end else 'trained'}",
+                   f"{'frozen' if s.freeze_front_end else 'trained'}, frozen layers "
+                   f"{s.frozen_layers or 'none'}",
         "Teacher": f"`{config.teacher.path}` ({report.teacher.layers} layers, targets "
                    f"`{config.teacher.target_kind}`); teacher layers predicted per student "
                    f"layer {config.layer_map.teacher_layers}",

@@ -286,7 +286,7 @@ def forward_launch(predictions, targets, positive_index, negative_index, tempera
     ``correct_ptr`` (N,) int8, and what the backward reads. Inputs as in
     :func:`contrastive_loss_triton`, already contiguous, indices int64."""
     (N, D), K = predictions.shape, negative_index.shape[1]
-    block_k, block_d = blocks or _block_sizes(K, D)
+    block_k, block_d, *warps = blocks or _block_sizes(K, D)
     f32 = dict(dtype=torch.float32, device=predictions.device)
     args = dict(
         pred_ptr=predictions, tgt_ptr=targets, pos_ptr=positive_index, neg_ptr=negative_index,
@@ -297,15 +297,15 @@ def forward_launch(predictions, targets, positive_index, negative_index, tempera
         K=K, D=D, inv_temp=1.0 / temperature, eps=EPS, BLOCK_K=block_k, BLOCK_D=block_d,
         D_ALIGN=_d_align(D),
     )  # fmt: skip
-    return KernelLaunch(_contrastive_fwd_kernel, (N,), args,
-                        _num_warps(block_k, block_d, predictions.dtype))
+    num_warps = warps[0] if warps else _num_warps(block_k, block_d, predictions.dtype)
+    return KernelLaunch(_contrastive_fwd_kernel, (N,), args, num_warps)
 
 
-def backward_launch(forward, grad_loss, targets_grad):
+def backward_launch(forward, grad_loss, targets_grad, num_warps=None):
     """The backward kernel's launch after ``forward`` (a :func:`forward_launch` that ran; its
     ``args`` may lack the outputs ``loss_ptr`` and ``correct_ptr``), its outputs allocated:
     ``grad_pred_ptr`` (N, D) fp32 and, if ``targets_grad``, ``grad_tgt_ptr`` (M, D) fp32 zeros.
-    ``grad_loss``: (N,) dLoss/dloss."""
+    ``grad_loss``: (N,) dLoss/dloss; ``num_warps``: None for :func:`_num_warps`'s."""
     fwd = forward.args
     predictions, targets = fwd["pred_ptr"], fwd["tgt_ptr"]
     (N, D), K = predictions.shape, fwd["K"]
@@ -320,8 +320,9 @@ def backward_launch(forward, grad_loss, targets_grad):
         K=K, D=D, inv_temp=fwd["inv_temp"], eps=EPS, TARGETS_GRAD=targets_grad,
         BLOCK_K=fwd["BLOCK_K"], BLOCK_D=fwd["BLOCK_D"], D_ALIGN=fwd["D_ALIGN"],
     )  # fmt: skip
-    warps = _num_warps(fwd["BLOCK_K"], fwd["BLOCK_D"], predictions.dtype, targets_grad)
-    return KernelLaunch(_contrastive_bwd_kernel, (N,), args, warps)
+    if num_warps is None:
+        num_warps = _num_warps(fwd["BLOCK_K"], fwd["BLOCK_D"], predictions.dtype, targets_grad)
+    return KernelLaunch(_contrastive_bwd_kernel, (N,), args, num_warps)
 
 
 class TritonContrastiveLoss(torch.autograd.Function):
@@ -341,6 +342,7 @@ class TritonContrastiveLoss(torch.autograd.Function):
         ctx.tensor_names = list(tensors)
         ctx.launch = dataclasses.replace(launch, args={n: v for n, v in saved.items()
                                                        if n not in tensors})
+        ctx.forced_warps = blocks[2] if blocks is not None and len(blocks) == 3 else None
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
@@ -349,7 +351,7 @@ class TritonContrastiveLoss(torch.autograd.Function):
         tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors))
         forward = dataclasses.replace(ctx.launch, args={**tensors, **ctx.launch.args})
         want_t = ctx.needs_input_grad[1]
-        launch = backward_launch(forward, grad_loss, want_t)
+        launch = backward_launch(forward, grad_loss, want_t, ctx.forced_warps)
         launch.run()
         grad_p = launch.args["grad_pred_ptr"].to(tensors["pred_ptr"].dtype)
         grad_t = launch.args["grad_tgt_ptr"].to(tensors["tgt_ptr"].dtype) if want_t else None
@@ -367,7 +369,8 @@ def contrastive_loss_triton(
         positive_index: (N,) int64 rows of ``targets``.
         negative_index: (N, K) int64 rows of ``targets``, duplicates allowed.
         temperature: float > 0.
-        blocks: optional (BLOCK_K, BLOCK_D) powers of two, to force small tiles in tests.
+        blocks: optional (BLOCK_K, BLOCK_D) powers of two, or (BLOCK_K, BLOCK_D, num_warps)
+            for both kernels, to force a tile (tests, benchmarks/kernel_tiles.py).
 
     Returns:
         loss: (N,) float32; correct: (N,) bool.

@@ -40,3 +40,26 @@ def test_sweep_runs_every_tile_and_marks_the_default(tmp_path, targets_grad, def
     # K + 1 = 4 candidates and D = 16 make a (4, 16) tile; fp32 takes 2 warps with frozen
     # targets and 4 below the full tile with target gradients (kernels/contrastive.py).
     assert defaults == [(4, 16, default_warps)]
+
+
+@pytest.mark.parametrize("blocks, expected", [((4, 16, 16), [16, 16]), ((4, 16), [2, 2]),
+                                              (None, [2, 2])])
+def test_blocks_set_the_warps_of_both_kernels(monkeypatch, blocks, expected):
+    """``blocks``' third entry is the warp count of the forward and the backward launch (what
+    the sweep times); without it both take ``_num_warps``'s (fp32, frozen targets: 2). The
+    launches are recorded, not run."""
+    import torch
+
+    from colld_ds.kernels import contrastive
+
+    warps = []
+    monkeypatch.setattr(contrastive.KernelLaunch, "run", lambda launch: warps.append(
+        launch.num_warps))
+    predictions = torch.randn(8, 16, requires_grad=True)
+    targets = torch.randn(12, 16)
+    positive = torch.arange(8)
+    negatives = torch.randint(0, 12, (8, 3))
+    loss, _ = contrastive.contrastive_loss_triton(predictions, targets, positive, negatives,
+                                                  0.1, blocks)
+    loss.sum().backward()
+    assert warps == expected
