@@ -78,15 +78,27 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(train_assets):
     assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1))
 
 
+FROZEN = {"student.freeze_front_end": True, "student.frozen_layers": [1]}
+
+
 @pytest.mark.parametrize("extra", [{"run.zero_stage": 1}, {"run.zero_stage": 3},
                                    {"run.zero_stage": 2, "run.offload_optimizer": True},
-                                   {"run.zero_stage": 3, "student.freeze_front_end": True}],
-                         ids=["zero1", "zero3", "zero2-offload", "zero3-frozen-front-end"])
+                                   {"run.zero_stage": 3, **FROZEN}],
+                         ids=["zero1", "zero3", "zero2-offload", "zero3-frozen-front-end-layer1"])
 def test_other_zero_stages_complete(train_assets, tmp_path, extra):
     rows = launch(train_assets, tmp_path, **{"optim.max_steps": 3, **extra})
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(row["loss/total"])) for row in rows)
     assert (tmp_path / "checkpoints" / "step00000003" / "complete.json").is_file()
+    if "student.frozen_layers" in extra:    # partitioned by ZeRO-3, the frozen weights stay put
+        _, _, _, trained = load_student(tmp_path / "checkpoints" / "step00000003")
+        config = load_config(CONFIG, overrides(train_assets, tmp_path, **extra))
+        init = dict(build_run(config, torch.device("cpu"))[2].named_parameters())
+        moved = {name for name, p in trained.named_parameters()
+                 if not torch.equal(p, init[name].detach())}
+        frozen = [name for name in init if ".layers.0." in name or ".feature_extractor." in name]
+        assert frozen and not moved.intersection(frozen), moved
+        assert any(".layers.1." in name for name in moved), moved
 
 
 def test_bad_input_is_refused_before_training(train_assets, tmp_path):
