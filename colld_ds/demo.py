@@ -47,6 +47,8 @@ import yaml
 
 from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import checkpoint_tag, complete_checkpoints
+from colld_ds.compare import check_earlier_run
+from colld_ds.config import ConfigError, load_config
 from colld_ds.data import read_samples
 from colld_ds.evaluate import evaluate
 from colld_ds.formats import SHARD_INDEX
@@ -93,12 +95,18 @@ class Stages:
         print(f"  {'total':<62}{sum(s[0] for s in done):8.1f}{sum(s[1] for s in done):8.1f}")
 
 
-def _launch(config: dict, run_dir: Path, ranks: int, overrides: dict | None) -> None:
-    """Write ``config`` to ``run_dir/demo.yaml`` and train it through launch.sh on ``ranks`` CPU
-    ranks (``--section.field value`` overrides appended)."""
+def _write_run_config(config: dict, run_dir: Path, overrides: dict | None) -> Path:
+    """Write ``config`` to ``run_dir/demo.yaml``; refuse (ConfigError naming the folder) when
+    ``run_dir`` holds a run started with other settings, such as another layer map."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "demo.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path = write_text_atomic(run_dir / "demo.yaml", yaml.safe_dump(config, sort_keys=False))
+    check_earlier_run(load_config(config_path, overrides))
+    return config_path
+
+
+def _launch(config_path: Path, ranks: int, overrides: dict | None) -> None:
+    """Train ``config_path`` through launch.sh on ``ranks`` CPU ranks (``--section.field value``
+    overrides appended)."""
     command = [str(REPO / "launch.sh"), "--config", str(config_path)]
     for key, value in (overrides or {}).items():
         command += [f"--{key}", str(value)]
@@ -179,6 +187,18 @@ def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_
         raise RuntimeError(f"cache-teacher failed on rank(s) {failed} (output above)")
 
 
+def _check_cached_layers(cache_shard: Path, layers: list[int]) -> None:
+    """Refuse a cache made for another layer map (the first sample's teacher identity), naming
+    the folder, rather than skip to a distillation that cannot read its targets."""
+    meta = json.loads(next(read_samples([str(cache_shard)]))["json"])
+    cached = meta.get("teacher", {}).get("layers", [])
+    if not set(layers) <= set(cached):
+        raise ConfigError(
+            f"{cache_shard.parent} caches teacher layers {cached}; the demo's layer map "
+            f"({WHISPER_CONFIG.name}) needs {layers}: delete {cache_shard.parent} and "
+            f"{cache_shard.parent.parent / 'run'}, or give another --out_dir")
+
+
 def _print_fidelity(report: FidelityReport, data: str) -> None:
     """Per layer pair: linear CKA (no head, so trained, step-0 init and random compare on equal
     terms) and cosine through the pair's head (trained only for the trained student)."""
@@ -233,11 +253,14 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
         if run:
             convert("base", teacher_dir)
     test_shards = sorted(map(str, corpus_dir.glob("test-*.tar")))
+    cached = all((cache_dir / Path(p).name).is_file() for p in shards)
     with stages(f"cache teacher layers {layers} ({window_seconds:g} s window) on {ranks} "
-                "processes", all((cache_dir / Path(p).name).is_file() for p in shards)) as run:
+                "processes", cached) as run:
         _check_window(shards + test_shards, window_seconds)
         if run:
             _cache_teacher(shards_dir, teacher_dir, layers, cache_dir, window_seconds, ranks)
+        else:
+            _check_cached_layers(cache_dir / Path(shards[0]).name, layers)
 
     config["teacher"].update(path=teacher_dir, window_seconds=window_seconds)
     config["data"]["teacher_cache"] = str(cache_dir)
@@ -245,10 +268,11 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
     config["optim"]["warmup_steps"] = min(config["optim"]["warmup_steps"], steps)
     config["run"].update(out_dir=str(run_dir), resume="auto", seed=seed)
     final = run_dir / "checkpoints" / checkpoint_tag(steps)
+    config_path = _write_run_config(config, run_dir, overrides)
     with stages(f"distil 2 layers with CoLLD, {steps} steps on {ranks} CPU ranks",
                 final in complete_checkpoints(final.parent)) as run:
         if run:
-            _launch(config, run_dir, ranks, overrides)
+            _launch(config_path, ranks, overrides)
 
     eval_dir = run_dir / "eval" / final.name
     with stages("evaluate on the test split" + (" (+ CTC probe trained on dev)" if probe else ""),
@@ -300,10 +324,11 @@ def run_tiny_demo(out_dir: str, num_utterances: int = 64, steps: int = 150, rank
     config["optim"]["warmup_steps"] = min(config["optim"]["warmup_steps"], steps)
     config["run"].update(out_dir=str(run_dir), resume="auto")
     final = run_dir / "checkpoints" / checkpoint_tag(steps)
+    config_path = _write_run_config(config, run_dir, overrides)
     with stages(f"CoLLD distillation on {ranks} CPU ranks",
                 final in complete_checkpoints(final.parent)) as run:
         if run:
-            _launch(config, run_dir, ranks, overrides)
+            _launch(config_path, ranks, overrides)
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]

@@ -13,22 +13,24 @@ import pytest
 
 from colld_ds.checkpoint import complete_checkpoints
 from colld_ds.data import read_samples
-from colld_ds.demo import _check_window, _mix_shards, _print_fidelity, _synthesise
+from colld_ds.config import ConfigError
+from colld_ds.demo import (_check_cached_layers, _check_window, _mix_shards, _print_fidelity,
+                           _synthesise)
 from colld_ds.report import ModelFidelity
 from colld_ds.data_prep.generated_audio import generate_utterances
-from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.shards import write_audio_shards, write_shards
 from helpers import fidelity_report
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _demo(out_dir, *flags):
+def _demo(out_dir, *flags, ok=True):
     command = [sys.executable, "-m", "colld_ds.cli", "demo", "--teacher", "tiny", "--out_dir",
                str(out_dir), "--steps", "4", "--num_utterances", "16", *flags]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, COLLD_PYTHON=sys.executable))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    assert (done.returncode == 0) == ok, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout if ok else done.stderr
 
 
 def test_tiny_demo_runs_end_to_end_then_skips_every_stage(tmp_path):
@@ -44,6 +46,25 @@ def test_tiny_demo_runs_end_to_end_then_skips_every_stage(tmp_path):
     second = _demo(tmp_path)
     assert second.count("exists, skipped") == 3 and "running" not in second
     assert "step 4" in second        # the summary is printed from the existing run
+    # other settings (an upgraded config, a flag) are refused, not skipped to the old run
+    refused = _demo(tmp_path, "--objective.temperature", "0.5", ok=False)
+    assert f"{tmp_path / 'run' / 'config.yaml'}: that run was started with other settings" in (
+        refused) and "objective.temperature" in refused
+
+
+def test_a_cache_of_other_teacher_layers_is_refused(tmp_path):
+    """The Whisper demo's cache stage, its shards there: made for another layer map (a config
+    changed since), it is refused naming the folder, not skipped to a failing distillation."""
+    cache = tmp_path / "cache"
+    meta = {"utt_id": "a", "duration": 1.0, "teacher": {"layers": [3, 6]}}
+    write_shards([meta], lambda m: {"__key__": m["utt_id"], "json": json.dumps(m).encode()},
+                 str(cache), "train", progress=False)
+    shard = next(cache.glob("train-*.tar"))
+    _check_cached_layers(shard, [3, 6])
+    _check_cached_layers(shard, [6])
+    with pytest.raises(ConfigError, match=rf"{cache} caches teacher layers \[3, 6\]; the "
+                                          r"demo's layer map .* needs \[1, 4\]: delete"):
+        _check_cached_layers(shard, [1, 4])
 
 
 def _corpus(directory, langs, per_lang):
