@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{result['utterances']} utterances, {result['frames']} frames")
     print("| layer | top channel | its variance share |\n|---|---|---|")
     for row in result["layers"]:
-        print(f"| {row['layer']} | {row['top_channel']} | {row['top_channel_variance_share']:.3f} |")
+        share = row["top_channel_variance_share"]
+        print(f"| {row['layer']} | {row['top_channel']} | {share:.3f} |")
     print("\n| layers | CKA | CKA without their top channels |\n|---|---|---|")
     for row in result["pairs"]:
         print(f"| {row['layer_a']}, {row['layer_b']} | {row['cka']:.3f} | "
