@@ -17,8 +17,8 @@ probe is the best early loss of ``--probe_restarts`` restarts (``ProbeConfig.res
 probe can stall near the all-blank loss from its initial state alone; a probe's final training
 loss is reported). Results are cached per row under ``out_dir/probe`` (a re-run only probes what is
 new) and summarised in ``quality.json``, ``quality.md`` and ``quality.png``: mean and sample
-standard deviation over seeds, and gap closed = (random - student) / (random - teacher) of the
-means.
+standard deviation over seeds, gap closed = (random - student) / (random - teacher) of the
+means, and issue 17's goal judged for each student row (``goal_verdicts``).
 """
 
 from __future__ import annotations
@@ -249,12 +249,13 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
             entry[task]["gap_closed"] = ((floor - entry[task]["mean"]) / (floor - ceiling)
                                          if floor != ceiling else None)
     first_seed = min(seed for _, seed in results)
+    goal = goal_verdicts(table, [f"{v}@{s}" for s in settings.budgets for v in settings.variants])
     convergence = {row: results[row, first_seed].get("selection", {}) for row in REFERENCE_ROWS
                    if (row, first_seed) in results}
     layer_weights = {row: result["layer_weights"] for (row, seed), result in results.items()
                      if seed == first_seed and "layer_weights" in result}
     return {"command": " ".join(sys.argv), "settings": asdict(settings), "rows": table,
-            "variants": list(settings.variants), "budgets": settings.budgets,
+            "variants": list(settings.variants), "budgets": settings.budgets, "goal": goal,
             "probe_convergence": {"seed": first_seed, "rows": convergence},
             "probe_layer_weights": {"seed": first_seed, "rows": layer_weights}}
 
@@ -262,6 +263,61 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
 def _cell(stats: dict[str, Any]) -> str:
     spread = f" ± {stats['std']:.3f}" if stats["std"] is not None else ""
     return f"{stats['mean']:.3f}{spread}"
+
+
+GOAL_GAP_CLOSED = 0.8
+"""Issue 17's goal: a student closes at least this share of the random-to-teacher PER gap."""
+
+
+def goal_verdicts(table: dict[str, Any], variant_rows: list[str]) -> dict[str, dict[str, Any]]:
+    """Issue 17's goal on PER for each ``variant@step`` row, from the means and sample standard
+    deviations of ``table`` (``summarise``'s rows):
+
+    - ``ahead_of_init``: init PER - row PER; ``beats_init``: ahead by more than the row's seed
+      spread (None with one seed: no spread to judge by);
+    - ``gap_closed`` and ``closes_goal_gap``: at least ``GOAL_GAP_CLOSED`` of the gap;
+    - ``behind_best``: row PER - the lowest PER of the variants at the same step (0 for the
+      best); ``level_with_best``: behind by no more than the larger seed spread of the two
+      rows (None where a spread is missing)."""
+    verdicts = {}
+    for row in variant_rows:
+        per = table[row]["per"]
+        step = row.rsplit("@", 1)[1]
+        peers = [table[other]["per"] for other in variant_rows if other.endswith(f"@{step}")]
+        best = min(peers, key=lambda stats: stats["mean"])
+        ahead = table["init"]["per"]["mean"] - per["mean"]
+        behind = per["mean"] - best["mean"]
+        spreads = [per["std"], best["std"]]
+        verdicts[row] = {
+            "ahead_of_init": ahead, "seed_spread": per["std"],
+            "beats_init": None if per["std"] is None else ahead > per["std"],
+            "gap_closed": per["gap_closed"],
+            "closes_goal_gap": per["gap_closed"] is not None
+            and per["gap_closed"] >= GOAL_GAP_CLOSED,
+            "behind_best": behind,
+            "level_with_best": behind == 0 or (None if None in spreads else behind <= max(spreads))}
+    return verdicts
+
+
+def _verdict_lines(goal: dict[str, dict[str, Any]]) -> list[str]:
+    def mark(value: bool | None) -> str:
+        return {True: "yes", False: "**no**", None: "one seed"}[value]
+
+    lines = ["", "## Goal (issue 17), on PER", "",
+             "Ahead of init by more than the row's seed spread; at least "
+             f"{GOAL_GAP_CLOSED:.0%} of the random-to-teacher gap closed; behind the best variant "
+             "at the same step by no more than the larger seed spread of the two.", "",
+             "| row | ahead of init | seed spread | beats init | gap closed | "
+             f">= {GOAL_GAP_CLOSED:.0%} | behind best | level with best |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, verdict in goal.items():
+        spread = verdict["seed_spread"]
+        lines.append(f"| {row} | {verdict['ahead_of_init']:+.3f} | "
+                     f"{'-' if spread is None else f'{spread:.3f}'} | "
+                     f"{mark(verdict['beats_init'])} | {verdict['gap_closed']:.2f} | "
+                     f"{mark(verdict['closes_goal_gap'])} | {verdict['behind_best']:.3f} | "
+                     f"{mark(verdict['level_with_best'])} |")
+    return lines
 
 
 def format_markdown(summary: dict[str, Any]) -> str:
@@ -290,6 +346,8 @@ def format_markdown(summary: dict[str, Any]) -> str:
     for variant in summary["variants"]:
         for step in summary["budgets"]:
             lines.append(line(variant, str(step), table[f"{variant}@{step}"]))
+    if summary.get("goal"):     # older summaries: none
+        lines += _verdict_lines(summary["goal"])
     convergence = summary.get("probe_convergence", {})
     checks = {row: dict((str(step), rate) for step, rate in selection.get("per", []))
               for row, selection in convergence.get("rows", {}).items()}

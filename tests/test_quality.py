@@ -54,6 +54,35 @@ def test_summary_means_spreads_and_gaps_match_hand_computation():
     assert rows["a@5"]["cer"]["probe_final_train_loss"] == pytest.approx(2.5)
 
 
+def test_goal_verdicts_match_hand_computation():
+    settings = QualitySettings(config="x", variants={"a": {}, "b": {}}, seeds=[0, 1],
+                               budgets=[5], eval_shards="t", probe_train_shards="p")
+    results = {("teacher", 0): _result(0.2, 0.5), ("random", 0): _result(1.0, 0.9),
+               ("init", 0): _result(0.4, 0.7),
+               ("a@5", 0): _result(0.30, 0.6), ("a@5", 1): _result(0.32, 0.6),
+               ("b@5", 0): _result(0.33, 0.6), ("b@5", 1): _result(0.41, 0.6)}
+    goal = summarise(results, settings)["goal"]
+    spread_a, spread_b = statistics.stdev([0.30, 0.32]), statistics.stdev([0.33, 0.41])
+    a, b = goal["a@5"], goal["b@5"]
+    assert a["ahead_of_init"] == pytest.approx(0.4 - 0.31) and a["beats_init"] is True
+    assert a["seed_spread"] == pytest.approx(spread_a)
+    # b: 0.37 is 0.03 ahead of the init, less than its spread of 0.057
+    assert b["ahead_of_init"] == pytest.approx(0.03) and b["beats_init"] is False
+    assert a["gap_closed"] == pytest.approx((1.0 - 0.31) / 0.8) and a["closes_goal_gap"] is True
+    assert b["gap_closed"] == pytest.approx((1.0 - 0.37) / 0.8) and b["closes_goal_gap"] is False
+    assert a["behind_best"] == 0 and a["level_with_best"] is True
+    # b is 0.06 behind a, more than the larger spread (b's, 0.057)
+    assert b["behind_best"] == pytest.approx(0.06) and 0.06 > spread_b
+    assert b["level_with_best"] is False
+    one_seed = QualitySettings(config="x", variants={"a": {}, "b": {}}, seeds=[0], budgets=[5],
+                               eval_shards="t", probe_train_shards="p")
+    goal = summarise({key: value for key, value in results.items() if key[1] == 0},
+                     one_seed)["goal"]
+    assert goal["a@5"]["beats_init"] is None and goal["b@5"]["level_with_best"] is None
+    table = format_markdown(summarise(results, settings))
+    assert "| b@5 | +0.030 | 0.057 | **no** | 0.79 | **no** | 0.060 | **no** |" in table
+
+
 def test_bad_settings_name_the_flag():
     common = dict(config="x", eval_shards="t", probe_train_shards="p")
     with pytest.raises(ConfigError, match="--budgets"):
