@@ -254,13 +254,13 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
             convert("base", teacher_dir)
     test_shards = sorted(map(str, corpus_dir.glob("test-*.tar")))
     cached = all((cache_dir / Path(p).name).is_file() for p in shards)
+    if cached:     # refused before the stage says it is skipped
+        _check_cached_layers(cache_dir / Path(shards[0]).name, layers)
     with stages(f"cache teacher layers {layers} ({window_seconds:g} s window) on {ranks} "
                 "processes", cached) as run:
         _check_window(shards + test_shards, window_seconds)
         if run:
             _cache_teacher(shards_dir, teacher_dir, layers, cache_dir, window_seconds, ranks)
-        else:
-            _check_cached_layers(cache_dir / Path(shards[0]).name, layers)
 
     config["teacher"].update(path=teacher_dir, window_seconds=window_seconds)
     config["data"]["teacher_cache"] = str(cache_dir)
