@@ -249,7 +249,7 @@ def summarise(results: dict[tuple[str, int], dict[str, Any]],
             entry[task]["gap_closed"] = ((floor - entry[task]["mean"]) / (floor - ceiling)
                                          if floor != ceiling else None)
     first_seed = min(seed for _, seed in results)
-    goal = goal_verdicts(table, [f"{v}@{s}" for s in settings.budgets for v in settings.variants])
+    goal = goal_verdicts(table, list(settings.variants), settings.budgets)
     convergence = {row: results[row, first_seed].get("selection", {}) for row in REFERENCE_ROWS
                    if (row, first_seed) in results}
     layer_weights = {row: result["layer_weights"] for (row, seed), result in results.items()
@@ -269,7 +269,8 @@ GOAL_GAP_CLOSED = 0.8
 """Issue 17's goal: a student closes at least this share of the random-to-teacher PER gap."""
 
 
-def goal_verdicts(table: dict[str, Any], variant_rows: list[str]) -> dict[str, dict[str, Any]]:
+def goal_verdicts(table: dict[str, Any], variants: list[str],
+                  budgets: list[int]) -> dict[str, dict[str, Any]]:
     """Issue 17's goal on PER for each ``variant@step`` row, from the means and sample standard
     deviations of ``table`` (``summarise``'s rows):
 
@@ -280,23 +281,27 @@ def goal_verdicts(table: dict[str, Any], variant_rows: list[str]) -> dict[str, d
       best); ``level_with_best``: behind by no more than the larger seed spread of the two
       rows (None where a spread is missing)."""
     verdicts = {}
-    for row in variant_rows:
-        per = table[row]["per"]
-        step = row.rsplit("@", 1)[1]
-        peers = [table[other]["per"] for other in variant_rows if other.endswith(f"@{step}")]
+    for step in budgets:
+        peers = [table[f"{variant}@{step}"]["per"] for variant in variants]
         best = min(peers, key=lambda stats: stats["mean"])
-        ahead = table["init"]["per"]["mean"] - per["mean"]
-        behind = per["mean"] - best["mean"]
-        spreads = [per["std"], best["std"]]
-        verdicts[row] = {
-            "ahead_of_init": ahead, "seed_spread": per["std"],
-            "beats_init": None if per["std"] is None else ahead > per["std"],
-            "gap_closed": per["gap_closed"],
-            "closes_goal_gap": per["gap_closed"] is not None
-            and per["gap_closed"] >= GOAL_GAP_CLOSED,
-            "behind_best": behind,
-            "level_with_best": behind == 0 or (None if None in spreads else behind <= max(spreads))}
+        verdicts |= {f"{variant}@{step}": _verdict(per, best, table["init"]["per"])
+                     for variant, per in zip(variants, peers)}
     return verdicts
+
+
+def _verdict(per: dict[str, Any], best: dict[str, Any], init: dict[str, Any]) -> dict[str, Any]:
+    """``goal_verdicts`` of one row's PER statistics against the best at its step and the init."""
+    ahead = init["mean"] - per["mean"]
+    behind = per["mean"] - best["mean"]
+    spreads = [per["std"], best["std"]]
+    return {
+        "ahead_of_init": ahead, "seed_spread": per["std"],
+        "beats_init": None if per["std"] is None else ahead > per["std"],
+        "gap_closed": per["gap_closed"],
+        "closes_goal_gap": per["gap_closed"] is not None
+        and per["gap_closed"] >= GOAL_GAP_CLOSED,
+        "behind_best": behind,
+        "level_with_best": behind == 0 or (None if None in spreads else behind <= max(spreads))}
 
 
 def _verdict_lines(goal: dict[str, dict[str, Any]]) -> list[str]:
