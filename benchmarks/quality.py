@@ -279,29 +279,35 @@ def goal_verdicts(table: dict[str, Any], variants: list[str],
     - ``gap_closed`` and ``closes_goal_gap``: at least ``GOAL_GAP_CLOSED`` of the gap;
     - ``behind_best``: row PER - the lowest PER of the variants at the same step (0 for the
       best); ``level_with_best``: behind by no more than the larger seed spread of the two
-      rows (None where a spread is missing)."""
+      rows (None where a spread is missing). Both None where the row is the only variant:
+      a row is not judged level with itself."""
     verdicts = {}
     for step in budgets:
         peers = [table[f"{variant}@{step}"]["per"] for variant in variants]
-        best = min(peers, key=lambda stats: stats["mean"])
+        best = min(peers, key=lambda stats: stats["mean"]) if len(peers) > 1 else None
         verdicts |= {f"{variant}@{step}": _verdict(per, best, table["init"]["per"])
                      for variant, per in zip(variants, peers)}
     return verdicts
 
 
-def _verdict(per: dict[str, Any], best: dict[str, Any], init: dict[str, Any]) -> dict[str, Any]:
-    """``goal_verdicts`` of one row's PER statistics against the best at its step and the init."""
+def _verdict(per: dict[str, Any], best: dict[str, Any] | None,
+             init: dict[str, Any]) -> dict[str, Any]:
+    """``goal_verdicts`` of one row's PER statistics against the best at its step (None: no
+    other variant) and the init."""
     ahead = init["mean"] - per["mean"]
-    behind = per["mean"] - best["mean"]
-    spreads = [per["std"], best["std"]]
-    return {
+    verdict = {
         "ahead_of_init": ahead, "seed_spread": per["std"],
         "beats_init": None if per["std"] is None else ahead > per["std"],
         "gap_closed": per["gap_closed"],
         "closes_goal_gap": per["gap_closed"] is not None
         and per["gap_closed"] >= GOAL_GAP_CLOSED,
-        "behind_best": behind,
-        "level_with_best": behind == 0 or (None if None in spreads else behind <= max(spreads))}
+        "behind_best": None, "level_with_best": None}
+    if best is not None:
+        behind = per["mean"] - best["mean"]
+        spreads = [per["std"], best["std"]]
+        verdict |= {"behind_best": behind, "level_with_best": behind == 0 or (
+            None if None in spreads else behind <= max(spreads))}
+    return verdict
 
 
 def _verdict_lines(goal: dict[str, dict[str, Any]]) -> list[str]:
@@ -316,12 +322,13 @@ def _verdict_lines(goal: dict[str, dict[str, Any]]) -> list[str]:
              f">= {GOAL_GAP_CLOSED:.0%} | behind best | level with best |",
              "|---|---|---|---|---|---|---|---|"]
     for row, verdict in goal.items():
-        spread = verdict["seed_spread"]
+        spread, behind = verdict["seed_spread"], verdict["behind_best"]
+        level = ("- | no other variant" if behind is None
+                 else f"{behind:.3f} | {mark(verdict['level_with_best'])}")
         lines.append(f"| {row} | {verdict['ahead_of_init']:+.3f} | "
                      f"{'-' if spread is None else f'{spread:.3f}'} | "
                      f"{mark(verdict['beats_init'])} | {verdict['gap_closed']:.2f} | "
-                     f"{mark(verdict['closes_goal_gap'])} | {verdict['behind_best']:.3f} | "
-                     f"{mark(verdict['level_with_best'])} |")
+                     f"{mark(verdict['closes_goal_gap'])} | {level} |")
     return lines
 
 

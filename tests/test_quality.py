@@ -81,6 +81,15 @@ def test_goal_verdicts_match_hand_computation():
     assert goal["a@5"]["beats_init"] is None and goal["b@5"]["level_with_best"] is None
     table = format_markdown(summarise(results, settings))
     assert "| b@5 | +0.030 | 0.057 | **no** | 0.79 | **no** | 0.060 | **no** |" in table
+    # a row alone at its step is not judged level with itself
+    alone = QualitySettings(config="x", variants={"b": {}}, seeds=[0, 1], budgets=[5],
+                            eval_shards="t", probe_train_shards="p")
+    only_b = {key: value for key, value in results.items() if not key[0].startswith("a@")}
+    summary = summarise(only_b, alone)
+    assert summary["goal"]["b@5"]["behind_best"] is None
+    assert summary["goal"]["b@5"]["level_with_best"] is None
+    assert "| b@5 | +0.030 | 0.057 | **no** | 0.79 | **no** | - | no other variant |" \
+        in format_markdown(summary)
 
 
 def test_bad_settings_name_the_flag():
