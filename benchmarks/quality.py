@@ -84,16 +84,29 @@ class QualitySettings:
                                   f"{list(REFERENCE_ROWS)}")
 
 
+MAX_STEPS_BETWEEN_SAVES = 500
+"""A killed run resumes from a checkpoint at most this many steps back."""
+
+
+def save_interval(budgets: list[int]) -> int:
+    """Steps between a run's checkpoints: the largest divisor of every budget that is at most
+    ``MAX_STEPS_BETWEEN_SAVES``, so that every budget has its checkpoint and a killed run loses
+    little (``[3000]``: 500; ``[250, 1000]``: 250)."""
+    common = math.gcd(*budgets)
+    return max(d for d in range(1, min(common, MAX_STEPS_BETWEEN_SAVES) + 1) if common % d == 0)
+
+
 def run_configs(settings: QualitySettings) -> dict[tuple[str, int], TrainConfig]:
-    """The validated config of every (variant, seed) run, before anything long starts."""
-    save_every = math.gcd(*settings.budgets)
+    """The validated config of every (variant, seed) run, before anything long starts. Every
+    checkpoint is kept: the probes read each budget's after all runs are trained."""
+    save_every = save_interval(settings.budgets)
     configs = {}
     for name, overrides in settings.variants.items():
         for seed in settings.seeds:
             config = load_config(settings.config, {
                 **settings.overrides, **overrides, "run.seed": seed,
                 "optim.max_steps": settings.budgets[-1], "run.save_every": save_every,
-                "run.keep_checkpoints": max(10, len(settings.budgets)),
+                "run.keep_checkpoints": settings.budgets[-1] // save_every,
                 "run.out_dir": str(Path(settings.out_dir).resolve() / name / f"seed{seed}"),
                 "run.resume": "auto"})
             make_paths_absolute(config)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks.probe_restarts import main as probe_restarts
-from benchmarks.quality import QualitySettings, format_markdown, main, summarise
+from benchmarks.quality import (QualitySettings, format_markdown, main, run_configs,
+                                save_interval, summarise)
 from benchmarks.quality_corpus import mixed_shards
 from colld_ds.config import ConfigError
 from colld_ds.data import read_samples
@@ -90,6 +91,15 @@ def test_goal_verdicts_match_hand_computation():
     assert summary["goal"]["b@5"]["level_with_best"] is None
     assert "| b@5 | +0.030 | 0.057 | **no** | 0.79 | **no** | - | no other variant |" \
         in format_markdown(summary)
+
+
+def test_runs_save_often_enough_to_resume_and_keep_every_budget():
+    assert [save_interval(b) for b in ([3000], [250, 1000], [700], [1001], [100, 300])] \
+        == [500, 250, 350, 143, 100]         # 1001 = 7 * 11 * 13: 143 is its largest <= 500
+    settings = QualitySettings(config=str(CONFIG), variants={"a": {}}, seeds=[0],
+                               budgets=[1000, 3000], eval_shards="t", probe_train_shards="p")
+    run = run_configs(settings)["a", 0].run
+    assert run.save_every == 500 and run.keep_checkpoints == 6     # steps 500, 1000, ..., 3000
 
 
 def test_bad_settings_name_the_flag():
