@@ -3,13 +3,20 @@ scales) and pq (M sub-vectors) reconstruct the fp16 features, bytes per frame pe
 projected size of an XLS-R 300M cache (1024-d, 50 frames/s, 3 layers) per 10,000 hours.
 
 Per layer and codec: the mean and lowest per-frame cosine of decoded vs fp16 features, the
-relative L2 error ``||decoded - fp16|| / ||fp16||`` over all frames, bytes per frame on disk
+relative L2 error ``||decoded - fp16|| / ||fp16||`` over all frames, the same three of the
+targets a run compares with by default (``objective.target_norm: utterance``: each utterance
+standardised per dimension, ``colld_ds.objectives.base.utterance_norm``, which removes what all
+its frames share and weighs every dimension alike, so that it judges a codec by what the
+objective sees rather than by a few large dimensions), bytes per frame on disk
 (tar and npy headers included, at this cache's utterance lengths) and of payload alone, and the
 loader's decode time per frame. The projection uses the same utterance lengths at D = 1024 (pq:
 the same M; the codebook, stored once, is left out). fp16 and int8 are measured on every
 utterance; pq on the odd-numbered utterances (in shard order) only, held out from its codebooks,
 which are learned (``colld_ds.data_prep.pq.train_codebook``, seeded) on up to ``--pq_train_frames``
-frames of the even-numbered ones.
+frames of the even-numbered ones. ``--faiss_quantisers`` adds, the same way, quantisers that are
+not cache codecs, to show what a codec of the same bytes could reconstruct: ``rq-M`` (residual
+quantisation: M stages of 256 centroids over the whole vector, each coding what the stages
+before left, beam search 4) and ``opq-M`` (pq with M sub-vectors after a learned rotation).
 
     python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
 """
@@ -33,6 +40,7 @@ from colld_ds.codecs import dequantise_int8, pq_decode, pq_encode, quantise_int8
 from colld_ds.data import expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
 from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
+from colld_ds.objectives.base import utterance_norm  # noqa: E402
 from colld_ds.data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
 from colld_ds.data_prep.pq import train_codebook  # noqa: E402
 
@@ -44,8 +52,8 @@ def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
     """(bytes on disk with tar and npy headers, payload bytes) of one layer of one utterance."""
     if variant == "int8-frame":  # not a cache codec: int8 codes and float16 (T, 1) scales
         arrays = (((num_frames, width), "int8"), ((num_frames, 1), "float16"))
-    elif variant.startswith("pq-"):  # pq-32: M = 32
-        arrays = layer_arrays("pq", num_frames, width, int(variant.removeprefix("pq-")))
+    elif variant.startswith(("pq-", "rq-", "opq-")):  # pq-32: M = 32, as one byte each
+        arrays = layer_arrays("pq", num_frames, width, int(variant.split("-")[1]))
     else:
         arrays = layer_arrays(variant.removesuffix("-channel"), num_frames, width)
     disk = sum(member_bytes(npy_bytes(shape, dtype)) for shape, dtype in arrays)
@@ -53,12 +61,37 @@ def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
     return disk, payload
 
 
-def roundtrip(x: np.ndarray, variant: str, codebook: np.ndarray | None = None
-              ) -> tuple[np.ndarray, float]:
+def faiss_quantiser(variant: str, frames: np.ndarray, seed: int):
+    """A faiss index trained on float32 (N, D) ``frames`` whose ``sa_encode`` / ``sa_decode``
+    are the ``rq-M`` or ``opq-M`` quantiser (module docstring)."""
+    import faiss  # noqa: PLC0415  (only these rows need it)
+
+    kind, bytes_per_frame = variant.split("-")
+    width, size = frames.shape[1], int(bytes_per_frame)
+    if kind == "rq":
+        index = faiss.IndexResidualQuantizer(width, size, 8)
+        index.rq.max_beam_size = 4
+        index.rq.cp.seed = seed
+    elif kind == "opq":
+        pq = faiss.IndexPQ(width, size, 8)
+        pq.pq.cp.seed = seed
+        index = faiss.IndexPreTransform(faiss.OPQMatrix(width, size), pq)
+    else:
+        raise ValueError(f"--faiss_quantisers: {variant!r}; use rq-M or opq-M")
+    index.train(np.ascontiguousarray(frames, np.float32))
+    return index
+
+
+def roundtrip(x: np.ndarray, variant: str, codebook=None) -> tuple[np.ndarray, float]:
     """float16 (T, D) -> (decoded float32 (T, D), decode seconds); pq with the layer's
-    ``codebook`` (M, 256, D / M)."""
+    ``codebook`` (M, 256, D / M), rq and opq with the layer's ``faiss_quantiser``."""
     if variant == "fp16":
         return x.astype(np.float32), 0.0
+    if variant.startswith(("rq-", "opq-")):
+        codes = codebook.sa_encode(np.ascontiguousarray(x, np.float32))
+        start = time.perf_counter()
+        decoded = codebook.sa_decode(codes)
+        return decoded, time.perf_counter() - start
     if variant.startswith("pq-"):
         codes = pq_encode(x, codebook)
         start = time.perf_counter()
@@ -70,20 +103,46 @@ def roundtrip(x: np.ndarray, variant: str, codebook: np.ndarray | None = None
     return decoded.astype(np.float32), time.perf_counter() - start
 
 
-class Tally:
-    """Running sums of one (layer, variant)."""
+def target_norm(x: np.ndarray) -> np.ndarray:
+    """(T, D) features of one utterance -> float32 (T, D): standardised per dimension over its
+    frames, as a run's targets with ``objective.target_norm: utterance``."""
+    features = torch.from_numpy(np.asarray(x, np.float32))[None]
+    return utterance_norm(features, torch.ones(features.shape[:2], dtype=torch.bool))[0].numpy()
+
+
+class Error:
+    """Running per-frame cosines and squared errors of decoded vs reference features."""
 
     def __init__(self) -> None:
         self.cosines: list[np.ndarray] = []
-        self.err = self.ref = self.seconds = 0.0
-        self.frames = self.disk = self.payload = self.xlsr_disk = 0
+        self.err = self.ref = 0.0
 
-    def add(self, x: np.ndarray, decoded: np.ndarray, seconds: float, variant: str) -> None:
-        ref = x.astype(np.float32)
+    def add(self, ref: np.ndarray, decoded: np.ndarray) -> None:
+        """ref, decoded: float32 (T, D)."""
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(decoded, axis=1)
         self.cosines.append((ref * decoded).sum(1) / np.maximum(norms, 1e-12))
         self.err += float(((decoded - ref) ** 2).sum())
         self.ref += float((ref**2).sum())
+
+    def row(self, prefix: str) -> dict:
+        cosines = np.concatenate(self.cosines)
+        return {f"{prefix}cosine_mean": float(cosines.mean()),
+                f"{prefix}cosine_min": float(cosines.min()),
+                f"{prefix}rel_l2": float(np.sqrt(self.err / self.ref))}
+
+
+class Tally:
+    """Running sums of one (layer, variant)."""
+
+    def __init__(self) -> None:
+        self.features, self.targets = Error(), Error()
+        self.seconds = 0.0
+        self.frames = self.disk = self.payload = self.xlsr_disk = 0
+
+    def add(self, x: np.ndarray, decoded: np.ndarray, seconds: float, variant: str) -> None:
+        ref = x.astype(np.float32)
+        self.features.add(ref, decoded)
+        self.targets.add(target_norm(ref), target_norm(decoded))
         self.seconds += seconds
         self.frames += x.shape[0]
         disk, payload = stored_bytes(variant, *x.shape)
@@ -91,13 +150,11 @@ class Tally:
         self.xlsr_disk += stored_bytes(variant, x.shape[0], XLSR_WIDTH)[0]
 
     def row(self) -> dict:
-        cosines = np.concatenate(self.cosines)
         xlsr = self.xlsr_disk / self.frames
         return {
             "frames": self.frames,
-            "cosine_mean": float(cosines.mean()),
-            "cosine_min": float(cosines.min()),
-            "rel_l2": float(np.sqrt(self.err / self.ref)),
+            **self.features.row(""),
+            **self.targets.row("target_"),
             "bytes_per_frame": self.disk / self.frames,
             "payload_bytes_per_frame": self.payload / self.frames,
             "decode_ns_per_frame": 1e9 * self.seconds / self.frames,
@@ -120,10 +177,11 @@ def layers_of(cache: str, max_utterances: int | None
             layer, identity["target_kind"])]), allow_pickle=False) for layer in identity["layers"]}
 
 
-def codebooks(cache: str, max_utterances: int | None, subvectors: list[int], train_frames: int,
-              seed: int) -> dict[tuple[int, int], np.ndarray]:
-    """(layer, M) -> (M, 256, D / M) codebook learned on up to ``train_frames`` frames (seeded
-    sample) of the even-numbered utterances."""
+def codebooks(cache: str, max_utterances: int | None, learned: list[str], train_frames: int,
+              seed: int) -> dict[tuple[int, str], object]:
+    """(layer, variant) -> what each ``learned`` variant decodes with (``pq-M``: the (M, 256,
+    D / M) codebook; ``rq-M``, ``opq-M``: ``faiss_quantiser``), learned on up to
+    ``train_frames`` frames (seeded sample) of the even-numbered utterances."""
     frames: dict[int, list[np.ndarray]] = {}
     for n, _, layers in layers_of(cache, max_utterances):
         for layer, x in layers.items():
@@ -133,15 +191,19 @@ def codebooks(cache: str, max_utterances: int | None, subvectors: list[int], tra
     for layer, xs in frames.items():
         x = np.concatenate(xs).astype(np.float32)  # (N, D)
         x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:train_frames])]
-        for m in subvectors:
-            books[layer, m] = train_codebook(x, m, seed)
+        for variant in learned:
+            books[layer, variant] = (
+                train_codebook(x, int(variant.removeprefix("pq-")), seed)
+                if variant.startswith("pq-") else faiss_quantiser(variant, x, seed))
     return books
 
 
 def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
-            train_frames: int = 65536, seed: int = 0) -> list[dict]:
-    """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring)."""
-    books = codebooks(cache, max_utterances, list(subvectors), train_frames, seed)
+            train_frames: int = 65536, seed: int = 0, others: list[str] = ()) -> list[dict]:
+    """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring); ``others``:
+    the ``--faiss_quantisers``."""
+    learned = [f"pq-{m}" for m in subvectors] + list(others)
+    books = codebooks(cache, max_utterances, learned, train_frames, seed)
     tallies: dict[tuple[int, str], Tally] = {}
     identity = None
     for n, identity, layers in layers_of(cache, max_utterances):
@@ -149,12 +211,11 @@ def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
             for variant in VARIANTS:
                 decoded, seconds = roundtrip(x, variant)
                 tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
-            for m in subvectors if n % 2 else ():
-                variant = f"pq-{m}"
-                decoded, seconds = roundtrip(x, variant, books[layer, m])
+            for variant in learned if n % 2 else ():
+                decoded, seconds = roundtrip(x, variant, books[layer, variant])
                 tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
     return [{"teacher": identity["name"], "layer": layer, "codec": variant,
-             "measured_on": "odd utterances (held out)" if variant.startswith("pq-") else "all",
+             "measured_on": "all" if variant in VARIANTS else "odd utterances (held out)",
              **tally.row()} for (layer, variant), tally in sorted(
                  tallies.items(), key=lambda item: item[0][0])]
 
@@ -165,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_utterances", type=int, default=None)
     parser.add_argument("--pq_subvectors", default="32,64,128",
                         help="pq rows: M values, comma separated ('' for none)")
+    parser.add_argument("--faiss_quantisers", default="",
+                        help="rows of quantisers that are not cache codecs: rq-M, opq-M")
     parser.add_argument("--pq_train_frames", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
@@ -173,12 +236,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     subvectors = [int(m) for m in args.pq_subvectors.split(",") if m]
     rows = [{**row, "cache": args.cache, "pq_train_frames": args.pq_train_frames, **stamp}
             for row in measure(args.cache, args.max_utterances, subvectors,
-                               args.pq_train_frames, args.seed)]
-    print("layer | codec        | cosine mean | cosine min | rel L2  | B/frame | decode ns/frame |"
-          " XLS-R TB/10k h")
+                               args.pq_train_frames, args.seed,
+                               [q for q in args.faiss_quantisers.split(",") if q])]
+    print("layer | codec        | cosine mean | cosine min | rel L2  | target cosine mean | "
+          "target rel L2 | B/frame | decode ns/frame | XLS-R TB/10k h")
     for r in rows:
         print(f"{r['layer']:>5} | {r['codec']:<12} | {r['cosine_mean']:.6f}    | "
-              f"{r['cosine_min']:.6f}   | {r['rel_l2']:.5f} | {r['bytes_per_frame']:7.1f} | "
+              f"{r['cosine_min']:.6f}   | {r['rel_l2']:.5f} | {r['target_cosine_mean']:.6f}"
+              f"           | {r['target_rel_l2']:.5f}       | {r['bytes_per_frame']:7.1f} | "
               f"{r['decode_ns_per_frame']:15.0f} | {r['xlsr300m_tb_per_10k_h_3_layers']:.2f}")
     write_rows(rows, args.out)
     return rows

@@ -231,9 +231,18 @@ def test_codec_benchmark_plumbing(caches, tmp_path):
         err = sum(((np.multiply(*hand_int8(x, per)) - x) ** 2).sum() for x in arrays)
         rel_l2 = np.sqrt(err / sum((x**2).sum() for x in arrays))
         assert by[2, f"int8-{per}"]["rel_l2"] == pytest.approx(rel_l2, rel=1e-2)
+
+        def standardised(x):           # per utterance and dimension, as target_norm utterance
+            return (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+        pairs = [(standardised(x), standardised(np.multiply(*hand_int8(x, per))))
+                 for x in arrays]
+        err = sum(((decoded - ref) ** 2).sum() for ref, decoded in pairs)
+        target_rel_l2 = np.sqrt(err / sum((ref**2).sum() for ref, _ in pairs))
+        assert by[2, f"int8-{per}"]["target_rel_l2"] == pytest.approx(target_rel_l2, rel=1e-2)
     for layer in LAYERS:
         assert by[layer, "fp16"]["rel_l2"] == 0
         assert by[layer, "fp16"]["cosine_min"] == pytest.approx(1, abs=1e-6)
+        assert by[layer, "fp16"]["target_rel_l2"] == 0
         for codec in ("int8-channel", "int8-frame"):
             assert 0 < by[layer, codec]["rel_l2"] < 0.02 and by[layer, codec]["cosine_min"] > 0.99
         frames = by[layer, "fp16"]["frames"]
