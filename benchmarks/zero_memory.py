@@ -53,6 +53,7 @@ from colld_ds.config import load_config  # noqa: E402
 from colld_ds.data import Batch  # noqa: E402
 from colld_ds.distill import build_run, distillation_loss, mask_batch, step_seed  # noqa: E402
 from colld_ds.ds_config import build_ds_config  # noqa: E402
+from colld_ds.ds_ops import prepare_op_builds  # noqa: E402
 from colld_ds.formats import SAMPLE_RATE  # noqa: E402
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher  # noqa: E402
 
@@ -151,6 +152,7 @@ def rank_main(rank: int, world_size: int, port: int, stage: int, args, teacher_d
     import deepspeed
     import torch.distributed as dist
 
+    prepare_op_builds()
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config(None, {
         "teacher.path": teacher_dir, "data.train_shards": "unused",

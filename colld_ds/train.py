@@ -35,6 +35,7 @@ from colld_ds.data import AudioBatchStream, DamageReport, check_shards
 from colld_ds.distill import (MaskedBatch, build_run, crop_frames, distillation_loss, mask_batch,
                               position_mean, step_seed, teacher_targets)
 from colld_ds.ds_config import build_ds_config
+from colld_ds.ds_ops import prepare_op_builds
 from colld_ds.errors import DataError
 from colld_ds.formats import SAMPLE_RATE
 from colld_ds.models import Teacher
@@ -128,6 +129,7 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a distillation. Every rank calls it; rank 0 logs and reports."""
     _single_process_defaults()
     device = _device()
+    prepare_op_builds()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     out_dir = Path(config.run.out_dir)

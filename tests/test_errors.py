@@ -94,6 +94,20 @@ def test_train_user_error_is_one_line_and_verbose_shows_the_traceback(assets):
         assert "TeacherFilesError: teacher path 'missing-teacher'" in done.stderr
 
 
+def test_build_lock_left_by_a_killed_build_is_an_error_not_a_hang(assets, tmp_path):
+    """A killed start-up leaves DeepSpeed's op build lock; torch alone waits on it forever."""
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (0, 0))
+    done = run(assets, "train", "--config", str(CONFIG), "--teacher.path", "teacher",
+               "--data.train_shards", "shards", "--run.out_dir", "run",
+               TORCH_EXTENSIONS_DIR=str(tmp_path))
+    line = one_error_line(done)
+    assert line.startswith(f"colld: error: {lock}: a build lock "), line
+    assert f"delete it (rm {lock})" in line and lock.exists()
+
+
 @pytest.mark.slow
 def test_launch_sh_user_error_is_one_line_per_rank_without_traceback(assets):
     done = subprocess.run(
