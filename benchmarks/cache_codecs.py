@@ -82,20 +82,21 @@ def faiss_quantiser(variant: str, frames: np.ndarray, seed: int):
     return index
 
 
-def roundtrip(x: np.ndarray, variant: str, codebook=None) -> tuple[np.ndarray, float]:
-    """float16 (T, D) -> (decoded float32 (T, D), decode seconds); pq with the layer's
-    ``codebook`` (M, 256, D / M), rq and opq with the layer's ``faiss_quantiser``."""
+def roundtrip(x: np.ndarray, variant: str, learned=None) -> tuple[np.ndarray, float]:
+    """float16 (T, D) -> (decoded float32 (T, D), decode seconds); ``learned``: what the
+    layer's ``codebooks`` learned for ``variant`` (pq: the (M, 256, D / M) codebook; rq and opq:
+    the ``faiss_quantiser``)."""
     if variant == "fp16":
         return x.astype(np.float32), 0.0
     if variant.startswith(("rq-", "opq-")):
-        codes = codebook.sa_encode(np.ascontiguousarray(x, np.float32))
+        codes = learned.sa_encode(np.ascontiguousarray(x, np.float32))
         start = time.perf_counter()
-        decoded = codebook.sa_decode(codes)
+        decoded = learned.sa_decode(codes)
         return decoded, time.perf_counter() - start
     if variant.startswith("pq-"):
-        codes = pq_encode(x, codebook)
+        codes = pq_encode(x, learned)
         start = time.perf_counter()
-        decoded = pq_decode(codes, codebook)
+        decoded = pq_decode(codes, learned)
         return decoded.astype(np.float32), time.perf_counter() - start
     codes, scale = quantise_int8(x, per=variant.removeprefix("int8-"))
     start = time.perf_counter()
@@ -139,10 +140,12 @@ class Tally:
         self.seconds = 0.0
         self.frames = self.disk = self.payload = self.xlsr_disk = 0
 
-    def add(self, x: np.ndarray, decoded: np.ndarray, seconds: float, variant: str) -> None:
-        ref = x.astype(np.float32)
-        self.features.add(ref, decoded)
-        self.targets.add(target_norm(ref), target_norm(decoded))
+    def add(self, x: np.ndarray, x_target: np.ndarray, decoded: np.ndarray, seconds: float,
+            variant: str) -> None:
+        """x: the float16 (T, D) reference; x_target: ``target_norm`` of it (one per utterance
+        and layer, shared by its variants); decoded: float32 (T, D)."""
+        self.features.add(x.astype(np.float32), decoded)
+        self.targets.add(x_target, target_norm(decoded))
         self.seconds += seconds
         self.frames += x.shape[0]
         disk, payload = stored_bytes(variant, *x.shape)
@@ -208,12 +211,11 @@ def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
     identity = None
     for n, identity, layers in layers_of(cache, max_utterances):
         for layer, x in layers.items():
-            for variant in VARIANTS:
-                decoded, seconds = roundtrip(x, variant)
-                tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
-            for variant in learned if n % 2 else ():
-                decoded, seconds = roundtrip(x, variant, books[layer, variant])
-                tallies.setdefault((layer, variant), Tally()).add(x, decoded, seconds, variant)
+            x_target = target_norm(x)
+            for variant in [*VARIANTS, *(learned if n % 2 else ())]:
+                decoded, seconds = roundtrip(x, variant, books.get((layer, variant)))
+                tallies.setdefault((layer, variant), Tally()).add(x, x_target, decoded, seconds,
+                                                                  variant)
     return [{"teacher": identity["name"], "layer": layer, "codec": variant,
              "measured_on": "all" if variant in VARIANTS else "odd utterances (held out)",
              **tally.row()} for (layer, variant), tally in sorted(
