@@ -23,6 +23,15 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   where ``data.pq_codebook`` says: ``pipe:`` shards have no directory; ``codebook_path``), read
   without pickle and checked against the sha256 the identity records (``load_codebook``;
   ``read_codebook`` caches it per process).
+- ``rq``: residual quantisation, with the same uint8 (T, M) codes, identity fields and codebook
+  file as pq, but M stages over the whole D: stage m's codebook (256, D) quantises what stages
+  1..m-1 left, ``x_t ~ sum_m C[m, code_tm]``, so every byte refines all channels (per layer
+  (M, 256, D), ``colld_ds.data_prep.pq`` learns it with faiss's ``ResidualQuantizer``). Encoding is
+  a beam search (``rq_encode``, ``RQ_BEAM`` candidates kept per stage), the one faiss runs,
+  written here in numpy so that a cache is encoded from its stored codebook alone (faiss would
+  need its quantiser object rebuilt per layer); tests check its codes against faiss's. On the
+  demo cache's target space rq keeps as much with 32 bytes as pq with 64 (README "Cache codecs",
+  ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows).
 
 Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
 per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded
@@ -48,10 +57,11 @@ from typing import Literal
 import numpy as np
 
 from colld_ds.errors import DataError
-from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, layer_arrays
+from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, QUANTISED, layer_arrays
 from colld_ds.remote import open_stream
 
 INT8_MAX = 127  # symmetric: codes in [-127, 127]
+RQ_BEAM = 4  # rq encoding: candidates kept per stage (faiss's max_beam_size)
 
 
 def quantise_int8(x: np.ndarray, per: Literal["channel", "frame"] = "channel"
@@ -89,38 +99,77 @@ def pq_decode(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return rows.reshape(codes.shape[0], -1).astype(np.float16)
 
 
+def rq_encode(x: np.ndarray, codebook: np.ndarray, beam: int = RQ_BEAM) -> np.ndarray:
+    """(T, D) float features and a layer's float32 rq codebook (M, 256, D) -> uint8 codes (T, M)
+    by beam search: per stage, each of the ``beam`` best partial codes so far is extended by
+    every entry, and the ``beam`` extensions with the smallest squared error ``||r - c||^2``
+    (r: what the partial code leaves) are kept; the best after stage M is returned."""
+    num_codes, entries, _ = codebook.shape
+    frames = np.arange(x.shape[0])[:, None]
+    residual = np.asarray(x, np.float32)[:, None, :]  # (T, B, D), B = 1 then beam
+    codes = np.zeros((x.shape[0], 1, 0), np.int64)  # (T, B, stages so far)
+    norms = (codebook**2).sum(-1)  # (M, 256)
+    for stage in range(num_codes):
+        errors = ((residual**2).sum(-1, keepdims=True) + norms[stage]
+                  - 2 * residual @ codebook[stage].T)  # (T, B, 256)
+        flat = errors.reshape(x.shape[0], -1)
+        best = np.argsort(flat, axis=1, kind="stable")[:, :beam]  # (T, B')
+        parent, entry = np.divmod(best, entries)
+        residual = residual[frames, parent] - codebook[stage][entry]
+        codes = np.concatenate([codes[frames, parent], entry[..., None]], axis=2)
+    return codes[:, 0].astype(np.uint8)
+
+
+def rq_decode(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """uint8 codes (T, M) and a layer's rq codebook (M, 256, D) -> float16 (T, D): the sum over
+    m of the gathered rows ``codebook[m, codes[t, m]]``."""
+    features = np.zeros((codes.shape[0], codebook.shape[2]), np.float32)
+    for stage in range(codebook.shape[0]):
+        features += codebook[stage, codes[:, stage]]
+    return features.astype(np.float16)
+
+
 def encode(features: np.ndarray, codec: str, codebook: np.ndarray | None = None
            ) -> list[np.ndarray]:
     """float16 (T, D) features -> the arrays of ``formats.layer_members(..., codec)``, in order
-    (pq: with the layer's ``codebook`` (M, 256, D / M))."""
+    (pq, rq: with the layer's ``codebook``, (M, 256, D / M) or (M, 256, D))."""
     if codec == "fp16":
         return [features]
-    return [pq_encode(features, codebook)] if codec == "pq" else list(quantise_int8(features))
+    if codec in QUANTISED:
+        return [(pq_encode if codec == "pq" else rq_encode)(features, codebook)]
+    return list(quantise_int8(features))
 
 
 def decode(arrays: list[np.ndarray], codec: str, codebook: np.ndarray | None = None
            ) -> np.ndarray:
-    """The arrays of one layer's members (``encode``'s) -> float16 (T, D) features (pq: with the
-    layer's ``codebook`` (M, 256, D / M)); ValueError naming the array that breaks
-    ``formats.layer_arrays``."""
+    """The arrays of one layer's members (``encode``'s) -> float16 (T, D) features (pq, rq: with
+    the layer's ``codebook``, (M, 256, D / M) or (M, 256, D)); ValueError naming the array that
+    breaks ``formats.layer_arrays``."""
     first = arrays[0].shape if arrays[0].ndim == 2 else (0, 0)
-    if codec == "pq":
-        num_sub, _, sub = codebook.shape
-        expected = layer_arrays(codec, first[0], num_sub * sub, num_sub)
+    if codec in QUANTISED:
+        expected = layer_arrays(codec, first[0], codebook_width(codec, codebook.shape),
+                                codebook.shape[0])
     else:
         expected = layer_arrays(codec, *first)
     for array, (shape, dtype) in zip(arrays, expected, strict=True):
         if array.shape != shape or array.dtype != dtype:
             raise ValueError(f"expected {dtype} {shape}, got {array.dtype} {array.shape}")
-    if codec == "pq":
-        return pq_decode(arrays[0], codebook)
+    if codec in QUANTISED:
+        return (pq_decode if codec == "pq" else rq_decode)(arrays[0], codebook)
     return arrays[0] if codec == "fp16" else dequantise_int8(*arrays)
 
 
+def codebook_width(codec: str, shape: tuple[int, ...]) -> int:
+    """The feature width D a layer's codebook of ``shape`` decodes to: pq (M, 256, D / M) -> D,
+    rq (M, 256, D) -> D."""
+    return shape[0] * shape[2] if codec == "pq" else shape[2]
+
+
 def codebook_path(shard_url: str, given: str | None = None) -> str:
-    """Where the pq codebook of the cache holding ``shard_url`` is: ``given`` (``data.pq_codebook``)
-    when set, else ``PQ_CODEBOOK`` beside the shard; DataError naming the shard, the option and
-    the fix for a ``pipe:`` shard without ``given`` (a command has no directory)."""
+    """Where the pq (or rq) codebook of the cache holding ``shard_url`` is: ``given``
+    (``data.pq_codebook``) when set, else ``PQ_CODEBOOK`` beside the shard; DataError naming
+    the shard, the option and the fix for a ``pipe:`` shard without ``given`` (a command has no
+    directory)."""
     if given:
         return given
     if shard_url.startswith("pipe:"):
@@ -130,14 +179,15 @@ def codebook_path(shard_url: str, given: str | None = None) -> str:
     return os.path.join(os.path.dirname(shard_url), PQ_CODEBOOK)
 
 
-def load_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> np.ndarray:
-    """The float32 (L, M, 256, D / M) pq codebook at ``path`` (a path or a URL), read without
-    pickle, from the file on every call (``read_codebook``: once per process); DataError naming
-    ``teacher.pq.codebook_sha256`` and the fix when it cannot be read, is not that shape, or its
-    bytes do not hash to ``sha256``."""
+def load_codebook(path: str, sha256: str, num_layers: int, subvectors: int, codec: str = "pq"
+                  ) -> np.ndarray:
+    """The float32 codebook of a ``codec`` cache at ``path`` (a path or a URL), pq (L, M, 256,
+    D / M) or rq (L, M, 256, D), read without pickle, from the file on every call
+    (``read_codebook``: once per process); DataError naming ``teacher.pq.codebook_sha256`` and
+    the fix when it cannot be read, is not that shape, or its bytes do not hash to ``sha256``."""
     fix = ("copy the pq_codebook.npy the cache was written with beside its shards (or name it "
-           "in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec pq` into a "
-           "new out_dir")
+           f"in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec {codec}` "
+           "into a new out_dir")
     try:
         with open_stream(path) as stream:
             data = stream.read()
@@ -151,11 +201,13 @@ def load_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> n
     codebook = np.load(io.BytesIO(data), allow_pickle=False)
     if codebook.ndim != 4 or codebook.shape[:3] != (num_layers, subvectors, PQ_CENTROIDS):
         raise DataError(f"pq codebook {path} has shape {codebook.shape}, expected ({num_layers}, "
-                        f"{subvectors}, {PQ_CENTROIDS}, D / M): {fix}")
+                        f"{subvectors}, {PQ_CENTROIDS}, {'D / M' if codec == 'pq' else 'D'}): "
+                        f"{fix}")
     return codebook.astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=8)
-def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int) -> np.ndarray:
+def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int, codec: str = "pq"
+                  ) -> np.ndarray:
     """``load_codebook``, cached: the loader reads each codebook once per process."""
-    return load_codebook(path, sha256, num_layers, subvectors)
+    return load_codebook(path, sha256, num_layers, subvectors, codec)

@@ -155,7 +155,7 @@ class DataConfig:
     Empty: ``shardindex.json`` beside them (written by ``make_shards`` and ``cache-teacher``);
     local shards without one are scanned at start-up, streamed ones need one."""
     pq_codebook: str = ""
-    """pq caches: the codebook's path or URL when it is not beside the shards, e.g. for
+    """pq and rq caches: the codebook's path or URL when it is not beside the shards, e.g. for
     ``pipe:`` shards (a command has no directory); checked against the cache's identity like
     the one beside them. Empty: ``pq_codebook.npy`` beside the shards."""
     on_bad_shard: Literal["stop", "skip"] = "stop"

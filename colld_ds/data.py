@@ -1,10 +1,11 @@
 """Streaming audio batches from webdataset tar shards, deterministic and exactly resumable.
 
 `AudioBatchStream` yields `Batch`es (padded waves `(B, S)`, lengths, and in cached mode the
-teacher's frames `(B, T, D)` per layer, decoded from fp16, int8 or pq by `colld_ds.codecs`) forever,
-epoch after epoch, from local shards or streamed URLs (`colld_ds.remote`). Every (rank, worker)
-takes the same number of batches per epoch, planned from the shard index before any audio is
-read (`colld_ds.batching`), and `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
+teacher's frames `(B, T, D)` per layer, decoded from fp16, int8, pq or rq by `colld_ds.codecs`)
+forever, epoch after epoch, from local shards or streamed URLs (`colld_ds.remote`). Every
+(rank, worker) takes the same number of batches per epoch, planned from the shard index before
+any audio is read (`colld_ds.batching`), and `state_dict()` / `load_state_dict()` resume
+mid-epoch exactly.
 Errors name the shard, URL, sample or member at fault. The epoch layout, cropping rules and
 resume mechanics: `docs/data.md`.
 """
@@ -34,9 +35,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
 from colld_ds.codecs import codebook_path, decode, read_codebook
 from colld_ds.errors import ColldError, DataError, verbose
-from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, SAMPLE_RATE, SHARD_INDEX, FrameGeometry,
-                              cache_codec, check_teacher_identity, layer_members, pq_identity,
-                              read_shard_index, shard_index_entry, shard_keys)
+from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, QUANTISED, SAMPLE_RATE, SHARD_INDEX,
+                              FrameGeometry, cache_codec, check_teacher_identity, layer_members,
+                              pq_identity, read_shard_index, shard_index_entry, shard_keys)
 from colld_ds.remote import RemoteReadError, is_remote, open_stream
 
 _SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
@@ -291,10 +292,10 @@ def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
     codec = cache_codec(meta["teacher"], where)
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
     cached_layers, codebooks = list(meta["teacher"]["layers"]), None
-    if codec == "pq":
+    if codec in QUANTISED:  # (L, M, 256, D / M) for pq, (L, M, 256, D) for rq
         pq = pq_identity(meta["teacher"], where)
         codebooks = read_codebook(codebook_path(url, pq_codebook), pq["codebook_sha256"],
-                                  len(cached_layers), pq["subvectors"])  # (L, M, 256, D / M)
+                                  len(cached_layers), pq["subvectors"], codec)
     frames = []
     for layer in expect["layers"]:
         names = layer_members(layer, expect["target_kind"], codec)

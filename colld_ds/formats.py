@@ -12,8 +12,9 @@ Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, t
 (and optionally ``FRONT_END_MEMBER``, float16 whatever the codec); the json gains
 ``"teacher"``, the cache's teacher identity (``check_teacher_identity``), which records the front
 end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
-fp16), with ``pq`` also ``"pq": {"version", "subvectors", "codebook_sha256"}``: the codebook
-``PQ_CODEBOOK`` beside the shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every
+fp16), with ``pq`` and ``rq`` (``QUANTISED``) also ``"pq": {"version", "subvectors",
+"codebook_sha256"}`` (rq: M stages, not sub-vectors): the codebook ``PQ_CODEBOOK`` beside the
+shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every
 tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
 
 Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
@@ -41,10 +42,11 @@ FRONT_END_MEMBER = "front_end.npy"  # cache member: the teacher's conv front-end
 SHARD_INDEX = "shardindex.json"  # wids' default index name
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 IDENTITY_KEYS = ("config_hash", "target_kind")  # equal in cache and run; the run's layers cached
-CODECS = ("fp16", "int8", "pq")  # how a cache stores its layers: ``layer_members``, ``codecs``
+CODECS = ("fp16", "int8", "pq", "rq")  # how a cache stores layers: ``layer_members``, ``codecs``
+QUANTISED = ("pq", "rq")  # uint8 (T, M) codes into a learned codebook, identity field ``"pq"``
 PQ_VERSION = 1  # of the pq codebook and its identity fields; a reader refuses other versions
-PQ_CENTROIDS = 256  # per sub-vector codebook: one uint8 code
-PQ_CODEBOOK = "pq_codebook.npy"  # beside the cache shards: float32 (L, M, 256, D / M)
+PQ_CENTROIDS = 256  # per sub-vector codebook (rq: per stage): one uint8 code
+PQ_CODEBOOK = "pq_codebook.npy"  # beside the shards: float32 (L, M, 256, D / M); rq (L, M, 256, D)
 TAR_BLOCK = 512  # tar data is padded to whole blocks
 TAR_MEMBER_HEADER = 3 * TAR_BLOCK  # webdataset's TarWriter: pax header (float mtime) + ustar header
 
@@ -83,28 +85,31 @@ def layer_members(layer: int, target_kind: str, codec: str) -> tuple[str, ...]:
       and float16 scales (1, D), one per channel; features = codes * scales.
     - ``pq``: ``(l04.layer_output.pq.npy,)``: uint8 codes (T, M), one centroid per sub-vector of
       the layer's codebook in ``PQ_CODEBOOK``.
+    - ``rq``: ``(l04.layer_output.rq.npy,)``: uint8 codes (T, M), one entry per residual stage.
     """
     member = feature_member(layer, target_kind)
     if codec == "fp16":
         return (member,)
     stem = member.removesuffix(".npy")
-    return (f"{stem}.pq.npy",) if codec == "pq" else (f"{stem}.int8.npy", f"{stem}.scale.npy")
+    if codec in QUANTISED:
+        return (f"{stem}.{codec}.npy",)
+    return (f"{stem}.int8.npy", f"{stem}.scale.npy")
 
 
 def layer_arrays(codec: str, num_frames: int, width: int, subvectors: int = 0
                  ) -> tuple[tuple[tuple[int, int], str], ...]:
     """(shape, dtype) of each ``layer_members`` array of a layer of width D over T frames: fp16
-    ``((T, D), float16)``; int8 ``((T, D), int8), ((1, D), float16)``; pq with M ``subvectors``
-    ``((T, M), uint8)``."""
+    ``((T, D), float16)``; int8 ``((T, D), int8), ((1, D), float16)``; pq and rq with M
+    ``subvectors`` ``((T, M), uint8)``."""
     if codec == "fp16":
         return (((num_frames, width), "float16"),)
-    if codec == "pq":
+    if codec in QUANTISED:
         return (((num_frames, subvectors), "uint8"),)
     return (((num_frames, width), "int8"), ((1, width), "float16"))
 
 
 def pq_identity(identity: dict, where: str) -> dict:
-    """The ``"pq"`` fields of a pq cache identity, ``{"version", "subvectors",
+    """The ``"pq"`` fields of a pq or rq cache identity, ``{"version", "subvectors",
     "codebook_sha256"}``; DataError naming the field, the file and the fix when this colld
     cannot read them."""
     pq = identity.get("pq")
@@ -116,20 +121,21 @@ def pq_identity(identity: dict, where: str) -> dict:
     else:
         return pq
     raise DataError(f"{where}: its json {problem}: re-cache with `colld prep cache-teacher --codec "
-                    "pq` into a new out_dir, or read it with the colld version that wrote it")
+                    f"{identity.get('codec')}` into a new out_dir, or read it with the colld "
+                    "version that wrote it")
 
 
 def cache_codec(identity: dict, where: str) -> str:
     """The ``codec`` of a cache identity (``fp16`` when absent); DataError naming the field, the
-    file and the fix when this colld cannot read it (pq: ``pq_identity`` too)."""
+    file and the fix when this colld cannot read it (pq, rq: ``pq_identity`` too)."""
     codec = identity.get("codec", "fp16")
-    if codec == "pq":
+    if codec in QUANTISED:
         pq_identity(identity, where)
     elif codec not in CODECS:
         raise DataError(
             f"{where}: teacher.codec {codec!r} in its json is not a codec this colld reads "
             f"({', '.join(CODECS)}): re-cache with `colld prep cache-teacher --codec fp16` (or "
-            "int8, pq) into a new out_dir, or read it with the colld version that wrote it"
+            "int8, pq, rq) into a new out_dir, or read it with the colld version that wrote it"
         )
     return codec
 

@@ -5,13 +5,13 @@ sample keeps the audio shard's members as they are (`flac`/`wav`, `json`) and ad
 teacher layer i, the (T, D_t) features of the whole utterance (T = frames of its S samples)
 stored with the cache's `codec` (`colld_ds.codecs`): `fp16` (default) as the float16 array
 `<key>.l{i:02d}.{target_kind}.npy`, `int8` as int8 codes and float16 per-channel scales, `pq`
-as uint8 (T, M) codes into the cache's codebook (`colld_ds.formats.layer_members`). The json
-gains `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate,
-frame_stride, receptive_field, codec, num_frames}` (pq: and `pq`, `formats.pq_identity`;
+and `rq` as uint8 (T, M) codes into the cache's codebook (`colld_ds.formats.layer_members`).
+The json gains `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate,
+frame_stride, receptive_field, codec, num_frames}` (pq, rq: and `pq`, `formats.pq_identity`;
 `frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
 
-`--codec pq` first learns the codebook (`colld_ds.data_prep.pq`: `--pq_subvectors` M,
-`--pq_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several ranks it
+`--codec pq` (and `rq`) first learns the codebook (`colld_ds.data_prep.pq`: `--pq_subvectors`
+M, `--pq_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several ranks it
 must be there already (`train_pq`, `colld prep train-pq`), so that they all share it.
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
@@ -63,8 +63,8 @@ from tqdm import tqdm
 from colld_ds.codecs import encode
 from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos, shard_name
 from colld_ds.errors import DataError, TeacherError
-from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, SAMPLE_RATE,
-                              FrameGeometry, check_teacher_identity, layer_members)
+from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, QUANTISED,
+                              SAMPLE_RATE, FrameGeometry, check_teacher_identity, layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from colld_ds.remote import is_remote
 from colld_ds.data_prep.cache_size import CacheShape, check_free_space, estimate_cache
@@ -78,8 +78,9 @@ _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": t
 class CacheSettings:
     """The settings `cache_teacher` and `train_pq` share (their docstrings say what each means):
     the teacher (`teacher` directory, `layers`, `target_kind`, `dtype` name, Whisper
-    `window_seconds`) and how its cache stores it (`front_end`, `codec`; pq: `pq_subvectors` M,
-    `pq_train_frames`, `seed` of the codebook). DataError for an unknown `codec`."""
+    `window_seconds`) and how its cache stores it (`front_end`, `codec`; pq and rq:
+    `pq_subvectors` M, `pq_train_frames`, `seed` of the codebook). DataError for an unknown
+    `codec`."""
 
     teacher: str
     layers: int | str | Sequence[int]
@@ -167,8 +168,8 @@ def padding_invariant(teacher: Teacher, wave: np.ndarray, front_end: bool = Fals
 def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict,
                   codebook: np.ndarray | None) -> dict:
     """Raw audio sample + its per-layer float16 frames (+ front end, last) -> the cache sample
-    (module docstring), the layers encoded with `identity["codec"]` (pq: with `codebook`
-    (L, M, 256, D / M))."""
+    (module docstring), the layers encoded with `identity["codec"]` (pq, rq: with `codebook`
+    (L, M, 256, D / M) or (L, M, 256, D))."""
     key, url = sample["__key__"], sample["__url__"]
     meta = json.loads(sample["json"])
     meta["teacher"] = {**identity, "num_frames": frames[0].shape[0]}
@@ -192,8 +193,8 @@ def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict,
 
 def cache_shard(teacher: Teacher, identity: dict, url: str, path: str, batch_size: int,
                 bar: tqdm, codebook: np.ndarray | None = None) -> float:
-    """Write the cache shard of audio shard `url` to `path` atomically (pq: with `codebook`
-    (L, M, 256, D / M)); return audio seconds."""
+    """Write the cache shard of audio shard `url` to `path` atomically (pq, rq: with
+    `codebook`); return audio seconds."""
     seconds, samples = 0.0, read_samples([url])
     with atomic_shard(path) as writer:
         while chunk := list(itertools.islice(samples, batch_size)):
@@ -284,14 +285,14 @@ def _load(settings: CacheSettings) -> Teacher:
 
 
 def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
-    """The `CacheShape` of a cache of `model` with `settings` (identity included; pq: with a
-    placeholder `codebook_sha256` until the codebook is known); DataError when the pq
+    """The `CacheShape` of a cache of `model` with `settings` (identity included; pq, rq: with
+    a placeholder `codebook_sha256` until the codebook is known); DataError when the pq
     subvectors do not divide a cached layer's width."""
     geometry = frame_geometry(model)
     codec, subvectors = settings.codec, settings.pq_subvectors
     identity = {**model.cache_identity(settings.front_end), "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field, "codec": codec}
-    if codec == "pq":
+    if codec in QUANTISED:
         identity["pq"] = {"version": PQ_VERSION, "subvectors": subvectors,
                           "codebook_sha256": "0" * 64}
     shape = cache_shape(model, identity)
@@ -318,19 +319,23 @@ def train_pq(
     pq_subvectors: int = 32,
     pq_train_frames: int = 65536,
     seed: int = 0,
+    codec: str = "pq",
 ) -> str:
-    """Learn the pq codebook of a `--codec pq` cache of `teacher`'s `layers` over the audio
-    `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq` with the
-    same arguments caches into it: once for all ranks. Reuses a complete codebook of the same
-    settings there; returns its path."""
+    """Learn the codebook of a `--codec pq` (or `rq`) cache of `teacher`'s `layers` over the
+    audio `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq`
+    (or `rq`) with the same arguments caches into it: once for all ranks. Reuses a complete
+    codebook of the same settings there; returns its path."""
+    if codec not in QUANTISED:
+        raise DataError(f"--codec {codec!r}: train-pq learns the codebook of a pq or rq cache")
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=False,
-                             codec="pq", pq_subvectors=pq_subvectors,
+                             codec=codec, pq_subvectors=pq_subvectors,
                              pq_train_frames=pq_train_frames, seed=seed)
     _check_out_dir(out_dir)
     urls = expand_urls(shards, allow_remote=True)
     model, _ = teacher_and_shape(settings)
-    codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True)
+    codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True,
+                 codec=codec)
     return os.path.join(out_dir, PQ_CODEBOOK)
 
 
@@ -359,9 +364,10 @@ def cache_teacher(
     CPU), `fp32`, `fp16`, `bf16`. `window_seconds`: a Whisper teacher's window
     (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. `front_end`:
     also store the teacher's conv front-end output (module docstring), for runs with
-    `data.cached_front_end`. `codec`: how the layers are stored, `fp16`, `int8` or `pq`
-    (`colld_ds.codecs`; the front end is float16 either way). `pq_subvectors` (M, dividing the
-    teacher's width), `pq_train_frames`, `seed`: the pq codebook (`train_pq`), learned here
+    `data.cached_front_end`. `codec`: how the layers are stored, `fp16`, `int8`, `pq` or `rq`
+    (`colld_ds.codecs`; the front end is float16 either way). `pq_subvectors` (M bytes per frame
+    and layer; pq: dividing the teacher's width), `pq_train_frames`, `seed`: the pq or rq
+    codebook (`train_pq`), learned here
     first when `out_dir` has none and `world_size` is 1. `estimate`: print the size of the
     whole cache and per hour of audio, write nothing and return []. Refuses to start when the
     shards still missing will not fit in `out_dir`'s free space. Prints audio seconds per second
@@ -391,9 +397,10 @@ def cache_teacher(
     if missing:
         check_free_space(out_dir, estimate_cache(list(infos.values()), shape))
     codebook = None
-    if codec == "pq":  # the placeholder hash becomes the codebook's (same length)
+    if codec in QUANTISED:  # the placeholder hash becomes the codebook's (same length)
         identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
-                                                pq_train_frames, seed, learn=world_size == 1)
+                                                pq_train_frames, seed, learn=world_size == 1,
+                                                codec=codec)
     paths = [os.path.join(out_dir, names[url]) for url in urls]
     todo = [(u, p) for u, p in zip(urls, paths) if not _is_complete(p, identity)]
     if batch_size > 1 and todo:

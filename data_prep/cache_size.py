@@ -56,7 +56,7 @@ class CacheShape:
 
     @property
     def subvectors(self) -> int:
-        """pq: the M sub-vectors of a frame (0 for the other codecs)."""
+        """pq, rq: the M codes of a frame (0 for the other codecs)."""
         return self.identity.get("pq", {}).get("subvectors", 0)
 
     def layer_bytes(self, num_frames: int) -> int:
@@ -66,11 +66,12 @@ class CacheShape:
         return sum(member_bytes(npy_bytes(shape, dtype)) for shape, dtype in arrays)
 
     def codebook_bytes(self) -> int:
-        """Bytes of the pq codebook files beside the shards (0 for the other codecs)."""
+        """Bytes of the pq or rq codebook files beside the shards (0 for the other codecs)."""
         if not self.subvectors:
             return 0
+        width = self.widths[0]
         shape = (len(self.widths), self.subvectors, PQ_CENTROIDS,
-                 self.widths[0] // self.subvectors)
+                 width // self.subvectors if self.identity["codec"] == "pq" else width)
         return npy_bytes(shape, "float32") + PQ_META_BYTES
 
     def added_bytes(self, num_samples: int) -> int:

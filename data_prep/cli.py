@@ -160,7 +160,7 @@ class DataPrep:
 
     @property
     def train_pq(self) -> Callable:
-        """The pq codebook of a `cache-teacher --codec pq` cache, learned once before its ranks
+        """The codebook of a `cache-teacher --codec pq` (or rq) cache, learned once before its ranks
         start: `colld_ds.data_prep.cache.train_pq` (imported only when this command runs)."""
         from colld_ds.data_prep.cache import train_pq
 
@@ -179,8 +179,8 @@ class DataPrep:
         print(f"wrote {path}")
 
     def inspect(self, shards: str, max_problems: int = 20) -> None:
-        """Schema, counts, hours, languages, teacher identity and codec of local shards (pq: the
-        codebook beside them); validates every member and a pq codebook, and exits 1 naming the
+        """Schema, counts, hours, languages, teacher identity and codec of local shards (pq, rq:
+        the codebook beside them); validates every member and a codebook, and exits 1 naming the
         shard and member of each invalid one, or the codebook file and the fix."""
         from colld_ds.data_prep.inspect_shards import inspect_shards
 

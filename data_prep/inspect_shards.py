@@ -2,13 +2,14 @@
 
 Prints the shard and sample counts, hours and utterances per language, the schema of the first
 sample (each member's kind, shape and dtype), the teacher identity of cache shards with their
-codec and its bytes on disk per frame per layer (pq: the codebook beside the shards, its file,
-sha256, M sub-vectors of 256 centroids, dims and layers), and one line per problem, most
+codec and its bytes on disk per frame per layer (pq, rq: the codebook beside the shards, its
+file, sha256, M sub-vectors (rq: stages) of 256 centroids, dims and layers), and one line per
+problem, most
 `<shard>: <key>.<member>: <problem>`: audio that does not decode to finite 16 kHz mono, an
 array that is not a finite float16 (T, D) with T = the json's `num_frames` (int8 caches: int8
-(T, D) codes and finite float16 (1, D) scales; pq caches: uint8 (T, M) codes, M the
+(T, D) codes and finite float16 (1, D) scales; pq, rq caches: uint8 (T, M) codes, M the
 identity's), bad json, a missing audio/json/layer member, a codec this colld cannot read, a
-truncated or corrupt tar; and a pq codebook that is missing, not of the identity's shape or
+truncated or corrupt tar; and a codebook that is missing, not of the identity's shape or
 not hashing to its `codebook_sha256` (`colld_ds.codecs.load_codebook`'s line: file and fix).
 """
 
@@ -27,14 +28,15 @@ from webdataset.tariterators import base_plus_ext
 from colld_ds.codecs import codebook_path, load_codebook
 from colld_ds.data import expand_urls
 from colld_ds.errors import DataError
-from colld_ds.formats import (AUDIO_EXTS, PQ_CENTROIDS, SAMPLE_RATE, cache_codec, checked_members,
-                              layer_members)
+from colld_ds.formats import (AUDIO_EXTS, PQ_CENTROIDS, QUANTISED, SAMPLE_RATE, cache_codec,
+                              checked_members, layer_members)
 from colld_ds.data_prep.cache_size import member_bytes
 
 CODEC_LAYOUT = {  # what a cache of each codec stores per layer and utterance
     "fp16": "float16 (T, D) features",
     "int8": "int8 (T, D) codes and float16 (1, D) per-channel scales",
     "pq": "uint8 (T, M) codes into the codebook beside the shards",
+    "rq": "uint8 (T, M) codes into the M residual stages of the codebook beside the shards",
 }
 
 
@@ -53,10 +55,10 @@ def describe_member(ext: str, data: bytes) -> str:
             if array.ndim != 2 or array.dtype != np.int8:
                 raise ValueError(f"expected int8 (T, D) codes, got {array.dtype} {array.shape}")
             return f"int8 (T, {array.shape[1]}) codes"
-        if ext.endswith(".pq.npy"):
+        if ext.endswith((".pq.npy", ".rq.npy")):
             if array.ndim != 2 or array.dtype != np.uint8:
                 raise ValueError(f"expected uint8 (T, M) codes, got {array.dtype} {array.shape}")
-            return f"uint8 (T, {array.shape[1]}) pq codes"
+            return f"uint8 (T, {array.shape[1]}) {ext.split('.')[-2]} codes"
         if ext.endswith(".scale.npy"):
             if array.shape[:1] != (1,) or array.dtype != np.float16 or not np.isfinite(array).all():
                 raise ValueError(f"expected finite float16 (1, D) scales, got {array.dtype} "
@@ -100,7 +102,7 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
         if array.shape[0] != teacher["num_frames"]:
             problems.append(f"{where}: {key}.{ext}: frames differ from num_frames "
                             f"{teacher['num_frames']}")
-        if codec == "pq" and array.shape[1] != teacher["pq"]["subvectors"]:
+        if codec in QUANTISED and array.shape[1] != teacher["pq"]["subvectors"]:
             problems.append(f"{where}: {key}.{ext}: {array.shape[1]} codes per frame, the json's "
                             f"teacher.pq.subvectors is {teacher['pq']['subvectors']}")
     return meta
@@ -117,8 +119,9 @@ def layer_disk_bytes(members: dict[str, bytes], teacher: dict) -> int:
 def describe_codec(cache: dict, problems: list[str]) -> None:
     """Print the codec lines of one teacher identity's shards; `cache`: `{"teacher", "first",
     "frames", "bytes", "shards"}` (frames and layer bytes summed over its samples; `shards`:
-    directory -> its first shard). pq: the codebook beside each directory's shards, read and
-    checked as the loader does; one that fails appends `load_codebook`'s line to `problems`."""
+    directory -> its first shard). pq, rq: the codebook beside each directory's shards, read
+    and checked as the loader does; one that fails appends `load_codebook`'s line to
+    `problems`."""
     teacher = cache["teacher"]
     try:
         codec = cache_codec(teacher, cache["first"])
@@ -128,20 +131,22 @@ def describe_codec(cache: dict, problems: list[str]) -> None:
     per_frame = cache["bytes"] / max(1, cache["frames"] * len(layers))
     print(f"  codec {codec}: {CODEC_LAYOUT[codec]}; {per_frame:.1f} bytes per frame per layer on "
           f"disk (tar and npy headers included; {cache['frames']} frames x {len(layers)} layers)")
-    if codec != "pq":
+    if codec not in QUANTISED:
         return
     pq = teacher["pq"]
     for shard in cache["shards"].values():
         path = codebook_path(shard)
         try:  # the file as it is now, not an earlier read of that path
-            book = load_codebook(path, pq["codebook_sha256"], len(layers), pq["subvectors"])
+            book = load_codebook(path, pq["codebook_sha256"], len(layers), pq["subvectors"],
+                                 codec)
         except DataError as exc:
             problems.append(str(exc))
             continue
         num_sub, dims = book.shape[1], book.shape[3]
-        print(f"  pq codebook {path}: sha256 {pq['codebook_sha256']} (matches "
-              f"teacher.pq.codebook_sha256), float32 {book.shape}: M {num_sub} sub-vectors x "
-              f"{PQ_CENTROIDS} centroids of {dims} dims (D {num_sub * dims}), layers "
+        parts = ("sub-vectors", num_sub * dims) if codec == "pq" else ("residual stages", dims)
+        print(f"  {codec} codebook {path}: sha256 {pq['codebook_sha256']} (matches "
+              f"teacher.pq.codebook_sha256), float32 {book.shape}: M {num_sub} {parts[0]} x "
+              f"{PQ_CENTROIDS} centroids of {dims} dims (D {parts[1]}), layers "
               f"{', '.join(map(str, layers))}")
 
 

@@ -1,10 +1,12 @@
-"""Learning the product-quantisation codebook of a `--codec pq` teacher cache (`colld_ds.codecs`).
+"""Learning the codebook of a `--codec pq` (product) or `--codec rq` (residual quantisation)
+teacher cache (`colld_ds.codecs`).
 
 The codebook is its own resumable step before any cache shard is written. `learn_codebook`
 runs the teacher over a seeded sample of the audio (shards in a seeded order, up to
 `FRAMES_PER_UTTERANCE` seeded frames of each utterance, until `train_frames` frames), learns per
-layer the (M, 256, D / M) centroids by k-means in each sub-space, and writes `out_dir/
-pq_codebook.npy` (float32 (L, M, 256, D / M), layers in the cache identity's order, no pickle)
+layer the (M, 256, D / M) centroids by k-means in each sub-space (rq: the (M, 256, D) stage
+codebooks, `train_rq_codebook`), and writes `out_dir/pq_codebook.npy` (float32 (L, M, 256,
+D / M) or (L, M, 256, D), layers in the cache identity's order, no pickle)
 and then `pq_codebook.json` (`PQ_META`: version, settings, the teacher identity, sha256 of the
 npy), each atomically; the json marks the codebook complete. A later run with the same
 settings reuses it (an interrupted cache resumes with the same codebook); other settings or
@@ -15,8 +17,11 @@ pq` learns it itself only with `world_size` 1 (otherwise it refuses, naming `tra
 k-means is faiss's (`faiss.ProductQuantizer`, 25 Lloyd iterations per sub-space from
 seeded random frames, `cp.seed`): a well-kept C++ library, about 1.5 s for 20k 512-d
 frames at M = 32 on one core, and deterministic: the same frames and seed give bit-identical
-centroids (checked with 1 and 2 OpenMP threads). Encoding and decoding need no faiss
-(`colld_ds.codecs.pq_encode`, `pq_decode`: numpy), so the loader does not import it.
+centroids (checked with 1 and 2 OpenMP threads). rq codebooks are faiss's too
+(`faiss.ResidualQuantizer`: per stage k-means of what the earlier stages leave, with the beam
+search `colld_ds.codecs.RQ_BEAM` wide), M times the k-means work of pq on D-dim rather than
+D / M-dim vectors. Encoding and decoding need no faiss (`colld_ds.codecs`: numpy), so the
+loader does not import it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 from colld_ds.data import decode_wave, read_samples
 from colld_ds.errors import DataError
+from colld_ds.codecs import RQ_BEAM
 from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, PQ_VERSION
 from colld_ds.models import Teacher
 
@@ -48,6 +54,20 @@ def train_codebook(frames: np.ndarray, subvectors: int, seed: int) -> np.ndarray
     pq.cp.max_points_per_centroid = -(-num // PQ_CENTROIDS)  # use every frame given
     pq.train(np.ascontiguousarray(frames, np.float32))
     return faiss.vector_to_array(pq.centroids).reshape(subvectors, PQ_CENTROIDS, -1)
+
+
+def train_rq_codebook(frames: np.ndarray, stages: int, seed: int) -> np.ndarray:
+    """(N, D) training frames -> float32 (M, 256, D) residual-quantisation codebooks, stage m
+    learned on what stages 1..m-1 leave (module docstring)."""
+    import faiss  # noqa: PLC0415  (only the codebook step needs it)
+
+    num, width = frames.shape
+    rq = faiss.ResidualQuantizer(width, stages, 8)
+    rq.max_beam_size = RQ_BEAM
+    rq.cp.seed = seed
+    rq.cp.max_points_per_centroid = -(-num // PQ_CENTROIDS)  # use every frame given
+    rq.train(np.ascontiguousarray(frames, np.float32))
+    return faiss.vector_to_array(rq.codebooks).reshape(stages, PQ_CENTROIDS, width)
 
 
 def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: int
@@ -78,30 +98,36 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int) -> dict:
-    """What a codebook depends on; a reused codebook must have been learned with the same."""
-    return {"version": PQ_VERSION, "subvectors": subvectors, "train_frames": train_frames,
-            "seed": seed, "teacher": {k: teacher.identity[k]
-                                      for k in ("config_hash", "target_kind", "layers")}}
+def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int, codec: str
+              ) -> dict:
+    """What a codebook depends on; a reused codebook must have been learned with the same (a
+    json written before rq names no codec: pq; rq also records its encoding beam)."""
+    settings = {"version": PQ_VERSION, "codec": codec, "subvectors": subvectors,
+                "train_frames": train_frames, "seed": seed,
+                "teacher": {k: teacher.identity[k] for k in ("config_hash", "target_kind",
+                                                             "layers")}}
+    return settings if codec == "pq" else {**settings, "beam": RQ_BEAM}
 
 
 def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
-                 train_frames: int, seed: int, learn: bool) -> tuple[dict, np.ndarray]:
-    """The cache identity's ``"pq"`` fields and the float32 (L, M, 256, D / M) codebook of
-    `out_dir`: the one there (complete and of the same settings, else DataError), or with
-    `learn` a new one (module docstring), else DataError naming `colld prep train-pq`."""
+                 train_frames: int, seed: int, learn: bool, codec: str = "pq"
+                 ) -> tuple[dict, np.ndarray]:
+    """The cache identity's ``"pq"`` fields and the float32 codebook of a ``codec`` (pq: (L, M,
+    256, D / M), rq: (L, M, 256, D)) cache in `out_dir`: the one there (complete and of the same
+    settings, else DataError), or with `learn` a new one (module docstring), else DataError
+    naming `colld prep train-pq`."""
     meta_path, npy_path = os.path.join(out_dir, PQ_META), os.path.join(out_dir, PQ_CODEBOOK)
-    settings = _settings(teacher, subvectors, train_frames, seed)
+    settings = _settings(teacher, subvectors, train_frames, seed, codec)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            meta = json.load(f)
+            meta = {"codec": "pq", **json.load(f)}  # pq jsons name no codec
         changed = [k for k, v in settings.items() if meta.get(k) != v]
         if changed:
             raise DataError(
-                f"{meta_path}: the pq codebook in {out_dir} was learned with other "
+                f"{meta_path}: the {codec} codebook in {out_dir} was learned with other "
                 f"{', '.join(changed)} ({', '.join(f'{k} {meta.get(k)!r}' for k in changed)}): "
-                "use the same --pq_subvectors, --pq_train_frames, --seed and teacher, or "
-                "another out_dir")
+                "use the same --codec, --pq_subvectors, --pq_train_frames, --seed and teacher, "
+                "or another out_dir")
         with open(npy_path, "rb") as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != meta["codebook_sha256"]:
@@ -110,11 +136,12 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
         codebook = np.load(io.BytesIO(data), allow_pickle=False)
     elif not learn:
         raise DataError(
-            f"{out_dir} has no pq codebook ({PQ_META}), and the ranks of a multi-rank cache "
-            "must share one: learn it first with `colld prep train-pq <shards> <teacher> "
-            "<layers> <out_dir>` (same --pq_subvectors, --pq_train_frames, --seed)")
+            f"{out_dir} has no {codec} codebook ({PQ_META}), and the ranks of a multi-rank "
+            "cache must share one: learn it first with `colld prep train-pq <shards> <teacher> "
+            f"<layers> <out_dir> --codec {codec}` (same --pq_subvectors, --pq_train_frames, "
+            "--seed)")
     else:
-        codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed)
+        codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed, codec)
         with open(npy_path, "rb") as f:
             meta = {**settings, "codebook_sha256": hashlib.sha256(f.read()).hexdigest()}
         _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
@@ -123,18 +150,20 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
 
 
 def _learn(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
-           train_frames: int, seed: int) -> np.ndarray:
-    """Learn and write `out_dir/pq_codebook.npy`; return it, float32 (L, M, 256, D / M)."""
+           train_frames: int, seed: int, codec: str) -> np.ndarray:
+    """Learn and write `out_dir/pq_codebook.npy`; return it, float32 (L, M, 256, D / M) for pq,
+    (L, M, 256, D) for rq."""
     frames = sample_frames(teacher, urls, train_frames, seed)
     width = frames[0].shape[1]
     if frames[0].shape[0] < PQ_CENTROIDS:
         raise DataError(f"the shards give {frames[0].shape[0]} frames, k-means of "
                         f"{PQ_CENTROIDS} centroids needs at least that many: use more audio")
-    codebook = np.stack([train_codebook(x, subvectors, seed) for x in frames])
+    learn = train_codebook if codec == "pq" else train_rq_codebook
+    codebook = np.stack([learn(x, subvectors, seed) for x in frames])
     os.makedirs(out_dir, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, codebook, allow_pickle=False)
     _write_atomic(os.path.join(out_dir, PQ_CODEBOOK), buf.getvalue())
-    print(f"pq codebook: {len(frames)} layers x ({subvectors}, {PQ_CENTROIDS}, "
-          f"{width // subvectors}) from {frames[0].shape[0]} frames -> {out_dir}/{PQ_CODEBOOK}")
+    print(f"{codec} codebook: {len(frames)} layers x {codebook.shape[1:]} from "
+          f"{frames[0].shape[0]} frames (D {width}) -> {out_dir}/{PQ_CODEBOOK}")
     return codebook

@@ -165,7 +165,7 @@ def test_pq_identity_refusals(pq_cache, tmp_path):
                                         r"codebook is .*restore the pq_codebook"):
         cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, copy, **PQ, seed=1)
     with pytest.raises(DataError, match=r"learned with other subvectors \(subvectors 8\): use the "
-                                        r"same --pq_subvectors"):
+                                        r"same --codec, --pq_subvectors"):
         cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, cache,
                       **{**PQ, "pq_subvectors": 16})
     newer = str(tmp_path / "newer")

@@ -1,0 +1,192 @@
+"""The rq cache codec: encoding against faiss's beam search and a hand greedy search, decoding
+against a hand sum, a cache written, read back and described, the size estimate against it, and
+the refusals that keep a cache all one codec."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+
+import faiss
+import fire
+import numpy as np
+import pytest
+import torch
+
+from colld_ds.codecs import RQ_BEAM, decode, encode, rq_decode, rq_encode
+from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.errors import DataError
+from colld_ds.formats import PQ_CODEBOOK
+from colld_ds.models import load_teacher
+from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.cli import DataPrep
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.pq import PQ_META
+from colld_ds.data_prep.shards import write_audio_shards
+from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
+
+LAYERS = [2, 4]
+M = 4  # residual stages over the tiny teacher's 32 channels
+RQ = {"codec": "rq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """k-means on one thread (as tests/test_cache_pq.py: faster on a loaded 2-core machine)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rq_cache(tmp_path_factory):
+    """Tiny XLS-R teacher (32 wide), 2 audio shards x 6 utterances (2-3 s), their rq cache of
+    layers 2 and 4 (M 4, codebook from 900 frames) and their fp16 cache."""
+    root = tmp_path_factory.mktemp("rq")
+    teacher_dir = make_tiny_teacher("xlsr", str(root / "xlsr"))
+    audio = str(root / "audio")
+    write_audio_shards(generate_utterances(12, 5, 2.0, 3.0, ("en",)), audio, max_count=6,
+                       progress=False)
+    cache_teacher(audio, teacher_dir, LAYERS, str(root / "cache"), **RQ)
+    cache_teacher(audio, teacher_dir, LAYERS, str(root / "fp16"), progress=False)
+    return {"teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir, LAYERS),
+            "audio": audio, "cache": str(root / "cache"), "fp16": str(root / "fp16")}
+
+
+def tars(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".tar"))
+
+
+def faiss_quantiser(frames: np.ndarray, stages: int, beam: int) -> faiss.ResidualQuantizer:
+    rq = faiss.ResidualQuantizer(frames.shape[1], stages, 8)
+    rq.max_beam_size = beam
+    rq.cp.seed = 0
+    rq.cp.niter = 5
+    rq.train(np.ascontiguousarray(frames, np.float32))
+    return rq
+
+
+def correlated_frames(num: int, width: int, seed: int) -> np.ndarray:
+    """Frames with decaying per-direction scales, like a layer's: (num, width) float32."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((width, width)) / np.sqrt(width)
+    scales = np.linspace(3.0, 0.1, width)
+    return ((rng.standard_normal((num, width)) * scales) @ mix).astype(np.float32)
+
+
+def test_rq_encode_is_faiss_beam_search_and_decode_a_sum():
+    frames = correlated_frames(2560, 16, seed=0)
+    rq = faiss_quantiser(frames, 3, RQ_BEAM)
+    codebook = faiss.vector_to_array(rq.codebooks).reshape(3, 256, 16)
+    x = correlated_frames(300, 16, seed=1)
+    codes = rq_encode(x, codebook)
+    assert codes.dtype == np.uint8 and codes.shape == (300, 3)
+    np.testing.assert_array_equal(codes, rq.compute_codes(x))
+    # the sum of gathered rows, by hand, and faiss's own decode of the same codes
+    hand = np.array([sum(codebook[m, codes[t, m]] for m in range(3)) for t in range(300)])
+    np.testing.assert_array_equal(rq_decode(codes, codebook), hand.astype(np.float16))
+    np.testing.assert_allclose(rq_decode(codes, codebook), rq.decode(codes), atol=2e-3)
+    np.testing.assert_array_equal(decode(encode(x.astype(np.float16), "rq", codebook), "rq",
+                                         codebook), rq_decode(codes, codebook))
+    with pytest.raises(ValueError, match=r"expected uint8 \(300, 3\), got uint8 \(300, 2\)"):
+        decode([codes[:, :2]], "rq", codebook)
+
+
+def test_rq_beam_one_is_the_greedy_search_and_a_wider_beam_is_no_worse():
+    frames = correlated_frames(2560, 16, seed=2)
+    codebook = faiss.vector_to_array(faiss_quantiser(frames, 4, 1).codebooks).reshape(4, 256, 16)
+    x = correlated_frames(200, 16, seed=3)
+    greedy = np.zeros((200, 4), np.uint8)
+    for t in range(200):  # each stage: the entry nearest to what the earlier stages left
+        residual = x[t].astype(np.float64)
+        for m in range(4):
+            greedy[t, m] = ((residual - codebook[m]) ** 2).sum(1).argmin()
+            residual = residual - codebook[m, greedy[t, m]]
+    assert (rq_encode(x, codebook, beam=1) == greedy).mean() > 0.99  # float32 ties aside
+
+    def errors(codes):
+        return ((rq_decode(codes, codebook).astype(np.float32) - x) ** 2).sum(1)
+    assert errors(rq_encode(x, codebook, beam=4)).mean() < errors(greedy).mean()
+
+
+def test_rq_cache_round_trip_and_fidelity(rq_cache):
+    teacher, cache = rq_cache["teacher"], rq_cache["cache"]
+    with open(os.path.join(cache, PQ_CODEBOOK), "rb") as f:
+        data = f.read()
+    meta = json.load(open(os.path.join(cache, PQ_META)))
+    assert meta["codec"] == "rq" and meta["beam"] == RQ_BEAM
+    assert meta["codebook_sha256"] == hashlib.sha256(data).hexdigest()
+    codebook = np.load(io.BytesIO(data), allow_pickle=False)
+    assert codebook.dtype == np.float32 and codebook.shape == (2, M, 256, 32)
+    hands, cosines = {}, []
+    for sample in read_samples(tars(cache)):
+        identity = json.loads(sample["json"])["teacher"]
+        assert identity["codec"] == "rq"
+        assert identity["pq"] == {"version": 1, "subvectors": M,
+                                  "codebook_sha256": meta["codebook_sha256"]}
+        wave = decode_wave(sample)
+        out = teacher(torch.from_numpy(wave)[None], torch.tensor([wave.shape[0]]))
+        hands[sample["__key__"]] = []
+        for i, (layer, feats) in enumerate(zip(LAYERS, out.features)):
+            ref = feats[0].numpy().astype(np.float16)  # (T, D), computed here, not read
+            codes = np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.rq.npy"]),
+                            allow_pickle=False)
+            assert codes.dtype == np.uint8 and codes.shape == (ref.shape[0], M)
+            hand = sum(codebook[i, m][codes[:, m]] for m in range(M))  # (T, D)
+            hands[sample["__key__"]].append(hand.astype(np.float16))
+            ref = ref.astype(np.float32)
+            cosines.append((hand * ref).sum(1) / np.linalg.norm(hand, axis=1)
+                           / np.linalg.norm(ref, axis=1))
+    assert len(hands) == 12
+    # 4 bytes for 32 channels; pq with 4 sub-vectors of the same teacher keeps less
+    assert np.concatenate(cosines).mean() > 0.8
+    stream = AudioBatchStream(cache, batch_size=1, shuffle_buffer=0,
+                              expect_teacher=teacher.identity)
+    for batch, _ in zip(iter(stream), range(12)):
+        for feats, hand in zip(batch.teacher_features, hands[batch.keys[0]], strict=True):
+            np.testing.assert_array_equal(feats[0].numpy(), hand)
+
+
+def test_a_cache_is_all_one_codec_and_codebook(rq_cache, tmp_path):
+    cache = rq_cache["cache"]
+    with pytest.raises(DataError, match=r"learned with other codec \(codec 'rq'\): use the "
+                                        r"same --codec"):
+        cache_teacher(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, cache,
+                      **{**RQ, "codec": "pq"})
+    with pytest.raises(DataError, match=r"train-pq learns the codebook of a pq or rq cache"):
+        train_pq(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, str(tmp_path), codec="int8")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(cache, copy)
+    codebook = np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False)
+    np.save(os.path.join(copy, PQ_CODEBOOK), codebook[:, :, :, :16], allow_pickle=False)
+    with open(os.path.join(copy, PQ_CODEBOOK), "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    meta = json.load(open(os.path.join(copy, PQ_META)))
+    json.dump({**meta, "codebook_sha256": sha256}, open(os.path.join(copy, PQ_META), "w"))
+    with pytest.raises(DataError, match=r"was written with the pq codebook .* restore"):
+        cache_teacher(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, copy, **RQ)
+
+
+def test_inspect_and_estimate_of_an_rq_cache(rq_cache, tmp_path, capsys):
+    cache = rq_cache["cache"]
+    DataPrep().inspect(cache)
+    printed = capsys.readouterr().out
+    codebook_file = os.path.join(cache, PQ_CODEBOOK)
+    with open(codebook_file, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    assert "all members valid" in printed
+    assert (f"rq codebook {codebook_file}: sha256 {sha256} (matches teacher.pq.codebook_sha256), "
+            f"float32 (2, {M}, 256, 32): M {M} residual stages x 256 centroids of 32 dims "
+            "(D 32), layers 2, 4") in printed
+    out = str(tmp_path / "cache")
+    fire.Fire(DataPrep, ["cache-teacher", rq_cache["audio"], rq_cache["teacher_dir"], "2,4", out,
+                         "--codec", "rq", "--pq_subvectors", str(M), "--estimate"])
+    printed = capsys.readouterr().out
+    written = sum(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache)
+                  if n.endswith(".tar") or "codebook" in n)
+    total = int(re.search(r"these shards: .* \(([\d,]+) bytes\)", printed)[1].replace(",", ""))
+    assert "codec rq" in printed and not os.path.exists(out)
+    assert abs(total - written) <= 0.02 * written, (printed, written)
