@@ -4,12 +4,12 @@ each codec.
 Generated audio (``colld_ds.data_prep.generated_audio``) is written to audio shards, a tiny random
 XLS-R-style teacher (``--teacher_width``, ``--teacher_layers``; only the cache's array sizes
 matter here) caches its layers once per ``--codecs`` entry (``colld_ds.codecs``: fp16, int8, pq
-with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats`` epochs of
+or rq with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats`` epochs of
 ``AudioBatchStream`` are read from each with ``--workers`` DataLoader workers, interleaved
 (audio, fp16, int8, pq, audio, ...) so that load from other processes hits every mode alike;
 rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
-(int8: one multiply per value; pq: a gather from the codebook) and pad one (T, D) array per
-layer. Bytes on disk per frame per layer: the cache shards' layer members, tar and npy headers
+(int8: one multiply per value; pq: a gather from the codebook; rq: the sum of M gathers) and
+pad one (T, D) array per layer. Bytes on disk per frame per layer: the cache shards' layer members, tar and npy headers
 included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``; pq's codebook, stored once,
 left out).
 
@@ -70,7 +70,8 @@ def main():
     parser.add_argument("--teacher_layers", type=int, default=4)
     parser.add_argument("--codecs", default="fp16,int8,pq",
                         help=f"comma-separated cache codecs ({', '.join(CODECS)}), one cache each")
-    parser.add_argument("--pq_subvectors", type=int, default=32, help="pq: M sub-vectors")
+    parser.add_argument("--pq_subvectors", type=int, default=32,
+                        help="pq, rq: M bytes per frame (sub-vectors, stages)")
     parser.add_argument("--repeats", type=int, default=5, help="epochs per mode (median)")
     parser.add_argument("--note", default="", help="stamped on every row (e.g. other load)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput_cpu.json")
@@ -93,7 +94,7 @@ def main():
         identity = load_teacher(teacher_dir, layers).identity
         width, m = args.teacher_width, args.pq_subvectors
         arrays = {"fp16": f"(T, {width}) fp16", "int8": f"(T, {width}) int8 + (1, {width}) fp16",
-                  "pq": f"(T, {m}) uint8, M {m}"}
+                  "pq": f"(T, {m}) uint8, M {m}", "rq": f"(T, {m}) uint8, M {m} stages"}
         common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
                       num_workers=args.workers, shuffle_buffer=64)
         modes = [dict(mode="audio", codec="-", cached_arrays="-", bytes_per_frame_per_layer="-",

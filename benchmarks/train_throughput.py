@@ -36,7 +36,7 @@ from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E4
 from colld_ds.config import load_config  # noqa: E402
 from colld_ds.data import (AudioBatchStream, cached_frames, decode_wave, expand_urls,  # noqa: E402
                            read_samples)
-from colld_ds.formats import CODECS, SAMPLE_RATE, FrameGeometry  # noqa: E402
+from colld_ds.formats import CODECS, QUANTISED, SAMPLE_RATE, FrameGeometry  # noqa: E402
 from colld_ds.objectives import build_objective  # noqa: E402
 from colld_ds.distill import (  # noqa: E402
     DistillationModel,
@@ -104,7 +104,8 @@ def main():
     parser.add_argument("--codecs", default="",
                         help=f"comma-separated cache codecs ({', '.join(CODECS)}): per codec, "
                              "the loader's decode time per batch next to the cached step")
-    parser.add_argument("--pq_subvectors", type=int, default=32, help="pq: M sub-vectors")
+    parser.add_argument("--pq_subvectors", type=int, default=32,
+                        help="pq, rq: M bytes per frame (sub-vectors, stages)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
     parser.add_argument("--num_negatives", type=int, default=None,
@@ -314,7 +315,7 @@ def main():
             decode_pct_of_cached_step_per_round=100 * statistics.median(
                 d / c for d, c in zip(ts, step_times["cached"])),
             decode_audio_s_per_s=audio_per_batch / decode_s,
-            pq_subvectors=args.pq_subvectors if codec == "pq" else "-",
+            pq_subvectors=args.pq_subvectors if codec in QUANTISED else "-",
             threads=torch.get_num_threads(), device=device.type, **info))
     per_round_text = ", ".join(f"{k.removesuffix('_per_round')} {v:.2f}"
                                for k, v in ratios.items() if k.endswith("_per_round"))
