@@ -9,9 +9,9 @@ or rq with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats``
 (audio, fp16, int8, pq, audio, ...) so that load from other processes hits every mode alike;
 rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
 (int8: one multiply per value; pq: a gather from the codebook; rq: the sum of M gathers) and
-pad one (T, D) array per layer. Bytes on disk per frame per layer: the cache shards' layer members, tar and npy headers
-included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``; pq's codebook, stored once,
-left out).
+pad one (T, D) array per layer. Bytes on disk per frame per layer: the cache shards' layer
+members, tar and npy headers included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``;
+the pq or rq codebook, stored once, left out).
 
     python benchmarks/data_throughput.py            # 256 utterances, 2 workers, ~1.5 min
 """

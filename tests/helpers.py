@@ -2,7 +2,9 @@
 
 import contextlib
 import functools
+import hashlib
 import http.server
+import io
 import itertools
 import json
 import os
@@ -14,10 +16,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from colld_ds.checkpoint import save_checkpoint
+from colld_ds.data import decode_wave, read_samples
 from colld_ds.remote import aws_cli
 from colld_ds.layer_map import LayerPair
 from colld_ds.report import EncoderSize, FidelityReport, LossCurves, ModelFidelity
@@ -193,3 +197,29 @@ def s3_server() -> Iterator[object]:
             else:
                 os.environ[key] = value
         server.stop()
+
+
+def tars(directory: str) -> list[str]:
+    """The ``.tar`` shards of ``directory``, sorted."""
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".tar"))
+
+
+def cached_codes(cache: str, teacher, layers: list[int], codec: str
+                 ) -> Iterator[tuple[dict, list[tuple[np.ndarray, np.ndarray]]]]:
+    """Per sample of a pq or rq ``cache`` of ``teacher``'s ``layers``: its sample dict and, per
+    layer, the teacher's own float16 (T, D) features of the sample's audio (computed here, not
+    read from the cache) with the uint8 codes the cache stores for them."""
+    for sample in read_samples(tars(cache)):
+        wave = decode_wave(sample)
+        out = teacher(torch.from_numpy(wave)[None], torch.tensor([wave.shape[0]]))
+        yield sample, [
+            (feats[0].numpy().astype(np.float16),
+             np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.{codec}.npy"]),
+                     allow_pickle=False))
+            for layer, feats in zip(layers, out.features, strict=True)]
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of the file at ``path`` (a codebook's, as its identity records it)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 
-import faiss
 import fire
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from webdataset import TarWriter
 
 from benchmarks.cache_codecs import main as cache_codecs_benchmark
 from colld_ds.codecs import decode, pq_decode, pq_encode
-from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.data import AudioBatchStream, read_samples
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CODEBOOK, SHARD_INDEX
 from colld_ds.models import load_teacher
@@ -32,21 +31,14 @@ from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.pq import PQ_META
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
-from helpers import CONFIG, REPO, take
+from helpers import CONFIG, REPO, cached_codes, file_sha256, take, tars
 
 LAYERS = [2, 4]
 M = 8  # sub-vectors of the tiny teacher's 32 channels: 4 each
 PQ = {"codec": "pq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    """k-means on one thread: faiss's OpenMP threads wait for each other at every step, and on
-    a loaded 2-core machine that made these tests 20x slower (56 s instead of 2.5 s)."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +53,6 @@ def pq_cache(tmp_path_factory):
     cache_teacher(audio, teacher_dir, LAYERS, str(root / "cache"), **PQ)
     return {"teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir, LAYERS),
             "audio": audio, "cache": str(root / "cache")}
-
-
-def tars(directory: str) -> list[str]:
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".tar"))
 
 
 def same_samples(a: str, b: str) -> bool:
@@ -110,18 +98,13 @@ def test_pq_cache_round_trip(pq_cache):
     codebook = np.load(io.BytesIO(data), allow_pickle=False)
     assert codebook.dtype == np.float32 and codebook.shape == (2, M, 256, 4)
     hands = {}
-    for sample in read_samples(tars(cache)):
+    for sample, layers in cached_codes(cache, teacher, LAYERS, "pq"):
         identity = json.loads(sample["json"])["teacher"]
         assert identity["codec"] == "pq"
         assert identity["pq"] == {"version": 1, "subvectors": M,
                                   "codebook_sha256": meta["codebook_sha256"]}
-        wave = decode_wave(sample)
-        out = teacher(torch.from_numpy(wave)[None], torch.tensor([wave.shape[0]]))
         hands[sample["__key__"]] = []
-        for i, (layer, feats) in enumerate(zip(LAYERS, out.features)):
-            ref = feats[0].numpy().astype(np.float16)  # (T, D), computed here, not read
-            codes = np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.pq.npy"]),
-                            allow_pickle=False)
+        for i, (ref, codes) in enumerate(layers):
             assert codes.dtype == np.uint8 and codes.shape == (ref.shape[0], M)
             dist = brute_force_codes(ref, codebook[i])
             picked = np.take_along_axis(dist, codes[..., None].astype(np.int64), -1)[..., 0]
@@ -244,8 +227,7 @@ def test_inspect_describes_the_pq_codebook(pq_cache, capsys):
     DataPrep().inspect(cache)
     printed = capsys.readouterr().out
     codebook_file = os.path.join(cache, PQ_CODEBOOK)
-    with open(codebook_file, "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
+    sha256 = file_sha256(codebook_file)
     assert "all members valid" in printed
     assert (f"pq codebook {codebook_file}: sha256 {sha256} (matches teacher.pq.codebook_sha256), "
             f"float32 (2, {M}, 256, 4): M {M} sub-vectors x 256 centroids of 4 dims (D 32), "
@@ -283,8 +265,7 @@ def test_inspect_flags_a_missing_or_mismatched_codebook(pq_cache, tmp_path, caps
     assert line.strip().startswith(f"pq codebook {codebook_file} has sha256 ")
     assert "records teacher.pq.codebook_sha256" in line and line.endswith(fix)
     np.save(codebook_file, codebook[:1], allow_pickle=False)  # one layer of two
-    with open(codebook_file, "rb") as f:
-        one_layer = hashlib.sha256(f.read()).hexdigest()
+    one_layer = file_sha256(codebook_file)
     for path in tars(copy):  # the identity now names this codebook, which has the wrong shape
         samples = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples([path])]
         with TarWriter(path) as writer:

@@ -13,10 +13,9 @@ import faiss
 import fire
 import numpy as np
 import pytest
-import torch
 
 from colld_ds.codecs import RQ_BEAM, decode, encode, rq_decode, rq_encode
-from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.data import AudioBatchStream
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CODEBOOK
 from colld_ds.models import load_teacher
@@ -26,19 +25,14 @@ from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.pq import PQ_META
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
+from helpers import cached_codes, file_sha256
 
 LAYERS = [2, 4]
 M = 4  # residual stages over the tiny teacher's 32 channels
 RQ = {"codec": "rq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    """k-means on one thread (as tests/test_cache_pq.py: faster on a loaded 2-core machine)."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +48,6 @@ def rq_cache(tmp_path_factory):
     cache_teacher(audio, teacher_dir, LAYERS, str(root / "fp16"), progress=False)
     return {"teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir, LAYERS),
             "audio": audio, "cache": str(root / "cache"), "fp16": str(root / "fp16")}
-
-
-def tars(directory: str) -> list[str]:
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".tar"))
 
 
 def faiss_quantiser(frames: np.ndarray, stages: int, beam: int) -> faiss.ResidualQuantizer:
@@ -122,18 +112,13 @@ def test_rq_cache_round_trip_and_fidelity(rq_cache):
     codebook = np.load(io.BytesIO(data), allow_pickle=False)
     assert codebook.dtype == np.float32 and codebook.shape == (2, M, 256, 32)
     hands, cosines = {}, []
-    for sample in read_samples(tars(cache)):
+    for sample, layers in cached_codes(cache, teacher, LAYERS, "rq"):
         identity = json.loads(sample["json"])["teacher"]
         assert identity["codec"] == "rq"
         assert identity["pq"] == {"version": 1, "subvectors": M,
                                   "codebook_sha256": meta["codebook_sha256"]}
-        wave = decode_wave(sample)
-        out = teacher(torch.from_numpy(wave)[None], torch.tensor([wave.shape[0]]))
         hands[sample["__key__"]] = []
-        for i, (layer, feats) in enumerate(zip(LAYERS, out.features)):
-            ref = feats[0].numpy().astype(np.float16)  # (T, D), computed here, not read
-            codes = np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.rq.npy"]),
-                            allow_pickle=False)
+        for i, (ref, codes) in enumerate(layers):
             assert codes.dtype == np.uint8 and codes.shape == (ref.shape[0], M)
             hand = sum(codebook[i, m][codes[:, m]] for m in range(M))  # (T, D)
             hands[sample["__key__"]].append(hand.astype(np.float16))
@@ -162,8 +147,7 @@ def test_a_cache_is_all_one_codec_and_codebook(rq_cache, tmp_path):
     shutil.copytree(cache, copy)
     codebook = np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False)
     np.save(os.path.join(copy, PQ_CODEBOOK), codebook[:, :, :, :16], allow_pickle=False)
-    with open(os.path.join(copy, PQ_CODEBOOK), "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
+    sha256 = file_sha256(os.path.join(copy, PQ_CODEBOOK))
     meta = json.load(open(os.path.join(copy, PQ_META)))
     json.dump({**meta, "codebook_sha256": sha256}, open(os.path.join(copy, PQ_META), "w"))
     with pytest.raises(DataError, match=r"was written with the pq codebook .* restore"):
@@ -175,8 +159,7 @@ def test_inspect_and_estimate_of_an_rq_cache(rq_cache, tmp_path, capsys):
     DataPrep().inspect(cache)
     printed = capsys.readouterr().out
     codebook_file = os.path.join(cache, PQ_CODEBOOK)
-    with open(codebook_file, "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
+    sha256 = file_sha256(codebook_file)
     assert "all members valid" in printed
     assert (f"rq codebook {codebook_file}: sha256 {sha256} (matches teacher.pq.codebook_sha256), "
             f"float32 (2, {M}, 256, 32): M {M} residual stages x 256 centroids of 32 dims "
