@@ -28,8 +28,9 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   1..m-1 left, ``x_t ~ sum_m C[m, code_tm]``, so every byte refines all channels (per layer
   (M, 256, D), ``colld_ds.data_prep.pq`` learns it with faiss's ``ResidualQuantizer``). Encoding is
   a beam search (``rq_encode``, ``RQ_BEAM`` candidates kept per stage), the one faiss runs,
-  written here in numpy so that a cache is encoded from its stored codebook alone (faiss would
-  need its quantiser object rebuilt per layer); tests check its codes against faiss's. On the
+  written here in torch so that it runs on the teacher's GPU while caching (M x beam x 256
+  distances of D values per frame: 34M multiply-adds at M = 32, D = 1024) and encodes from the
+  stored codebook alone; tests check its codes against faiss's. On the
   demo cache's target space rq keeps as much with 32 bytes as pq with 64 (README "Cache codecs",
   ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows).
 
@@ -55,6 +56,7 @@ import os
 from typing import Literal
 
 import numpy as np
+import torch
 
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, QUANTISED, layer_arrays
@@ -99,25 +101,28 @@ def pq_decode(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return rows.reshape(codes.shape[0], -1).astype(np.float16)
 
 
-def rq_encode(x: np.ndarray, codebook: np.ndarray, beam: int = RQ_BEAM) -> np.ndarray:
+def rq_encode(x: np.ndarray, codebook: np.ndarray | torch.Tensor, beam: int = RQ_BEAM
+              ) -> np.ndarray:
     """(T, D) float features and a layer's float32 rq codebook (M, 256, D) -> uint8 codes (T, M)
     by beam search: per stage, each of the ``beam`` best partial codes so far is extended by
     every entry, and the ``beam`` extensions with the smallest squared error ``||r - c||^2``
-    (r: what the partial code leaves) are kept; the best after stage M is returned."""
-    num_codes, entries, _ = codebook.shape
-    frames = np.arange(x.shape[0])[:, None]
-    residual = np.asarray(x, np.float32)[:, None, :]  # (T, B, D), B = 1 then beam
-    codes = np.zeros((x.shape[0], 1, 0), np.int64)  # (T, B, stages so far)
-    norms = (codebook**2).sum(-1)  # (M, 256)
-    for stage in range(num_codes):
-        errors = ((residual**2).sum(-1, keepdims=True) + norms[stage]
-                  - 2 * residual @ codebook[stage].T)  # (T, B, 256)
+    (r: what the partial code leaves) are kept; the best after stage M is returned. Runs where
+    ``codebook`` is: a tensor on the teacher's GPU encodes there (``cache_teacher``)."""
+    book = torch.as_tensor(codebook)
+    num_codes, entries, _ = book.shape
+    frames = torch.arange(x.shape[0], device=book.device)[:, None]
+    residual = torch.as_tensor(np.asarray(x, np.float32), device=book.device)[:, None, :]
+    codes = torch.zeros((x.shape[0], 1, 0), dtype=torch.long, device=book.device)
+    norms = (book**2).sum(-1)  # (M, 256)
+    for stage in range(num_codes):  # residual (T, B, D), codes (T, B, stages so far)
+        errors = ((residual**2).sum(-1, keepdim=True) + norms[stage]
+                  - 2 * residual @ book[stage].T)  # (T, B, 256)
         flat = errors.reshape(x.shape[0], -1)
-        best = np.argsort(flat, axis=1, kind="stable")[:, :beam]  # (T, B')
-        parent, entry = np.divmod(best, entries)
-        residual = residual[frames, parent] - codebook[stage][entry]
-        codes = np.concatenate([codes[frames, parent], entry[..., None]], axis=2)
-    return codes[:, 0].astype(np.uint8)
+        best = torch.topk(flat, min(beam, flat.shape[1]), dim=1, largest=False).indices
+        parent, entry = best // entries, best % entries
+        residual = residual[frames, parent] - book[stage][entry]
+        codes = torch.cat([codes[frames, parent], entry[..., None]], dim=2)
+    return codes[:, 0].to(torch.uint8).cpu().numpy()
 
 
 def rq_decode(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:

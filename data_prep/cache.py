@@ -169,7 +169,7 @@ def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict,
                   codebook: np.ndarray | None) -> dict:
     """Raw audio sample + its per-layer float16 frames (+ front end, last) -> the cache sample
     (module docstring), the layers encoded with `identity["codec"]` (pq, rq: with `codebook`
-    (L, M, 256, D / M) or (L, M, 256, D))."""
+    (L, M, 256, D / M) or (L, M, 256, D); rq's a tensor on the teacher's device)."""
     key, url = sample["__key__"], sample["__url__"]
     meta = json.loads(sample["json"])
     meta["teacher"] = {**identity, "num_frames": frames[0].shape[0]}
@@ -401,6 +401,8 @@ def cache_teacher(
         identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
                                                 pq_train_frames, seed, learn=world_size == 1,
                                                 codec=codec)
+    if codec == "rq":  # its beam search runs where the teacher does (codecs.rq_encode)
+        codebook = torch.from_numpy(codebook).to(next(model.model.parameters()).device)
     paths = [os.path.join(out_dir, names[url]) for url in urls]
     todo = [(u, p) for u, p in zip(urls, paths) if not _is_complete(p, identity)]
     if batch_size > 1 and todo:
