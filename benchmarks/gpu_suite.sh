@@ -12,7 +12,8 @@
 # time left allows and are then reported as skipped, not failed):
 #   install  .whl/*.whl into /tmp/site (the device image lacks deepspeed, webdataset, soundfile...)
 #   env      nvidia-smi, versions, carried requirements checked, imports -> env.txt
-#   tests    pytest tests/test_kernels.py tests/test_kernel_compile.py -> tests_junit.xml
+#   tests    pytest tests/test_kernels.py tests/test_kernel_compile.py tests/test_rq_device.py
+#            -> tests_junit.xml
 #   bf16     benchmarks/contrastive_loss.py, full grid, bfloat16 -> contrastive_loss_cuda_bf16.json
 #   train    benchmarks/train_throughput.py --full --freeze_front_end --contrastive_backends
 #            auto,dense -> train_throughput_cuda_full.json
@@ -176,7 +177,7 @@ EOF
 
 run_tests() {
   local files=() missing=0
-  for f in tests/test_kernels.py tests/test_kernel_compile.py; do
+  for f in tests/test_kernels.py tests/test_kernel_compile.py tests/test_rq_device.py; do
     if [[ -f $f ]]; then files+=("$f"); else echo "MISSING test file $f"; missing=1; fi
   done
   "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" --junitxml="$OUT/tests_junit.xml"

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import faiss
 import pytest
 import torch
 
@@ -75,7 +74,10 @@ def trained_run(tmp_path_factory) -> dict:
 def one_faiss_thread():
     """k-means on one thread (codebook tests: ``pytestmark = pytest.mark.usefixtures(...)``):
     faiss's OpenMP threads wait for each other at every step, and on a loaded 2-core machine
-    that made tests/test_cache_pq.py 20x slower (56 s instead of 2.5 s)."""
+    that made tests/test_cache_pq.py 20x slower (56 s instead of 2.5 s). faiss is imported
+    here, not at the top: the GPU suite runs tests without it (scripts/device_wheels.sh)."""
+    import faiss  # noqa: PLC0415
+
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield
