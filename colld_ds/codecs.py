@@ -30,9 +30,10 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   a beam search (``rq_encode``, ``RQ_BEAM`` candidates kept per stage), the one faiss runs,
   written here in torch so that it runs on the teacher's GPU while caching (M x beam x 256
   distances of D values per frame: 34M multiply-adds at M = 32, D = 1024) and encodes from the
-  stored codebook alone; tests check its codes against faiss's. On the
-  demo cache's target space rq keeps as much with 32 bytes as pq with 64 (README "Cache codecs",
-  ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows).
+  stored codebook alone; tests check its codes against faiss's. On the demo cache's target
+  space rq keeps as much with 32 bytes as pq with 64 (README "Cache codecs",
+  ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows). Decoding (the sum of
+  M gathered rows, ``rq_decode``) runs in the loader, as pq's does.
 
 Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
 per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded

@@ -14,8 +14,8 @@ Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, t
 end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
 fp16), with ``pq`` and ``rq`` (``QUANTISED``) also ``"pq": {"version", "subvectors",
 "codebook_sha256"}`` (rq: M stages, not sub-vectors): the codebook ``PQ_CODEBOOK`` beside the
-shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every
-tar member costs ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
+shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every tar member costs
+``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
 
 Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
 SHARD_INDEX_KIND, "wids_version": 1, "shardlist": [{"url", "nsamples", "filesize"}, ...]}``,

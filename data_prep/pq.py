@@ -20,8 +20,8 @@ frames at M = 32 on one core, and deterministic: the same frames and seed give b
 centroids (checked with 1 and 2 OpenMP threads). rq codebooks are faiss's too
 (`faiss.ResidualQuantizer`: per stage k-means of what the earlier stages leave, with the beam
 search `colld_ds.codecs.RQ_BEAM` wide), M times the k-means work of pq on D-dim rather than
-D / M-dim vectors. Encoding and decoding need no faiss (`colld_ds.codecs`: numpy), so the
-loader does not import it.
+D / M-dim vectors. Encoding and decoding need no faiss (`colld_ds.codecs`: numpy, and torch
+for rq's beam search), so the loader does not import it.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import os
 import numpy as np
 import torch
 
+from colld_ds.codecs import RQ_BEAM
 from colld_ds.data import decode_wave, read_samples
 from colld_ds.errors import DataError
-from colld_ds.codecs import RQ_BEAM
 from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, PQ_VERSION
 from colld_ds.models import Teacher
 
@@ -120,7 +120,7 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
     settings = _settings(teacher, subvectors, train_frames, seed, codec)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            meta = {"codec": "pq", **json.load(f)}  # pq jsons name no codec
+            meta = {"codec": "pq", **json.load(f)}  # jsons written before rq name no codec
         changed = [k for k, v in settings.items() if meta.get(k) != v]
         if changed:
             raise DataError(
