@@ -1,6 +1,7 @@
 """Teacher-cache codecs on a real fp16 cache: per layer, how well int8 (per-channel vs per-frame
-scales) and pq (M sub-vectors) reconstruct the fp16 features, bytes per frame per layer, and the
-projected size of an XLS-R 300M cache (1024-d, 50 frames/s, 3 layers) per 10,000 hours.
+scales), pq (M sub-vectors) and rq (M residual stages) reconstruct the fp16 features, bytes per
+frame per layer, and the projected size of an XLS-R 300M cache (1024-d, 50 frames/s, 3 layers)
+per 10,000 hours.
 
 Per layer and codec: the mean and lowest per-frame cosine of decoded vs fp16 features, the
 relative L2 error ``||decoded - fp16|| / ||fp16||`` over all frames, the same three of the
@@ -11,12 +12,12 @@ objective sees rather than by a few large dimensions), bytes per frame on disk
 (tar and npy headers included, at this cache's utterance lengths) and of payload alone, and the
 loader's decode time per frame. The projection uses the same utterance lengths at D = 1024 (pq:
 the same M; the codebook, stored once, is left out). fp16 and int8 are measured on every
-utterance; pq on the odd-numbered utterances (in shard order) only, held out from its codebooks,
-which are learned (``colld_ds.data_prep.pq.train_codebook``, seeded) on up to ``--pq_train_frames``
-frames of the even-numbered ones. ``--faiss_quantisers`` adds, the same way, quantisers that are
-not cache codecs, to show what a codec of the same bytes could reconstruct: ``rq-M`` (residual
-quantisation: M stages of 256 centroids over the whole vector, each coding what the stages
-before left, beam search 4) and ``opq-M`` (pq with M sub-vectors after a learned rotation).
+utterance; pq and rq on the odd-numbered utterances (in shard order) only, held out from their
+codebooks, which are learned (``colld_ds.data_prep.pq.train_codebook``, ``train_rq_codebook``,
+seeded) on up to ``--pq_train_frames`` frames of the even-numbered ones, and coded with the
+cache's own ``colld_ds.codecs`` functions. ``--faiss_quantisers opq-M`` adds, the same way, a
+quantiser that is not a cache codec, to show what a codec of the same bytes could reconstruct:
+pq with M sub-vectors after a learned rotation.
 
     python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
 """
@@ -36,13 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, write_rows  # noqa: E402
-from colld_ds.codecs import dequantise_int8, pq_decode, pq_encode, quantise_int8  # noqa: E402
+from colld_ds.codecs import (dequantise_int8, pq_decode, pq_encode, quantise_int8,  # noqa: E402
+                             rq_decode, rq_encode)
 from colld_ds.data import expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
 from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
 from colld_ds.objectives.base import utterance_norm  # noqa: E402
 from colld_ds.data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
-from colld_ds.data_prep.pq import train_codebook  # noqa: E402
+from colld_ds.data_prep.pq import train_codebook, train_rq_codebook  # noqa: E402
 
 VARIANTS = ("fp16", "int8-channel", "int8-frame")  # int8-channel is the cache's `int8`
 XLSR_WIDTH, XLSR_FRAME_RATE, XLSR_LAYERS = 1024, 50.0, 3
@@ -63,40 +65,37 @@ def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
 
 def faiss_quantiser(variant: str, frames: np.ndarray, seed: int):
     """A faiss index trained on float32 (N, D) ``frames`` whose ``sa_encode`` / ``sa_decode``
-    are the ``rq-M`` or ``opq-M`` quantiser (module docstring)."""
+    are the ``opq-M`` quantiser (module docstring)."""
     import faiss  # noqa: PLC0415  (only these rows need it)
 
     kind, bytes_per_frame = variant.split("-")
+    if kind != "opq":
+        raise ValueError(f"--faiss_quantisers: {variant!r}; use opq-M (rq is --rq_stages)")
     width, size = frames.shape[1], int(bytes_per_frame)
-    if kind == "rq":
-        index = faiss.IndexResidualQuantizer(width, size, 8)
-        index.rq.max_beam_size = 4
-        index.rq.cp.seed = seed
-    elif kind == "opq":
-        pq = faiss.IndexPQ(width, size, 8)
-        pq.pq.cp.seed = seed
-        index = faiss.IndexPreTransform(faiss.OPQMatrix(width, size), pq)
-    else:
-        raise ValueError(f"--faiss_quantisers: {variant!r}; use rq-M or opq-M")
+    pq = faiss.IndexPQ(width, size, 8)
+    pq.pq.cp.seed = seed
+    index = faiss.IndexPreTransform(faiss.OPQMatrix(width, size), pq)
     index.train(np.ascontiguousarray(frames, np.float32))
     return index
 
 
 def roundtrip(x: np.ndarray, variant: str, learned=None) -> tuple[np.ndarray, float]:
     """float16 (T, D) -> (decoded float32 (T, D), decode seconds); ``learned``: what the
-    layer's ``codebooks`` learned for ``variant`` (pq: the (M, 256, D / M) codebook; rq and opq:
-    the ``faiss_quantiser``)."""
+    layer's ``codebooks`` learned for ``variant`` (pq: the (M, 256, D / M) codebook; rq: the
+    (M, 256, D) one; opq: the ``faiss_quantiser``)."""
     if variant == "fp16":
         return x.astype(np.float32), 0.0
-    if variant.startswith(("rq-", "opq-")):
+    if variant.startswith("opq-"):
         codes = learned.sa_encode(np.ascontiguousarray(x, np.float32))
         start = time.perf_counter()
         decoded = learned.sa_decode(codes)
         return decoded, time.perf_counter() - start
-    if variant.startswith("pq-"):
-        codes = pq_encode(x, learned)
+    if variant.startswith(("pq-", "rq-")):
+        encode, decode = (pq_encode, pq_decode) if variant.startswith("pq-") else (rq_encode,
+                                                                                 rq_decode)
+        codes = encode(x, learned)
         start = time.perf_counter()
-        decoded = pq_decode(codes, learned)
+        decoded = decode(codes, learned)
         return decoded.astype(np.float32), time.perf_counter() - start
     codes, scale = quantise_int8(x, per=variant.removeprefix("int8-"))
     start = time.perf_counter()
@@ -183,7 +182,8 @@ def layers_of(cache: str, max_utterances: int | None
 def codebooks(cache: str, max_utterances: int | None, learned: list[str], train_frames: int,
               seed: int) -> dict[tuple[int, str], object]:
     """(layer, variant) -> what each ``learned`` variant decodes with (``pq-M``: the (M, 256,
-    D / M) codebook; ``rq-M``, ``opq-M``: ``faiss_quantiser``), learned on up to
+    D / M) codebook; ``rq-M``: the (M, 256, D) one; ``opq-M``: ``faiss_quantiser``), learned on
+    up to
     ``train_frames`` frames (seeded sample) of the even-numbered utterances."""
     frames: dict[int, list[np.ndarray]] = {}
     for n, _, layers in layers_of(cache, max_utterances):
@@ -195,17 +195,19 @@ def codebooks(cache: str, max_utterances: int | None, learned: list[str], train_
         x = np.concatenate(xs).astype(np.float32)  # (N, D)
         x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:train_frames])]
         for variant in learned:
-            books[layer, variant] = (
-                train_codebook(x, int(variant.removeprefix("pq-")), seed)
-                if variant.startswith("pq-") else faiss_quantiser(variant, x, seed))
+            kind, size = variant.split("-")
+            learn = {"pq": train_codebook, "rq": train_rq_codebook}.get(kind)
+            books[layer, variant] = (learn(x, int(size), seed) if learn
+                                     else faiss_quantiser(variant, x, seed))
     return books
 
 
 def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
-            train_frames: int = 65536, seed: int = 0, others: list[str] = ()) -> list[dict]:
+            train_frames: int = 65536, seed: int = 0, others: list[str] = (),
+            stages: list[int] = ()) -> list[dict]:
     """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring); ``others``:
-    the ``--faiss_quantisers``."""
-    learned = [f"pq-{m}" for m in subvectors] + list(others)
+    the ``--faiss_quantisers``; ``stages``: the rq rows' M."""
+    learned = [f"pq-{m}" for m in subvectors] + [f"rq-{m}" for m in stages] + list(others)
     books = codebooks(cache, max_utterances, learned, train_frames, seed)
     tallies: dict[tuple[int, str], Tally] = {}
     identity = None
@@ -228,8 +230,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_utterances", type=int, default=None)
     parser.add_argument("--pq_subvectors", default="32,64,128",
                         help="pq rows: M values, comma separated ('' for none)")
+    parser.add_argument("--rq_stages", default="",
+                        help="rq rows: M values, comma separated (default: none)")
     parser.add_argument("--faiss_quantisers", default="",
-                        help="rows of quantisers that are not cache codecs: rq-M, opq-M")
+                        help="rows of quantisers that are not cache codecs: opq-M")
     parser.add_argument("--pq_train_frames", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{**row, "cache": args.cache, "pq_train_frames": args.pq_train_frames, **stamp}
             for row in measure(args.cache, args.max_utterances, subvectors,
                                args.pq_train_frames, args.seed,
-                               [q for q in args.faiss_quantisers.split(",") if q])]
+                               [q for q in args.faiss_quantisers.split(",") if q],
+                               [int(m) for m in args.rq_stages.split(",") if m])]
     print("layer | codec        | cosine mean | cosine min | rel L2  | target cosine mean | "
           "target rel L2 | B/frame | decode ns/frame | XLS-R TB/10k h")
     for r in rows:

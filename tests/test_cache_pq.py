@@ -364,7 +364,7 @@ def test_codec_benchmark_pq_rows(pq_cache, tmp_path):
     cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, fp16, progress=False)
     rows = cache_codecs_benchmark(["--cache", fp16, "--out", str(tmp_path / "rows.json"),
                                    "--pq_subvectors", "8,32", "--pq_train_frames", "900",
-                                   "--faiss_quantisers", "rq-8,opq-8"])
+                                   "--rq_stages", "8", "--faiss_quantisers", "opq-8"])
     by = {(r["layer"], r["codec"]): r for r in rows}
     assert {c for _, c in by} == {"fp16", "int8-channel", "int8-frame", "pq-8", "pq-32",
                                   "rq-8", "opq-8"}
@@ -379,7 +379,10 @@ def test_codec_benchmark_pq_rows(pq_cache, tmp_path):
         assert pq32["rel_l2"] < 0.05 < pq8["rel_l2"] < 0.6 and pq32["cosine_mean"] > 0.99
         assert pq8["xlsr300m_tb_per_10k_h_3_layers"] < by[layer, "int8-channel"][
             "xlsr300m_tb_per_10k_h_3_layers"] / 20
-        for other in ("rq-8", "opq-8"):      # not cache codecs: faiss, held out, 8 bytes too
+        for other in ("rq-8", "opq-8"):      # the rq codec and faiss's opq: held out, 8 bytes
             row = by[layer, other]
             assert row["frames"] == odd and row["payload_bytes_per_frame"] == 8
             assert 0 < row["rel_l2"] < 0.6 and 0 < row["target_rel_l2"] < 1
+        # the same 8 bytes as 8 stages over all 32 channels keep more than 8 sub-vectors of 4
+        for key in ("rel_l2", "target_rel_l2"):
+            assert by[layer, "rq-8"][key] < 0.8 * pq8[key]
