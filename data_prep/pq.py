@@ -65,7 +65,11 @@ def train_rq_codebook(frames: np.ndarray, stages: int, seed: int) -> np.ndarray:
     rq = faiss.ResidualQuantizer(width, stages, 8)
     rq.max_beam_size = RQ_BEAM
     rq.cp.seed = seed
-    rq.cp.max_points_per_centroid = -(-num // PQ_CENTROIDS)  # use every frame given
+    # each stage's k-means runs on the num x beam residuals the beam keeps, subsampled to
+    # max_points_per_centroid x 256: faiss's default (256) or more, so that every frame given
+    # counts; fewer (a cap of num points) learns worse codebooks below 65,536 frames
+    rq.cp.max_points_per_centroid = max(rq.cp.max_points_per_centroid,
+                                        -(-num // PQ_CENTROIDS))
     rq.train(np.ascontiguousarray(frames, np.float32))
     return faiss.vector_to_array(rq.codebooks).reshape(stages, PQ_CENTROIDS, width)
 

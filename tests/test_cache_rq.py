@@ -22,7 +22,7 @@ from colld_ds.models import load_teacher
 from colld_ds.data_prep.cache import cache_teacher, train_pq
 from colld_ds.data_prep.cli import DataPrep
 from colld_ds.data_prep.generated_audio import generate_utterances
-from colld_ds.data_prep.pq import PQ_META
+from colld_ds.data_prep.pq import PQ_META, train_rq_codebook
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import cached_codes, file_sha256
@@ -83,6 +83,18 @@ def test_rq_encode_is_faiss_beam_search_and_decode_a_sum():
                                          codebook), rq_decode(codes, codebook))
     with pytest.raises(ValueError, match=r"expected uint8 \(300, 3\), got uint8 \(300, 2\)"):
         decode([codes[:, :2]], "rq", codebook)
+
+
+def test_rq_codebook_is_faiss_residual_quantizer_with_its_defaults():
+    """Below 65,536 frames the codebook is the one faiss learns with its own defaults: each stage
+    clusters all num x beam residuals of the beam search, not a sample of num of them."""
+    frames = correlated_frames(600, 16, seed=4)
+    rq = faiss.ResidualQuantizer(16, 2, 8)
+    rq.max_beam_size = RQ_BEAM
+    rq.cp.seed = 0
+    rq.train(frames)
+    np.testing.assert_array_equal(train_rq_codebook(frames, 2, seed=0),
+                                  faiss.vector_to_array(rq.codebooks).reshape(2, 256, 16))
 
 
 def test_rq_beam_one_is_the_greedy_search_and_a_wider_beam_is_no_worse():
