@@ -50,11 +50,15 @@ def rq_cache(tmp_path_factory):
             "audio": audio, "cache": str(root / "cache"), "fp16": str(root / "fp16")}
 
 
-def faiss_quantiser(frames: np.ndarray, stages: int, beam: int) -> faiss.ResidualQuantizer:
+def faiss_quantiser(frames: np.ndarray, stages: int, beam: int, niter: int | None = 5
+                    ) -> faiss.ResidualQuantizer:
+    """faiss's own residual quantiser, seed 0, trained on (N, D) `frames`; `niter` None keeps
+    faiss's default Lloyd iterations (5 keeps the tests fast)."""
     rq = faiss.ResidualQuantizer(frames.shape[1], stages, 8)
     rq.max_beam_size = beam
     rq.cp.seed = 0
-    rq.cp.niter = 5
+    if niter is not None:
+        rq.cp.niter = niter
     rq.train(np.ascontiguousarray(frames, np.float32))
     return rq
 
@@ -89,10 +93,7 @@ def test_rq_codebook_is_faiss_residual_quantizer_with_its_defaults():
     """Below 65,536 frames the codebook is the one faiss learns with its own defaults: each stage
     clusters all num x beam residuals of the beam search, not a sample of num of them."""
     frames = correlated_frames(600, 16, seed=4)
-    rq = faiss.ResidualQuantizer(16, 2, 8)
-    rq.max_beam_size = RQ_BEAM
-    rq.cp.seed = 0
-    rq.train(frames)
+    rq = faiss_quantiser(frames, 2, RQ_BEAM, niter=None)
     np.testing.assert_array_equal(train_rq_codebook(frames, 2, seed=0),
                                   faiss.vector_to_array(rq.codebooks).reshape(2, 256, 16))
 
