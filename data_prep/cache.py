@@ -320,11 +320,13 @@ def train_pq(
     pq_train_frames: int = 65536,
     seed: int = 0,
     codec: str = "pq",
+    progress: bool = True,
 ) -> str:
     """Learn the codebook of a `--codec pq` (or `rq`) cache of `teacher`'s `layers` over the
     audio `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq`
     (or `rq`) with the same arguments caches into it: once for all ranks. Reuses a complete
-    codebook of the same settings there; returns its path."""
+    codebook of the same settings there; returns its path. `progress`: bars of the sampled
+    frames and the layers learned."""
     if codec not in QUANTISED:
         raise DataError(f"--codec {codec!r}: train-pq learns the codebook of a pq or rq cache")
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
@@ -335,7 +337,7 @@ def train_pq(
     urls = expand_urls(shards, allow_remote=True)
     model, _ = teacher_and_shape(settings)
     codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True,
-                 codec=codec)
+                 codec=codec, progress=progress)
     return os.path.join(out_dir, PQ_CODEBOOK)
 
 
@@ -400,7 +402,7 @@ def cache_teacher(
     if codec in QUANTISED:  # the placeholder hash becomes the codebook's (same length)
         identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
                                                 pq_train_frames, seed, learn=world_size == 1,
-                                                codec=codec)
+                                                codec=codec, progress=progress)
     if codec == "rq":  # its beam search runs where the teacher does (codecs.rq_encode)
         codebook = torch.from_numpy(codebook).to(next(model.model.parameters()).device)
     paths = [os.path.join(out_dir, names[url]) for url in urls]

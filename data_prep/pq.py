@@ -33,6 +33,7 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from colld_ds.codecs import RQ_BEAM
 from colld_ds.data import decode_wave, read_samples
@@ -74,14 +75,16 @@ def train_rq_codebook(frames: np.ndarray, stages: int, seed: int) -> np.ndarray:
     return faiss.vector_to_array(rq.codebooks).reshape(stages, PQ_CENTROIDS, width)
 
 
-def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: int
-                  ) -> list[np.ndarray]:
+def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: int,
+                  progress: bool = False) -> list[np.ndarray]:
     """Per teacher layer, the float16-rounded float32 (N, D) frames of the seeded sample
-    (module docstring), N = min(`train_frames`, frames available)."""
+    (module docstring), N = min(`train_frames`, frames available); `progress`: a bar of
+    frames."""
     rng = np.random.default_rng(seed)
     device = next(teacher.model.parameters()).device
     picked: list[list[np.ndarray]] = [[] for _ in teacher.layers]
     total = 0
+    bar = tqdm(total=train_frames, unit="frame", desc="codebook sample", disable=not progress)
     for url in (urls[i] for i in rng.permutation(len(urls))):
         for sample in read_samples([url]):
             wave = torch.from_numpy(decode_wave(sample))
@@ -91,8 +94,11 @@ def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: in
             for layer, h in zip(picked, out.features, strict=True):
                 layer.append(h[0, :num].to(torch.float16).float().cpu().numpy()[rows])
             total += rows.size
+            bar.update(min(rows.size, train_frames - bar.n))
             if total >= train_frames:
+                bar.close()
                 return [np.concatenate(layer)[:train_frames] for layer in picked]
+    bar.close()
     return [np.concatenate(layer) for layer in picked]
 
 
@@ -114,12 +120,12 @@ def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int, c
 
 
 def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
-                 train_frames: int, seed: int, learn: bool, codec: str = "pq"
-                 ) -> tuple[dict, np.ndarray]:
+                 train_frames: int, seed: int, learn: bool, codec: str = "pq",
+                 progress: bool = False) -> tuple[dict, np.ndarray]:
     """The cache identity's ``"pq"`` fields and the float32 codebook of a ``codec`` (pq: (L, M,
     256, D / M), rq: (L, M, 256, D)) cache in `out_dir`: the one there (complete and of the same
     settings, else DataError), or with `learn` a new one (module docstring), else DataError
-    naming `colld prep train-pq`."""
+    naming `colld prep train-pq`. `progress`: bars of the sample's frames and the layers learned."""
     meta_path, npy_path = os.path.join(out_dir, PQ_META), os.path.join(out_dir, PQ_CODEBOOK)
     settings = _settings(teacher, subvectors, train_frames, seed, codec)
     if os.path.exists(meta_path):
@@ -145,7 +151,8 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
             f"<layers> <out_dir> --codec {codec}` (same --pq_subvectors, --pq_train_frames, "
             "--seed)")
     else:
-        codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed, codec)
+        codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed, codec,
+                          progress)
         with open(npy_path, "rb") as f:
             meta = {**settings, "codebook_sha256": hashlib.sha256(f.read()).hexdigest()}
         _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
@@ -154,16 +161,18 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
 
 
 def _learn(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
-           train_frames: int, seed: int, codec: str) -> np.ndarray:
+           train_frames: int, seed: int, codec: str, progress: bool) -> np.ndarray:
     """Learn and write `out_dir/pq_codebook.npy`; return it, float32 (L, M, 256, D / M) for pq,
     (L, M, 256, D) for rq."""
-    frames = sample_frames(teacher, urls, train_frames, seed)
+    frames = sample_frames(teacher, urls, train_frames, seed, progress)
     width = frames[0].shape[1]
     if frames[0].shape[0] < PQ_CENTROIDS:
         raise DataError(f"the shards give {frames[0].shape[0]} frames, k-means of "
                         f"{PQ_CENTROIDS} centroids needs at least that many: use more audio")
     learn = train_codebook if codec == "pq" else train_rq_codebook
-    codebook = np.stack([learn(x, subvectors, seed) for x in frames])
+    # one layer takes minutes at rq's M = 32 (M k-means of 256 on D-dim residuals)
+    layers = tqdm(frames, unit="layer", desc=f"{codec} codebook", disable=not progress)
+    codebook = np.stack([learn(x, subvectors, seed) for x in layers])
     os.makedirs(out_dir, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, codebook, allow_pickle=False)

@@ -296,13 +296,16 @@ def test_inspect_flags_pq_codes_of_another_m(pq_cache, tmp_path):
 
 
 def test_pq_codebook_is_its_own_deterministic_step_shared_by_ranks(pq_cache, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, capsys):
     audio, teacher_dir, out = pq_cache["audio"], pq_cache["teacher_dir"], str(tmp_path / "ranks")
     with pytest.raises(DataError, match=r"has no pq codebook .* learn it first with `colld prep "
                                         r"train-pq"):
         cache_teacher(audio, teacher_dir, LAYERS, out, **PQ, rank=1, world_size=2)
     fire.Fire(DataPrep, ["train-pq", audio, teacher_dir, "2,4", out, "--pq_subvectors", str(M),
                          "--pq_train_frames", "900"])
+    bars = capsys.readouterr().err  # the long step shows where it is: frames, then layers
+    assert re.search(r"codebook sample: 100%\S* \d+/900 \[", bars), bars
+    assert re.search(r"pq codebook: 100%\S* 2/2 \[", bars), bars
     with open(os.path.join(out, PQ_CODEBOOK), "rb") as f, \
             open(os.path.join(pq_cache["cache"], PQ_CODEBOOK), "rb") as g:
         assert f.read() == g.read()  # same frames and seed: the same codebook, bit for bit
