@@ -15,7 +15,7 @@ to the cached step. What is timed and why: "How train_throughput.py measures" in
     python benchmarks/train_throughput.py --freeze_front_end   # + the cached_front_end row
     python benchmarks/train_throughput.py --full --freeze_front_end \\
         --contrastive_backends auto,dense --out benchmarks/results/train_throughput_gpu.json
-    python benchmarks/train_throughput.py --codecs fp16,int8,pq \\
+    python benchmarks/train_throughput.py --codecs fp16,int8,pq,rq \\
         --out benchmarks/results/train_throughput_cpu_codecs.json
 """
 
