@@ -17,7 +17,12 @@ codebooks, which are learned (``colld_ds.data_prep.pq.train_codebook``, ``train_
 seeded) on up to ``--pq_train_frames`` frames of the even-numbered ones, and coded with the
 cache's own ``colld_ds.codecs`` functions. ``--faiss_quantisers opq-M`` adds, the same way, a
 quantiser that is not a cache codec, to show what a codec of the same bytes could reconstruct:
-pq with M sub-vectors after a learned rotation.
+pq with M sub-vectors after a learned rotation. ``--standardised`` adds, for each pq and rq row,
+the codec of a ``cache-teacher --standardise utterance`` cache (``pq-M-std``, ``rq-M-std``): its
+codebook learned on, and its codes made of, each utterance's standardised frames
+(``colld_ds.codecs.standardise_utterance``, float16-rounded as such a cache stores them); since
+that cache holds standardised frames, its feature columns compare the decoded frames with the
+standardised reference, and its target columns are computed as every row's.
 
     python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
 """
@@ -38,11 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, write_rows  # noqa: E402
 from colld_ds.codecs import (dequantise_int8, pq_decode, pq_encode, quantise_int8,  # noqa: E402
-                             rq_decode, rq_encode)
+                             rq_decode, rq_encode, standardise_utterance)
 from colld_ds.data import expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
 from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
-from colld_ds.objectives.base import utterance_norm  # noqa: E402
 from colld_ds.data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
 from colld_ds.data_prep.pq import train_codebook, train_rq_codebook  # noqa: E402
 
@@ -54,7 +58,7 @@ def stored_bytes(variant: str, num_frames: int, width: int) -> tuple[int, int]:
     """(bytes on disk with tar and npy headers, payload bytes) of one layer of one utterance."""
     if variant == "int8-frame":  # not a cache codec: int8 codes and float16 (T, 1) scales
         arrays = (((num_frames, width), "int8"), ((num_frames, 1), "float16"))
-    elif variant.startswith(("pq-", "rq-", "opq-")):  # pq-32: M = 32, as one byte each
+    elif variant.startswith(("pq-", "rq-", "opq-")):  # pq-32(-std): M = 32, one byte each
         arrays = layer_arrays("pq", num_frames, width, int(variant.split("-")[1]))
     else:
         arrays = layer_arrays(variant.removesuffix("-channel"), num_frames, width)
@@ -103,13 +107,6 @@ def roundtrip(x: np.ndarray, variant: str, learned=None) -> tuple[np.ndarray, fl
     return decoded.astype(np.float32), time.perf_counter() - start
 
 
-def target_norm(x: np.ndarray) -> np.ndarray:
-    """(T, D) features of one utterance -> float32 (T, D): standardised per dimension over its
-    frames, as a run's targets with ``objective.target_norm: utterance``."""
-    features = torch.from_numpy(np.asarray(x, np.float32))[None]
-    return utterance_norm(features, torch.ones(features.shape[:2], dtype=torch.bool))[0].numpy()
-
-
 class Error:
     """Running per-frame cosines and squared errors of decoded vs reference features."""
 
@@ -141,10 +138,11 @@ class Tally:
 
     def add(self, x: np.ndarray, x_target: np.ndarray, decoded: np.ndarray, seconds: float,
             variant: str) -> None:
-        """x: the float16 (T, D) reference; x_target: ``target_norm`` of it (one per utterance
-        and layer, shared by its variants); decoded: float32 (T, D)."""
+        """x: the float16 (T, D) reference (``-std`` variants: its standardised frames, what
+        their cache stores); x_target: ``standardise_utterance`` of the fp16 features (one per
+        utterance and layer, shared by its variants); decoded: float32 (T, D)."""
         self.features.add(x.astype(np.float32), decoded)
-        self.targets.add(x_target, target_norm(decoded))
+        self.targets.add(x_target, standardise_utterance(decoded))
         self.seconds += seconds
         self.frames += x.shape[0]
         disk, payload = stored_bytes(variant, *x.shape)
@@ -179,23 +177,31 @@ def layers_of(cache: str, max_utterances: int | None
             layer, identity["target_kind"])]), allow_pickle=False) for layer in identity["layers"]}
 
 
+def standardised(x: np.ndarray) -> np.ndarray:
+    """float16 (T, D) -> the float16 (T, D) frames a ``--standardise utterance`` cache codes."""
+    return standardise_utterance(x).astype(np.float16)
+
+
 def codebooks(cache: str, max_utterances: int | None, learned: list[str], train_frames: int,
               seed: int) -> dict[tuple[int, str], object]:
     """(layer, variant) -> what each ``learned`` variant decodes with (``pq-M``: the (M, 256,
-    D / M) codebook; ``rq-M``: the (M, 256, D) one; ``opq-M``: ``faiss_quantiser``), learned on
-    up to
-    ``train_frames`` frames (seeded sample) of the even-numbered utterances."""
-    frames: dict[int, list[np.ndarray]] = {}
+    D / M) codebook; ``rq-M``: the (M, 256, D) one; ``opq-M``: ``faiss_quantiser``; ``-std``:
+    of ``standardised`` frames), learned on up to ``train_frames`` frames (seeded sample) of the
+    even-numbered utterances."""
+    frames: dict[tuple[int, bool], list[np.ndarray]] = {}
     for n, _, layers in layers_of(cache, max_utterances):
         for layer, x in layers.items():
             if n % 2 == 0:
-                frames.setdefault(layer, []).append(x)
+                frames.setdefault((layer, False), []).append(x)
+                frames.setdefault((layer, True), []).append(standardised(x))
     books = {}
-    for layer, xs in frames.items():
+    for (layer, std), xs in frames.items():
         x = np.concatenate(xs).astype(np.float32)  # (N, D)
         x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[:train_frames])]
         for variant in learned:
-            kind, size = variant.split("-")
+            kind, size, *suffix = variant.split("-")
+            if bool(suffix) != std:
+                continue
             learn = {"pq": train_codebook, "rq": train_rq_codebook}.get(kind)
             books[layer, variant] = (learn(x, int(size), seed) if learn
                                      else faiss_quantiser(variant, x, seed))
@@ -204,20 +210,24 @@ def codebooks(cache: str, max_utterances: int | None, learned: list[str], train_
 
 def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
             train_frames: int = 65536, seed: int = 0, others: list[str] = (),
-            stages: list[int] = ()) -> list[dict]:
+            stages: list[int] = (), with_standardised: bool = False) -> list[dict]:
     """One row per (layer, variant) of the fp16 cache ``cache`` (module docstring); ``others``:
-    the ``--faiss_quantisers``; ``stages``: the rq rows' M."""
-    learned = [f"pq-{m}" for m in subvectors] + [f"rq-{m}" for m in stages] + list(others)
+    the ``--faiss_quantisers``; ``stages``: the rq rows' M; ``with_standardised``: the
+    ``-std`` rows of ``--standardised``."""
+    codecs = [f"pq-{m}" for m in subvectors] + [f"rq-{m}" for m in stages]
+    learned = codecs + list(others) + [f"{c}-std" for c in codecs if with_standardised]
     books = codebooks(cache, max_utterances, learned, train_frames, seed)
     tallies: dict[tuple[int, str], Tally] = {}
     identity = None
     for n, identity, layers in layers_of(cache, max_utterances):
         for layer, x in layers.items():
-            x_target = target_norm(x)
+            x_target, x_std = standardise_utterance(x), standardised(x)
             for variant in [*VARIANTS, *(learned if n % 2 else ())]:
-                decoded, seconds = roundtrip(x, variant, books.get((layer, variant)))
-                tallies.setdefault((layer, variant), Tally()).add(x, x_target, decoded, seconds,
-                                                                  variant)
+                stored = x_std if variant.endswith("-std") else x
+                decoded, seconds = roundtrip(stored, variant.removesuffix("-std"),
+                                             books.get((layer, variant)))
+                tallies.setdefault((layer, variant), Tally()).add(stored, x_target, decoded,
+                                                                  seconds, variant)
     return [{"teacher": identity["name"], "layer": layer, "codec": variant,
              "measured_on": "all" if variant in VARIANTS else "odd utterances (held out)",
              **tally.row()} for (layer, variant), tally in sorted(
@@ -234,6 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="rq rows: M values, comma separated (default: none)")
     parser.add_argument("--faiss_quantisers", default="",
                         help="rows of quantisers that are not cache codecs: opq-M")
+    parser.add_argument("--standardised", action="store_true",
+                        help="also the pq and rq rows of a --standardise utterance cache")
     parser.add_argument("--pq_train_frames", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
@@ -244,11 +256,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for row in measure(args.cache, args.max_utterances, subvectors,
                                args.pq_train_frames, args.seed,
                                [q for q in args.faiss_quantisers.split(",") if q],
-                               [int(m) for m in args.rq_stages.split(",") if m])]
-    print("layer | codec        | cosine mean | cosine min | rel L2  | target cosine mean | "
+                               [int(m) for m in args.rq_stages.split(",") if m],
+                               args.standardised)]
+    print("layer | codec         | cosine mean | cosine min | rel L2  | target cosine mean | "
           "target rel L2 | B/frame | decode ns/frame | XLS-R TB/10k h")
     for r in rows:
-        print(f"{r['layer']:>5} | {r['codec']:<12} | {r['cosine_mean']:.6f}    | "
+        print(f"{r['layer']:>5} | {r['codec']:<13} | {r['cosine_mean']:.6f}    | "
               f"{r['cosine_min']:.6f}   | {r['rel_l2']:.5f} | {r['target_cosine_mean']:.6f}"
               f"           | {r['target_rel_l2']:.5f}       | {r['bytes_per_frame']:7.1f} | "
               f"{r['decode_ns_per_frame']:15.0f} | {r['xlsr300m_tb_per_10k_h_3_layers']:.2f}")

@@ -35,6 +35,17 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows). Decoding (the sum of
   M gathered rows, ``rq_decode``) runs in the loader, as pq's does.
 
+Any codec can store a layer standardised per utterance (``cache-teacher --standardise
+utterance``, identity ``"standardised"``; ``standardise_utterance``): each dimension of the
+whole utterance's (T, D) frames shifted and scaled to mean 0 and variance 1 before encoding.
+A run with ``objective.target_norm: utterance`` standardises its targets per utterance (or
+crop) anyway, and that undoes any per-dimension shift and scale, so it reads the same targets
+from such a cache as from the plain one (up to the float16 rounding and the 1e-5 of
+``utterance_norm``), while a pq or rq codebook spends no centroid on what the objective
+discards (a dimension's offset and spread across utterances) and weighs every dimension as the
+objective does. Runs with ``target_norm: none`` refuse such a cache
+(``formats.check_teacher_identity``).
+
 Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
 per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded
 2-core development CPU) in the DataLoader workers, which overlap the step; every consumer keeps
@@ -61,10 +72,19 @@ import torch
 
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, QUANTISED, layer_arrays
+from colld_ds.objectives.base import utterance_norm
 from colld_ds.remote import open_stream
 
 INT8_MAX = 127  # symmetric: codes in [-127, 127]
 RQ_BEAM = 4  # rq encoding: candidates kept per stage (faiss's max_beam_size)
+
+
+def standardise_utterance(x: np.ndarray) -> np.ndarray:
+    """(T, D) features of one whole utterance -> float32 (T, D), each dimension standardised
+    over its T frames, exactly as ``objective.target_norm: utterance`` standardises a run's
+    targets (``utterance_norm``)."""
+    features = torch.from_numpy(np.asarray(x, np.float32))[None]
+    return utterance_norm(features, torch.ones(features.shape[:2], dtype=torch.bool))[0].numpy()
 
 
 def quantise_int8(x: np.ndarray, per: Literal["channel", "frame"] = "channel"

@@ -501,8 +501,10 @@ class AudioBatchStream:
             `config_hash`, `target_kind`, `layers`); the shards must be teacher-cache shards of
             that teacher holding those layers. With `"front_end"`
             (`Teacher.cache_identity(front_end=True)`) they must hold the front end's output
-            too, and batches carry it (`Batch.front_end_features`). None: audio mode (extra
-            members are ignored).
+            too, and batches carry it (`Batch.front_end_features`). With `"target_norm"` (the
+            run's `objective.target_norm`) a cache standardised per utterance is read only for
+            `utterance` or `utterance_position` (`formats.check_teacher_identity`). None: audio
+            mode (extra members are ignored).
         batch_seconds: dynamic batching instead of `batch_size`: padded audio seconds per batch
             (longest cropped utterance x B; B varies). Set exactly one of the two.
         bucket_buffer: dynamic batching: samples sorted by length together (per worker, raw

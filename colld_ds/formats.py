@@ -14,7 +14,11 @@ Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, t
 end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
 fp16), with ``pq`` and ``rq`` (``QUANTISED``) also ``"pq": {"version", "subvectors",
 "codebook_sha256"}`` (rq: M stages, not sub-vectors): the codebook ``PQ_CODEBOOK`` beside the
-shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). Every tar member costs
+shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). A cache written with ``cache-teacher
+--standardise utterance`` records ``"standardised": "utterance"``: its layers hold each
+utterance's frames standardised per dimension (``colld_ds.codecs.standardise_utterance``), which
+only runs whose targets are standardised per utterance read as they would read the plain cache
+(``check_teacher_identity``). Every tar member costs
 ``TAR_MEMBER_HEADER`` bytes plus its data padded to ``TAR_BLOCK``.
 
 Shard index (``SHARD_INDEX`` beside the shards): webdataset's wids format ``{"__kind__":
@@ -44,6 +48,8 @@ SHARD_INDEX_KIND = "wids-shard-index-v1"
 IDENTITY_KEYS = ("config_hash", "target_kind")  # equal in cache and run; the run's layers cached
 CODECS = ("fp16", "int8", "pq", "rq")  # how a cache stores layers: ``layer_members``, ``codecs``
 QUANTISED = ("pq", "rq")  # uint8 (T, M) codes into a learned codebook, identity field ``"pq"``
+STANDARDISE = ("none", "utterance")  # cache-teacher --standardise; identity "standardised"
+TARGET_NORMS_OF_STANDARDISED = ("utterance", "utterance_position")  # runs that read such a cache
 PQ_VERSION = 1  # of the pq codebook and its identity fields; a reader refuses other versions
 PQ_CENTROIDS = 256  # per sub-vector codebook (rq: per stage): one uint8 code
 PQ_CODEBOOK = "pq_codebook.npy"  # beside the shards: float32 (L, M, 256, D / M); rq (L, M, 256, D)
@@ -144,9 +150,11 @@ def check_teacher_identity(found: dict, expected: dict, where: str,
                            fix: str = "re-run cache-teacher with the run's teacher, layers and "
                                       "target kind") -> None:
     """Refuse a cache whose teacher differs from the run's: same config hash and target kind,
-    every expected layer cached, and the front end's output cached if ``expected`` has
-    ``"front_end"``. DataError printing both identities and ``fix`` otherwise; a codec this
-    colld cannot read: ``cache_codec``'s one-line DataError."""
+    every expected layer cached, the front end's output cached if ``expected`` has
+    ``"front_end"``, and a cache standardised per utterance (``"standardised"``) only for a run
+    whose ``expected["target_norm"]`` (its ``objective.target_norm``; absent: ``none``) is in
+    ``TARGET_NORMS_OF_STANDARDISED``. DataError printing both identities and ``fix`` otherwise;
+    a codec this colld cannot read: ``cache_codec``'s one-line DataError."""
     def show(identity):
         return json.dumps({k: v for k, v in identity.items() if k != "num_frames"}, sort_keys=True)
 
@@ -162,6 +170,16 @@ def check_teacher_identity(found: dict, expected: dict, where: str,
             f"reads:\n  cache: {show(found)}\n  run:   {show(expected)}\n"
             "re-run cache-teacher with --front_end true into a new directory, or set "
             "data.cached_front_end false"
+        )
+    target_norm = expected.get("target_norm", "none")
+    if found.get("standardised") and target_norm not in TARGET_NORMS_OF_STANDARDISED:
+        raise DataError(
+            f"{where} holds teacher layers standardised per utterance (teacher.standardised "
+            f"{found['standardised']!r} in its json: cache-teacher --standardise), which only "
+            f"a run with objective.target_norm {' or '.join(TARGET_NORMS_OF_STANDARDISED)} reads "
+            f"as it would the plain teacher states; this run has objective.target_norm "
+            f"{target_norm!r}: set objective.target_norm utterance, or re-cache without "
+            "--standardise into a new out_dir"
         )
     cache_codec(found, where)
 

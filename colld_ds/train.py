@@ -152,8 +152,8 @@ def train(config: TrainConfig) -> TrainResult:
             seed=config.run.seed, rank=rank, world_size=world_size,
             num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
             on_bad_shard=config.data.on_bad_shard, pq_codebook=config.data.pq_codebook or None,
-            expect_teacher=(teacher.cache_identity(config.data.cached_front_end)
-                            if cached else None))
+            expect_teacher=({**teacher.cache_identity(config.data.cached_front_end),
+                             "target_norm": config.objective.target_norm} if cached else None))
 
     stream = new_stream()
     position_frames = crop_frames(config, teacher)  # the longest crop's teacher frames

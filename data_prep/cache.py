@@ -10,6 +10,13 @@ The json gains `"teacher"`: `{name, model_type, config_hash, layers, target_kind
 frame_stride, receptive_field, codec, num_frames}` (pq, rq: and `pq`, `formats.pq_identity`;
 `frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
 
+`--standardise utterance` stores each layer standardised per dimension over the utterance's
+frames (`colld_ds.codecs.standardise_utterance`), before any codec: the identity records
+`"standardised": "utterance"`, pq and rq codebooks are learned on standardised frames too, and
+only runs with `objective.target_norm: utterance` or `utterance_position` read the cache (which
+give them the targets the plain cache would). With pq or rq this spends the codebook on what
+those runs compare, not on each dimension's offset and spread.
+
 `--codec pq` (and `rq`) first learns the codebook (`colld_ds.data_prep.pq`: `--pq_subvectors`
 M, `--pq_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several ranks it
 must be there already (`train_pq`, `colld prep train-pq`), so that they all share it.
@@ -60,11 +67,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from colld_ds.codecs import encode
+from colld_ds.codecs import encode, standardise_utterance
 from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos, shard_name
 from colld_ds.errors import DataError, TeacherError
 from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, QUANTISED,
-                              SAMPLE_RATE, FrameGeometry, check_teacher_identity, layer_members)
+                              SAMPLE_RATE, STANDARDISE, FrameGeometry, check_teacher_identity,
+                              layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from colld_ds.remote import is_remote
 from colld_ds.data_prep.cache_size import CacheShape, check_free_space, estimate_cache
@@ -78,9 +86,9 @@ _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": t
 class CacheSettings:
     """The settings `cache_teacher` and `train_pq` share (their docstrings say what each means):
     the teacher (`teacher` directory, `layers`, `target_kind`, `dtype` name, Whisper
-    `window_seconds`) and how its cache stores it (`front_end`, `codec`; pq and rq:
-    `pq_subvectors` M, `pq_train_frames`, `seed` of the codebook). DataError for an unknown
-    `codec`."""
+    `window_seconds`) and how its cache stores it (`front_end`, `codec`, `standardise`; pq and
+    rq: `pq_subvectors` M, `pq_train_frames`, `seed` of the codebook). DataError for an unknown
+    `codec` or `standardise`."""
 
     teacher: str
     layers: int | str | Sequence[int]
@@ -89,6 +97,7 @@ class CacheSettings:
     window_seconds: float | None
     front_end: bool
     codec: str
+    standardise: str
     pq_subvectors: int
     pq_train_frames: int
     seed: int
@@ -96,6 +105,9 @@ class CacheSettings:
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise DataError(f"--codec {self.codec!r}: use one of {', '.join(CODECS)}")
+        if self.standardise not in STANDARDISE:
+            raise DataError(f"--standardise {self.standardise!r}: use one of "
+                            f"{', '.join(STANDARDISE)}")
 
 
 def parse_layers(layers: int | str | Sequence[int], teacher_dir: str) -> list[int]:
@@ -168,8 +180,9 @@ def padding_invariant(teacher: Teacher, wave: np.ndarray, front_end: bool = Fals
 def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict,
                   codebook: np.ndarray | None) -> dict:
     """Raw audio sample + its per-layer float16 frames (+ front end, last) -> the cache sample
-    (module docstring), the layers encoded with `identity["codec"]` (pq, rq: with `codebook`
-    (L, M, 256, D / M) or (L, M, 256, D); rq's a tensor on the teacher's device)."""
+    (module docstring), the layers standardised if `identity` says so and encoded with
+    `identity["codec"]` (pq, rq: with `codebook` (L, M, 256, D / M) or (L, M, 256, D); rq's a
+    tensor on the teacher's device)."""
     key, url = sample["__key__"], sample["__url__"]
     meta = json.loads(sample["json"])
     meta["teacher"] = {**identity, "num_frames": frames[0].shape[0]}
@@ -179,6 +192,9 @@ def _cache_sample(sample: dict, frames: list[np.ndarray], identity: dict,
     layers = [(layer_members(layer, kind, codec), f"teacher layer {layer}", codec,
                None if codebook is None else codebook[i])
               for i, layer in enumerate(identity["layers"])]
+    if identity.get("standardised"):  # the front end, last, stays as it is
+        frames = [standardise_utterance(array).astype(np.float16) if i < len(layers) else array
+                  for i, array in enumerate(frames)]
     if identity.get("front_end"):
         layers.append(((FRONT_END_MEMBER,), "the teacher's front end", "fp16", None))
     for (members, what, stored_as, book), array in zip(layers, frames, strict=True):
@@ -215,8 +231,10 @@ def _is_complete(path: str, identity: dict) -> bool:
         return False
     first = next(read_samples([path]), None)
     found = json.loads(first["json"]).get("teacher", {}) if first else {}
-    teacher_only = {k: v for k, v in identity.items() if k not in ("front_end", "codec", "pq")}
-    check_teacher_identity(found, teacher_only, f"existing cache shard {path}",
+    settings = ("front_end", "codec", "pq", "standardised")  # each compared below
+    check_teacher_identity({k: v for k, v in found.items() if k != "standardised"},
+                           {k: v for k, v in identity.items() if k not in settings},
+                           f"existing cache shard {path}",
                            fix=f"write this cache to another out_dir, or delete the cache shards "
                                f"in {os.path.dirname(path) or '.'} to replace them")
     if found.get("front_end") != identity.get("front_end"):
@@ -231,6 +249,13 @@ def _is_complete(path: str, identity: dict) -> bool:
             f"existing cache shard {path} was written with --codec {found.get('codec', 'fp16')}, "
             f"this run has --codec {identity['codec']}: a cache is all one codec; use the same "
             "--codec or another out_dir"
+        )
+    if found.get("standardised") != identity.get("standardised"):
+        raise DataError(
+            f"existing cache shard {path} was written with --standardise "
+            f"{found.get('standardised', 'none')}, this run has --standardise "
+            f"{identity.get('standardised', 'none')}: a cache is all standardised or all not; "
+            "use the same --standardise or another out_dir"
         )
     if found.get("pq") != identity.get("pq"):
         raise DataError(
@@ -292,6 +317,8 @@ def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
     codec, subvectors = settings.codec, settings.pq_subvectors
     identity = {**model.cache_identity(settings.front_end), "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field, "codec": codec}
+    if settings.standardise != "none":
+        identity["standardised"] = settings.standardise
     if codec in QUANTISED:
         identity["pq"] = {"version": PQ_VERSION, "subvectors": subvectors,
                           "codebook_sha256": "0" * 64}
@@ -321,23 +348,25 @@ def train_pq(
     seed: int = 0,
     codec: str = "pq",
     progress: bool = True,
+    standardise: str = "none",
 ) -> str:
     """Learn the codebook of a `--codec pq` (or `rq`) cache of `teacher`'s `layers` over the
     audio `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq`
     (or `rq`) with the same arguments caches into it: once for all ranks. Reuses a complete
     codebook of the same settings there; returns its path. `progress`: bars of the sampled
-    frames and the layers learned."""
+    frames and the layers learned. `standardise`: as `cache_teacher`'s (the codebook of a
+    standardised cache is learned on standardised frames)."""
     if codec not in QUANTISED:
         raise DataError(f"--codec {codec!r}: train-pq learns the codebook of a pq or rq cache")
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=False,
-                             codec=codec, pq_subvectors=pq_subvectors,
+                             codec=codec, standardise=standardise, pq_subvectors=pq_subvectors,
                              pq_train_frames=pq_train_frames, seed=seed)
     _check_out_dir(out_dir)
     urls = expand_urls(shards, allow_remote=True)
     model, _ = teacher_and_shape(settings)
     codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True,
-                 codec=codec, progress=progress)
+                 codec=codec, progress=progress, standardise=standardise)
     return os.path.join(out_dir, PQ_CODEBOOK)
 
 
@@ -360,6 +389,7 @@ def cache_teacher(
     pq_train_frames: int = 65536,
     seed: int = 0,
     shard_index: str | None = None,
+    standardise: str = "none",
 ) -> list[str]:
     """Cache `teacher`'s `layers` (`all`, `4`, `2,4`) over this process's share of the audio
     `shards`; return the cache paths of that share. `dtype`: `auto` (fp16 on CUDA, fp32 on
@@ -369,16 +399,18 @@ def cache_teacher(
     `data.cached_front_end`. `codec`: how the layers are stored, `fp16`, `int8`, `pq` or `rq`
     (`colld_ds.codecs`; the front end is float16 either way). `pq_subvectors` (M bytes per frame
     and layer; pq: dividing the teacher's width), `pq_train_frames`, `seed`: the pq or rq
-    codebook (`train_pq`), learned here
-    first when `out_dir` has none and `world_size` is 1. `estimate`: print the size of the
-    whole cache and per hour of audio, write nothing and return []. Refuses to start when the
+    codebook (`train_pq`), learned here first when `out_dir` has none and `world_size` is 1.
+    `standardise`: `none`, or `utterance` to store every layer standardised per utterance
+    (module docstring), for runs with `objective.target_norm: utterance` or
+    `utterance_position` only. `estimate`: print the size of the whole cache and per hour of
+    audio, write nothing and return []. Refuses to start when the
     shards still missing will not fit in `out_dir`'s free space. Prints audio seconds per second
     at the end. `shards` may be streamed URLs (`colld_ds.remote`: http(s)://, s3://, pipe:),
     which need their shard index (beside them, or `shard_index`, a path or URL): the sizes and
     counts come from it; `out_dir` is a local or shared directory (`_check_out_dir`)."""
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=front_end,
-                             codec=codec, pq_subvectors=pq_subvectors,
+                             codec=codec, standardise=standardise, pq_subvectors=pq_subvectors,
                              pq_train_frames=pq_train_frames, seed=seed)
     _check_out_dir(out_dir)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -402,7 +434,8 @@ def cache_teacher(
     if codec in QUANTISED:  # the placeholder hash becomes the codebook's (same length)
         identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
                                                 pq_train_frames, seed, learn=world_size == 1,
-                                                codec=codec, progress=progress)
+                                                codec=codec, progress=progress,
+                                                standardise=standardise)
     if codec == "rq":  # its beam search runs where the teacher does (codecs.rq_encode)
         codebook = torch.from_numpy(codebook).to(next(model.model.parameters()).device)
     paths = [os.path.join(out_dir, names[url]) for url in urls]

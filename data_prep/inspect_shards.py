@@ -2,7 +2,8 @@
 
 Prints the shard and sample counts, hours and utterances per language, the schema of the first
 sample (each member's kind, shape and dtype), the teacher identity of cache shards with their
-codec and its bytes on disk per frame per layer (pq, rq: the codebook beside the shards, its
+codec, whether their layers are standardised per utterance, the codec's bytes on disk per frame
+per layer (pq, rq: the codebook beside the shards, its
 file, sha256, M sub-vectors (rq: stages) of 256 centroids, dims and layers), and one line per
 problem, most
 `<shard>: <key>.<member>: <problem>`: audio that does not decode to finite 16 kHz mono, an
@@ -131,6 +132,9 @@ def describe_codec(cache: dict, problems: list[str]) -> None:
     per_frame = cache["bytes"] / max(1, cache["frames"] * len(layers))
     print(f"  codec {codec}: {CODEC_LAYOUT[codec]}; {per_frame:.1f} bytes per frame per layer on "
           f"disk (tar and npy headers included; {cache['frames']} frames x {len(layers)} layers)")
+    if teacher.get("standardised"):
+        print(f"  layers standardised per {teacher['standardised']} (teacher.standardised): "
+              "read only by runs with objective.target_norm utterance or utterance_position")
     if codec not in QUANTISED:
         return
     pq = teacher["pq"]

@@ -6,7 +6,8 @@ runs the teacher over a seeded sample of the audio (shards in a seeded order, up
 `FRAMES_PER_UTTERANCE` seeded frames of each utterance, until `train_frames` frames), learns per
 layer the (M, 256, D / M) centroids by k-means in each sub-space (rq: the (M, 256, D) stage
 codebooks, `train_rq_codebook`), and writes `out_dir/pq_codebook.npy` (float32 (L, M, 256,
-D / M) or (L, M, 256, D), layers in the cache identity's order, no pickle)
+D / M) or (L, M, 256, D), layers in the cache identity's order, no pickle; a `--standardise
+utterance` cache's codebook is learned on each utterance's standardised frames, what it codes)
 and then `pq_codebook.json` (`PQ_META`: version, settings, the teacher identity, sha256 of the
 npy), each atomically; the json marks the codebook complete. A later run with the same
 settings reuses it (an interrupted cache resumes with the same codebook); other settings or
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from colld_ds.codecs import RQ_BEAM
+from colld_ds.codecs import RQ_BEAM, standardise_utterance
 from colld_ds.data import decode_wave, read_samples
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, PQ_VERSION
@@ -76,10 +77,11 @@ def train_rq_codebook(frames: np.ndarray, stages: int, seed: int) -> np.ndarray:
 
 
 def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: int,
-                  progress: bool = False) -> list[np.ndarray]:
+                  progress: bool = False, standardise: str = "none") -> list[np.ndarray]:
     """Per teacher layer, the float16-rounded float32 (N, D) frames of the seeded sample
     (module docstring), N = min(`train_frames`, frames available); `progress`: a bar of
-    frames."""
+    frames; `standardise` `utterance`: each utterance's frames standardised over all of them
+    (`standardise_utterance`) before the sample and the rounding, as the cache stores them."""
     rng = np.random.default_rng(seed)
     device = next(teacher.model.parameters()).device
     picked: list[list[np.ndarray]] = [[] for _ in teacher.layers]
@@ -92,7 +94,10 @@ def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: in
             num = int(out.frame_lengths[0])
             rows = np.sort(rng.permutation(num)[:FRAMES_PER_UTTERANCE])
             for layer, h in zip(picked, out.features, strict=True):
-                layer.append(h[0, :num].to(torch.float16).float().cpu().numpy()[rows])
+                frames = h[0, :num].to(torch.float16).cpu().numpy()
+                if standardise != "none":
+                    frames = standardise_utterance(frames).astype(np.float16)
+                layer.append(frames[rows].astype(np.float32))
             total += rows.size
             bar.update(min(rows.size, train_frames - bar.n))
             if total >= train_frames:
@@ -108,36 +113,41 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int, codec: str
-              ) -> dict:
+def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int, codec: str,
+              standardise: str) -> dict:
     """What a codebook depends on; a reused codebook must have been learned with the same (a
-    json written before rq names no codec: pq; rq also records its encoding beam)."""
+    json written before rq names no codec: pq; rq also records its encoding beam; a codebook of
+    standardised frames records `standardised`)."""
     settings = {"version": PQ_VERSION, "codec": codec, "subvectors": subvectors,
                 "train_frames": train_frames, "seed": seed,
                 "teacher": {k: teacher.identity[k] for k in ("config_hash", "target_kind",
                                                              "layers")}}
+    if standardise != "none":
+        settings["standardised"] = standardise
     return settings if codec == "pq" else {**settings, "beam": RQ_BEAM}
 
 
 def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
                  train_frames: int, seed: int, learn: bool, codec: str = "pq",
-                 progress: bool = False) -> tuple[dict, np.ndarray]:
+                 progress: bool = False, standardise: str = "none") -> tuple[dict, np.ndarray]:
     """The cache identity's ``"pq"`` fields and the float32 codebook of a ``codec`` (pq: (L, M,
     256, D / M), rq: (L, M, 256, D)) cache in `out_dir`: the one there (complete and of the same
     settings, else DataError), or with `learn` a new one (module docstring), else DataError
-    naming `colld prep train-pq`. `progress`: bars of the sample's frames and the layers learned."""
+    naming `colld prep train-pq`. `progress`: bars of the sample's frames and the layers learned;
+    `standardise`: the cache's `--standardise` (`sample_frames`)."""
     meta_path, npy_path = os.path.join(out_dir, PQ_META), os.path.join(out_dir, PQ_CODEBOOK)
-    settings = _settings(teacher, subvectors, train_frames, seed, codec)
+    settings = _settings(teacher, subvectors, train_frames, seed, codec, standardise)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = {"codec": "pq", **json.load(f)}  # jsons written before rq name no codec
-        changed = [k for k, v in settings.items() if meta.get(k) != v]
+        changed = [k for k in dict.fromkeys([*settings, "standardised"])  # absent: none
+                   if meta.get(k) != settings.get(k)]
         if changed:
             raise DataError(
                 f"{meta_path}: the {codec} codebook in {out_dir} was learned with other "
                 f"{', '.join(changed)} ({', '.join(f'{k} {meta.get(k)!r}' for k in changed)}): "
-                "use the same --codec, --pq_subvectors, --pq_train_frames, --seed and teacher, "
-                "or another out_dir")
+                "use the same --codec, --pq_subvectors, --pq_train_frames, --seed, --standardise "
+                "and teacher, or another out_dir")
         with open(npy_path, "rb") as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != meta["codebook_sha256"]:
@@ -149,10 +159,10 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
             f"{out_dir} has no {codec} codebook ({PQ_META}), and the ranks of a multi-rank "
             "cache must share one: learn it first with `colld prep train-pq <shards> <teacher> "
             f"<layers> <out_dir> --codec {codec}` (same --pq_subvectors, --pq_train_frames, "
-            "--seed)")
+            "--seed, --standardise)")
     else:
         codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed, codec,
-                          progress)
+                          progress, standardise)
         with open(npy_path, "rb") as f:
             meta = {**settings, "codebook_sha256": hashlib.sha256(f.read()).hexdigest()}
         _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
@@ -161,10 +171,11 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
 
 
 def _learn(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
-           train_frames: int, seed: int, codec: str, progress: bool) -> np.ndarray:
+           train_frames: int, seed: int, codec: str, progress: bool, standardise: str
+           ) -> np.ndarray:
     """Learn and write `out_dir/pq_codebook.npy`; return it, float32 (L, M, 256, D / M) for pq,
     (L, M, 256, D) for rq."""
-    frames = sample_frames(teacher, urls, train_frames, seed, progress)
+    frames = sample_frames(teacher, urls, train_frames, seed, progress, standardise)
     width = frames[0].shape[1]
     if frames[0].shape[0] < PQ_CENTROIDS:
         raise DataError(f"the shards give {frames[0].shape[0]} frames, k-means of "
