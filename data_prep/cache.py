@@ -244,19 +244,13 @@ def _is_complete(path: str, identity: dict) -> bool:
             f"front_end={bool(identity.get('front_end'))}: a cache is all with or "
             "all without the front end's output; use the same --front_end or another out_dir"
         )
-    if found.get("codec", "fp16") != identity["codec"]:
-        raise DataError(
-            f"existing cache shard {path} was written with --codec {found.get('codec', 'fp16')}, "
-            f"this run has --codec {identity['codec']}: a cache is all one codec; use the same "
-            "--codec or another out_dir"
-        )
-    if found.get("standardised") != identity.get("standardised"):
-        raise DataError(
-            f"existing cache shard {path} was written with --standardise "
-            f"{found.get('standardised', 'none')}, this run has --standardise "
-            f"{identity.get('standardised', 'none')}: a cache is all standardised or all not; "
-            "use the same --standardise or another out_dir"
-        )
+    for field, flag, absent in (("codec", "--codec", "fp16"),  # absent in older caches
+                                ("standardised", "--standardise", "none")):
+        was, now = found.get(field, absent), identity.get(field, absent)
+        if was != now:
+            raise DataError(f"existing cache shard {path} was written with {flag} {was}, this "
+                            f"run has {flag} {now}: a cache is all one {flag}; use the same "
+                            f"{flag} or another out_dir")
     if found.get("pq") != identity.get("pq"):
         raise DataError(
             f"existing cache shard {path} was written with the pq codebook {found.get('pq')}, "
