@@ -221,7 +221,8 @@ def measure(cache: str, max_utterances: int | None, subvectors: list[int] = (),
     identity = None
     for n, identity, layers in layers_of(cache, max_utterances):
         for layer, x in layers.items():
-            x_target, x_std = standardise_utterance(x), standardised(x)
+            x_target = standardise_utterance(x)
+            x_std = x_target.astype(np.float16)  # standardised(x), computed once
             for variant in [*VARIANTS, *(learned if n % 2 else ())]:
                 stored = x_std if variant.endswith("-std") else x
                 decoded, seconds = roundtrip(stored, variant.removesuffix("-std"),
