@@ -14,7 +14,7 @@ loader's decode time per frame. The projection uses the same utterance lengths a
 the same M; the codebook, stored once, is left out). fp16 and int8 are measured on every
 utterance; pq and rq on the odd-numbered utterances (in shard order) only, held out from their
 codebooks, which are learned (``colld_ds.data_prep.pq.train_codebook``, ``train_rq_codebook``,
-seeded) on up to ``--pq_train_frames`` frames of the even-numbered ones, and coded with the
+seeded) on up to ``--codebook_train_frames`` frames of the even-numbered ones, and coded with the
 cache's own ``colld_ds.codecs`` functions. ``--faiss_quantisers opq-M`` adds, the same way, a
 quantiser that is not a cache codec, to show what a codec of the same bytes could reconstruct:
 pq with M sub-vectors after a learned rotation. ``--standardised`` adds, for each pq and rq row,
@@ -247,18 +247,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="rows of quantisers that are not cache codecs: opq-M")
     parser.add_argument("--standardised", action="store_true",
                         help="also the pq and rq rows of a --standardise utterance cache")
-    parser.add_argument("--pq_train_frames", type=int, default=65536)
+    parser.add_argument("--codebook_train_frames", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
     args = parser.parse_args(argv)
     stamp = machine_info(torch.device("cpu"))
     subvectors = [int(m) for m in args.pq_subvectors.split(",") if m]
-    rows = [{**row, "cache": args.cache, "pq_train_frames": args.pq_train_frames, **stamp}
-            for row in measure(args.cache, args.max_utterances, subvectors,
-                               args.pq_train_frames, args.seed,
-                               [q for q in args.faiss_quantisers.split(",") if q],
-                               [int(m) for m in args.rq_stages.split(",") if m],
-                               args.standardised)]
+    measured = measure(args.cache, args.max_utterances, subvectors, args.codebook_train_frames,
+                       args.seed, [q for q in args.faiss_quantisers.split(",") if q],
+                       [int(m) for m in args.rq_stages.split(",") if m], args.standardised)
+    rows = [{**row, "cache": args.cache, "codebook_train_frames": args.codebook_train_frames,
+             **stamp} for row in measured]
     print("layer | codec         | cosine mean | cosine min | rel L2  | target cosine mean | "
           "target rel L2 | B/frame | decode ns/frame | XLS-R TB/10k h")
     for r in rows:

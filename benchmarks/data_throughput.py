@@ -4,7 +4,7 @@ each codec.
 Generated audio (``colld_ds.data_prep.generated_audio``) is written to audio shards, a tiny random
 XLS-R-style teacher (``--teacher_width``, ``--teacher_layers``; only the cache's array sizes
 matter here) caches its layers once per ``--codecs`` entry (``colld_ds.codecs``: fp16, int8, pq
-or rq with ``--pq_subvectors`` M, its codebook learned first), and ``--repeats`` epochs of
+or rq with ``--num_codebooks`` M, its codebook learned first), and ``--repeats`` epochs of
 ``AudioBatchStream`` are read from each with ``--workers`` DataLoader workers, interleaved
 (audio, fp16, int8, pq, audio, ...) so that load from other processes hits every mode alike;
 rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--teacher_layers", type=int, default=4)
     parser.add_argument("--codecs", default="fp16,int8,pq",
                         help=f"comma-separated cache codecs ({', '.join(CODECS)}), one cache each")
-    parser.add_argument("--pq_subvectors", type=int, default=32,
+    parser.add_argument("--num_codebooks", type=int, default=32,
                         help="pq, rq: M bytes per frame (sub-vectors, stages)")
     parser.add_argument("--repeats", type=int, default=5, help="epochs per mode (median)")
     parser.add_argument("--note", default="", help="stamped on every row (e.g. other load)")
@@ -92,7 +92,7 @@ def main():
                                         hidden_size=args.teacher_width)
         layers = list(range(1, args.teacher_layers + 1))
         identity = load_teacher(teacher_dir, layers).identity
-        width, m = args.teacher_width, args.pq_subvectors
+        width, m = args.teacher_width, args.num_codebooks
         arrays = {"fp16": f"(T, {width}) fp16", "int8": f"(T, {width}) int8 + (1, {width}) fp16",
                   "pq": f"(T, {m}) uint8, M {m}", "rq": f"(T, {m}) uint8, M {m} stages"}
         common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
@@ -102,7 +102,7 @@ def main():
         for codec in codecs:
             cache = str(root / f"cache_{codec}")
             cache_teacher(audio, teacher_dir, layers, cache, progress=False, codec=codec,
-                          pq_subvectors=m)
+                          num_codebooks=m)
             modes.append(dict(mode="cache", codec=codec,
                               cached_arrays=f"{len(layers)} x {arrays[codec]}",
                               bytes_per_frame_per_layer=bytes_per_frame_per_layer(cache),

@@ -104,7 +104,7 @@ def main():
     parser.add_argument("--codecs", default="",
                         help=f"comma-separated cache codecs ({', '.join(CODECS)}): per codec, "
                              "the loader's decode time per batch next to the cached step")
-    parser.add_argument("--pq_subvectors", type=int, default=32,
+    parser.add_argument("--num_codebooks", type=int, default=32,
                         help="pq, rq: M bytes per frame (sub-vectors, stages)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=2.0, help="crop length")
@@ -169,7 +169,7 @@ def main():
         for codec, cache in caches.items():
             if codec != "fp16":
                 cache_teacher(audio, teacher_dir, teacher_layers, cache, progress=False,
-                              codec=codec, pq_subvectors=args.pq_subvectors)
+                              codec=codec, num_codebooks=args.num_codebooks)
 
         common = dict(batch_size=args.batch_size, max_seconds=args.max_seconds, seed=0,
                       num_workers=0, shuffle_buffer=0)
@@ -315,7 +315,7 @@ def main():
             decode_pct_of_cached_step_per_round=100 * statistics.median(
                 d / c for d, c in zip(ts, step_times["cached"])),
             decode_audio_s_per_s=audio_per_batch / decode_s,
-            pq_subvectors=args.pq_subvectors if codec in QUANTISED else "-",
+            num_codebooks=args.num_codebooks if codec in QUANTISED else "-",
             threads=torch.get_num_threads(), device=device.type, **info))
     per_round_text = ", ".join(f"{k.removesuffix('_per_round')} {v:.2f}"
                                for k, v in ratios.items() if k.endswith("_per_round"))

@@ -17,9 +17,11 @@ only runs with `objective.target_norm: utterance` or `utterance_position` read t
 give them the targets the plain cache would). With pq or rq this spends the codebook on what
 those runs compare, not on each dimension's offset and spread.
 
-`--codec pq` (and `rq`) first learns the codebook (`colld_ds.data_prep.pq`: `--pq_subvectors`
-M, `--pq_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several ranks it
-must be there already (`train_pq`, `colld prep train-pq`), so that they all share it.
+`--codec pq` (and `rq`) first learns the codebook (`colld_ds.data_prep.pq`: `--num_codebooks`
+M, `--codebook_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several
+ranks it must be there already (`train_codebook`, `colld prep train-codebook`), so that they
+all share it. M is pq's sub-vectors and rq's stages: one codebook of 256 centroids each, one
+byte per frame and layer each.
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
 output of its convolutional front end (`colld_ds.models.teacher`), stored as
@@ -84,11 +86,11 @@ _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": t
 
 @dataclass(frozen=True, kw_only=True)
 class CacheSettings:
-    """The settings `cache_teacher` and `train_pq` share (their docstrings say what each means):
-    the teacher (`teacher` directory, `layers`, `target_kind`, `dtype` name, Whisper
+    """The settings `cache_teacher` and `train_codebook` share (their docstrings say what each
+    means): the teacher (`teacher` directory, `layers`, `target_kind`, `dtype` name, Whisper
     `window_seconds`) and how its cache stores it (`front_end`, `codec`, `standardise`; pq and
-    rq: `pq_subvectors` M, `pq_train_frames`, `seed` of the codebook). DataError for an unknown
-    `codec` or `standardise`."""
+    rq: `num_codebooks` M, `codebook_train_frames`, `seed` of the codebook). DataError for an
+    unknown `codec` or `standardise`."""
 
     teacher: str
     layers: int | str | Sequence[int]
@@ -98,8 +100,8 @@ class CacheSettings:
     front_end: bool
     codec: str
     standardise: str
-    pq_subvectors: int
-    pq_train_frames: int
+    num_codebooks: int
+    codebook_train_frames: int
     seed: int
 
     def __post_init__(self) -> None:
@@ -308,7 +310,7 @@ def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
     a placeholder `codebook_sha256` until the codebook is known); DataError when the pq
     subvectors do not divide a cached layer's width."""
     geometry = frame_geometry(model)
-    codec, subvectors = settings.codec, settings.pq_subvectors
+    codec, subvectors = settings.codec, settings.num_codebooks
     identity = {**model.cache_identity(settings.front_end), "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field, "codec": codec}
     if settings.standardise != "none":
@@ -318,7 +320,7 @@ def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
                           "codebook_sha256": "0" * 64}
     shape = cache_shape(model, identity)
     if codec == "pq" and any(width % subvectors for width in shape.widths):
-        raise DataError(f"--pq_subvectors {subvectors} does not divide the teacher's width "
+        raise DataError(f"--num_codebooks {subvectors} does not divide the teacher's width "
                         f"{shape.widths[0]}: use a divisor of it (e.g. 16, 32, 64)")
     return shape
 
@@ -329,7 +331,7 @@ def teacher_and_shape(settings: CacheSettings) -> tuple[Teacher, CacheShape]:
     return model, _cache_shape(model, settings)
 
 
-def train_pq(
+def train_codebook(
     shards: str | Sequence[str],
     teacher: str,
     layers: int | str | Sequence[int],
@@ -337,8 +339,8 @@ def train_pq(
     target_kind: str = "layer_output",
     dtype: str = "auto",
     window_seconds: float | None = None,
-    pq_subvectors: int = 32,
-    pq_train_frames: int = 65536,
+    num_codebooks: int = 32,
+    codebook_train_frames: int = 65536,
     seed: int = 0,
     codec: str = "pq",
     progress: bool = True,
@@ -351,15 +353,16 @@ def train_pq(
     frames and the layers learned. `standardise`: as `cache_teacher`'s (the codebook of a
     standardised cache is learned on standardised frames)."""
     if codec not in QUANTISED:
-        raise DataError(f"--codec {codec!r}: train-pq learns the codebook of a pq or rq cache")
+        raise DataError(f"--codec {codec!r}: train-codebook learns the codebook of a pq or rq "
+                        "cache")
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=False,
-                             codec=codec, standardise=standardise, pq_subvectors=pq_subvectors,
-                             pq_train_frames=pq_train_frames, seed=seed)
+                             codec=codec, standardise=standardise, num_codebooks=num_codebooks,
+                             codebook_train_frames=codebook_train_frames, seed=seed)
     _check_out_dir(out_dir)
     urls = expand_urls(shards, allow_remote=True)
     model, _ = teacher_and_shape(settings)
-    codebook_for(model, urls, out_dir, pq_subvectors, pq_train_frames, seed, learn=True,
+    codebook_for(model, urls, out_dir, num_codebooks, codebook_train_frames, seed, learn=True,
                  codec=codec, progress=progress, standardise=standardise)
     return os.path.join(out_dir, PQ_CODEBOOK)
 
@@ -379,8 +382,8 @@ def cache_teacher(
     front_end: bool = False,
     codec: str = "fp16",
     estimate: bool = False,
-    pq_subvectors: int = 32,
-    pq_train_frames: int = 65536,
+    num_codebooks: int = 32,
+    codebook_train_frames: int = 65536,
     seed: int = 0,
     shard_index: str | None = None,
     standardise: str = "none",
@@ -391,9 +394,9 @@ def cache_teacher(
     (`teacher.window_seconds`; None: 30 s), part of the cache's teacher identity. `front_end`:
     also store the teacher's conv front-end output (module docstring), for runs with
     `data.cached_front_end`. `codec`: how the layers are stored, `fp16`, `int8`, `pq` or `rq`
-    (`colld_ds.codecs`; the front end is float16 either way). `pq_subvectors` (M bytes per frame
-    and layer; pq: dividing the teacher's width), `pq_train_frames`, `seed`: the pq or rq
-    codebook (`train_pq`), learned here first when `out_dir` has none and `world_size` is 1.
+    (`colld_ds.codecs`; the front end is float16 either way). `num_codebooks` (M bytes per frame
+    and layer; pq: dividing the teacher's width), `codebook_train_frames`, `seed`: the pq or rq
+    codebook (`train_codebook`), learned here first when `out_dir` has none and `world_size` is 1.
     `standardise`: `none`, or `utterance` to store every layer standardised per utterance
     (module docstring), for runs with `objective.target_norm: utterance` or
     `utterance_position` only. `estimate`: print the size of the whole cache and per hour of
@@ -404,8 +407,8 @@ def cache_teacher(
     counts come from it; `out_dir` is a local or shared directory (`_check_out_dir`)."""
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=front_end,
-                             codec=codec, standardise=standardise, pq_subvectors=pq_subvectors,
-                             pq_train_frames=pq_train_frames, seed=seed)
+                             codec=codec, standardise=standardise, num_codebooks=num_codebooks,
+                             codebook_train_frames=codebook_train_frames, seed=seed)
     _check_out_dir(out_dir)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -426,10 +429,9 @@ def cache_teacher(
         check_free_space(out_dir, estimate_cache(list(infos.values()), shape))
     codebook = None
     if codec in QUANTISED:  # the placeholder hash becomes the codebook's (same length)
-        identity["pq"], codebook = codebook_for(model, all_urls, out_dir, pq_subvectors,
-                                                pq_train_frames, seed, learn=world_size == 1,
-                                                codec=codec, progress=progress,
-                                                standardise=standardise)
+        identity["pq"], codebook = codebook_for(
+            model, all_urls, out_dir, num_codebooks, codebook_train_frames, seed,
+            learn=world_size == 1, codec=codec, progress=progress, standardise=standardise)
     if codec == "rq":  # its beam search runs where the teacher does (codecs.rq_encode)
         codebook = torch.from_numpy(codebook).to(next(model.model.parameters()).device)
     paths = [os.path.join(out_dir, names[url]) for url in urls]

@@ -6,8 +6,8 @@
     python -m colld_ds.data_prep.cli cache_teacher 'out/shards' teacher_dir all out/cache
     python -m colld_ds.data_prep.cli cache_teacher 's3://bucket/audio/train-{000000..000127}.tar' \
         teacher_dir all out/cache    # streamed shards: their shardindex.json beside them
-    python -m colld_ds.data_prep.cli train_pq 'out/shards' teacher_dir 3,6 out/cache \
-        --pq_subvectors 32
+    python -m colld_ds.data_prep.cli train_codebook 'out/shards' teacher_dir 3,6 out/cache \
+        --num_codebooks 32
     python -m colld_ds.data_prep.cli inspect 'out/cache/train-{000000..000003}.tar'
     python -m colld_ds.data_prep.cli spm manifest.tsv out/spm --vocab_size 1000
     python -m colld_ds.data_prep.cli index out/shards   # refresh shardindex.json after edits
@@ -159,12 +159,12 @@ class DataPrep:
         return fire_command(cache_teacher)
 
     @property
-    def train_pq(self) -> Callable:
+    def train_codebook(self) -> Callable:
         """The codebook of a `cache-teacher --codec pq` (or rq) cache, learned once before its ranks
-        start: `colld_ds.data_prep.cache.train_pq` (imported only when this command runs)."""
-        from colld_ds.data_prep.cache import train_pq
+        start: `colld_ds.data_prep.cache.train_codebook` (imported only when this command runs)."""
+        from colld_ds.data_prep.cache import train_codebook
 
-        return fire_command(train_pq)
+        return fire_command(train_codebook)
 
     def index(self, shard_dir: str) -> None:
         """Write or refresh `shard_dir/shardindex.json` (keys and lengths of every `*.tar` there).

@@ -12,8 +12,9 @@ and then `pq_codebook.json` (`PQ_META`: version, settings, the teacher identity,
 npy), each atomically; the json marks the codebook complete. A later run with the same
 settings reuses it (an interrupted cache resumes with the same codebook); other settings or
 another teacher are refused (`codebook_for`). All ranks of a multi-rank cache must share one
-codebook: `colld prep train-pq` learns it once before they start, and `cache-teacher --codec
-pq` learns it itself only with `world_size` 1 (otherwise it refuses, naming `train-pq`).
+codebook: `colld prep train-codebook` learns it once before they start, and `cache-teacher
+--codec pq` learns it itself only with `world_size` 1 (otherwise it refuses, naming
+`train-codebook`).
 
 k-means is faiss's (`faiss.ProductQuantizer`, 25 Lloyd iterations per sub-space from
 seeded random frames, `cp.seed`): a well-kept C++ library, about 1.5 s for 20k 512-d
@@ -133,8 +134,8 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
     """The cache identity's ``"pq"`` fields and the float32 codebook of a ``codec`` (pq: (L, M,
     256, D / M), rq: (L, M, 256, D)) cache in `out_dir`: the one there (complete and of the same
     settings, else DataError), or with `learn` a new one (module docstring), else DataError
-    naming `colld prep train-pq`. `progress`: bars of the sample's frames and the layers learned;
-    `standardise`: the cache's `--standardise` (`sample_frames`)."""
+    naming `colld prep train-codebook`. `progress`: bars of the sample's frames and the layers
+    learned; `standardise`: the cache's `--standardise` (`sample_frames`)."""
     meta_path, npy_path = os.path.join(out_dir, PQ_META), os.path.join(out_dir, PQ_CODEBOOK)
     settings = _settings(teacher, subvectors, train_frames, seed, codec, standardise)
     if os.path.exists(meta_path):
@@ -146,8 +147,8 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
             raise DataError(
                 f"{meta_path}: the {codec} codebook in {out_dir} was learned with other "
                 f"{', '.join(changed)} ({', '.join(f'{k} {meta.get(k)!r}' for k in changed)}): "
-                "use the same --codec, --pq_subvectors, --pq_train_frames, --seed, --standardise "
-                "and teacher, or another out_dir")
+                "use the same --codec, --num_codebooks, --codebook_train_frames, --seed, "
+                "--standardise and teacher, or another out_dir")
         with open(npy_path, "rb") as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != meta["codebook_sha256"]:
@@ -157,9 +158,9 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
     elif not learn:
         raise DataError(
             f"{out_dir} has no {codec} codebook ({PQ_META}), and the ranks of a multi-rank "
-            "cache must share one: learn it first with `colld prep train-pq <shards> <teacher> "
-            f"<layers> <out_dir> --codec {codec}` (same --pq_subvectors, --pq_train_frames, "
-            "--seed, --standardise)")
+            "cache must share one: learn it first with `colld prep train-codebook <shards> "
+            f"<teacher> <layers> <out_dir> --codec {codec}` (same --num_codebooks, "
+            "--codebook_train_frames, --seed, --standardise)")
     else:
         codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed, codec,
                           progress, standardise)

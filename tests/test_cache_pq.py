@@ -25,7 +25,7 @@ from colld_ds.data import AudioBatchStream, read_samples
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CODEBOOK, SHARD_INDEX
 from colld_ds.models import load_teacher
-from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.cli import DataPrep
 from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.pq import PQ_META
@@ -35,7 +35,7 @@ from helpers import CONFIG, REPO, cached_codes, file_sha256, take, tars
 
 LAYERS = [2, 4]
 M = 8  # sub-vectors of the tiny teacher's 32 channels: 4 each
-PQ = {"codec": "pq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
+PQ = {"codec": "pq", "num_codebooks": M, "codebook_train_frames": 900, "progress": False}
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
@@ -148,9 +148,9 @@ def test_pq_identity_refusals(pq_cache, tmp_path):
                                         r"codebook is .*restore the pq_codebook"):
         cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, copy, **PQ, seed=1)
     with pytest.raises(DataError, match=r"learned with other subvectors \(subvectors 8\): use the "
-                                        r"same --codec, --pq_subvectors"):
+                                        r"same --codec, --num_codebooks"):
         cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, cache,
-                      **{**PQ, "pq_subvectors": 16})
+                      **{**PQ, "num_codebooks": 16})
     newer = str(tmp_path / "newer")
     os.makedirs(newer)
     shutil.copy(os.path.join(cache, PQ_CODEBOOK), newer)
@@ -163,9 +163,9 @@ def test_pq_identity_refusals(pq_cache, tmp_path):
     with pytest.raises(DataError, match=r"train-000000.tar: its json has teacher\.pq\.version "
                                         r"2, this colld reads 1: re-cache with"):
         AudioBatchStream(newer, batch_size=1, expect_teacher=identity)
-    with pytest.raises(DataError, match=r"--pq_subvectors 5 does not divide the teacher's width"):
-        train_pq(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, str(tmp_path / "x"),
-                 pq_subvectors=5)
+    with pytest.raises(DataError, match=r"--num_codebooks 5 does not divide the teacher's width"):
+        train_codebook(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, str(tmp_path / "x"),
+                       num_codebooks=5)
 
 
 def test_pq_cache_through_pipe_urls(pq_cache, tmp_path):
@@ -299,10 +299,10 @@ def test_pq_codebook_is_its_own_deterministic_step_shared_by_ranks(pq_cache, tmp
                                                                    monkeypatch, capsys):
     audio, teacher_dir, out = pq_cache["audio"], pq_cache["teacher_dir"], str(tmp_path / "ranks")
     with pytest.raises(DataError, match=r"has no pq codebook .* learn it first with `colld prep "
-                                        r"train-pq"):
+                                        r"train-codebook"):
         cache_teacher(audio, teacher_dir, LAYERS, out, **PQ, rank=1, world_size=2)
-    fire.Fire(DataPrep, ["train-pq", audio, teacher_dir, "2,4", out, "--pq_subvectors", str(M),
-                         "--pq_train_frames", "900"])
+    fire.Fire(DataPrep, ["train-codebook", audio, teacher_dir, "2,4", out,
+                         "--num_codebooks", str(M), "--codebook_train_frames", "900"])
     bars = capsys.readouterr().err  # the long step shows where it is: frames, then layers
     assert re.search(r"codebook sample: 100%\S* \d+/900 \[", bars), bars
     assert re.search(r"pq codebook: 100%\S* 2/2 \[", bars), bars
@@ -346,7 +346,7 @@ def test_interrupted_pq_cache_resumes_with_its_codebook(pq_cache, tmp_path, monk
 def test_estimate_matches_a_pq_cache_written(pq_cache, tmp_path, capsys):
     out = str(tmp_path / "cache")
     fire.Fire(DataPrep, ["cache-teacher", pq_cache["audio"], pq_cache["teacher_dir"], "2,4", out,
-                         "--codec", "pq", "--pq_subvectors", str(M), "--estimate"])
+                         "--codec", "pq", "--num_codebooks", str(M), "--estimate"])
     printed = capsys.readouterr().out
     assert not os.path.exists(out)
     total = int(re.search(r"these shards: .* \(([\d,]+) bytes\)", printed)[1].replace(",", ""))
@@ -366,7 +366,7 @@ def test_codec_benchmark_pq_rows(pq_cache, tmp_path):
     fp16 = str(tmp_path / "fp16")
     cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, fp16, progress=False)
     rows = cache_codecs_benchmark(["--cache", fp16, "--out", str(tmp_path / "rows.json"),
-                                   "--pq_subvectors", "8,32", "--pq_train_frames", "900",
+                                   "--pq_subvectors", "8,32", "--codebook_train_frames", "900",
                                    "--rq_stages", "8", "--faiss_quantisers", "opq-8"])
     by = {(r["layer"], r["codec"]): r for r in rows}
     assert {c for _, c in by} == {"fp16", "int8-channel", "int8-frame", "pq-8", "pq-32",

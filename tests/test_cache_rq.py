@@ -19,7 +19,7 @@ from colld_ds.data import AudioBatchStream
 from colld_ds.errors import DataError
 from colld_ds.formats import PQ_CODEBOOK
 from colld_ds.models import load_teacher
-from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.cli import DataPrep
 from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.pq import PQ_META, train_rq_codebook
@@ -29,7 +29,7 @@ from helpers import cached_codes, file_sha256
 
 LAYERS = [2, 4]
 M = 4  # residual stages over the tiny teacher's 32 channels
-RQ = {"codec": "rq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
+RQ = {"codec": "rq", "num_codebooks": M, "codebook_train_frames": 900, "progress": False}
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
@@ -154,8 +154,9 @@ def test_a_cache_is_all_one_codec_and_codebook(rq_cache, tmp_path):
                                         r"same --codec"):
         cache_teacher(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, cache,
                       **{**RQ, "codec": "pq"})
-    with pytest.raises(DataError, match=r"train-pq learns the codebook of a pq or rq cache"):
-        train_pq(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, str(tmp_path), codec="int8")
+    with pytest.raises(DataError, match=r"train-codebook learns the codebook of a pq or rq cache"):
+        train_codebook(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, str(tmp_path),
+                       codec="int8")
     copy = str(tmp_path / "copy")
     shutil.copytree(cache, copy)
     codebook = np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False)
@@ -179,7 +180,7 @@ def test_inspect_and_estimate_of_an_rq_cache(rq_cache, tmp_path, capsys):
             "(D 32), layers 2, 4") in printed
     out = str(tmp_path / "cache")
     fire.Fire(DataPrep, ["cache-teacher", rq_cache["audio"], rq_cache["teacher_dir"], "2,4", out,
-                         "--codec", "rq", "--pq_subvectors", str(M), "--estimate"])
+                         "--codec", "rq", "--num_codebooks", str(M), "--estimate"])
     printed = capsys.readouterr().out
     written = sum(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache)
                   if n.endswith(".tar") or "codebook" in n)

@@ -18,7 +18,7 @@ from colld_ds.data import AudioBatchStream, read_samples
 from colld_ds.distill import build_run, distillation_loss, mask_batch
 from colld_ds.errors import DataError
 from colld_ds.models import load_teacher
-from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.cli import DataPrep
 from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.shards import write_audio_shards
@@ -27,7 +27,7 @@ from helpers import cached_codes, tars
 
 LAYERS = [2, 4]
 M = 8  # pq sub-vectors of the tiny teacher's 32 channels
-PQ = {"codec": "pq", "pq_subvectors": M, "pq_train_frames": 900, "progress": False}
+PQ = {"codec": "pq", "num_codebooks": M, "codebook_train_frames": 900, "progress": False}
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
@@ -135,8 +135,8 @@ def test_a_cache_and_its_codebook_are_all_one_setting(caches, tmp_path):
                       progress=False, standardise="utterance")
     with pytest.raises(DataError, match=r"learned with other standardised \(standardised "
                                         r"'utterance'\)"):
-        train_pq(caches["audio"], caches["teacher_dir"], LAYERS, caches["pq"],
-                 **{k: v for k, v in PQ.items() if k != "progress"}, progress=False)
+        train_codebook(caches["audio"], caches["teacher_dir"], LAYERS, caches["pq"],
+                       **{k: v for k, v in PQ.items() if k != "progress"}, progress=False)
     with pytest.raises(DataError, match=r"--standardise 'frame': use one of none, utterance"):
         cache_teacher(caches["audio"], caches["teacher_dir"], LAYERS, str(tmp_path / "c"),
                       progress=False, standardise="frame")
@@ -176,7 +176,7 @@ def test_inspect_says_the_layers_are_standardised(caches, capsys):
 def test_codec_benchmark_standardised_rows(caches, tmp_path):
     rows = cache_codecs_benchmark(["--cache", caches["fp16"], "--out", str(tmp_path / "r.json"),
                                    "--pq_subvectors", "8", "--rq_stages", "4",
-                                   "--pq_train_frames", "900", "--standardised"])
+                                   "--codebook_train_frames", "900", "--standardised"])
     by = {(r["layer"], r["codec"]): r for r in rows}
     assert {c for _, c in by} == {"fp16", "int8-channel", "int8-frame", "pq-8", "rq-4",
                                   "pq-8-std", "rq-4-std"}

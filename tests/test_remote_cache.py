@@ -20,7 +20,7 @@ from colld_ds.errors import DataError
 from colld_ds.formats import SHARD_INDEX
 from colld_ds.models import load_teacher
 from colld_ds.remote import RemoteReadError
-from colld_ds.data_prep.cache import cache_teacher, train_pq
+from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.shards import ShardWriteError, write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
@@ -146,7 +146,8 @@ def test_an_out_dir_url_is_refused_in_one_line(root, out_dir):
     expected = (f"--out_dir {out_dir}: caches are written to a local or shared filesystem; copy "
                 "them with aws s3 sync (or to an https server) afterwards; training reads s3:// "
                 "and https:// caches through data.teacher_cache")
-    for command in (cache_teacher, train_pq):  # before anything is loaded: no such teacher here
+    # before anything is loaded: no such teacher here
+    for command in (cache_teacher, train_codebook):
         with pytest.raises(DataError) as info:
             command(os.path.join(root, "audio"), "no-such-teacher", LAYERS, out_dir)
         assert str(info.value) == expected
@@ -178,7 +179,7 @@ def test_pq_cache_of_https_shards_is_the_local_one_and_reads_over_https(root, ht
     the codebook beside it, read over https."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # see tests/test_cache_pq.py
-    pq = dict(codec="pq", pq_subvectors=8, pq_train_frames=900)
+    pq = dict(codec="pq", num_codebooks=8, codebook_train_frames=900)
     try:
         cache(root, os.path.join(root, "audio"), os.path.join(root, "cache_pq"), **pq)
         cache(root, f"{http_root}/audio/{NAMES}", tmp_path / "cache_pq", **pq)
