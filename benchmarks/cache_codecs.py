@@ -23,6 +23,9 @@ codebook learned on, and its codes made of, each utterance's standardised frames
 (``colld_ds.codecs.standardise_utterance``, float16-rounded as such a cache stores them); since
 that cache holds standardised frames, its feature columns compare the decoded frames with the
 standardised reference, and its target columns are computed as every row's.
+``--written dir,...`` adds a row per layer of each cache already written from the same audio
+(any codec; pq, rq: with the codebook beside its shards, however it was learned), decoded as
+the loader does, measured on every utterance: what a run on that cache trains on.
 
     python benchmarks/cache_codecs.py --cache demo_out/whisper/cache
 """
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, write_rows  # noqa: E402
 from colld_ds.codecs import (dequantise_int8, pq_decode, pq_encode, quantise_int8,  # noqa: E402
                              rq_decode, rq_encode, standardise_utterance)
-from colld_ds.data import expand_urls, read_samples  # noqa: E402
+from colld_ds.data import cached_frames, decode_wave, expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
 from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
 from colld_ds.data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
@@ -164,17 +167,55 @@ class Tally:
         }
 
 
-def layers_of(cache: str, max_utterances: int | None
-              ) -> Iterator[tuple[int, dict, dict[int, np.ndarray]]]:
-    """(n, teacher identity, {layer: float16 (T, D)}) of each utterance of the fp16 ``cache``."""
+def utterances_of(cache: str, max_utterances: int | None
+                  ) -> Iterator[tuple[str, dict, dict[int, np.ndarray]]]:
+    """(key, teacher identity, {layer: float16 (T, D)}) of each utterance of the fp16 ``cache``."""
     for n, sample in enumerate(read_samples(expand_urls(cache))):
         if max_utterances is not None and n >= max_utterances:
             return
         identity = json.loads(sample["json"])["teacher"]
         if cache_codec(identity, f"{sample['__url__']}") != "fp16":
             raise DataError(f"{cache} is not an fp16 cache: the reference must be fp16")
-        yield n, identity, {layer: np.load(io.BytesIO(sample[feature_member(
+        yield sample["__key__"], identity, {layer: np.load(io.BytesIO(sample[feature_member(
             layer, identity["target_kind"])]), allow_pickle=False) for layer in identity["layers"]}
+
+
+def layers_of(cache: str, max_utterances: int | None
+              ) -> Iterator[tuple[int, dict, dict[int, np.ndarray]]]:
+    """(n, teacher identity, {layer: float16 (T, D)}) of each utterance of the fp16 ``cache``."""
+    for n, (_, identity, layers) in enumerate(utterances_of(cache, max_utterances)):
+        yield n, identity, layers
+
+
+def written_rows(cache: str, written: str, max_utterances: int | None) -> list[dict]:
+    """One row per layer of the cache ``written`` (a directory of any codec, pq and rq with
+    their codebook beside the shards), cached from the same audio as the fp16 ``cache``: its
+    frames decoded as the loader does (``colld_ds.data.cached_frames``) against the fp16 ones,
+    every utterance of ``cache``; DataError naming an utterance ``written`` lacks."""
+    decoded, variant = {}, None
+    for sample in read_samples(expand_urls(written)):
+        meta = json.loads(sample["json"])
+        pq = meta["teacher"].get("pq")
+        variant = meta["teacher"]["codec"] + (f"-{pq['subvectors']}" if pq else "")
+        start = time.perf_counter()
+        frames = cached_frames(sample, meta, meta["teacher"], decode_wave(sample).shape[0], None)
+        seconds = time.perf_counter() - start
+        decoded[sample["__key__"]] = dict(zip(meta["teacher"]["layers"], frames, strict=True)), \
+            seconds / len(frames)
+    tallies: dict[int, Tally] = {}
+    identity = None
+    for key, identity, layers in utterances_of(cache, max_utterances):
+        if key not in decoded:
+            raise DataError(f"{written} has no utterance {key}, which {cache} has: --written "
+                            "must be a cache of the same audio")
+        written_layers, seconds = decoded[key]
+        for layer, x in layers.items():
+            tallies.setdefault(layer, Tally()).add(
+                x, standardise_utterance(x), written_layers[layer].astype(np.float32), seconds,
+                variant)
+    return [{"teacher": identity["name"], "layer": layer,
+             "codec": f"{variant} ({Path(written).name})", "measured_on": f"all, from {written}",
+             **tally.row()} for layer, tally in sorted(tallies.items())]
 
 
 def standardised(x: np.ndarray) -> np.ndarray:
@@ -247,6 +288,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="rows of quantisers that are not cache codecs: opq-M")
     parser.add_argument("--standardised", action="store_true",
                         help="also the pq and rq rows of a --standardise utterance cache")
+    parser.add_argument("--written", default="",
+                        help="rows of caches written from the same audio (any codec), comma "
+                        "separated directories, decoded as the loader does")
     parser.add_argument("--codebook_train_frames", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cache_codecs_whisper_demo.json")
@@ -256,6 +300,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     measured = measure(args.cache, args.max_utterances, subvectors, args.codebook_train_frames,
                        args.seed, [q for q in args.faiss_quantisers.split(",") if q],
                        [int(m) for m in args.rq_stages.split(",") if m], args.standardised)
+    measured += [row for written in args.written.split(",") if written
+                 for row in written_rows(args.cache, written, args.max_utterances)]
     rows = [{**row, "cache": args.cache, "codebook_train_frames": args.codebook_train_frames,
              **stamp} for row in measured]
     print("layer | codec         | cosine mean | cosine min | rel L2  | target cosine mean | "

@@ -210,7 +210,9 @@ def read_samples(urls: Sequence[str]) -> Iterator[dict]:
             with open_stream(url) as stream:
                 yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         except Exception as exc:  # webdataset appends streams and urls to args: keep the message
-            detail = getattr(exc, "message", None) or (exc.args[0] if exc.args else repr(exc))
+            first = exc.args[0] if exc.args else repr(exc)  # OSError's is its errno
+            detail = getattr(exc, "message", None) or (first if isinstance(first, str)
+                                                       else str(exc))
             detail = detail.removeprefix(f"cannot read {url}: ")
             error = RemoteReadError if isinstance(exc, RemoteReadError) else DataError
             raise error(f"cannot read shard {url}: {detail}") from exc

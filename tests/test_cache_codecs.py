@@ -17,7 +17,7 @@ from webdataset import TarWriter
 
 from benchmarks.cache_codecs import main as cache_codecs_benchmark
 from colld_ds.codecs import decode, quantise_int8
-from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.data import AudioBatchStream, decode_wave, expand_urls, read_samples
 from colld_ds.errors import DataError
 from colld_ds.models import load_teacher
 from colld_ds.data_prep.cache import cache_teacher
@@ -252,3 +252,26 @@ def test_codec_benchmark_plumbing(caches, tmp_path):
             32 + 64 * 12 / frames)
         # XLS-R 300M at 3 layers in fp16: 2048 bytes x 50 frames x 36e6 s, plus headers
         assert 11.05 < by[layer, "fp16"]["xlsr300m_tb_per_10k_h_3_layers"] < 11.6
+
+
+def test_codec_benchmark_measures_written_caches(caches, tmp_path):
+    rows = cache_codecs_benchmark(["--cache", caches["fp16"], "--out", str(tmp_path / "r.json"),
+                                   "--pq_subvectors", "",
+                                   "--written", f"{caches['int8']},{caches['fp16']}"])
+    by = {(r["layer"], r["codec"]): r for r in rows}
+    arrays = [np.load(io.BytesIO(s["l04.layer_output.npy"]), allow_pickle=False).astype(float)
+              for s in read_samples(expand_urls(caches["fp16"]))]
+    written_int8 = by[4, "int8 (int8)"]
+    err = sum(((np.multiply(*hand_int8(x, "channel")) - x) ** 2).sum() for x in arrays)
+    assert written_int8["rel_l2"] == pytest.approx(np.sqrt(err / sum((x**2).sum()
+                                                                      for x in arrays)), rel=1e-2)
+    assert written_int8["frames"] == sum(len(x) for x in arrays)
+    assert written_int8["measured_on"] == f"all, from {caches['int8']}"
+    assert by[4, "fp16 (fp16)"]["rel_l2"] == 0 and by[4, "fp16 (fp16)"]["target_rel_l2"] == 0
+    part = tmp_path / "part"
+    part.mkdir()
+    first = sorted(n for n in os.listdir(caches["int8"]) if n.endswith(".tar"))[0]
+    os.link(os.path.join(caches["int8"], first), part / first)
+    with pytest.raises(DataError, match=rf"{part} has no utterance \S+, which .* has"):
+        cache_codecs_benchmark(["--cache", caches["fp16"], "--out", str(tmp_path / "p.json"),
+                                "--pq_subvectors", "", "--written", str(part)])

@@ -85,6 +85,13 @@ def test_http_404_is_one_error_naming_the_url(http_url, shard_dir):
         stream(gone, shard_index=os.path.join(shard_dir, SHARD_INDEX))
 
 
+def test_an_os_error_on_a_local_shard_is_one_error_naming_it(shard_dir):
+    # OSError's first argument is its errno, not the message: the message is kept whole
+    with pytest.raises(ValueError, match=rf"^cannot read shard {shard_dir}: \[Errno 21\] Is a "
+                                         "directory"):
+        list(read_samples([shard_dir]))
+
+
 def test_unreachable_server_is_named_at_construction(shard_dir):
     with pytest.raises(ValueError, match=r"cannot read shard index http://127\.0\.0\.1:9/"
                                          r"shardindex\.json: curl failed .*\(7\)"):
