@@ -59,6 +59,7 @@ import collections
 import io
 import itertools
 import json
+import math
 import os
 import time
 import warnings
@@ -70,6 +71,7 @@ import torch
 from tqdm import tqdm
 
 from colld_ds.codecs import encode, standardise_utterance
+from colld_ds.batching import ShardInfo
 from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos, shard_name
 from colld_ds.errors import DataError, TeacherError
 from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, QUANTISED,
@@ -325,6 +327,24 @@ def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
     return shape
 
 
+def check_window(model: Teacher, infos: dict[str, ShardInfo]) -> None:
+    """Before any work: DataError naming the longest utterance of the shards `infos` (keys and
+    lengths) and the fix when the teacher takes a bounded window (Whisper's, `window_seconds`)
+    that it does not fit; the teacher would otherwise fail on it mid-run."""
+    max_samples = getattr(model.front_end, "max_samples", None)
+    if max_samples is None:
+        return
+    url, key, length = max(((info.url, key, length) for info in infos.values()
+                            for key, length in zip(info.keys, info.lengths, strict=True)),
+                           key=lambda item: item[2], default=("", "", 0))
+    if length > max_samples:
+        seconds, window = length / SAMPLE_RATE, max_samples / SAMPLE_RATE
+        raise DataError(f"utterance {key} in {url} is {seconds:.2f} s, longer than the Whisper "
+                        f"teacher's {window:g} s window: re-run with --window_seconds "
+                        f"{math.ceil(seconds)} (at most 30), or crop or split the utterances "
+                        "longer than the window (nothing was written)")
+
+
 def teacher_and_shape(settings: CacheSettings) -> tuple[Teacher, CacheShape]:
     """The teacher of `settings` on this process's device, and the shape of its cache."""
     model = _load(settings)
@@ -345,13 +365,16 @@ def train_codebook(
     codec: str = "pq",
     progress: bool = True,
     standardise: str = "none",
+    shard_index: str | None = None,
 ) -> str:
     """Learn the codebook of a `--codec pq` (or `rq`) cache of `teacher`'s `layers` over the
     audio `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq`
     (or `rq`) with the same arguments caches into it: once for all ranks. Reuses a complete
     codebook of the same settings there; returns its path. `progress`: bars of the sampled
     frames and the layers learned. `standardise`: as `cache_teacher`'s (the codebook of a
-    standardised cache is learned on standardised frames)."""
+    standardised cache is learned on standardised frames). `shard_index`: as `cache_teacher`'s
+    (streamed shards need one); a Whisper teacher's window is checked against every
+    utterance's length before the teacher runs (`check_window`)."""
     if codec not in QUANTISED:
         raise DataError(f"--codec {codec!r}: train-codebook learns the codebook of a pq or rq "
                         "cache")
@@ -361,7 +384,9 @@ def train_codebook(
                              codebook_train_frames=codebook_train_frames, seed=seed)
     _check_out_dir(out_dir)
     urls = expand_urls(shards, allow_remote=True)
+    infos = shard_infos(urls, shard_index, True)  # a wrong host or missing index fails at once
     model, _ = teacher_and_shape(settings)
+    check_window(model, infos)
     codebook_for(model, urls, out_dir, num_codebooks, codebook_train_frames, seed, learn=True,
                  codec=codec, progress=progress, standardise=standardise)
     return os.path.join(out_dir, PQ_CODEBOOK)
@@ -404,7 +429,9 @@ def cache_teacher(
     shards still missing will not fit in `out_dir`'s free space. Prints audio seconds per second
     at the end. `shards` may be streamed URLs (`colld_ds.remote`: http(s)://, s3://, pipe:),
     which need their shard index (beside them, or `shard_index`, a path or URL): the sizes and
-    counts come from it; `out_dir` is a local or shared directory (`_check_out_dir`)."""
+    counts come from it; `out_dir` is a local or shared directory (`_check_out_dir`). A Whisper
+    teacher's window is checked against every utterance still to cache before the teacher runs
+    (`check_window`)."""
     settings = CacheSettings(teacher=teacher, layers=layers, target_kind=target_kind,
                              dtype=dtype, window_seconds=window_seconds, front_end=front_end,
                              codec=codec, standardise=standardise, num_codebooks=num_codebooks,
@@ -420,6 +447,7 @@ def cache_teacher(
     # before the teacher loads: a wrong host, bucket or missing index fails at once
     infos = shard_infos(missing, shard_index, True) if missing else {}
     model, shape = teacher_and_shape(settings)
+    check_window(model, infos)
     identity = shape.identity
     if estimate:
         print(estimate_cache(list(infos.values()), shape).report())

@@ -1,5 +1,6 @@
 """Whisper's encoder as a teacher family and its student (tiny real-config Whisper, no hub)."""
 
+import itertools
 import math
 import os
 
@@ -13,6 +14,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from colld_ds.config import ConfigError, load_config
 from colld_ds.formats import SAMPLE_RATE, check_teacher_identity
 from colld_ds.models import build_student, load_teacher, read_num_layers
+from colld_ds.data_prep import cache
+from colld_ds.data_prep.generated_audio import generate_utterances
+from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 
 S = SAMPLE_RATE
@@ -370,6 +374,22 @@ def test_utterance_longer_than_the_window_is_a_clear_error(tiny):
         with pytest.raises(ValueError, match=rf"1\.50 s long.*1 s window \({SAMPLE_RATE} samples.*"
                                              r"teacher\.window_seconds"):
             model(long, torch.tensor([S + S // 2, S]))
+
+
+@pytest.mark.parametrize("command", ["cache_teacher", "train_codebook"])
+def test_cache_refuses_an_utterance_longer_than_the_window_before_any_work(tiny, tmp_path,
+                                                                           command):
+    short, long = generate_utterances(3, 0, 0.4, 0.9), generate_utterances(1, 1, 1.3, 1.4)
+    write_audio_shards(itertools.chain(short, long), str(tmp_path / "audio"), max_count=2,
+                       progress=False)
+    out_dir = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"utterance gen1-000000 in \S+/train-000001\.tar is "
+                                         r"1\.3\d s, longer than the Whisper teacher's 1 s "
+                                         r"window: re-run with --window_seconds 2 "):
+        getattr(cache, command)(str(tmp_path / "audio"), tiny, [1], str(out_dir),
+                                window_seconds=1.0, codec="pq", num_codebooks=4,
+                                progress=False)
+    assert not out_dir.exists() or not any(out_dir.iterdir())  # nothing written
 
 
 @pytest.mark.parametrize("window", [0.0, 0.03, 30.02, 60.0])
