@@ -13,16 +13,17 @@ objective sees rather than by a few large dimensions), bytes per frame on disk
 loader's decode time per frame. The projection uses the same utterance lengths at D = 1024 (pq:
 the same M; the codebook, stored once, is left out). fp16 and int8 are measured on every
 utterance; pq and rq on the odd-numbered utterances (in shard order) only, held out from their
-codebooks, which are learned (``colld_ds.data_prep.pq.train_codebook``, ``train_rq_codebook``,
-seeded) on up to ``--codebook_train_frames`` frames of the even-numbered ones, and coded with the
-cache's own ``colld_ds.codecs`` functions. ``--faiss_quantisers opq-M`` adds, the same way, a
-quantiser that is not a cache codec, to show what a codec of the same bytes could reconstruct:
-pq with M sub-vectors after a learned rotation. ``--standardised`` adds, for each pq and rq row,
-the codec of a ``cache-teacher --standardise utterance`` cache (``pq-M-std``, ``rq-M-std``): its
-codebook learned on, and its codes made of, each utterance's standardised frames
-(``colld_ds.codecs.standardise_utterance``, float16-rounded as such a cache stores them); since
-that cache holds standardised frames, its feature columns compare the decoded frames with the
-standardised reference, and its target columns are computed as every row's.
+codebooks, which are learned (``colld_ds.data_prep.codebook.train_pq_codebook``,
+``train_rq_codebook``, seeded) on up to ``--codebook_train_frames`` frames of the even-numbered
+ones, and coded with the cache's own ``colld_ds.codecs`` functions. ``--faiss_quantisers opq-M``
+adds, the same way, a quantiser that is not a cache codec, to show what a codec of the same
+bytes could reconstruct: pq with M sub-vectors after a learned rotation. ``--standardised``
+adds, for each pq and rq row, the codec of a ``cache-teacher --standardise utterance`` cache
+(``pq-M-std``, ``rq-M-std``): its codebook learned on, and its codes made of, each utterance's
+standardised frames (``colld_ds.codecs.standardise_utterance``, float16-rounded as such a cache
+stores them); since that cache holds standardised frames, its feature columns compare the
+decoded frames with the standardised reference, and its target columns are computed as every
+row's.
 ``--written dir,...`` adds a row per layer of each cache already written from the same audio
 (any codec; pq, rq: with the codebook beside its shards, however it was learned), decoded as
 the loader does, measured on every utterance: what a run on that cache trains on.
@@ -49,9 +50,10 @@ from colld_ds.codecs import (dequantise_int8, pq_decode, pq_encode, quantise_int
                              rq_decode, rq_encode, standardise_utterance)
 from colld_ds.data import cached_frames, decode_wave, expand_urls, read_samples  # noqa: E402
 from colld_ds.errors import DataError  # noqa: E402
-from colld_ds.formats import cache_codec, feature_member, layer_arrays  # noqa: E402
+from colld_ds.formats import (QUANTISED, cache_codec, codebook_identity,  # noqa: E402
+                              feature_member, layer_arrays)
 from colld_ds.data_prep.cache_size import member_bytes, npy_bytes  # noqa: E402
-from colld_ds.data_prep.pq import train_codebook, train_rq_codebook  # noqa: E402
+from colld_ds.data_prep.codebook import train_pq_codebook, train_rq_codebook  # noqa: E402
 
 VARIANTS = ("fp16", "int8-channel", "int8-frame")  # int8-channel is the cache's `int8`
 XLSR_WIDTH, XLSR_FRAME_RATE, XLSR_LAYERS = 1024, 50.0, 3
@@ -195,8 +197,9 @@ def written_rows(cache: str, written: str, max_utterances: int | None) -> list[d
     decoded, variant = {}, None
     for sample in read_samples(expand_urls(written)):
         meta = json.loads(sample["json"])
-        pq = meta["teacher"].get("pq")
-        variant = meta["teacher"]["codec"] + (f"-{pq['subvectors']}" if pq else "")
+        codec = cache_codec(meta["teacher"], written)
+        variant = codec + (f"-{codebook_identity(meta['teacher'], written).num_codebooks}"
+                           if codec in QUANTISED else "")
         start = time.perf_counter()
         frames = cached_frames(sample, meta, meta["teacher"], decode_wave(sample).shape[0], None)
         seconds = time.perf_counter() - start
@@ -243,7 +246,7 @@ def codebooks(cache: str, max_utterances: int | None, learned: list[str], train_
             kind, size, *suffix = variant.split("-")
             if bool(suffix) != std:
                 continue
-            learn = {"pq": train_codebook, "rq": train_rq_codebook}.get(kind)
+            learn = {"pq": train_pq_codebook, "rq": train_rq_codebook}.get(kind)
             books[layer, variant] = (learn(x, int(size), seed) if learn
                                      else faiss_quantiser(variant, x, seed))
     return books

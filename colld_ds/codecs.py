@@ -18,19 +18,20 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   (``x_t = [x_t^1 ... x_t^M]``); each is stored as the uint8 index of its nearest centroid
   (squared L2) in that sub-space's codebook of 256: ``code_tm = argmin_k ||x_t^m - C[m, k]||``,
   features ``[C[1, code_t1] ... C[M, code_tM]]`` (M bytes per frame). The per-layer codebooks
-  (M, 256, D / M) are learned by k-means before caching (``colld_ds.data_prep.pq``, faiss) and
-  stored once per cache, float32 (L, M, 256, D / M) in ``formats.PQ_CODEBOOK`` beside the shards (or
-  where ``data.pq_codebook`` says: ``pipe:`` shards have no directory; ``codebook_path``), read
+  (M, 256, D / M) are learned by k-means before caching (``colld_ds.data_prep.codebook``, faiss)
+  and stored once per cache, float32 (L, M, 256, D / M) in ``formats.CODEBOOK_FILE`` beside the
+  shards (or where ``data.codebook_file`` says: ``pipe:`` shards have no directory;
+  ``codebook_path``), read
   without pickle and checked against the sha256 the identity records (``load_codebook``;
   ``read_codebook`` caches it per process).
 - ``rq``: residual quantisation, with the same uint8 (T, M) codes, identity fields and codebook
   file as pq, but M stages over the whole D: stage m's codebook (256, D) quantises what stages
   1..m-1 left, ``x_t ~ sum_m C[m, code_tm]``, so every byte refines all channels (per layer
-  (M, 256, D), ``colld_ds.data_prep.pq`` learns it with faiss's ``ResidualQuantizer``). Encoding is
-  a beam search (``rq_encode``, ``RQ_BEAM`` candidates kept per stage), the one faiss runs,
-  written here in torch so that it runs on the teacher's GPU while caching (M x beam x 256
-  distances of D values per frame: 34M multiply-adds at M = 32, D = 1024) and encodes from the
-  stored codebook alone; tests check its codes against faiss's. On the demo cache's target
+  (M, 256, D), ``colld_ds.data_prep.codebook`` learns it with faiss's ``ResidualQuantizer``).
+  Encoding is a beam search (``rq_encode``, ``RQ_BEAM`` candidates kept per stage), the one
+  faiss runs, written here in torch so that it runs on the teacher's GPU while caching (M x beam
+  x 256 distances of D values per frame: 34M multiply-adds at M = 32, D = 1024) and encodes from
+  the stored codebook alone; tests check its codes against faiss's. On the demo cache's target
   space rq keeps as much with 32 bytes as pq with 64 (README "Cache codecs",
   ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows). Decoding (the sum of
   M gathered rows, ``rq_decode``) runs in the loader, as pq's does.
@@ -71,7 +72,7 @@ import numpy as np
 import torch
 
 from colld_ds.errors import DataError
-from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, QUANTISED, layer_arrays
+from colld_ds.formats import CODEBOOK_ENTRIES, CODEBOOK_FILE, QUANTISED, layer_arrays
 from colld_ds.objectives.base import utterance_norm
 from colld_ds.remote import open_stream
 
@@ -191,49 +192,50 @@ def codebook_width(codec: str, shape: tuple[int, ...]) -> int:
     return shape[0] * shape[2] if codec == "pq" else shape[2]
 
 
-def codebook_path(shard_url: str, given: str | None = None) -> str:
+def codebook_path(shard_url: str, given: str | None = None, file_name: str = CODEBOOK_FILE
+                  ) -> str:
     """Where the pq (or rq) codebook of the cache holding ``shard_url`` is: ``given``
-    (``data.pq_codebook``) when set, else ``PQ_CODEBOOK`` beside the shard; DataError naming
-    the shard, the option and the fix for a ``pipe:`` shard without ``given`` (a command has no
-    directory)."""
+    (``data.codebook_file``) when set, else ``file_name`` (``formats.CodebookIdentity
+    .file_name``) beside the shard; DataError naming the shard, the option and the fix for a
+    ``pipe:`` shard without ``given`` (a command has no directory)."""
     if given:
         return given
     if shard_url.startswith("pipe:"):
         raise DataError(f"pq cache shard {shard_url} is a pipe: command, which has no directory "
-                        f"to find its {PQ_CODEBOOK} in: set data.pq_codebook to the codebook's "
-                        f"path or URL (e.g. --data.pq_codebook /mnt/cache/{PQ_CODEBOOK})")
-    return os.path.join(os.path.dirname(shard_url), PQ_CODEBOOK)
+                        f"to find its {file_name} in: set data.codebook_file to the codebook's "
+                        f"path or URL (e.g. --data.codebook_file /mnt/cache/{file_name})")
+    return os.path.join(os.path.dirname(shard_url), file_name)
 
 
-def load_codebook(path: str, sha256: str, num_layers: int, subvectors: int, codec: str = "pq"
-                  ) -> np.ndarray:
+def load_codebook(path: str, sha256: str, num_layers: int, num_codebooks: int,
+                  codec: str = "pq") -> np.ndarray:
     """The float32 codebook of a ``codec`` cache at ``path`` (a path or a URL), pq (L, M, 256,
     D / M) or rq (L, M, 256, D), read without pickle, from the file on every call
-    (``read_codebook``: once per process); DataError naming ``teacher.pq.codebook_sha256`` and
+    (``read_codebook``: once per process); DataError naming ``teacher.codebook.sha256`` and
     the fix when it cannot be read, is not that shape, or its bytes do not hash to ``sha256``."""
-    fix = ("copy the pq_codebook.npy the cache was written with beside its shards (or name it "
-           f"in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec {codec}` "
-           "into a new out_dir")
+    fix = (f"copy the {os.path.basename(path)} the cache was written with beside its shards (or "
+           f"name it in data.codebook_file), or re-cache with `colld prep cache-teacher --codec "
+           f"{codec}` into a new out_dir")
     try:
         with open_stream(path) as stream:
             data = stream.read()
     except OSError as exc:
-        raise DataError(f"cannot read the pq codebook {path} (teacher.pq.codebook_sha256 "
+        raise DataError(f"cannot read the {codec} codebook {path} (teacher.codebook.sha256 "
                         f"{sha256[:12]}...): {exc}: {fix}") from exc
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
-        raise DataError(f"pq codebook {path} has sha256 {found[:12]}..., the cache's json "
-                        f"records teacher.pq.codebook_sha256 {sha256[:12]}...: {fix}")
+        raise DataError(f"{codec} codebook {path} has sha256 {found[:12]}..., the cache's json "
+                        f"records teacher.codebook.sha256 {sha256[:12]}...: {fix}")
     codebook = np.load(io.BytesIO(data), allow_pickle=False)
-    if codebook.ndim != 4 or codebook.shape[:3] != (num_layers, subvectors, PQ_CENTROIDS):
-        raise DataError(f"pq codebook {path} has shape {codebook.shape}, expected ({num_layers}, "
-                        f"{subvectors}, {PQ_CENTROIDS}, {'D / M' if codec == 'pq' else 'D'}): "
-                        f"{fix}")
+    if codebook.ndim != 4 or codebook.shape[:3] != (num_layers, num_codebooks, CODEBOOK_ENTRIES):
+        raise DataError(f"{codec} codebook {path} has shape {codebook.shape}, expected "
+                        f"({num_layers}, {num_codebooks}, {CODEBOOK_ENTRIES}, "
+                        f"{'D / M' if codec == 'pq' else 'D'}): {fix}")
     return codebook.astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=8)
-def read_codebook(path: str, sha256: str, num_layers: int, subvectors: int, codec: str = "pq"
-                  ) -> np.ndarray:
+def read_codebook(path: str, sha256: str, num_layers: int, num_codebooks: int,
+                  codec: str = "pq") -> np.ndarray:
     """``load_codebook``, cached: the loader reads each codebook once per process."""
-    return load_codebook(path, sha256, num_layers, subvectors, codec)
+    return load_codebook(path, sha256, num_layers, num_codebooks, codec)

@@ -154,10 +154,11 @@ class DataConfig:
     """Shard index (path or URL) of the shards read (``train_shards`` or ``teacher_cache``).
     Empty: ``shardindex.json`` beside them (written by ``make_shards`` and ``cache-teacher``);
     local shards without one are scanned at start-up, streamed ones need one."""
-    pq_codebook: str = ""
+    codebook_file: str = ""
     """pq and rq caches: the codebook's path or URL when it is not beside the shards, e.g. for
     ``pipe:`` shards (a command has no directory); checked against the cache's identity like
-    the one beside them. Empty: ``pq_codebook.npy`` beside the shards."""
+    the one beside them. Empty: ``codebook.npy`` beside the shards (``pq_codebook.npy`` for a
+    cache written before codebook format 2: ``colld_ds.formats``)."""
     on_bad_shard: Literal["stop", "skip"] = "stop"
     """A shard that fails while training reads it (truncated, corrupt, unreachable mid-run):
     ``stop`` (default) ends the run with an error naming it (checkpoints stay intact; restore it
@@ -409,9 +410,9 @@ def validate(config: TrainConfig) -> None:
     require(not config.data.cached_front_end or config.student.freeze_front_end,
             "data.cached_front_end: the student skips its conv front end, so it must not train; "
             "set student.freeze_front_end true (or data.cached_front_end false)")
-    require(not config.data.pq_codebook or bool(config.data.teacher_cache),
-            "data.pq_codebook: the codebook of a pq teacher cache; set data.teacher_cache or "
-            "leave data.pq_codebook empty")
+    require(not config.data.codebook_file or bool(config.data.teacher_cache),
+            "data.codebook_file: the codebook of a pq or rq teacher cache; set "
+            "data.teacher_cache or leave data.codebook_file empty")
     require(config.data.batch_size >= 1, "data.batch_size: must be >= 1")
     require(config.data.max_seconds > 0, "data.max_seconds: must be > 0")
     require(config.data.num_workers >= 0, "data.num_workers: must be >= 0")

@@ -36,8 +36,8 @@ from colld_ds.batching import Batching, EpochPlanner, ShardInfo
 from colld_ds.codecs import codebook_path, decode, read_codebook
 from colld_ds.errors import ColldError, DataError, verbose
 from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, QUANTISED, SAMPLE_RATE, SHARD_INDEX,
-                              FrameGeometry, cache_codec, check_teacher_identity, layer_members,
-                              pq_identity, read_shard_index, shard_index_entry, shard_keys)
+                              FrameGeometry, cache_codec, check_teacher_identity, codebook_identity,
+                              layer_members, read_shard_index, shard_index_entry, shard_keys)
 from colld_ds.remote import RemoteReadError, is_remote, open_stream
 
 _SHARD_NAME = re.compile(r"[^\s/'\"=]+\.tar\b")  # a shard's file name inside a path, URL or command
@@ -280,11 +280,11 @@ def decode_wave(sample: dict) -> np.ndarray:
 
 
 def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
-                  pq_codebook: str | None) -> list[np.ndarray]:
+                  codebook_file: str | None) -> list[np.ndarray]:
     """A raw sample's (T, D) float16 arrays of `expect["layers"]` (`meta`: its parsed json),
     checked against the cache identity and the audio length `num_samples` (T = frames of the
     whole utterance), decoded from the cache's codec (`colld_ds.codecs`; pq: with the codebook
-    `pq_codebook`, else the one beside the shard). The loader's decode, which
+    `codebook_file`, else the one beside the shard). The loader's decode, which
     `benchmarks/train_throughput.py --codecs` times."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
@@ -295,9 +295,9 @@ def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
     cached_layers, codebooks = list(meta["teacher"]["layers"]), None
     if codec in QUANTISED:  # (L, M, 256, D / M) for pq, (L, M, 256, D) for rq
-        pq = pq_identity(meta["teacher"], where)
-        codebooks = read_codebook(codebook_path(url, pq_codebook), pq["codebook_sha256"],
-                                  len(cached_layers), pq["subvectors"], codec)
+        book = codebook_identity(meta["teacher"], where)
+        codebooks = read_codebook(codebook_path(url, codebook_file, book.file_name), book.sha256,
+                                  len(cached_layers), book.num_codebooks, codec)
     frames = []
     for layer in expect["layers"]:
         names = layer_members(layer, expect["target_kind"], codec)
@@ -338,10 +338,10 @@ def _cached_front_end(sample: dict, meta: dict, num_frames: int) -> np.ndarray:
 
 
 def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None,
-                 pq_codebook: str | None = None) -> Iterator[dict]:
+                 codebook_file: str | None = None) -> Iterator[dict]:
     """Raw samples -> `{"key": str, "wave": (S,) float32 16 kHz mono, "lang": str}`, plus in
     cached mode `"frames"`: one (T, D_t) float16 array per expected layer (pq caches: decoded
-    with the codebook `pq_codebook`, None: the one beside the shard) and `"geometry"`,
+    with the codebook `codebook_file`, None: the one beside the shard) and `"geometry"`,
     and if `expect_teacher` has `"front_end"`, `"front_end"`: the (T, C) or (W, D) float16
     array and `"front_end_frames"`: `"utterance"` or `"window"`.
 
@@ -358,7 +358,7 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None,
         decoded = {"key": sample["__key__"], "wave": wave, "lang": meta["lang"]}
         if expect_teacher is not None:
             decoded["frames"] = cached_frames(sample, meta, expect_teacher, wave.shape[0],
-                                              pq_codebook)
+                                              codebook_file)
             decoded["geometry"] = FrameGeometry.of(meta["teacher"])
             if expect_teacher.get("front_end"):
                 num_frames = decoded["frames"][0].shape[0]
@@ -450,7 +450,7 @@ class _EpochDataset(IterableDataset):
         else:
             batches = s.batching.batches(read_indexed(shards), key)
         for raw in take_range(batches, skipped, self.batches_per_worker):
-            audio = decode_audio(raw, s.expect_teacher, s.pq_codebook)
+            audio = decode_audio(raw, s.expect_teacher, s.codebook_file)
             decoded = random_crop(audio, s.max_samples, s.seed, self.epoch)
             batch = collate(list(decoded))
             batch.damaged, damaged[:] = list(damaged), []     # reported with the next batch
@@ -515,7 +515,7 @@ class AudioBatchStream:
         on_bad_shard: a shard that fails while streaming (truncated, corrupt, unreachable):
             `"stop"` raises; `"skip"` leaves out its remaining samples, reports it in
             `Batch.damaged` and refills the worker's batches (`_EpochDataset._refilled`).
-        pq_codebook: cached mode, pq caches: the codebook (path or URL) when it is not beside
+        codebook_file: cached mode, pq caches: the codebook (path or URL) when it is not beside
             the shards, as for `pipe:` shards (`codecs.codebook_path`); None: beside them.
 
     Raises ValueError when there are fewer shards than `world_size * max(1, num_workers)`, or
@@ -538,7 +538,7 @@ class AudioBatchStream:
         bucket_buffer: int = 256,
         shard_index: str | None = None,
         on_bad_shard: str = "stop",
-        pq_codebook: str | None = None,
+        codebook_file: str | None = None,
     ):
         if on_bad_shard not in ("stop", "skip"):
             raise ValueError(f"on_bad_shard {on_bad_shard!r}: choose stop or skip")
@@ -555,10 +555,10 @@ class AudioBatchStream:
         self.urls = expand_urls(urls, allow_remote=True)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.expect_teacher = num_workers, expect_teacher
-        self.pq_codebook = pq_codebook
+        self.codebook_file = codebook_file
         self.shards = shard_infos(self.urls, shard_index, need_lengths=batch_seconds is not None)
         if expect_teacher is not None:  # fail now, not in a worker, on a wrong or missing cache
-            next(decode_audio(read_samples(self.urls[:1]), expect_teacher, pq_codebook), None)
+            next(decode_audio(read_samples(self.urls[:1]), expect_teacher, codebook_file), None)
         elif is_remote(self.urls[0]):  # and on a wrong host, bucket or credentials
             next(read_samples(self.urls[:1]), None)
         self.workers = max(1, num_workers)  # W: pipelines per rank

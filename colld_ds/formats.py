@@ -12,9 +12,11 @@ Teacher-cache shards: an audio shard's samples plus, per cached teacher layer, t
 (and optionally ``FRONT_END_MEMBER``, float16 whatever the codec); the json gains
 ``"teacher"``, the cache's teacher identity (``check_teacher_identity``), which records the front
 end's ``FrameGeometry`` and the ``codec`` (``CODECS``; absent in caches written before codecs:
-fp16), with ``pq`` and ``rq`` (``QUANTISED``) also ``"pq": {"version", "subvectors",
-"codebook_sha256"}`` (rq: M stages, not sub-vectors): the codebook ``PQ_CODEBOOK`` beside the
-shards (``pq_identity``, ``colld_ds.codecs.read_codebook``). A cache written with ``cache-teacher
+fp16), with ``pq`` and ``rq`` (``QUANTISED``) also ``"codebook": {"version", "num_codebooks",
+"sha256"}`` (M: pq's sub-vectors, rq's stages): the codebook ``CODEBOOK_FILE`` beside the shards
+(``codebook_identity``, ``colld_ds.codecs.read_codebook``; caches written before
+``CODEBOOK_VERSION`` 2 hold ``"pq": {"version": 1, "subvectors", "codebook_sha256"}`` and
+``LEGACY_CODEBOOK_FILE``, and are read the same way). A cache written with ``cache-teacher
 --standardise utterance`` records ``"standardised": "utterance"``: its layers hold each
 utterance's frames standardised per dimension (``colld_ds.codecs.standardise_utterance``), which
 only runs whose targets are standardised per utterance read as they would read the plain cache
@@ -47,12 +49,13 @@ SHARD_INDEX = "shardindex.json"  # wids' default index name
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 IDENTITY_KEYS = ("config_hash", "target_kind")  # equal in cache and run; the run's layers cached
 CODECS = ("fp16", "int8", "pq", "rq")  # how a cache stores layers: ``layer_members``, ``codecs``
-QUANTISED = ("pq", "rq")  # uint8 (T, M) codes into a learned codebook, identity field ``"pq"``
+QUANTISED = ("pq", "rq")  # uint8 (T, M) codes into a learned codebook, identity "codebook"
 STANDARDISE = ("none", "utterance")  # cache-teacher --standardise; identity "standardised"
 TARGET_NORMS_OF_STANDARDISED = ("utterance", "utterance_position")  # runs that read such a cache
-PQ_VERSION = 1  # of the pq codebook and its identity fields; a reader refuses other versions
-PQ_CENTROIDS = 256  # per sub-vector codebook (rq: per stage): one uint8 code
-PQ_CODEBOOK = "pq_codebook.npy"  # beside the shards: float32 (L, M, 256, D / M); rq (L, M, 256, D)
+CODEBOOK_VERSION = 2  # of a codebook and its identity block; 1 ("pq" block) is still read
+CODEBOOK_ENTRIES = 256  # per sub-vector codebook (rq: per stage): one uint8 code
+CODEBOOK_FILE = "codebook.npy"  # beside the shards: float32 (L, M, 256, D / M); rq (L, M, 256, D)
+LEGACY_CODEBOOK_FILE = "pq_codebook.npy"  # CODEBOOK_FILE of version 1 caches
 TAR_BLOCK = 512  # tar data is padded to whole blocks
 TAR_MEMBER_HEADER = 3 * TAR_BLOCK  # webdataset's TarWriter: pax header (float mtime) + ustar header
 
@@ -90,7 +93,7 @@ def layer_members(layer: int, target_kind: str, codec: str) -> tuple[str, ...]:
     - ``int8``: ``(l04.layer_output.int8.npy, l04.layer_output.scale.npy)``: int8 codes (T, D)
       and float16 scales (1, D), one per channel; features = codes * scales.
     - ``pq``: ``(l04.layer_output.pq.npy,)``: uint8 codes (T, M), one centroid per sub-vector of
-      the layer's codebook in ``PQ_CODEBOOK``.
+      the layer's codebook in ``CODEBOOK_FILE``.
     - ``rq``: ``(l04.layer_output.rq.npy,)``: uint8 codes (T, M), one entry per residual stage.
     """
     member = feature_member(layer, target_kind)
@@ -102,30 +105,51 @@ def layer_members(layer: int, target_kind: str, codec: str) -> tuple[str, ...]:
     return (f"{stem}.int8.npy", f"{stem}.scale.npy")
 
 
-def layer_arrays(codec: str, num_frames: int, width: int, subvectors: int = 0
+def layer_arrays(codec: str, num_frames: int, width: int, num_codebooks: int = 0
                  ) -> tuple[tuple[tuple[int, int], str], ...]:
     """(shape, dtype) of each ``layer_members`` array of a layer of width D over T frames: fp16
     ``((T, D), float16)``; int8 ``((T, D), int8), ((1, D), float16)``; pq and rq with M
-    ``subvectors`` ``((T, M), uint8)``."""
+    ``num_codebooks`` ``((T, M), uint8)``."""
     if codec == "fp16":
         return (((num_frames, width), "float16"),)
     if codec in QUANTISED:
-        return (((num_frames, subvectors), "uint8"),)
+        return (((num_frames, num_codebooks), "uint8"),)
     return (((num_frames, width), "int8"), ((1, width), "float16"))
 
 
-def pq_identity(identity: dict, where: str) -> dict:
-    """The ``"pq"`` fields of a pq or rq cache identity, ``{"version", "subvectors",
-    "codebook_sha256"}``; DataError naming the field, the file and the fix when this colld
-    cannot read them."""
-    pq = identity.get("pq")
-    fields = ("version", "subvectors", "codebook_sha256")
-    if not isinstance(pq, dict) or any(k not in pq for k in fields):
-        problem = f"has no teacher.pq {{{', '.join(fields)}}}"
-    elif pq["version"] != PQ_VERSION:
-        problem = f"has teacher.pq.version {pq['version']!r}, this colld reads {PQ_VERSION}"
+@dataclass(frozen=True)
+class CodebookIdentity:
+    """The codebook fields of a pq or rq cache identity: ``version`` (``CODEBOOK_VERSION``, or 1
+    for a cache written before it), ``num_codebooks`` M (pq's sub-vectors, rq's stages),
+    ``sha256`` of the codebook file, and that file's name beside the shards (``file_name``)."""
+
+    version: int
+    num_codebooks: int
+    sha256: str
+
+    @property
+    def file_name(self) -> str:
+        return CODEBOOK_FILE if self.version == CODEBOOK_VERSION else LEGACY_CODEBOOK_FILE
+
+
+def codebook_identity(identity: dict, where: str) -> CodebookIdentity:
+    """The ``"codebook"`` block of a pq or rq cache identity (version 1: its ``"pq"`` block,
+    ``{"version": 1, "subvectors", "codebook_sha256"}``); DataError naming the field, the file
+    and the fix when this colld cannot read it."""
+    if "codebook" not in identity and isinstance(identity.get("pq"), dict):
+        block, name, fields = identity["pq"], "pq", ("version", "subvectors", "codebook_sha256")
+        version = 1
     else:
-        return pq
+        block, name, fields = identity.get("codebook"), "codebook", ("version", "num_codebooks",
+                                                                     "sha256")
+        version = CODEBOOK_VERSION
+    if not isinstance(block, dict) or any(k not in block for k in fields):
+        problem = f"has no teacher.{name} {{{', '.join(fields)}}}"
+    elif block["version"] != version:
+        problem = (f"has teacher.{name}.version {block['version']!r}, this colld reads "
+                   f"{version}")
+    else:
+        return CodebookIdentity(version, *(block[k] for k in fields[1:]))
     raise DataError(f"{where}: its json {problem}: re-cache with `colld prep cache-teacher --codec "
                     f"{identity.get('codec')}` into a new out_dir, or read it with the colld "
                     "version that wrote it")
@@ -133,10 +157,10 @@ def pq_identity(identity: dict, where: str) -> dict:
 
 def cache_codec(identity: dict, where: str) -> str:
     """The ``codec`` of a cache identity (``fp16`` when absent); DataError naming the field, the
-    file and the fix when this colld cannot read it (pq, rq: ``pq_identity`` too)."""
+    file and the fix when this colld cannot read it (pq, rq: ``codebook_identity`` too)."""
     codec = identity.get("codec", "fp16")
     if codec in QUANTISED:
-        pq_identity(identity, where)
+        codebook_identity(identity, where)
     elif codec not in CODECS:
         raise DataError(
             f"{where}: teacher.codec {codec!r} in its json is not a codec this colld reads "

@@ -151,7 +151,7 @@ def train(config: TrainConfig) -> TrainResult:
             shard_index=config.data.shard_index or None, max_seconds=config.data.max_seconds,
             seed=config.run.seed, rank=rank, world_size=world_size,
             num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
-            on_bad_shard=config.data.on_bad_shard, pq_codebook=config.data.pq_codebook or None,
+            on_bad_shard=config.data.on_bad_shard, codebook_file=config.data.codebook_file or None,
             expect_teacher=({**teacher.cache_identity(config.data.cached_front_end),
                              "target_norm": config.objective.target_norm} if cached else None))
 

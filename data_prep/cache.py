@@ -7,8 +7,9 @@ stored with the cache's `codec` (`colld_ds.codecs`): `fp16` (default) as the flo
 `<key>.l{i:02d}.{target_kind}.npy`, `int8` as int8 codes and float16 per-channel scales, `pq`
 and `rq` as uint8 (T, M) codes into the cache's codebook (`colld_ds.formats.layer_members`).
 The json gains `"teacher"`: `{name, model_type, config_hash, layers, target_kind, frame_rate,
-frame_stride, receptive_field, codec, num_frames}` (pq, rq: and `pq`, `formats.pq_identity`;
-`frame_stride`, `receptive_field`: `colld_ds.formats.FrameGeometry`).
+frame_stride, receptive_field, codec, num_frames}` (pq, rq: and `codebook`,
+`formats.codebook_identity`; `frame_stride`, `receptive_field`:
+`colld_ds.formats.FrameGeometry`).
 
 `--standardise utterance` stores each layer standardised per dimension over the utterance's
 frames (`colld_ds.codecs.standardise_utterance`), before any codec: the identity records
@@ -17,11 +18,11 @@ only runs with `objective.target_norm: utterance` or `utterance_position` read t
 give them the targets the plain cache would). With pq or rq this spends the codebook on what
 those runs compare, not on each dimension's offset and spread.
 
-`--codec pq` (and `rq`) first learns the codebook (`colld_ds.data_prep.pq`: `--num_codebooks`
-M, `--codebook_train_frames`, `--seed`) into `out_dir`, or reuses the one there; with several
-ranks it must be there already (`train_codebook`, `colld prep train-codebook`), so that they
-all share it. M is pq's sub-vectors and rq's stages: one codebook of 256 centroids each, one
-byte per frame and layer each.
+`--codec pq` (and `rq`) first learns the codebook (`colld_ds.data_prep.codebook`:
+`--num_codebooks` M, `--codebook_train_frames`, `--seed`) into `out_dir`, or reuses the one
+there; with several ranks it must be there already (`train_codebook`, `colld prep
+train-codebook`), so that they all share it. M is pq's sub-vectors and rq's stages: one codebook
+of 256 centroids each, one byte per frame and layer each.
 
 With `front_end=True` (for `data.cached_front_end`), the same teacher forward also gives the
 output of its convolutional front end (`colld_ds.models.teacher`), stored as
@@ -39,7 +40,7 @@ Before it starts, `cache_teacher` estimates the size of the shards still missing
 `colld_ds.data_prep.cache_size`) and refuses when `shutil.disk_usage` of `out_dir` says it will not
 fit; `estimate=True` prints that estimate for all the shards and writes nothing. Shards are written
 to `<name>.tar.tmp` and renamed when complete; a re-run skips complete shards (after checking their
-teacher identity, codec and pq codebook), so a killed job resumes. The shard list is split across
+teacher identity, codec and codebook), so a killed job resumes. The shard list is split across
 processes by `rank`/`world_size` (default: `RANK`/`WORLD_SIZE` as set by torchrun or DeepSpeed):
 process r caches shards r, r + world_size, ... Each process refreshes the directory's shard index
 when it finishes (`colld_ds.data_prep.shards.write_shard_index`, locked).
@@ -74,13 +75,13 @@ from colld_ds.codecs import encode, standardise_utterance
 from colld_ds.batching import ShardInfo
 from colld_ds.data import decode_wave, expand_urls, read_samples, shard_infos, shard_name
 from colld_ds.errors import DataError, TeacherError
-from colld_ds.formats import (CODECS, FRONT_END_MEMBER, PQ_CODEBOOK, PQ_VERSION, QUANTISED,
+from colld_ds.formats import (CODEBOOK_FILE, CODEBOOK_VERSION, CODECS, FRONT_END_MEMBER, QUANTISED,
                               SAMPLE_RATE, STANDARDISE, FrameGeometry, check_teacher_identity,
                               layer_members)
 from colld_ds.models import Teacher, load_teacher, read_num_layers
 from colld_ds.remote import is_remote
 from colld_ds.data_prep.cache_size import CacheShape, check_free_space, estimate_cache
-from colld_ds.data_prep.pq import codebook_for
+from colld_ds.data_prep.codebook import codebook_for
 from colld_ds.data_prep.shards import atomic_shard, write_shard_index
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -235,7 +236,7 @@ def _is_complete(path: str, identity: dict) -> bool:
         return False
     first = next(read_samples([path]), None)
     found = json.loads(first["json"]).get("teacher", {}) if first else {}
-    settings = ("front_end", "codec", "pq", "standardised")  # each compared below
+    settings = ("front_end", "codec", "codebook", "pq", "standardised")  # each compared below
     check_teacher_identity({k: v for k, v in found.items() if k != "standardised"},
                            {k: v for k, v in identity.items() if k not in settings},
                            f"existing cache shard {path}",
@@ -255,11 +256,17 @@ def _is_complete(path: str, identity: dict) -> bool:
             raise DataError(f"existing cache shard {path} was written with {flag} {was}, this "
                             f"run has {flag} {now}: a cache is all one {flag}; use the same "
                             f"{flag} or another out_dir")
-    if found.get("pq") != identity.get("pq"):
+    if "pq" in found:  # codebook format 1 (formats.codebook_identity)
         raise DataError(
-            f"existing cache shard {path} was written with the pq codebook {found.get('pq')}, "
-            f"this run's codebook is {identity.get('pq')}: a cache is all one codebook; restore "
-            "the pq_codebook.npy/.json it was written with, or use another out_dir"
+            f"existing cache shard {path} was written by a colld before codebook format 2 (its "
+            "json has teacher.pq): this colld reads such caches but does not extend them; "
+            "finish it with the colld that began it, or cache into another out_dir")
+    if found.get("codebook") != identity.get("codebook"):
+        raise DataError(
+            f"existing cache shard {path} was written with the codebook {found.get('codebook')}, "
+            f"this run's codebook is {identity.get('codebook')}: a cache is all one codebook; "
+            f"restore the {CODEBOOK_FILE} and codebook.json it was written with, or use another "
+            "out_dir"
         )
     return True
 
@@ -309,20 +316,20 @@ def _load(settings: CacheSettings) -> Teacher:
 
 def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
     """The `CacheShape` of a cache of `model` with `settings` (identity included; pq, rq: with
-    a placeholder `codebook_sha256` until the codebook is known); DataError when the pq
-    subvectors do not divide a cached layer's width."""
+    a placeholder `sha256` until the codebook is known); DataError when pq's sub-vectors do
+    not divide a cached layer's width."""
     geometry = frame_geometry(model)
-    codec, subvectors = settings.codec, settings.num_codebooks
+    codec, num_codebooks = settings.codec, settings.num_codebooks
     identity = {**model.cache_identity(settings.front_end), "frame_stride": geometry.stride,
                 "receptive_field": geometry.receptive_field, "codec": codec}
     if settings.standardise != "none":
         identity["standardised"] = settings.standardise
     if codec in QUANTISED:
-        identity["pq"] = {"version": PQ_VERSION, "subvectors": subvectors,
-                          "codebook_sha256": "0" * 64}
+        identity["codebook"] = {"version": CODEBOOK_VERSION, "num_codebooks": num_codebooks,
+                                "sha256": "0" * 64}
     shape = cache_shape(model, identity)
-    if codec == "pq" and any(width % subvectors for width in shape.widths):
-        raise DataError(f"--num_codebooks {subvectors} does not divide the teacher's width "
+    if codec == "pq" and any(width % num_codebooks for width in shape.widths):
+        raise DataError(f"--num_codebooks {num_codebooks} does not divide the teacher's width "
                         f"{shape.widths[0]}: use a divisor of it (e.g. 16, 32, 64)")
     return shape
 
@@ -368,7 +375,7 @@ def train_codebook(
     shard_index: str | None = None,
 ) -> str:
     """Learn the codebook of a `--codec pq` (or `rq`) cache of `teacher`'s `layers` over the
-    audio `shards` into `out_dir` (`colld_ds.data_prep.pq`), before `cache-teacher --codec pq`
+    audio `shards` into `out_dir` (`colld_ds.data_prep.codebook`), before `cache-teacher --codec pq`
     (or `rq`) with the same arguments caches into it: once for all ranks. Reuses a complete
     codebook of the same settings there; returns its path. `progress`: bars of the sampled
     frames and the layers learned. `standardise`: as `cache_teacher`'s (the codebook of a
@@ -389,7 +396,7 @@ def train_codebook(
     check_window(model, infos)
     codebook_for(model, urls, out_dir, num_codebooks, codebook_train_frames, seed, learn=True,
                  codec=codec, progress=progress, standardise=standardise)
-    return os.path.join(out_dir, PQ_CODEBOOK)
+    return os.path.join(out_dir, CODEBOOK_FILE)
 
 
 def cache_teacher(
@@ -457,7 +464,7 @@ def cache_teacher(
         check_free_space(out_dir, estimate_cache(list(infos.values()), shape))
     codebook = None
     if codec in QUANTISED:  # the placeholder hash becomes the codebook's (same length)
-        identity["pq"], codebook = codebook_for(
+        identity["codebook"], codebook = codebook_for(
             model, all_urls, out_dir, num_codebooks, codebook_train_frames, seed,
             learn=world_size == 1, codec=codec, progress=progress, standardise=standardise)
     if codec == "rq":  # its beam search runs where the teacher does (codecs.rq_encode)

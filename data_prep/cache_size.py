@@ -6,7 +6,7 @@ plus, per utterance of S samples and T = `FrameGeometry.num_frames(S)` frames: p
 layer one tar member per array of `colld_ds.formats.layer_arrays` (`.npy` header and data,
 padded to `TAR_BLOCK`, after `TAR_MEMBER_HEADER`), the front end's float16 array if cached
 ((T, C), or Whisper's whole window (W, D)), and the teacher identity added to its json; a pq
-cache adds its codebook once (`PQ_CODEBOOK`, float32 (L, M, 256, D / M), and its json). Exact
+cache adds its codebook once (`CODEBOOK_FILE`, float32 (L, M, 256, D / M), and its json). Exact
 but for the json (its growth is counted without the block padding) and the end-of-archive
 padding of each tar (under 10 KiB).
 """
@@ -23,11 +23,11 @@ import numpy as np
 
 from colld_ds.batching import ShardInfo
 from colld_ds.errors import DataError
-from colld_ds.formats import (PQ_CENTROIDS, SAMPLE_RATE, TAR_BLOCK, TAR_MEMBER_HEADER,
+from colld_ds.formats import (CODEBOOK_ENTRIES, SAMPLE_RATE, TAR_BLOCK, TAR_MEMBER_HEADER,
                               FrameGeometry, layer_arrays)
 from colld_ds.data_prep.shards import ShardWriteError
 
-PQ_META_BYTES = 512  # about what colld_ds.data_prep.pq's pq_codebook.json takes
+CODEBOOK_META_BYTES = 512  # about what colld_ds.data_prep.codebook's codebook.json takes
 
 def npy_bytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of `np.save` of an array of `shape` and `dtype` (format 1.0 header + data)."""
@@ -55,24 +55,24 @@ class CacheShape:
     front_end: tuple[int | None, int] | None = None
 
     @property
-    def subvectors(self) -> int:
+    def num_codebooks(self) -> int:
         """pq, rq: the M codes of a frame (0 for the other codecs)."""
-        return self.identity.get("pq", {}).get("subvectors", 0)
+        return self.identity.get("codebook", {}).get("num_codebooks", 0)
 
     def layer_bytes(self, num_frames: int) -> int:
         """Bytes of the members of all cached layers of an utterance of `num_frames` frames."""
         arrays = [array for width in self.widths for array in layer_arrays(
-            self.identity["codec"], num_frames, width, self.subvectors)]
+            self.identity["codec"], num_frames, width, self.num_codebooks)]
         return sum(member_bytes(npy_bytes(shape, dtype)) for shape, dtype in arrays)
 
     def codebook_bytes(self) -> int:
         """Bytes of the pq or rq codebook files beside the shards (0 for the other codecs)."""
-        if not self.subvectors:
+        if not self.num_codebooks:
             return 0
         width = self.widths[0]
-        shape = (len(self.widths), self.subvectors, PQ_CENTROIDS,
-                 width // self.subvectors if self.identity["codec"] == "pq" else width)
-        return npy_bytes(shape, "float32") + PQ_META_BYTES
+        shape = (len(self.widths), self.num_codebooks, CODEBOOK_ENTRIES,
+                 width // self.num_codebooks if self.identity["codec"] == "pq" else width)
+        return npy_bytes(shape, "float32") + CODEBOOK_META_BYTES
 
     def added_bytes(self, num_samples: int) -> int:
         """Bytes a cache shard adds to an audio shard for an utterance of `num_samples` samples."""

@@ -11,7 +11,7 @@ array that is not a finite float16 (T, D) with T = the json's `num_frames` (int8
 (T, D) codes and finite float16 (1, D) scales; pq, rq caches: uint8 (T, M) codes, M the
 identity's), bad json, a missing audio/json/layer member, a codec this colld cannot read, a
 truncated or corrupt tar; and a codebook that is missing, not of the identity's shape or
-not hashing to its `codebook_sha256` (`colld_ds.codecs.load_codebook`'s line: file and fix).
+not hashing to its `sha256` (`colld_ds.codecs.load_codebook`'s line: file and fix).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from webdataset.tariterators import base_plus_ext
 from colld_ds.codecs import codebook_path, load_codebook
 from colld_ds.data import expand_urls
 from colld_ds.errors import DataError
-from colld_ds.formats import (AUDIO_EXTS, PQ_CENTROIDS, QUANTISED, SAMPLE_RATE, cache_codec,
-                              checked_members, layer_members)
+from colld_ds.formats import (AUDIO_EXTS, CODEBOOK_ENTRIES, QUANTISED, SAMPLE_RATE, cache_codec,
+                              checked_members, codebook_identity, layer_members)
 from colld_ds.data_prep.cache_size import member_bytes
 
 CODEC_LAYOUT = {  # what a cache of each codec stores per layer and utterance
@@ -92,6 +92,8 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
     except DataError as exc:
         problems.append(str(exc))
         return meta
+    num_codebooks = (codebook_identity(teacher, f"{where}: {key}").num_codebooks
+                     if codec in QUANTISED else None)  # cache_codec checked the block
     for layer in teacher["layers"] if teacher else ():
         exts = layer_members(layer, teacher["target_kind"], codec)  # first: (T, D) features/codes
         ext = exts[0]
@@ -103,9 +105,9 @@ def _check_sample(key: str, members: dict[str, bytes], problems: list[str], wher
         if array.shape[0] != teacher["num_frames"]:
             problems.append(f"{where}: {key}.{ext}: frames differ from num_frames "
                             f"{teacher['num_frames']}")
-        if codec in QUANTISED and array.shape[1] != teacher["pq"]["subvectors"]:
+        if num_codebooks is not None and array.shape[1] != num_codebooks:
             problems.append(f"{where}: {key}.{ext}: {array.shape[1]} codes per frame, the json's "
-                            f"teacher.pq.subvectors is {teacher['pq']['subvectors']}")
+                            f"codebook has M {num_codebooks} (teacher.codebook.num_codebooks)")
     return meta
 
 
@@ -137,20 +139,20 @@ def describe_codec(cache: dict, problems: list[str]) -> None:
               "read only by runs with objective.target_norm utterance or utterance_position")
     if codec not in QUANTISED:
         return
-    pq = teacher["pq"]
+    identity = codebook_identity(teacher, cache["first"])
     for shard in cache["shards"].values():
-        path = codebook_path(shard)
+        path = codebook_path(shard, None, identity.file_name)
         try:  # the file as it is now, not an earlier read of that path
-            book = load_codebook(path, pq["codebook_sha256"], len(layers), pq["subvectors"],
+            book = load_codebook(path, identity.sha256, len(layers), identity.num_codebooks,
                                  codec)
         except DataError as exc:
             problems.append(str(exc))
             continue
         num_sub, dims = book.shape[1], book.shape[3]
         parts = ("sub-vectors", num_sub * dims) if codec == "pq" else ("residual stages", dims)
-        print(f"  {codec} codebook {path}: sha256 {pq['codebook_sha256']} (matches "
-              f"teacher.pq.codebook_sha256), float32 {book.shape}: M {num_sub} {parts[0]} x "
-              f"{PQ_CENTROIDS} centroids of {dims} dims (D {parts[1]}), layers "
+        print(f"  {codec} codebook {path} (format {identity.version}): sha256 {identity.sha256} "
+              f"(matches the json's), float32 {book.shape}: M {num_sub} {parts[0]} x "
+              f"{CODEBOOK_ENTRIES} centroids of {dims} dims (D {parts[1]}), layers "
               f"{', '.join(map(str, layers))}")
 
 

@@ -23,12 +23,12 @@ from benchmarks.cache_codecs import main as cache_codecs_benchmark
 from colld_ds.codecs import decode, pq_decode, pq_encode
 from colld_ds.data import AudioBatchStream, read_samples
 from colld_ds.errors import DataError
-from colld_ds.formats import PQ_CODEBOOK, SHARD_INDEX
+from colld_ds.formats import CODEBOOK_FILE, SHARD_INDEX
 from colld_ds.models import load_teacher
 from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.cli import DataPrep
 from colld_ds.data_prep.generated_audio import generate_utterances
-from colld_ds.data_prep.pq import PQ_META
+from colld_ds.data_prep.codebook import CODEBOOK_META
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import CONFIG, REPO, cached_codes, file_sha256, take, tars
@@ -91,18 +91,18 @@ def test_pq_encode_picks_the_nearest_centroid_and_decode_is_a_gather():
 
 def test_pq_cache_round_trip(pq_cache):
     teacher, cache = pq_cache["teacher"], pq_cache["cache"]
-    with open(os.path.join(cache, PQ_CODEBOOK), "rb") as f:
+    with open(os.path.join(cache, CODEBOOK_FILE), "rb") as f:
         data = f.read()
-    meta = json.load(open(os.path.join(cache, PQ_META)))
-    assert meta["codebook_sha256"] == hashlib.sha256(data).hexdigest()
+    meta = json.load(open(os.path.join(cache, CODEBOOK_META)))
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
     codebook = np.load(io.BytesIO(data), allow_pickle=False)
     assert codebook.dtype == np.float32 and codebook.shape == (2, M, 256, 4)
     hands = {}
     for sample, layers in cached_codes(cache, teacher, LAYERS, "pq"):
         identity = json.loads(sample["json"])["teacher"]
         assert identity["codec"] == "pq"
-        assert identity["pq"] == {"version": 1, "subvectors": M,
-                                  "codebook_sha256": meta["codebook_sha256"]}
+        assert identity["codebook"] == {"version": 2, "num_codebooks": M,
+                                        "sha256": meta["sha256"]}
         hands[sample["__key__"]] = []
         for i, (ref, codes) in enumerate(layers):
             assert codes.dtype == np.uint8 and codes.shape == (ref.shape[0], M)
@@ -131,55 +131,103 @@ def test_pq_identity_refusals(pq_cache, tmp_path):
     identity, cache = pq_cache["teacher"].identity, pq_cache["cache"]
     copy = str(tmp_path / "copy")
     shutil.copytree(cache, copy)
-    codebook_file = os.path.join(copy, PQ_CODEBOOK)
+    codebook_file = os.path.join(copy, CODEBOOK_FILE)
     os.remove(codebook_file)
     with pytest.raises(DataError) as info:
         AudioBatchStream(copy, batch_size=1, expect_teacher=identity)
     message = str(info.value)
     assert "\n" not in message and f"cannot read the pq codebook {codebook_file}" in message
-    assert "teacher.pq.codebook_sha256" in message and "--codec pq" in message
-    other = np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False) + 1
+    assert "teacher.codebook.sha256" in message and "--codec pq" in message
+    other = np.load(os.path.join(cache, CODEBOOK_FILE), allow_pickle=False) + 1
     np.save(codebook_file, other, allow_pickle=False)
-    with pytest.raises(DataError, match=r"records teacher\.pq\.codebook_sha256 .* copy the "
-                                        r"pq_codebook\.npy the cache was written with"):
+    with pytest.raises(DataError, match=r"records teacher\.codebook\.sha256 .* copy the "
+                                        r"codebook\.npy the cache was written with"):
         AudioBatchStream(copy, batch_size=1, expect_teacher=identity)
-    os.remove(os.path.join(copy, PQ_META))  # a codebook learned anew, with another seed
-    with pytest.raises(DataError, match=r"was written with the pq codebook \{.*\}, this run's "
-                                        r"codebook is .*restore the pq_codebook"):
+    os.remove(os.path.join(copy, CODEBOOK_META))  # a codebook learned anew, with another seed
+    with pytest.raises(DataError, match=r"was written with the codebook \{.*\}, this run's "
+                                        r"codebook is .*restore the codebook\.npy and "
+                                        r"codebook\.json"):
         cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, copy, **PQ, seed=1)
-    with pytest.raises(DataError, match=r"learned with other subvectors \(subvectors 8\): use the "
-                                        r"same --codec, --num_codebooks"):
+    with pytest.raises(DataError, match=r"learned with other num_codebooks \(num_codebooks 8\): "
+                                        r"use the same --codec, --num_codebooks"):
         cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, cache,
                       **{**PQ, "num_codebooks": 16})
     newer = str(tmp_path / "newer")
     os.makedirs(newer)
-    shutil.copy(os.path.join(cache, PQ_CODEBOOK), newer)
+    shutil.copy(os.path.join(cache, CODEBOOK_FILE), newer)
     with TarWriter(os.path.join(newer, "train-000000.tar")) as writer:
         for sample in read_samples(tars(cache)[:1]):
             meta = json.loads(sample["json"])
-            meta["teacher"]["pq"]["version"] = 2
+            meta["teacher"]["codebook"]["version"] = 3
             writer.write({**{k: v for k, v in sample.items() if k != "__url__"},
                           "json": json.dumps(meta).encode()})
-    with pytest.raises(DataError, match=r"train-000000.tar: its json has teacher\.pq\.version "
-                                        r"2, this colld reads 1: re-cache with"):
+    with pytest.raises(DataError, match=r"train-000000.tar: its json has teacher\.codebook\."
+                                        r"version 3, this colld reads 2: re-cache with"):
         AudioBatchStream(newer, batch_size=1, expect_teacher=identity)
     with pytest.raises(DataError, match=r"--num_codebooks 5 does not divide the teacher's width"):
         train_codebook(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, str(tmp_path / "x"),
                        num_codebooks=5)
 
 
+def as_format_1(cache: str, out: str) -> None:
+    """Rewrite the pq cache ``cache`` into ``out`` as a colld before codebook format 2 wrote it,
+    by hand: the identity's ``"pq": {"version": 1, "subvectors", "codebook_sha256"}`` block, and
+    ``pq_codebook.npy`` / ``pq_codebook.json`` (keys ``subvectors``, ``train_frames``,
+    ``codebook_sha256``) beside the shards."""
+    os.makedirs(out)
+    shutil.copy(os.path.join(cache, CODEBOOK_FILE), os.path.join(out, "pq_codebook.npy"))
+    meta = json.load(open(os.path.join(cache, CODEBOOK_META)))
+    json.dump({"version": 1, "codec": "pq", "subvectors": meta["num_codebooks"],
+               "train_frames": meta["codebook_train_frames"], "seed": meta["seed"],
+               "teacher": meta["teacher"], "codebook_sha256": meta["sha256"]},
+              open(os.path.join(out, "pq_codebook.json"), "w"))
+    for path in tars(cache):
+        with TarWriter(os.path.join(out, os.path.basename(path))) as writer:
+            for sample in read_samples([path]):
+                sample_meta = json.loads(sample["json"])
+                block = sample_meta["teacher"].pop("codebook")
+                sample_meta["teacher"]["pq"] = {"version": 1, "subvectors": block["num_codebooks"],
+                                                "codebook_sha256": block["sha256"]}
+                writer.write({**{k: v for k, v in sample.items() if k != "__url__"},
+                              "json": json.dumps(sample_meta).encode()})
+
+
+def test_a_format_1_cache_is_read_as_before_and_not_extended(pq_cache, tmp_path, capsys):
+    cache, identity = pq_cache["cache"], pq_cache["teacher"].identity
+    old = str(tmp_path / "old")
+    as_format_1(cache, old)
+    kw = dict(batch_size=4, max_seconds=1.0, seed=5, shuffle_buffer=4, expect_teacher=identity)
+    now, before = AudioBatchStream(cache, **kw), AudioBatchStream(old, **kw)
+    n = now.epoch_length(0)
+    for x, y in zip(take(now, n), take(before, n), strict=True):
+        assert x.keys == y.keys and all(torch.equal(p, q) for p, q in zip(
+            x.teacher_features, y.teacher_features, strict=True))
+    DataPrep().inspect(old)
+    codebook_file = os.path.join(old, "pq_codebook.npy")
+    assert (f"pq codebook {codebook_file} (format 1): sha256 {file_sha256(codebook_file)} "
+            "(matches the json's)") in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(old, CODEBOOK_FILE))  # read from pq_codebook.npy
+    with pytest.raises(DataError, match=r"holds pq_codebook\.json, the codebook of a cache begun "
+                                        r"by a colld before codebook format 2: .* another out_dir"):
+        cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, old, **PQ)
+    os.remove(os.path.join(old, "pq_codebook.json"))
+    with pytest.raises(DataError, match=r"written by a colld before codebook format 2 \(its json "
+                                        r"has teacher\.pq\)"):
+        cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, old, **PQ)
+
+
 def test_pq_cache_through_pipe_urls(pq_cache, tmp_path):
-    """pipe: shards have no directory: data.pq_codebook names the codebook (here away from the
+    """pipe: shards have no directory: data.codebook_file names the codebook (here away from the
     shards), checked against the identity as beside local shards; without it, one error."""
     cache, identity = pq_cache["cache"], pq_cache["teacher"].identity
     piped = f"pipe:cat {cache}/train-{{000000..000001}}.tar"
     kw = dict(batch_size=4, max_seconds=1.0, seed=5, shuffle_buffer=4, num_workers=2,
               expect_teacher=identity)
     codebook = str(tmp_path / "elsewhere.npy")
-    shutil.copy(os.path.join(cache, PQ_CODEBOOK), codebook)
+    shutil.copy(os.path.join(cache, CODEBOOK_FILE), codebook)
     local = AudioBatchStream(cache, **kw)
     kw["shard_index"] = os.path.join(cache, SHARD_INDEX)  # pipe: shards need theirs named
-    streamed = AudioBatchStream(piped, **kw, pq_codebook=codebook)
+    streamed = AudioBatchStream(piped, **kw, codebook_file=codebook)
     n = local.epoch_length(0) + 2  # into a second epoch
     for x, y in zip(take(local, n), take(streamed, n), strict=True):
         assert x.keys == y.keys and torch.equal(x.wave, y.wave)
@@ -189,30 +237,30 @@ def test_pq_cache_through_pipe_urls(pq_cache, tmp_path):
         AudioBatchStream(piped, **kw)
     assert str(info.value) == (
         f"pq cache shard pipe:cat {cache}/train-000000.tar is a pipe: command, which has no "
-        f"directory to find its {PQ_CODEBOOK} in: set data.pq_codebook to the codebook's path or "
-        f"URL (e.g. --data.pq_codebook /mnt/cache/{PQ_CODEBOOK})")
+        f"directory to find its {CODEBOOK_FILE} in: set data.codebook_file to the codebook's path "
+        f"or URL (e.g. --data.codebook_file /mnt/cache/{CODEBOOK_FILE})")
     wrong = str(tmp_path / "wrong.npy")
     np.save(wrong, np.load(codebook, allow_pickle=False) + 1, allow_pickle=False)
     with pytest.raises(DataError, match=rf"^pq codebook {re.escape(wrong)} has sha256 .* records "
-                                        r"teacher\.pq\.codebook_sha256 .*name it in "
-                                        r"data\.pq_codebook"):
-        AudioBatchStream(piped, **kw, pq_codebook=wrong)
+                                        r"teacher\.codebook\.sha256 .*name it in "
+                                        r"data\.codebook_file"):
+        AudioBatchStream(piped, **kw, codebook_file=wrong)
     with pytest.raises(DataError, match="is not a local file: this command reads local shards"):
         DataPrep().inspect(piped)  # inspect reads local caches, their codebook beside them
 
 
-def test_colld_train_hands_data_pq_codebook_to_the_loader(pq_cache, tmp_path):
-    """`colld train` on pipe: pq shards reads the codebook data.pq_codebook names: a wrong one
+def test_colld_train_hands_data_codebook_file_to_the_loader(pq_cache, tmp_path):
+    """`colld train` on pipe: pq shards reads the codebook data.codebook_file names: a wrong one
     is refused in one line naming it, before training starts."""
     cache = pq_cache["cache"]
     wrong = str(tmp_path / "wrong.npy")
-    np.save(wrong, np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False) + 1,
+    np.save(wrong, np.load(os.path.join(cache, CODEBOOK_FILE), allow_pickle=False) + 1,
             allow_pickle=False)
     command = [sys.executable, "-m", "colld_ds.cli", "train", "--config", str(CONFIG),
                "--teacher.path", pq_cache["teacher_dir"],
                "--data.teacher_cache", f"pipe:cat {cache}/train-{{000000..000001}}.tar",
                "--data.shard_index", os.path.join(cache, SHARD_INDEX),
-               "--data.pq_codebook", wrong, "--run.out_dir", str(tmp_path / "run")]
+               "--data.codebook_file", wrong, "--run.out_dir", str(tmp_path / "run")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
@@ -226,10 +274,10 @@ def test_inspect_describes_the_pq_codebook(pq_cache, capsys):
     cache = pq_cache["cache"]
     DataPrep().inspect(cache)
     printed = capsys.readouterr().out
-    codebook_file = os.path.join(cache, PQ_CODEBOOK)
+    codebook_file = os.path.join(cache, CODEBOOK_FILE)
     sha256 = file_sha256(codebook_file)
     assert "all members valid" in printed
-    assert (f"pq codebook {codebook_file}: sha256 {sha256} (matches teacher.pq.codebook_sha256), "
+    assert (f"pq codebook {codebook_file} (format 2): sha256 {sha256} (matches the json's), "
             f"float32 (2, {M}, 256, 4): M {M} sub-vectors x 256 centroids of 4 dims (D 32), "
             "layers 2, 4") in printed
     # bytes per frame per layer, by hand from the tar headers: M codes plus headers per member
@@ -246,24 +294,24 @@ def test_inspect_describes_the_pq_codebook(pq_cache, capsys):
 def test_inspect_flags_a_missing_or_mismatched_codebook(pq_cache, tmp_path, capsys):
     copy = str(tmp_path / "copy")
     shutil.copytree(pq_cache["cache"], copy)
-    codebook_file = os.path.join(copy, PQ_CODEBOOK)
-    fix = ("copy the pq_codebook.npy the cache was written with beside its shards (or name it "
-           "in data.pq_codebook), or re-cache with `colld prep cache-teacher --codec pq` into a "
+    codebook_file = os.path.join(copy, CODEBOOK_FILE)
+    fix = ("copy the codebook.npy the cache was written with beside its shards (or name it in "
+           "data.codebook_file), or re-cache with `colld prep cache-teacher --codec pq` into a "
            "new out_dir")
     os.remove(codebook_file)
     with pytest.raises(SystemExit) as info:
         DataPrep().inspect(copy)
-    assert "(matches teacher.pq" not in capsys.readouterr().out
+    assert "(matches the json's)" not in capsys.readouterr().out
     (line,) = str(info.value).splitlines()[1:]  # one problem, one line
     assert line.strip().startswith(f"cannot read the pq codebook {codebook_file} ")
     assert line.endswith(fix)
-    codebook = np.load(os.path.join(pq_cache["cache"], PQ_CODEBOOK), allow_pickle=False)
+    codebook = np.load(os.path.join(pq_cache["cache"], CODEBOOK_FILE), allow_pickle=False)
     np.save(codebook_file, codebook + 1, allow_pickle=False)
     with pytest.raises(SystemExit) as info:
         DataPrep().inspect(copy)
     (line,) = str(info.value).splitlines()[1:]
     assert line.strip().startswith(f"pq codebook {codebook_file} has sha256 ")
-    assert "records teacher.pq.codebook_sha256" in line and line.endswith(fix)
+    assert "records teacher.codebook.sha256" in line and line.endswith(fix)
     np.save(codebook_file, codebook[:1], allow_pickle=False)  # one layer of two
     one_layer = file_sha256(codebook_file)
     for path in tars(copy):  # the identity now names this codebook, which has the wrong shape
@@ -271,7 +319,7 @@ def test_inspect_flags_a_missing_or_mismatched_codebook(pq_cache, tmp_path, caps
         with TarWriter(path) as writer:
             for sample in samples:
                 meta = json.loads(sample["json"])
-                meta["teacher"]["pq"]["codebook_sha256"] = one_layer
+                meta["teacher"]["codebook"]["sha256"] = one_layer
                 writer.write({**sample, "json": json.dumps(meta).encode()})
     with pytest.raises(SystemExit, match=rf"pq codebook {re.escape(codebook_file)} has shape "
                                          rf"\(1, {M}, 256, 4\), expected \(2, {M}, 256, D / M\)"):
@@ -291,7 +339,8 @@ def test_inspect_flags_pq_codes_of_another_m(pq_cache, tmp_path):
             writer.write({**sample, "l04.layer_output.pq.npy": buf.getvalue()})
     with pytest.raises(SystemExit, match=rf"8 invalid members:\n  {re.escape(path)}: \S+\.l04\."
                                          rf"layer_output\.pq\.npy: {M - 1} codes per frame, the "
-                                         rf"json's teacher\.pq\.subvectors is {M}"):
+                                         rf"json's codebook has M {M} \(teacher\.codebook\."
+                                         r"num_codebooks\)"):
         DataPrep().inspect(copy)
 
 
@@ -306,14 +355,14 @@ def test_pq_codebook_is_its_own_deterministic_step_shared_by_ranks(pq_cache, tmp
     bars = capsys.readouterr().err  # the long step shows where it is: frames, then layers
     assert re.search(r"codebook sample: 100%\S* \d+/900 \[", bars), bars
     assert re.search(r"pq codebook: 100%\S* 2/2 \[", bars), bars
-    with open(os.path.join(out, PQ_CODEBOOK), "rb") as f, \
-            open(os.path.join(pq_cache["cache"], PQ_CODEBOOK), "rb") as g:
+    with open(os.path.join(out, CODEBOOK_FILE), "rb") as f, \
+            open(os.path.join(pq_cache["cache"], CODEBOOK_FILE), "rb") as g:
         assert f.read() == g.read()  # same frames and seed: the same codebook, bit for bit
 
     def no_learning(*args):
         raise AssertionError("the codebook was learned again")
 
-    monkeypatch.setattr("colld_ds.data_prep.pq._learn", no_learning)
+    monkeypatch.setattr("colld_ds.data_prep.codebook._learn", no_learning)
     for rank in (1, 0):
         cache_teacher(audio, teacher_dir, LAYERS, out, **PQ, rank=rank, world_size=2)
     for ours, theirs in zip(tars(out), tars(pq_cache["cache"]), strict=True):
@@ -326,20 +375,21 @@ def test_interrupted_pq_cache_resumes_with_its_codebook(pq_cache, tmp_path, monk
     first, second = tars(out)
     os.remove(second)
     shutil.copy(first, second + ".tmp")  # a shard the killed job left half written
-    before = os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns
-    monkeypatch.setattr("colld_ds.data_prep.pq._learn", lambda *args: pytest.fail("learned again"))
+    before = os.stat(os.path.join(out, CODEBOOK_FILE)).st_mtime_ns
+    monkeypatch.setattr("colld_ds.data_prep.codebook._learn",
+                        lambda *args: pytest.fail("learned again"))
     cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, out, **PQ)
-    assert os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns == before
+    assert os.stat(os.path.join(out, CODEBOOK_FILE)).st_mtime_ns == before
     assert not os.path.exists(second + ".tmp")
     for ours, theirs in zip(tars(out), tars(pq_cache["cache"]), strict=True):
         assert same_samples(ours, theirs)
     # killed while learning (no json yet): learned again from the same frames and seed, the
     # same codebook, so the shards written before are kept
-    os.remove(os.path.join(out, PQ_META))
+    os.remove(os.path.join(out, CODEBOOK_META))
     os.remove(second)
     monkeypatch.undo()
     cache_teacher(pq_cache["audio"], pq_cache["teacher_dir"], LAYERS, out, **PQ)
-    assert os.stat(os.path.join(out, PQ_CODEBOOK)).st_mtime_ns != before
+    assert os.stat(os.path.join(out, CODEBOOK_FILE)).st_mtime_ns != before
     assert same_samples(second, tars(pq_cache["cache"])[1])
 
 

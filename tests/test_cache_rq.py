@@ -17,12 +17,12 @@ import pytest
 from colld_ds.codecs import RQ_BEAM, decode, encode, rq_decode, rq_encode
 from colld_ds.data import AudioBatchStream
 from colld_ds.errors import DataError
-from colld_ds.formats import PQ_CODEBOOK
+from colld_ds.formats import CODEBOOK_FILE
 from colld_ds.models import load_teacher
 from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.cli import DataPrep
 from colld_ds.data_prep.generated_audio import generate_utterances
-from colld_ds.data_prep.pq import PQ_META, train_rq_codebook
+from colld_ds.data_prep.codebook import CODEBOOK_META, train_rq_codebook
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
 from helpers import cached_codes, file_sha256
@@ -117,19 +117,19 @@ def test_rq_beam_one_is_the_greedy_search_and_a_wider_beam_is_no_worse():
 
 def test_rq_cache_round_trip_and_fidelity(rq_cache):
     teacher, cache = rq_cache["teacher"], rq_cache["cache"]
-    with open(os.path.join(cache, PQ_CODEBOOK), "rb") as f:
+    with open(os.path.join(cache, CODEBOOK_FILE), "rb") as f:
         data = f.read()
-    meta = json.load(open(os.path.join(cache, PQ_META)))
+    meta = json.load(open(os.path.join(cache, CODEBOOK_META)))
     assert meta["codec"] == "rq" and meta["beam"] == RQ_BEAM
-    assert meta["codebook_sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
     codebook = np.load(io.BytesIO(data), allow_pickle=False)
     assert codebook.dtype == np.float32 and codebook.shape == (2, M, 256, 32)
     hands, cosines = {}, []
     for sample, layers in cached_codes(cache, teacher, LAYERS, "rq"):
         identity = json.loads(sample["json"])["teacher"]
         assert identity["codec"] == "rq"
-        assert identity["pq"] == {"version": 1, "subvectors": M,
-                                  "codebook_sha256": meta["codebook_sha256"]}
+        assert identity["codebook"] == {"version": 2, "num_codebooks": M,
+                                        "sha256": meta["sha256"]}
         hands[sample["__key__"]] = []
         for i, (ref, codes) in enumerate(layers):
             assert codes.dtype == np.uint8 and codes.shape == (ref.shape[0], M)
@@ -159,12 +159,12 @@ def test_a_cache_is_all_one_codec_and_codebook(rq_cache, tmp_path):
                        codec="int8")
     copy = str(tmp_path / "copy")
     shutil.copytree(cache, copy)
-    codebook = np.load(os.path.join(cache, PQ_CODEBOOK), allow_pickle=False)
-    np.save(os.path.join(copy, PQ_CODEBOOK), codebook[:, :, :, :16], allow_pickle=False)
-    sha256 = file_sha256(os.path.join(copy, PQ_CODEBOOK))
-    meta = json.load(open(os.path.join(copy, PQ_META)))
-    json.dump({**meta, "codebook_sha256": sha256}, open(os.path.join(copy, PQ_META), "w"))
-    with pytest.raises(DataError, match=r"was written with the pq codebook .* restore"):
+    codebook = np.load(os.path.join(cache, CODEBOOK_FILE), allow_pickle=False)
+    np.save(os.path.join(copy, CODEBOOK_FILE), codebook[:, :, :, :16], allow_pickle=False)
+    sha256 = file_sha256(os.path.join(copy, CODEBOOK_FILE))
+    meta = json.load(open(os.path.join(copy, CODEBOOK_META)))
+    json.dump({**meta, "sha256": sha256}, open(os.path.join(copy, CODEBOOK_META), "w"))
+    with pytest.raises(DataError, match=r"was written with the codebook .* restore"):
         cache_teacher(rq_cache["audio"], rq_cache["teacher_dir"], LAYERS, copy, **RQ)
 
 
@@ -172,10 +172,10 @@ def test_inspect_and_estimate_of_an_rq_cache(rq_cache, tmp_path, capsys):
     cache = rq_cache["cache"]
     DataPrep().inspect(cache)
     printed = capsys.readouterr().out
-    codebook_file = os.path.join(cache, PQ_CODEBOOK)
+    codebook_file = os.path.join(cache, CODEBOOK_FILE)
     sha256 = file_sha256(codebook_file)
     assert "all members valid" in printed
-    assert (f"rq codebook {codebook_file}: sha256 {sha256} (matches teacher.pq.codebook_sha256), "
+    assert (f"rq codebook {codebook_file} (format 2): sha256 {sha256} (matches the json's), "
             f"float32 (2, {M}, 256, 32): M {M} residual stages x 256 centroids of 32 dims "
             "(D 32), layers 2, 4") in printed
     out = str(tmp_path / "cache")

@@ -17,6 +17,7 @@ from colld_ds.config import load_config
 from colld_ds.data import AudioBatchStream, read_samples
 from colld_ds.distill import build_run, distillation_loss, mask_batch
 from colld_ds.errors import DataError
+from colld_ds.formats import CODEBOOK_FILE
 from colld_ds.models import load_teacher
 from colld_ds.data_prep.cache import cache_teacher, train_codebook
 from colld_ds.data_prep.cli import DataPrep
@@ -145,7 +146,7 @@ def test_a_cache_and_its_codebook_are_all_one_setting(caches, tmp_path):
 def test_pq_codes_the_standardised_frames(caches):
     """Each cached code picks the nearest centroid of the teacher's own frames standardised
     here (not of the raw frames), and the codebook was learned on standardised frames."""
-    codebook = np.load(f"{caches['pq']}/pq_codebook.npy", allow_pickle=False)
+    codebook = np.load(f"{caches['pq']}/{CODEBOOK_FILE}", allow_pickle=False)
     cosines = []
     for _, layers in cached_codes(caches["pq"], caches["teacher"], LAYERS, "pq"):
         for i, (raw, codes) in enumerate(layers):

@@ -45,8 +45,8 @@ def test_command_line_booleans():
      "scores masked frames only; it needs > 0 (or objective.anchor_frames all"),
     ({"objective.anchor_frames": "some"}, "objective.anchor_frames: .some. is not allowed"),
     ({"run.offload_optimizer": True, "run.zero_stage": 1}, "run.offload_optimizer"),
-    ({"data.pq_codebook": "pq_codebook.npy"}, "data.pq_codebook: the codebook of a pq teacher "
-     "cache; set data.teacher_cache"),
+    ({"data.codebook_file": "codebook.npy"}, "data.codebook_file: the codebook of a pq or rq "
+     "teacher cache; set data.teacher_cache"),
 ])
 def test_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -1,20 +1,21 @@
 """Learning the codebook of a `--codec pq` (product) or `--codec rq` (residual quantisation)
 teacher cache (`colld_ds.codecs`).
 
-The codebook is its own resumable step before any cache shard is written. `learn_codebook`
+The codebook is its own resumable step before any cache shard is written. `codebook_for`
 runs the teacher over a seeded sample of the audio (shards in a seeded order, up to
 `FRAMES_PER_UTTERANCE` seeded frames of each utterance, until `train_frames` frames), learns per
-layer the (M, 256, D / M) centroids by k-means in each sub-space (rq: the (M, 256, D) stage
-codebooks, `train_rq_codebook`), and writes `out_dir/pq_codebook.npy` (float32 (L, M, 256,
-D / M) or (L, M, 256, D), layers in the cache identity's order, no pickle; a `--standardise
-utterance` cache's codebook is learned on each utterance's standardised frames, what it codes)
-and then `pq_codebook.json` (`PQ_META`: version, settings, the teacher identity, sha256 of the
-npy), each atomically; the json marks the codebook complete. A later run with the same
-settings reuses it (an interrupted cache resumes with the same codebook); other settings or
-another teacher are refused (`codebook_for`). All ranks of a multi-rank cache must share one
-codebook: `colld prep train-codebook` learns it once before they start, and `cache-teacher
---codec pq` learns it itself only with `world_size` 1 (otherwise it refuses, naming
-`train-codebook`).
+layer the (M, 256, D / M) centroids by k-means in each sub-space (`train_pq_codebook`; rq: the
+(M, 256, D) stage codebooks, `train_rq_codebook`), and writes `out_dir/codebook.npy`
+(`formats.CODEBOOK_FILE`: float32 (L, M, 256, D / M) or (L, M, 256, D), layers in the cache
+identity's order, no pickle; a `--standardise utterance` cache's codebook is learned on each
+utterance's standardised frames, what it codes) and then `codebook.json` (`CODEBOOK_META`:
+version, settings, the teacher identity, sha256 of the npy), each atomically; the json marks
+the codebook complete. A later run with the same settings reuses it (an interrupted cache
+resumes with the same codebook); other settings or another teacher are refused
+(`codebook_for`), and so is an out_dir holding the `pq_codebook.json` of a cache begun by a
+colld before codebook format 2. All ranks of a multi-rank cache must share one codebook: `colld
+prep train-codebook` learns it once before they start, and `cache-teacher --codec pq` learns it
+itself only with `world_size` 1 (otherwise it refuses, naming `train-codebook`).
 
 k-means is faiss's (`faiss.ProductQuantizer`, 25 Lloyd iterations per sub-space from
 seeded random frames, `cp.seed`): a well-kept C++ library, about 1.5 s for 20k 512-d
@@ -40,23 +41,24 @@ from tqdm import tqdm
 from colld_ds.codecs import RQ_BEAM, standardise_utterance
 from colld_ds.data import decode_wave, read_samples
 from colld_ds.errors import DataError
-from colld_ds.formats import PQ_CENTROIDS, PQ_CODEBOOK, PQ_VERSION
+from colld_ds.formats import (CODEBOOK_ENTRIES, CODEBOOK_FILE, CODEBOOK_VERSION,
+                              LEGACY_CODEBOOK_FILE)
 from colld_ds.models import Teacher
 
-PQ_META = "pq_codebook.json"  # beside PQ_CODEBOOK: written last, marks the codebook complete
+CODEBOOK_META = "codebook.json"  # beside CODEBOOK_FILE: written last, marks it complete
 FRAMES_PER_UTTERANCE = 64  # at most this many training frames from one utterance
 
 
-def train_codebook(frames: np.ndarray, subvectors: int, seed: int) -> np.ndarray:
+def train_pq_codebook(frames: np.ndarray, subvectors: int, seed: int) -> np.ndarray:
     """(N, D) training frames -> float32 (M, 256, D / M) centroids, k-means per sub-space."""
     import faiss  # noqa: PLC0415  (only the codebook step needs it)
 
     num, width = frames.shape
     pq = faiss.ProductQuantizer(width, subvectors, 8)
     pq.cp.seed = seed
-    pq.cp.max_points_per_centroid = -(-num // PQ_CENTROIDS)  # use every frame given
+    pq.cp.max_points_per_centroid = -(-num // CODEBOOK_ENTRIES)  # use every frame given
     pq.train(np.ascontiguousarray(frames, np.float32))
-    return faiss.vector_to_array(pq.centroids).reshape(subvectors, PQ_CENTROIDS, -1)
+    return faiss.vector_to_array(pq.centroids).reshape(subvectors, CODEBOOK_ENTRIES, -1)
 
 
 def train_rq_codebook(frames: np.ndarray, stages: int, seed: int) -> np.ndarray:
@@ -72,9 +74,9 @@ def train_rq_codebook(frames: np.ndarray, stages: int, seed: int) -> np.ndarray:
     # max_points_per_centroid x 256: faiss's default (256) or more, so that every frame given
     # counts; fewer (a cap of num points) learns worse codebooks below 65,536 frames
     rq.cp.max_points_per_centroid = max(rq.cp.max_points_per_centroid,
-                                        -(-num // PQ_CENTROIDS))
+                                        -(-num // CODEBOOK_ENTRIES))
     rq.train(np.ascontiguousarray(frames, np.float32))
-    return faiss.vector_to_array(rq.codebooks).reshape(stages, PQ_CENTROIDS, width)
+    return faiss.vector_to_array(rq.codebooks).reshape(stages, CODEBOOK_ENTRIES, width)
 
 
 def sample_frames(teacher: Teacher, urls: list[str], train_frames: int, seed: int,
@@ -114,13 +116,13 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int, codec: str,
+def _settings(teacher: Teacher, num_codebooks: int, train_frames: int, seed: int, codec: str,
               standardise: str) -> dict:
-    """What a codebook depends on; a reused codebook must have been learned with the same (a
-    json written before rq names no codec: pq; rq also records its encoding beam; a codebook of
-    standardised frames records `standardised`)."""
-    settings = {"version": PQ_VERSION, "codec": codec, "subvectors": subvectors,
-                "train_frames": train_frames, "seed": seed,
+    """What a codebook depends on; a reused codebook must have been learned with the same (rq
+    also records its encoding beam; a codebook of standardised frames records
+    `standardised`)."""
+    settings = {"version": CODEBOOK_VERSION, "codec": codec, "num_codebooks": num_codebooks,
+                "codebook_train_frames": train_frames, "seed": seed,
                 "teacher": {k: teacher.identity[k] for k in ("config_hash", "target_kind",
                                                              "layers")}}
     if standardise != "none":
@@ -128,19 +130,26 @@ def _settings(teacher: Teacher, subvectors: int, train_frames: int, seed: int, c
     return settings if codec == "pq" else {**settings, "beam": RQ_BEAM}
 
 
-def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
+def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, num_codebooks: int,
                  train_frames: int, seed: int, learn: bool, codec: str = "pq",
                  progress: bool = False, standardise: str = "none") -> tuple[dict, np.ndarray]:
-    """The cache identity's ``"pq"`` fields and the float32 codebook of a ``codec`` (pq: (L, M,
+    """The cache identity's ``"codebook"`` block and the float32 codebook of a ``codec`` (pq: (L, M,
     256, D / M), rq: (L, M, 256, D)) cache in `out_dir`: the one there (complete and of the same
     settings, else DataError), or with `learn` a new one (module docstring), else DataError
     naming `colld prep train-codebook`. `progress`: bars of the sample's frames and the layers
     learned; `standardise`: the cache's `--standardise` (`sample_frames`)."""
-    meta_path, npy_path = os.path.join(out_dir, PQ_META), os.path.join(out_dir, PQ_CODEBOOK)
-    settings = _settings(teacher, subvectors, train_frames, seed, codec, standardise)
+    meta_path, npy_path = (os.path.join(out_dir, CODEBOOK_META),
+                           os.path.join(out_dir, CODEBOOK_FILE))
+    settings = _settings(teacher, num_codebooks, train_frames, seed, codec, standardise)
+    legacy = os.path.join(out_dir, LEGACY_CODEBOOK_FILE.replace(".npy", ".json"))
+    if not os.path.exists(meta_path) and os.path.exists(legacy):
+        raise DataError(f"{out_dir} holds {os.path.basename(legacy)}, the codebook of a cache "
+                        "begun by a colld before codebook format 2: this colld reads such "
+                        "caches but does not extend them; finish it with the colld that began "
+                        "it, or cache into another out_dir")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            meta = {"codec": "pq", **json.load(f)}  # jsons written before rq name no codec
+            meta = json.load(f)
         changed = [k for k in dict.fromkeys([*settings, "standardised"])  # absent: none
                    if meta.get(k) != settings.get(k)]
         if changed:
@@ -151,44 +160,44 @@ def codebook_for(teacher: Teacher, urls: list[str], out_dir: str, subvectors: in
                 "--standardise and teacher, or another out_dir")
         with open(npy_path, "rb") as f:
             data = f.read()
-        if hashlib.sha256(data).hexdigest() != meta["codebook_sha256"]:
-            raise DataError(f"{npy_path} does not hash to the codebook_sha256 of {meta_path}: "
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise DataError(f"{npy_path} does not hash to the sha256 of {meta_path}: "
                             "restore the codebook, or use another out_dir")
         codebook = np.load(io.BytesIO(data), allow_pickle=False)
     elif not learn:
         raise DataError(
-            f"{out_dir} has no {codec} codebook ({PQ_META}), and the ranks of a multi-rank "
+            f"{out_dir} has no {codec} codebook ({CODEBOOK_META}), and the ranks of a multi-rank "
             "cache must share one: learn it first with `colld prep train-codebook <shards> "
             f"<teacher> <layers> <out_dir> --codec {codec}` (same --num_codebooks, "
             "--codebook_train_frames, --seed, --standardise)")
     else:
-        codebook = _learn(teacher, urls, out_dir, subvectors, train_frames, seed, codec,
+        codebook = _learn(teacher, urls, out_dir, num_codebooks, train_frames, seed, codec,
                           progress, standardise)
         with open(npy_path, "rb") as f:
-            meta = {**settings, "codebook_sha256": hashlib.sha256(f.read()).hexdigest()}
+            meta = {**settings, "sha256": hashlib.sha256(f.read()).hexdigest()}
         _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
-    fields = {k: meta[k] for k in ("version", "subvectors", "codebook_sha256")}
+    fields = {k: meta[k] for k in ("version", "num_codebooks", "sha256")}
     return fields, codebook
 
 
-def _learn(teacher: Teacher, urls: list[str], out_dir: str, subvectors: int,
+def _learn(teacher: Teacher, urls: list[str], out_dir: str, num_codebooks: int,
            train_frames: int, seed: int, codec: str, progress: bool, standardise: str
            ) -> np.ndarray:
-    """Learn and write `out_dir/pq_codebook.npy`; return it, float32 (L, M, 256, D / M) for pq,
+    """Learn and write `out_dir/codebook.npy`; return it, float32 (L, M, 256, D / M) for pq,
     (L, M, 256, D) for rq."""
     frames = sample_frames(teacher, urls, train_frames, seed, progress, standardise)
     width = frames[0].shape[1]
-    if frames[0].shape[0] < PQ_CENTROIDS:
+    if frames[0].shape[0] < CODEBOOK_ENTRIES:
         raise DataError(f"the shards give {frames[0].shape[0]} frames, k-means of "
-                        f"{PQ_CENTROIDS} centroids needs at least that many: use more audio")
-    learn = train_codebook if codec == "pq" else train_rq_codebook
+                        f"{CODEBOOK_ENTRIES} centroids needs at least that many: use more audio")
+    learn = train_pq_codebook if codec == "pq" else train_rq_codebook
     # one layer takes minutes at rq's M = 32 (M k-means of 256 on D-dim residuals)
     layers = tqdm(frames, unit="layer", desc=f"{codec} codebook", disable=not progress)
-    codebook = np.stack([learn(x, subvectors, seed) for x in layers])
+    codebook = np.stack([learn(x, num_codebooks, seed) for x in layers])
     os.makedirs(out_dir, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, codebook, allow_pickle=False)
-    _write_atomic(os.path.join(out_dir, PQ_CODEBOOK), buf.getvalue())
+    _write_atomic(os.path.join(out_dir, CODEBOOK_FILE), buf.getvalue())
     print(f"{codec} codebook: {len(frames)} layers x {codebook.shape[1:]} from "
-          f"{frames[0].shape[0]} frames (D {width}) -> {out_dir}/{PQ_CODEBOOK}")
+          f"{frames[0].shape[0]} frames (D {width}) -> {out_dir}/{CODEBOOK_FILE}")
     return codebook
