@@ -49,10 +49,11 @@ from colld_ds.atomic import write_text_atomic
 from colld_ds.checkpoint import checkpoint_tag, complete_checkpoints
 from colld_ds.compare import check_earlier_run
 from colld_ds.config import ConfigError, load_config
-from colld_ds.data import read_samples
+from colld_ds.data import read_samples, shard_infos
 from colld_ds.evaluate import evaluate
 from colld_ds.formats import SHARD_INDEX
 from colld_ds.report import FidelityReport
+from colld_ds.data_prep.cache import check_fits_window
 from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.real_recordings import PREFIX as REAL_PREFIX, write_real_shards
 from colld_ds.data_prep.shards import write_audio_shards, write_shards
@@ -161,17 +162,6 @@ def _split_pattern(corpus_dir: Path, split: str) -> str:
     return str(corpus_dir / f"{split}-{{000000..{count - 1:06d}}}.tar")
 
 
-def _check_window(shards: list[str], window_seconds: float) -> None:
-    """ValueError naming the longest utterance when one does not fit the teacher's window."""
-    longest = max((json.loads(s["json"]) for s in read_samples(shards)),
-                  key=lambda meta: meta["duration"])
-    if longest["duration"] > window_seconds:
-        raise ValueError(
-            f"utterance {longest['utt_id']} is {longest['duration']:.2f} s, longer than the "
-            f"teacher's {window_seconds:g} s window: re-run with --window_seconds "
-            f"{math.ceil(longest['duration'])} (the outputs made so far are kept)")
-
-
 def _cache_teacher(shards_dir: Path, teacher_dir: str, layers: list[int], cache_dir: Path,
                    window_seconds: float, ranks: int) -> None:
     """``colld prep cache-teacher`` in ``ranks`` processes of one thread each, in parallel."""
@@ -258,7 +248,9 @@ def run_whisper_demo(out_dir: str, minutes_per_language: float = 2.0,
         _check_cached_layers(cache_dir / Path(shards[0]).name, layers)
     with stages(f"cache teacher layers {layers} ({window_seconds:g} s window) on {ranks} "
                 "processes", cached) as run:
-        _check_window(shards + test_shards, window_seconds)
+        # the test shards too: evaluation runs the teacher on them
+        check_fits_window({**shard_infos(shards, None, True),
+                           **shard_infos(test_shards, None, True)}, window_seconds)
         if run:
             _cache_teacher(shards_dir, teacher_dir, layers, cache_dir, window_seconds, ranks)
 

@@ -334,22 +334,27 @@ def _cache_shape(model: Teacher, settings: CacheSettings) -> CacheShape:
     return shape
 
 
-def check_window(model: Teacher, infos: dict[str, ShardInfo]) -> None:
+def check_fits_window(infos: dict[str, ShardInfo], window_seconds: float) -> None:
     """Before any work: DataError naming the longest utterance of the shards `infos` (keys and
-    lengths) and the fix when the teacher takes a bounded window (Whisper's, `window_seconds`)
-    that it does not fit; the teacher would otherwise fail on it mid-run."""
-    max_samples = getattr(model.front_end, "max_samples", None)
-    if max_samples is None:
-        return
+    lengths) and the fix when it is longer than a Whisper teacher's `window_seconds`, on which
+    the teacher would otherwise fail mid-run."""
     url, key, length = max(((info.url, key, length) for info in infos.values()
                             for key, length in zip(info.keys, info.lengths, strict=True)),
                            key=lambda item: item[2], default=("", "", 0))
-    if length > max_samples:
-        seconds, window = length / SAMPLE_RATE, max_samples / SAMPLE_RATE
-        raise DataError(f"utterance {key} in {url} is {seconds:.2f} s, longer than the Whisper "
-                        f"teacher's {window:g} s window: re-run with --window_seconds "
+    if length > round(window_seconds * SAMPLE_RATE):
+        seconds = length / SAMPLE_RATE
+        raise DataError(f"utterance {key} is {seconds:.2f} s (in {url}), longer than the Whisper "
+                        f"teacher's {window_seconds:g} s window: re-run with --window_seconds "
                         f"{math.ceil(seconds)} (at most 30), or crop or split the utterances "
-                        "longer than the window (nothing was written)")
+                        "longer than the window (no teacher output was written yet)")
+
+
+def check_window(model: Teacher, infos: dict[str, ShardInfo]) -> None:
+    """`check_fits_window` for a teacher with a bounded window (Whisper's); others take any
+    length."""
+    max_samples = getattr(model.front_end, "max_samples", None)
+    if max_samples is not None:
+        check_fits_window(infos, max_samples / SAMPLE_RATE)
 
 
 def teacher_and_shape(settings: CacheSettings) -> tuple[Teacher, CacheShape]:

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from colld_ds.checkpoint import complete_checkpoints
-from colld_ds.data import read_samples
+from colld_ds.data import read_samples, shard_infos
 from colld_ds.config import ConfigError
-from colld_ds.demo import (_check_cached_layers, _check_window, _mix_shards, _print_fidelity,
+from colld_ds.demo import (_check_cached_layers, _mix_shards, _print_fidelity,
                            _synthesise)
 from colld_ds.report import ModelFidelity
+from colld_ds.data_prep.cache import check_fits_window
 from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.shards import write_audio_shards, write_shards
 from helpers import fidelity_report
@@ -97,10 +98,11 @@ def test_window_check_names_the_longest_utterance(tmp_path):
     durations = {json.loads(s["json"])["utt_id"]: json.loads(s["json"])["duration"]
                  for s in read_samples(shards)}
     longest = max(durations, key=durations.get)
-    _check_window(shards, durations[longest])                         # fits exactly
+    infos = shard_infos(shards, None, True)
+    check_fits_window(infos, durations[longest])                      # fits exactly
     with pytest.raises(ValueError, match=rf"{longest} is {durations[longest]:.2f} s.*"
                                          rf"--window_seconds {math.ceil(durations[longest])}"):
-        _check_window(shards, float(np.floor(durations[longest] * 10) / 10))
+        check_fits_window(infos, float(np.floor(durations[longest] * 10) / 10))
 
 
 def test_corpus_made_with_other_flags_is_refused(tmp_path):
