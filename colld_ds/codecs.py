@@ -10,10 +10,11 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   float16 rounding of the decoded value. Per channel rather than per frame: a few channels of a
   transformer layer are much larger than the rest (on a Whisper-base layer-6 utterance the
   largest channel peaks at 5x the median channel's peak), and a per-frame scale spends its 255
-  levels on them. On the Whisper-base demo cache (``benchmarks/cache_codecs.py``, README "Cache
-  codecs") per-channel scales give a 1.6-1.9x lower relative L2 error (0.0051 vs 0.0080 at
-  layer 3, 0.0138 vs 0.0268 at layer 6) at the same mean cosine (within 2e-5; lowest frame
-  0.9980 vs 0.9988 at layer 6) and 1 % more bytes: one int8 codec, per channel.
+  levels on them. On the Whisper-base demo cache
+  (``benchmarks/results/cache_codecs_whisper_demo.json``, ``docs/cache_codecs.md``) per-channel
+  scales give a 1.6-1.9x lower relative L2 error (0.0051 vs 0.0080 at layer 3, 0.0138 vs 0.0268 at
+  layer 6) at the same mean cosine (within 2e-5; lowest frame 0.9980 vs 0.9988 at layer 6) and 1 %
+  more bytes: one int8 codec, per channel.
 - ``pq``: product quantisation. A layer's D channels are cut into M sub-vectors of D / M
   (``x_t = [x_t^1 ... x_t^M]``); each is stored as the uint8 index of its nearest centroid
   (squared L2) in that sub-space's codebook of 256: ``code_tm = argmin_k ||x_t^m - C[m, k]||``,
@@ -32,7 +33,7 @@ codec is recorded in the cache's teacher identity (``formats.cache_codec``).
   faiss runs, written here in torch so that it runs on the teacher's GPU while caching (M x beam
   x 256 distances of D values per frame: 34M multiply-adds at M = 32, D = 1024) and encodes from
   the stored codebook alone; tests check its codes against faiss's. On the demo cache's target
-  space rq keeps as much with 32 bytes as pq with 64 (README "Cache codecs",
+  space rq keeps as much with 32 bytes as pq with 64 (``docs/cache_codecs.md``,
   ``benchmarks/results/cache_codecs_whisper_demo_l14.json``, faiss rows). Decoding (the sum of
   M gathered rows, ``rq_decode``) runs in the loader, as pq's does.
 
