@@ -114,7 +114,7 @@ class CacheEstimate:
             f"{self.audio_seconds / 3600:.4f} h of audio, {self.frames} frames",
             f"  layers: {per_frame:.1f} bytes per frame per layer (tar and npy headers included), "
             f"{human(self.per_hour(self.layer_bytes))} per hour of audio"
-            + (f"; pq codebook {human(self.shape.codebook_bytes())} once"
+            + (f"; {identity['codec']} codebook {human(self.shape.codebook_bytes())} once"
                if self.shape.codebook_bytes() else ""),
             f"  whole cache: {human(per_hour)} per hour of audio (audio "
             f"{human(self.per_hour(self.audio_bytes))}); these shards: {human(self.total_bytes)} "

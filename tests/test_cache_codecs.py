@@ -16,6 +16,7 @@ import torch
 from webdataset import TarWriter
 
 from benchmarks.cache_codecs import main as cache_codecs_benchmark
+from benchmarks.cache_estimate import main as cache_estimate_benchmark
 from colld_ds.codecs import decode, quantise_int8
 from colld_ds.data import AudioBatchStream, decode_wave, expand_urls, read_samples
 from colld_ds.errors import DataError
@@ -187,6 +188,21 @@ def test_estimate_matches_the_cache_written(caches, tmp_path, capsys, codec, fro
         sorted(os.path.join(out, n) for n in os.listdir(out) if n.endswith(".tar"))))
     per_hour = size(re.search(r"whole cache: ([\d.]+ \w+) per hour", printed).group(1))
     assert abs(per_hour * seconds / 3600 - written) <= 0.02 * written
+
+
+def test_estimate_benchmark_reads_each_cache_identity(caches, tmp_path):
+    """`benchmarks/cache_estimate.py` estimates each written cache from its own identity."""
+    out = tmp_path / "estimate.json"
+    rows = cache_estimate_benchmark(["--shards", caches["audio"], "--teacher",
+                                     caches["teacher_dir"], "--out", str(out),
+                                     "--caches", f"{caches['fp16']},{caches['int8']}"])
+    assert json.loads(out.read_text()) == rows
+    assert [(r["codec"], r["layers"]) for r in rows] == [("fp16", "2,4"), ("int8", "2,4")]
+    for row, codec in zip(rows, ("fp16", "int8"), strict=True):
+        assert row["written_bytes"] == tar_bytes(caches[codec])
+        assert abs(row["estimated_bytes"] - row["written_bytes"]) <= 0.02 * row["written_bytes"]
+        assert row["estimate_error_pct"] == pytest.approx(
+            100 * (row["estimated_bytes"] / row["written_bytes"] - 1))
 
 
 def test_cache_refuses_when_the_disk_will_not_fit_it(caches, tmp_path, monkeypatch):
