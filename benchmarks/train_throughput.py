@@ -5,10 +5,11 @@ teacher run online, from the teacher cache, with l2l instead of CoLLD, from a ca
 (`--freeze_front_end`) and on other contrastive backends (`--contrastive_backends`), for an
 XLS-R 300M-shaped teacher with random weights (`--full`; shrunk by default). Steps are
 interleaved across runs, medians reported with per-round ratios. With `--codecs` the cache is
-also written with those codecs; their decode runs in the loader workers (`colld_ds.data`), not
-in the step, which reads the same float16 (B, T, D) targets from any codec (checked), so each
-codec's row times what a worker spends decoding one batch's run layers, in the same rounds, next
-to the cached step. What is timed and why: "How train_throughput.py measures" in
+also written with those codecs; each codec's row times what a loader worker spends decoding one
+batch's run layers (`colld_ds.data`), in the same rounds, next to the cached step, which reads the
+same float16 (B, T, D) targets from any codec (checked). pq and rq get a second row: the same
+batches' codes decoded in the step, on its device (`data.decode_codes device`,
+`codecs.CodeDecoder`). What is timed and why: "How train_throughput.py measures" in
 `benchmarks/README.md`.
 
     python benchmarks/train_throughput.py            # CPU default: 24 x 256 teacher, ~1.5 min
@@ -188,6 +189,11 @@ def main():
             assert list(map(targets, take_batches(stream, rounds))) == list(
                 map(targets, cached_batches))
         decoding = {codec: codec_cache(cache) for codec, cache in caches.items()}
+        in_step = {}  # pq, rq: the same batches as codes, and the step's decoder
+        for codec in [c for c in codecs if c in QUANTISED]:
+            stream = AudioBatchStream(caches[codec], expect_teacher=teacher.identity,
+                                      decode_codes=False, **common)
+            in_step[codec] = (take_batches(stream, rounds), stream.code_decoder(device))
 
         torch.manual_seed(config.run.seed)
         l2l_model = DistillationModel(
@@ -226,6 +232,7 @@ def main():
                   for _, _, _, m, _, _, _ in runs]
         times: list[list[float]] = [[] for _ in runs]
         decode_times: dict[str, list[float]] = {codec: [] for codec in decoding}
+        in_step_times: dict[str, list[float]] = {codec: [] for codec in in_step}
         losses: list[float] = [0.0 for _ in runs]
         for step in range(rounds):
             for i, (_, _, _, m, t, batches, cfg) in enumerate(runs):
@@ -251,6 +258,16 @@ def main():
                 decode_features([samples[k] for k in keys], teacher.identity, lengths)
                 if step >= args.warmup:
                     decode_times[codec].append(time.perf_counter() - tic)
+            for codec, (code_batches, decoder) in in_step.items():
+                batch = code_batches[step].to(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                tic = time.perf_counter()
+                decoder(batch.teacher_codes, batch.frame_lengths)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step >= args.warmup:
+                    in_step_times[codec].append(time.perf_counter() - tic)
 
     audio_per_batch = statistics.mean(float(b.wave_lengths.sum()) / SAMPLE_RATE
                                       for b in audio_batches)
@@ -303,11 +320,14 @@ def main():
     for row in rows:
         row.update(ratios)
     decode_rows = []
-    for codec, ts in decode_times.items():
+    timed = [(f"decode_{codec}", codec, "a loader worker (colld_ds.data)", ts)
+             for codec, ts in decode_times.items()]
+    timed += [(f"decode_{codec}_in_step", codec, f"the step, on {device.type} (CodeDecoder)", ts)
+              for codec, ts in in_step_times.items()]
+    for mode, codec, where, ts in timed:
         decode_s = statistics.median(ts)
         decode_rows.append(dict(
-            mode=f"decode_{codec}", codec=codec,
-            where="loader workers (colld_ds.data), not the step",
+            mode=mode, codec=codec, where=where,
             layers=teacher_layers, width=args.teacher_width, batch_size=args.batch_size,
             crop_s=args.max_seconds, decode_ms=1000 * decode_s, decode_ms_min=1000 * min(ts),
             decode_ms_max=1000 * max(ts), steps=len(ts),
@@ -327,8 +347,8 @@ def main():
     print_table(rows, ["mode", "objective", "contrastive_backend", "step_ms", "step_ms_min",
                        "step_ms_max", "samples_per_s", "audio_s_per_s", "ratio"])
     if decode_rows:
-        print(f"decoding one batch's cached layers {teacher_layers} in a loader worker, per codec "
-              "(the step reads float16 targets from any codec: no decode in the step)")
+        print(f"decoding one batch's cached layers {teacher_layers}, per codec: in a loader "
+              "worker (decode_<codec>) or in the step (pq, rq: decode_<codec>_in_step)")
         print_table(decode_rows, ["mode", "decode_ms", "decode_ms_min", "decode_ms_max",
                                   "decode_pct_of_cached_step", "decode_audio_s_per_s"])
     write_rows(rows + decode_rows, args.out)

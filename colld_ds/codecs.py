@@ -48,17 +48,17 @@ discards (a dimension's offset and spread across utterances) and weighs every di
 objective does. Runs with ``target_norm: none`` refuse such a cache
 (``formats.check_teacher_identity``).
 
-Decoding runs in the loader (``colld_ds.data``), not in the training step: it is one multiply
-per value (about 2 us per 512-d frame, 0.8 ms per layer of an 8 s utterance, on the loaded
-2-core development CPU) in the DataLoader workers, which overlap the step; every consumer keeps
-reading float16 (B, T, D) ``Batch.teacher_features``. In the step it would only halve the
-host-to-device copy of the targets, a small part of a step that runs a student forward and
-backward. The same holds for this increment's pq decode, a gather of M rows of D / M floats
-per frame (``pq_decode``). Moving it to the device is what makes pq pay off on the host side
-too (the loader would ship (B, T, M) uint8 codes, D / M times fewer bytes than int8): it would
-go in the training step, after the batch reaches the device and before the teacher targets are
-read (``colld_ds.train``), one ``codebook[m, codes]`` gather per layer with the codebooks held
-on the device.
+Where decoding runs (``data.decode_codes``). int8 and fp16 are decoded in the loader
+(``colld_ds.data``): one multiply per value (about 2 us per 512-d frame on the loaded 2-core
+development CPU) in the DataLoader workers, which overlap the step; in the step it would only
+halve the host-to-device copy. pq and rq are decoded in the loader too on a CPU run, but on a
+GPU run the loader ships their (B, T, M) uint8 codes and ``CodeDecoder`` decodes them in the
+training step, on the device, with the codebook held there (``data.decode_codes: auto``). rq's
+decode is the sum of M gathered D-wide rows per frame: at XLS-R's 1024-d with M = 64 that is
+256 KiB of codebook rows read per frame and layer, which would take loader workers per GPU to
+keep up with, while the GPU does it as one ``embedding_bag`` per layer; and the codes cross the
+worker-to-process queue and the host-to-device copy at M bytes per frame instead of 2 D.
+Every consumer still reads float16 (B, T, D) ``Batch.teacher_features``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from colld_ds.errors import DataError
 from colld_ds.formats import CODEBOOK_ENTRIES, CODEBOOK_FILE, QUANTISED, layer_arrays
@@ -173,18 +174,21 @@ def decode(arrays: list[np.ndarray], codec: str, codebook: np.ndarray | None = N
     """The arrays of one layer's members (``encode``'s) -> float16 (T, D) features (pq, rq: with
     the layer's ``codebook``, (M, 256, D / M) or (M, 256, D)); ValueError naming the array that
     breaks ``formats.layer_arrays``."""
-    first = arrays[0].shape if arrays[0].ndim == 2 else (0, 0)
-    if codec in QUANTISED:
-        expected = layer_arrays(codec, first[0], codebook_width(codec, codebook.shape),
-                                codebook.shape[0])
-    else:
-        expected = layer_arrays(codec, *first)
-    for array, (shape, dtype) in zip(arrays, expected, strict=True):
-        if array.shape != shape or array.dtype != dtype:
-            raise ValueError(f"expected {dtype} {shape}, got {array.dtype} {array.shape}")
+    check_layer_arrays(arrays, codec, 0 if codebook is None else codebook.shape[0])
     if codec in QUANTISED:
         return (pq_decode if codec == "pq" else rq_decode)(arrays[0], codebook)
     return arrays[0] if codec == "fp16" else dequantise_int8(*arrays)
+
+
+def check_layer_arrays(arrays: list[np.ndarray], codec: str, num_codebooks: int = 0) -> None:
+    """ValueError naming the array of one layer's members (``encode``'s) that breaks
+    ``formats.layer_arrays``: T (and fp16's and int8's D) read from the first, pq's and rq's M
+    is ``num_codebooks``."""
+    first = arrays[0].shape if arrays[0].ndim == 2 else (0, 0)
+    expected = layer_arrays(codec, first[0], first[1], num_codebooks)
+    for array, (shape, dtype) in zip(arrays, expected, strict=True):
+        if array.shape != shape or array.dtype != dtype:
+            raise ValueError(f"expected {dtype} {shape}, got {array.dtype} {array.shape}")
 
 
 def codebook_width(codec: str, shape: tuple[int, ...]) -> int:
@@ -240,3 +244,41 @@ def read_codebook(path: str, sha256: str, num_layers: int, num_codebooks: int,
                   codec: str = "pq") -> np.ndarray:
     """``load_codebook``, cached: the loader reads each codebook once per process."""
     return load_codebook(path, sha256, num_layers, num_codebooks, codec)
+
+
+class CodeDecoder:
+    """pq or rq decoding in the training step (``data.decode_codes``): a batch's uint8 codes
+    (B, T, M) per layer -> float16 (B, T, D), zero at padded frames, on the codebook's device.
+
+    ``codebooks``: float32 (L, M, 256, D / M) for pq, (L, M, 256, D) for rq, of the L layers
+    in the order of ``Batch.teacher_codes``. Each layer's M codebooks are stacked into one
+    (M * 256, w) table and code m of a frame indexes row ``m * 256 + code``: pq gathers the M
+    rows and concatenates them (``embedding``), rq sums them (``embedding_bag``, summing in
+    float32 as ``rq_decode`` does)."""
+
+    def __init__(self, codec: str, codebooks: np.ndarray, device: torch.device | str):
+        if codec not in QUANTISED:
+            raise ValueError(f"CodeDecoder decodes {' and '.join(QUANTISED)} codes, not {codec}")
+        num_layers, num_codebooks, entries, width = codebooks.shape
+        self.codec = codec
+        self.tables = torch.as_tensor(codebooks, dtype=torch.float32, device=device).reshape(
+            num_layers, num_codebooks * entries, width)        # (L, M * 256, w)
+        self.offsets = torch.arange(num_codebooks, device=device) * entries  # (M,)
+
+    def __call__(self, codes: list[torch.Tensor], frame_lengths: torch.Tensor
+                 ) -> list[torch.Tensor]:
+        """L uint8 (B, T, M) code tensors on the decoder's device and (B,) valid frames ->
+        L float16 (B, T, D) features, zero at frames t >= frame_lengths[b]."""
+        batch, frames, num_codebooks = codes[0].shape
+        valid = (torch.arange(frames, device=codes[0].device)[None, :]
+                 < frame_lengths.to(codes[0].device)[:, None])            # (B, T)
+        features = []
+        for table, layer_codes in zip(self.tables, codes, strict=True):
+            rows = layer_codes.long() + self.offsets                      # (B, T, M)
+            if self.codec == "pq":
+                decoded = F.embedding(rows, table).reshape(batch, frames, -1)
+            else:
+                decoded = F.embedding_bag(rows.reshape(-1, num_codebooks), table, mode="sum"
+                                          ).reshape(batch, frames, -1)
+            features.append((decoded * valid[..., None]).half())
+        return features

@@ -159,6 +159,12 @@ class DataConfig:
     ``pipe:`` shards (a command has no directory); checked against the cache's identity like
     the one beside them. Empty: ``codebook.npy`` beside the shards (``pq_codebook.npy`` for a
     cache written before codebook format 2: ``colld_ds.formats``)."""
+    decode_codes: Literal["auto", "loader", "device"] = "auto"
+    """pq and rq caches: where their codes are decoded into targets. ``loader``: in the
+    DataLoader workers, which overlap the step. ``device``: the loader ships the (B, T, M)
+    uint8 codes and the training step decodes them on its device, the codebook held there
+    (``codecs.CodeDecoder``). ``auto`` (default): ``device`` on a GPU, ``loader`` on a CPU. The
+    same targets either way (tested); fp16 and int8 caches are always decoded in the loader."""
     on_bad_shard: Literal["stop", "skip"] = "stop"
     """A shard that fails while training reads it (truncated, corrupt, unreachable mid-run):
     ``stop`` (default) ends the run with an error naming it (checkpoints stay intact; restore it

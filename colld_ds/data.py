@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from colld_ds.batching import Batching, EpochPlanner, ShardInfo
-from colld_ds.codecs import codebook_path, decode, read_codebook
+from colld_ds.codecs import (CodeDecoder, check_layer_arrays, codebook_path, decode,
+                             read_codebook)
 from colld_ds.errors import ColldError, DataError, verbose
 from colld_ds.formats import (AUDIO_EXTS, FRONT_END_MEMBER, QUANTISED, SAMPLE_RATE, SHARD_INDEX,
                               FrameGeometry, cache_codec, check_teacher_identity, codebook_identity,
@@ -54,6 +55,10 @@ class Batch:
     keys: B utterance ids; langs: B language tags.
     teacher_features: cached mode only: one (B, T, D_t) float16 tensor per expected teacher
         layer (in `expect_teacher["layers"]` order), zero at padded frames; T = frames of S.
+        None while `teacher_codes` holds the layers.
+    teacher_codes: cached mode, pq and rq caches read with `decode_codes=False` only: one
+        (B, T, M) uint8 tensor of codes per expected layer (zero at padded frames), which
+        `codecs.CodeDecoder` decodes into `teacher_features` on the training device.
     frame_lengths: cached mode only: (B,) int64 valid frames of each row.
     front_end_features: cached mode with `"front_end"` expected only: the teacher's conv
         front-end output, (B, T, C) float16 zero at padded frames (C = 512 for released
@@ -65,22 +70,29 @@ class Batch:
     keys: list[str]
     langs: list[str]
     teacher_features: list[torch.Tensor] | None = None
+    teacher_codes: list[torch.Tensor] | None = None
     frame_lengths: torch.Tensor | None = None
     front_end_features: torch.Tensor | None = None
     damaged: list[DamagedShard] = field(default_factory=list)
     """`on_bad_shard="skip"`: shards found damaged since the worker's previous batch."""
+
+    @property
+    def num_cached_frames(self) -> int:
+        """Cached mode: T, the frames of the padded batch."""
+        return (self.teacher_features or self.teacher_codes)[0].shape[1]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with the tensors on `device`."""
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        features = self.teacher_features
+        features, codes = self.teacher_features, self.teacher_codes
         return replace(
             self,
             wave=move(self.wave),
             wave_lengths=move(self.wave_lengths),
             teacher_features=None if features is None else [move(f) for f in features],
+            teacher_codes=None if codes is None else [move(c) for c in codes],
             frame_lengths=move(self.frame_lengths),
             front_end_features=move(self.front_end_features),
         )
@@ -280,12 +292,13 @@ def decode_wave(sample: dict) -> np.ndarray:
 
 
 def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
-                  codebook_file: str | None) -> list[np.ndarray]:
+                  codebook_file: str | None, decode_codes: bool = True) -> list[np.ndarray]:
     """A raw sample's (T, D) float16 arrays of `expect["layers"]` (`meta`: its parsed json),
     checked against the cache identity and the audio length `num_samples` (T = frames of the
-    whole utterance), decoded from the cache's codec (`colld_ds.codecs`; pq: with the codebook
-    `codebook_file`, else the one beside the shard). The loader's decode, which
-    `benchmarks/train_throughput.py --codecs` times."""
+    whole utterance), decoded from the cache's codec (`colld_ds.codecs`; pq, rq: with the
+    codebook `codebook_file`, else the one beside the shard). The loader's decode, which
+    `benchmarks/train_throughput.py --codecs` times. pq and rq with `decode_codes` False: their
+    (T, M) uint8 codes, undecoded (the codebook is not read)."""
     key, url = sample["__key__"], sample.get("__url__")
     if "teacher" not in meta:
         raise DataError(f"sample {key} in {url} has no teacher identity: not a teacher-cache shard")
@@ -294,8 +307,10 @@ def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
     codec = cache_codec(meta["teacher"], where)
     num_frames = FrameGeometry.of(meta["teacher"]).num_frames(num_samples)
     cached_layers, codebooks = list(meta["teacher"]["layers"]), None
+    undecoded = codec in QUANTISED and not decode_codes
     if codec in QUANTISED:  # (L, M, 256, D / M) for pq, (L, M, 256, D) for rq
         book = codebook_identity(meta["teacher"], where)
+    if codec in QUANTISED and decode_codes:
         codebooks = read_codebook(codebook_path(url, codebook_file, book.file_name), book.sha256,
                                   len(cached_layers), book.num_codebooks, codec)
     frames = []
@@ -308,8 +323,12 @@ def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
                     f"{where} has no member {name!r} (teacher layer {layer}): has {members}")
         try:
             arrays = [np.load(io.BytesIO(sample[n]), allow_pickle=False) for n in names]
-            array = decode(arrays, codec, None if codebooks is None
-                           else codebooks[cached_layers.index(layer)])
+            if undecoded:
+                check_layer_arrays(arrays, codec, book.num_codebooks)
+                array = arrays[0]
+            else:
+                array = decode(arrays, codec, None if codebooks is None
+                               else codebooks[cached_layers.index(layer)])
         except ValueError as exc:
             raise DataError(f"{where}: {', '.join(names)}: {exc}") from exc
         if array.shape[0] != num_frames:
@@ -338,10 +357,12 @@ def _cached_front_end(sample: dict, meta: dict, num_frames: int) -> np.ndarray:
 
 
 def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None,
-                 codebook_file: str | None = None) -> Iterator[dict]:
+                 codebook_file: str | None = None, decode_codes: bool = True
+                 ) -> Iterator[dict]:
     """Raw samples -> `{"key": str, "wave": (S,) float32 16 kHz mono, "lang": str}`, plus in
-    cached mode `"frames"`: one (T, D_t) float16 array per expected layer (pq caches: decoded
-    with the codebook `codebook_file`, None: the one beside the shard) and `"geometry"`,
+    cached mode `"frames"`: one (T, D_t) float16 array per expected layer (pq, rq caches:
+    decoded with the codebook `codebook_file`, None: the one beside the shard; with
+    `decode_codes` False their (T, M) uint8 codes instead) and `"geometry"`,
     and if `expect_teacher` has `"front_end"`, `"front_end"`: the (T, C) or (W, D) float16
     array and `"front_end_frames"`: `"utterance"` or `"window"`.
 
@@ -358,7 +379,7 @@ def decode_audio(samples: Iterator[dict], expect_teacher: dict | None = None,
         decoded = {"key": sample["__key__"], "wave": wave, "lang": meta["lang"]}
         if expect_teacher is not None:
             decoded["frames"] = cached_frames(sample, meta, expect_teacher, wave.shape[0],
-                                              codebook_file)
+                                              codebook_file, decode_codes)
             decoded["geometry"] = FrameGeometry.of(meta["teacher"])
             if expect_teacher.get("front_end"):
                 num_frames = decoded["frames"][0].shape[0]
@@ -412,10 +433,13 @@ def collate(samples: list[dict]) -> Batch:
                   [s["key"] for s in samples], [s["lang"] for s in samples])
     if "frames" in samples[0]:
         batch.frame_lengths = torch.tensor([s["frames"][0].shape[0] for s in samples])  # (B,)
-        batch.teacher_features = [  # L_req x (B, T, D_t)
-            _pad([s["frames"][i] for s in samples], torch.float16)
-            for i in range(len(samples[0]["frames"]))
-        ]
+        codes = samples[0]["frames"][0].dtype == np.uint8  # pq, rq undecoded
+        padded = [_pad([s["frames"][i] for s in samples], torch.uint8 if codes else torch.float16)
+                  for i in range(len(samples[0]["frames"]))]  # L_req x (B, T, M or D_t)
+        if codes:
+            batch.teacher_codes = padded
+        else:
+            batch.teacher_features = padded
     if "front_end" in samples[0]:  # (B, T, C), or Whisper's (B, W, D)
         batch.front_end_features = _pad([s["front_end"] for s in samples], torch.float16)
     return batch
@@ -450,7 +474,7 @@ class _EpochDataset(IterableDataset):
         else:
             batches = s.batching.batches(read_indexed(shards), key)
         for raw in take_range(batches, skipped, self.batches_per_worker):
-            audio = decode_audio(raw, s.expect_teacher, s.codebook_file)
+            audio = decode_audio(raw, s.expect_teacher, s.codebook_file, s.decode_codes)
             decoded = random_crop(audio, s.max_samples, s.seed, self.epoch)
             batch = collate(list(decoded))
             batch.damaged, damaged[:] = list(damaged), []     # reported with the next batch
@@ -517,6 +541,8 @@ class AudioBatchStream:
             `Batch.damaged` and refills the worker's batches (`_EpochDataset._refilled`).
         codebook_file: cached mode, pq caches: the codebook (path or URL) when it is not beside
             the shards, as for `pipe:` shards (`codecs.codebook_path`); None: beside them.
+        decode_codes: cached mode, pq and rq caches: False ships their codes undecoded
+            (`Batch.teacher_codes`), for `code_decoder` to decode on the training device.
 
     Raises ValueError when there are fewer shards than `world_size * max(1, num_workers)`, or
     some worker cannot fill one batch. Iterate one iterator at a time: `state_dict()`
@@ -539,6 +565,7 @@ class AudioBatchStream:
         shard_index: str | None = None,
         on_bad_shard: str = "stop",
         codebook_file: str | None = None,
+        decode_codes: bool = True,
     ):
         if on_bad_shard not in ("stop", "skip"):
             raise ValueError(f"on_bad_shard {on_bad_shard!r}: choose stop or skip")
@@ -555,10 +582,15 @@ class AudioBatchStream:
         self.urls = expand_urls(urls, allow_remote=True)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.expect_teacher = num_workers, expect_teacher
-        self.codebook_file = codebook_file
+        self.codebook_file, self.decode_codes = codebook_file, decode_codes
         self.shards = shard_infos(self.urls, shard_index, need_lengths=batch_seconds is not None)
+        self._first_identity: tuple[str, str | None, dict] | None = None  # (where, url, identity)
         if expect_teacher is not None:  # fail now, not in a worker, on a wrong or missing cache
-            next(decode_audio(read_samples(self.urls[:1]), expect_teacher, codebook_file), None)
+            first = next(read_samples(self.urls[:1]), None)
+            if first is not None:  # decoded whole: its codebook is checked too
+                next(decode_audio(iter([first]), expect_teacher, codebook_file))
+                self._first_identity = (f"sample {first['__key__']} in {first.get('__url__')}",
+                                        first.get("__url__"), json.loads(first["json"])["teacher"])
         elif is_remote(self.urls[0]):  # and on a wrong host, bucket or credentials
             next(read_samples(self.urls[:1]), None)
         self.workers = max(1, num_workers)  # W: pipelines per rank
@@ -589,6 +621,23 @@ class AudioBatchStream:
                 stacklevel=2,
             )
         self._epoch, self._consumed = 0, 0
+
+    def code_decoder(self, device: torch.device | str) -> CodeDecoder | None:
+        """Cached mode, a pq or rq cache: the `codecs.CodeDecoder` of its codebook (the one
+        its first sample's identity names, checked against it) for the expected layers, on
+        `device`, which decodes the `Batch.teacher_codes` of `decode_codes=False`. None for
+        fp16 and int8 caches, whose loader always decodes."""
+        if self._first_identity is None:
+            return None
+        where, url, identity = self._first_identity
+        codec = cache_codec(identity, where)
+        if codec not in QUANTISED:
+            return None
+        book = codebook_identity(identity, where)
+        codebooks = read_codebook(codebook_path(url, self.codebook_file, book.file_name),
+                                  book.sha256, len(identity["layers"]), book.num_codebooks, codec)
+        rows = [identity["layers"].index(layer) for layer in self.expect_teacher["layers"]]
+        return CodeDecoder(codec, codebooks[rows], device)
 
     def batches_per_worker(self, epoch: int) -> int:
         """Batches every worker of every rank yields in `epoch` (`docs/data.md`, step 4)."""

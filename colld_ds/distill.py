@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from colld_ds.codecs import CodeDecoder
 from colld_ds.config import ConfigError, TrainConfig, check_num_negatives
 from colld_ds.data import Batch
 from colld_ds.formats import SAMPLE_RATE
@@ -215,9 +216,18 @@ class MaskedBatch:
     train_student: bool = True
     """False during ``optim.head_warmup_steps``: only the projection heads learn."""
 
-    def to(self, device: torch.device | str) -> MaskedBatch:
-        """The batch, mask and selection on ``device`` (lengths and seeds stay on the CPU)."""
-        return MaskedBatch(self.batch.to(device), self.frame_lengths, self.num_frames,
+    def to(self, device: torch.device | str, decoder: CodeDecoder | None = None) -> MaskedBatch:
+        """The batch, mask and selection on ``device`` (lengths and seeds stay on the CPU),
+        a batch of pq or rq codes (``Batch.teacher_codes``) decoded there by ``decoder``."""
+        batch = self.batch.to(device)
+        if batch.teacher_codes is not None:
+            if decoder is None:
+                raise ValueError("the batch holds pq or rq codes: pass the stream's "
+                                 "code_decoder to decode them")
+            batch = replace(batch, teacher_features=decoder(batch.teacher_codes,
+                                                            self.frame_lengths),
+                            teacher_codes=None)
+        return MaskedBatch(batch, self.frame_lengths, self.num_frames,
                            self.mask_time.to(device), self.seeds, self.selection.to(device),
                            self.train_student)
 
@@ -227,9 +237,9 @@ def mask_batch(batch: Batch, teacher: Teacher | None, config: TrainConfig, step:
     """Draw the span mask of a (CPU) batch for optimiser ``step``, and the frames ``objective``
     scores. The frame layout comes from the cache (cached mode) or from the teacher's front-end
     formula, without running it."""
-    if batch.teacher_features is not None:
+    if batch.frame_lengths is not None:              # cached mode
         frame_lengths = batch.frame_lengths.cpu()
-        num_frames = batch.teacher_features[0].shape[1]
+        num_frames = batch.num_cached_frames
     else:
         frame_lengths = teacher.num_frames(batch.wave_lengths.cpu())
         num_frames = int(teacher.num_frames(torch.tensor(batch.wave.shape[1])))

@@ -143,7 +143,9 @@ def train(config: TrainConfig) -> TrainResult:
     teacher_layers = list(teacher.layers)            # the order of the targets' features
     cached = bool(config.data.teacher_cache)
     dynamic = config.data.batch_seconds is not None
-    def new_stream() -> AudioBatchStream:
+    decode_on_device = cached and (config.data.decode_codes == "device" or (
+        config.data.decode_codes == "auto" and device.type == "cuda"))
+    def new_stream(decode_codes: bool = True) -> AudioBatchStream:
         return AudioBatchStream(
             config.data.teacher_cache or config.data.train_shards,
             batch_size=None if dynamic else config.data.batch_size,
@@ -152,10 +154,12 @@ def train(config: TrainConfig) -> TrainResult:
             seed=config.run.seed, rank=rank, world_size=world_size,
             num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
             on_bad_shard=config.data.on_bad_shard, codebook_file=config.data.codebook_file or None,
+            decode_codes=decode_codes,
             expect_teacher=({**teacher.cache_identity(config.data.cached_front_end),
                              "target_norm": config.objective.target_norm} if cached else None))
 
-    stream = new_stream()
+    stream = new_stream(decode_codes=not decode_on_device)
+    decoder = stream.code_decoder(device) if decode_on_device else None  # pq, rq codes
     position_frames = crop_frames(config, teacher)  # the longest crop's teacher frames
     if cached:
         teacher = None    # it built the student; the cache holds its targets, free its memory
@@ -211,7 +215,8 @@ def train(config: TrainConfig) -> TrainResult:
                 raise data_error or DataError(
                     f"rank {rank} stops with the rank whose data failed (its error is above)")
             for micro, masked in enumerate(micro_batches):
-                output = train_step(engine, teacher, masked.to(device), config, teacher_layers,
+                output = train_step(engine, teacher, masked.to(device, decoder), config,
+                                    teacher_layers,
                                     step_seed(config, rank, step * accumulation + micro),
                                     loss_scale)
                 monitor.add(output.metrics, output.count, masked.batch.wave_lengths)

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from colld_ds.checkpoint import save_checkpoint
-from colld_ds.data import decode_wave, read_samples
+from colld_ds.data import AudioBatchStream, decode_wave, read_samples
+from colld_ds.formats import CODEBOOK_FILE
+from colld_ds.models import load_teacher
 from colld_ds.remote import aws_cli
 from colld_ds.layer_map import LayerPair
 from colld_ds.report import EncoderSize, FidelityReport, LossCurves, ModelFidelity
@@ -217,6 +219,40 @@ def cached_codes(cache: str, teacher, layers: list[int], codec: str
              np.load(io.BytesIO(sample[f"l{layer:02d}.layer_output.{codec}.npy"]),
                      allow_pickle=False))
             for layer, feats in zip(layers, out.features, strict=True)]
+
+
+def check_codes_decoded_in_the_step(cache: str, teacher_dir: str, layers: list[int],
+                                    codec: str) -> None:
+    """The batches of a pq or rq ``cache`` read with ``decode_codes=False`` (teacher
+    ``layers``, a subset of the cached ones) against those the loader decodes: the same keys
+    and crops, uint8 (B, T, M) codes in ``teacher_codes`` and no features; the stream's
+    ``code_decoder`` gives the loader's float16 targets (up to the last float16 bit: the two sum
+    in different orders) and a hand gather of the codebook file's rows (pq: concatenated, rq:
+    summed, in float64), zero at padded frames."""
+    identity = load_teacher(teacher_dir, layers).cache_identity()
+    common = {"batch_size": 4, "max_seconds": 2.2, "seed": 0, "expect_teacher": identity}
+    loader_batches = list(itertools.islice(iter(AudioBatchStream(cache, **common)), 3))
+    stream = AudioBatchStream(cache, decode_codes=False, **common)
+    decoder = stream.code_decoder("cpu")
+    codebook = np.load(os.path.join(cache, CODEBOOK_FILE), allow_pickle=False)  # (L, M, 256, w)
+    cached_layers = json.loads(next(read_samples(tars(cache)[:1]))["json"])["teacher"]["layers"]
+    for loaded, shipped in zip(loader_batches, itertools.islice(iter(stream), 3), strict=True):
+        assert shipped.keys == loaded.keys and shipped.teacher_features is None
+        assert torch.equal(shipped.frame_lengths, loaded.frame_lengths)
+        decoded = decoder(shipped.teacher_codes, shipped.frame_lengths)
+        for layer, codes, features, ours in zip(layers, shipped.teacher_codes,
+                                                loaded.teacher_features, decoded, strict=True):
+            book = codebook[cached_layers.index(layer)].astype(np.float64)
+            assert codes.dtype == torch.uint8 and codes.shape[:2] == features.shape[:2]
+            assert codes.shape[2] == book.shape[0] and ours.dtype == torch.float16
+            rows = book[np.arange(book.shape[0]), codes.numpy()]      # (B, T, M, w)
+            hand = (rows.reshape(*rows.shape[:2], -1) if codec == "pq" else rows.sum(2))
+            valid = (np.arange(codes.shape[1])[None]
+                     < shipped.frame_lengths.numpy()[:, None])        # (B, T)
+            np.testing.assert_allclose(ours.numpy(), np.where(valid[..., None], hand, 0),
+                                       rtol=2**-10, atol=2**-12)
+            torch.testing.assert_close(ours, features, rtol=2**-10, atol=2**-12)
+            assert not ours[~torch.from_numpy(valid)].any()
 
 
 def file_sha256(path: str) -> str:

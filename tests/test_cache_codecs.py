@@ -17,6 +17,7 @@ from webdataset import TarWriter
 
 from benchmarks.cache_codecs import main as cache_codecs_benchmark
 from benchmarks.cache_estimate import main as cache_estimate_benchmark
+from benchmarks.code_decode import main as code_decode_benchmark
 from colld_ds.codecs import decode, quantise_int8
 from colld_ds.data import AudioBatchStream, decode_wave, expand_urls, read_samples
 from colld_ds.errors import DataError
@@ -291,3 +292,17 @@ def test_codec_benchmark_measures_written_caches(caches, tmp_path):
     with pytest.raises(DataError, match=rf"{part} has no utterance \S+, which .* has"):
         cache_codecs_benchmark(["--cache", caches["fp16"], "--out", str(tmp_path / "p.json"),
                                 "--pq_subvectors", "", "--written", str(part)])
+
+
+def test_code_decode_benchmark_plumbing(tmp_path):
+    out = tmp_path / "decode.json"
+    rows = code_decode_benchmark(["--widths", "16", "--num_codebooks", "4,8", "--layers", "2",
+                                  "--batch_size", "2", "--seconds", "0.2", "--repeats", "2",
+                                  "--out", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [(r["codec"], r["num_codebooks"], r["where"]) for r in rows] == [
+        (codec, m, where) for codec in ("pq", "rq") for m in (4, 8)
+        for where in ("loader worker", "step on cpu")]
+    for row in rows:
+        assert row["decode_ms_min"] <= row["decode_ms"] <= row["decode_ms_max"]
+        assert row["audio_s_per_s"] == pytest.approx(2 * 0.2 / (row["decode_ms"] / 1000))

@@ -31,7 +31,8 @@ from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.codebook import CODEBOOK_META
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
-from helpers import CONFIG, REPO, cached_codes, file_sha256, take, tars
+from helpers import (CONFIG, REPO, cached_codes, check_codes_decoded_in_the_step, file_sha256,
+                     take, tars)
 
 LAYERS = [2, 4]
 M = 8  # sub-vectors of the tiny teacher's 32 channels: 4 each
@@ -439,3 +440,9 @@ def test_codec_benchmark_pq_rows(pq_cache, tmp_path):
         # the same 8 bytes as 8 stages over all 32 channels keep more than 8 sub-vectors of 4
         for key in ("rel_l2", "target_rel_l2"):
             assert by[layer, "rq-8"][key] < 0.8 * pq8[key]
+
+
+@pytest.mark.parametrize("layers", [LAYERS, [4]])
+def test_pq_codes_decoded_in_the_step_are_the_loaders_targets(pq_cache, layers):
+    """`data.decode_codes device`: codes shipped and decoded by `CodeDecoder` (helpers)."""
+    check_codes_decoded_in_the_step(pq_cache["cache"], pq_cache["teacher_dir"], layers, "pq")

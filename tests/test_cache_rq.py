@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import faiss
 import fire
@@ -25,7 +27,7 @@ from colld_ds.data_prep.generated_audio import generate_utterances
 from colld_ds.data_prep.codebook import CODEBOOK_META, train_rq_codebook
 from colld_ds.data_prep.shards import write_audio_shards
 from colld_ds.data_prep.tiny_teacher import make_tiny_teacher
-from helpers import cached_codes, file_sha256
+from helpers import CONFIG, REPO, cached_codes, check_codes_decoded_in_the_step, file_sha256
 
 LAYERS = [2, 4]
 M = 4  # residual stages over the tiny teacher's 32 channels
@@ -187,3 +189,31 @@ def test_inspect_and_estimate_of_an_rq_cache(rq_cache, tmp_path, capsys):
     total = int(re.search(r"these shards: .* \(([\d,]+) bytes\)", printed)[1].replace(",", ""))
     assert "codec rq" in printed and not os.path.exists(out)
     assert abs(total - written) <= 0.02 * written, (printed, written)
+
+
+@pytest.mark.parametrize("layers", [LAYERS, [4]])
+def test_rq_codes_decoded_in_the_step_are_the_loaders_targets(rq_cache, layers):
+    """`data.decode_codes device`: codes shipped and decoded by `CodeDecoder` (helpers)."""
+    check_codes_decoded_in_the_step(rq_cache["cache"], rq_cache["teacher_dir"], layers, "rq")
+
+
+def test_colld_train_decodes_rq_codes_in_the_step_as_the_loader_does(rq_cache, tmp_path):
+    """`colld train --data.decode_codes device` (the loader ships codes, each step decodes them
+    where it runs) trains on the targets of `loader`: the same loss at every step."""
+    losses = {}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    for where in ("loader", "device"):
+        out_dir = tmp_path / where
+        command = [sys.executable, "-m", "colld_ds.cli", "train", "--config", str(CONFIG),
+                   "--teacher.path", rq_cache["teacher_dir"],
+                   "--data.teacher_cache", rq_cache["cache"], "--data.decode_codes", where,
+                   "--optim.max_steps", "3", "--optim.warmup_steps", "1", "--run.log_every", "1",
+                   "--run.save_every", "3",
+                   "--run.out_dir", str(out_dir)]
+        done = subprocess.run(command, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[where] = [row["loss/total"] for row in rows if "loss/total" in row]
+    assert len(losses["device"]) == 3
+    np.testing.assert_allclose(losses["device"], losses["loader"], rtol=1e-5)
