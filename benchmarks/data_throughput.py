@@ -9,7 +9,8 @@ or rq with ``--num_codebooks`` M, its codebook learned first), and ``--repeats``
 (audio, fp16, int8, pq, audio, ...) so that load from other processes hits every mode alike;
 rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
 (int8: one multiply per value; pq: a gather from the codebook; rq: the sum of M gathers) and
-pad one (T, D) array per layer. Bytes on disk per frame per layer: the cache shards' layer
+pad one (T, D) array per layer; pq and rq get a second row, ``cache, codes``, where the loader
+ships their (T, M) uint8 codes undecoded (``data.decode_codes device``). Bytes on disk per frame per layer: the cache shards' layer
 members, tar and npy headers included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``;
 the pq or rq codebook, stored once, left out).
 
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import machine_info, print_table, write_rows  # noqa: E402
 from colld_ds.data import AudioBatchStream, expand_urls, read_samples  # noqa: E402
-from colld_ds.formats import CODECS, SAMPLE_RATE  # noqa: E402
+from colld_ds.formats import CODECS, QUANTISED, SAMPLE_RATE  # noqa: E402
 from colld_ds.models import load_teacher  # noqa: E402
 from colld_ds.data_prep.cache import cache_teacher  # noqa: E402
 from colld_ds.data_prep.generated_audio import generate_utterances  # noqa: E402
@@ -107,6 +108,9 @@ def main():
                               cached_arrays=f"{len(layers)} x {arrays[codec]}",
                               bytes_per_frame_per_layer=bytes_per_frame_per_layer(cache),
                               stream=AudioBatchStream(cache, expect_teacher=identity, **common)))
+            if codec in QUANTISED:  # data.decode_codes device: the loader ships the codes
+                modes.append(dict(modes[-1], mode="cache, codes", stream=AudioBatchStream(
+                    cache, expect_teacher=identity, decode_codes=False, **common)))
         walls: list[list[float]] = [[] for _ in modes]
         for _ in range(args.repeats):
             for mode, wall in zip(modes, walls):
