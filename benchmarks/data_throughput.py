@@ -2,17 +2,17 @@
 each codec.
 
 Generated audio (``colld_ds.data_prep.generated_audio``) is written to audio shards, a tiny random
-XLS-R-style teacher (``--teacher_width``, ``--teacher_layers``; only the cache's array sizes
-matter here) caches its layers once per ``--codecs`` entry (``colld_ds.codecs``: fp16, int8, pq
-or rq with ``--num_codebooks`` M, its codebook learned first), and ``--repeats`` epochs of
-``AudioBatchStream`` are read from each with ``--workers`` DataLoader workers, interleaved
-(audio, fp16, int8, pq, audio, ...) so that load from other processes hits every mode alike;
-rows give the median epoch. All modes decode FLAC and crop; cached modes also read, decode
-(int8: one multiply per value; pq: a gather from the codebook; rq: the sum of M gathers) and
-pad one (T, D) array per layer; pq and rq get a second row, ``cache, codes``, where the loader
-ships their (T, M) uint8 codes undecoded (``data.decode_codes device``). Bytes on disk per frame per layer: the cache shards' layer
-members, tar and npy headers included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``;
-the pq or rq codebook, stored once, left out).
+XLS-R-style teacher (``--teacher_width``, ``--teacher_layers``; only the cache's array sizes matter
+here) caches its layers once per ``--codecs`` entry (``colld_ds.codecs``: fp16, int8, pq or rq with
+``--num_codebooks`` M, its codebook learned first), and ``--repeats`` epochs of ``AudioBatchStream``
+are read from each with ``--workers`` DataLoader workers, interleaved (audio, fp16, int8, pq, audio,
+...) so that load from other processes hits every mode alike; rows give the median epoch. All modes
+decode FLAC and crop; cached modes also read, decode (int8: one multiply per value; pq: a gather
+from the codebook; rq: the sum of M gathers) and pad one (T, D) array per layer; pq and rq get a
+second row, ``cache, codes``, where the loader ships their (T, M) uint8 codes undecoded
+(``data.decode_codes device``). Bytes on disk per frame per layer: the cache shards' layer members,
+tar and npy headers included (``colld_ds.data_prep.inspect_shards.layer_disk_bytes``; the pq or rq
+codebook, stored once, left out).
 
     python benchmarks/data_throughput.py            # 256 utterances, 2 workers, ~1.5 min
 """
