@@ -2,9 +2,9 @@
 
 Each written cache's teacher identity (its first sample's json) says how it was stored: layers,
 target kind, codec and M, Whisper window, front end, standardisation. The script estimates that
-cache from its audio shards as `--estimate` does (`data_prep.cache_size.estimate_cache`, shard
-index lengths and file sizes, no audio read) and compares it with the bytes on disk: the cache's
-tar shards, plus its codebook for pq and rq.
+cache from its audio shards as `--estimate` does (`colld_ds.data_prep.cache_size.estimate_cache`,
+shard index lengths and file sizes, no audio read) and compares it with the bytes on disk: the
+cache's tar shards, plus its codebook for pq and rq.
 
     python benchmarks/cache_estimate.py --shards 'demo_out/whisper/corpus/train-*.tar' \\
         --teacher ~/.cache/colld/whisper-base-hf --caches demo_out/whisper/cache,runs/int8
