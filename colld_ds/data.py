@@ -310,9 +310,9 @@ def cached_frames(sample: dict, meta: dict, expect: dict, num_samples: int,
     undecoded = codec in QUANTISED and not decode_codes
     if codec in QUANTISED:  # (L, M, 256, D / M) for pq, (L, M, 256, D) for rq
         book = codebook_identity(meta["teacher"], where)
-    if codec in QUANTISED and decode_codes:
-        codebooks = read_codebook(codebook_path(url, codebook_file, book.file_name), book.sha256,
-                                  len(cached_layers), book.num_codebooks, codec)
+        if decode_codes:
+            codebooks = read_codebook(codebook_path(url, codebook_file, book.file_name),
+                                      book.sha256, len(cached_layers), book.num_codebooks, codec)
     frames = []
     for layer in expect["layers"]:
         names = layer_members(layer, expect["target_kind"], codec)
